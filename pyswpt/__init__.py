@@ -1,0 +1,1 @@
+"""pyswpt: a Swaptacular accounting authority with its ledger in PostgreSQL."""

@@ -1,0 +1,1 @@
+"""Long-running processes: each module's run(config) is started by `pyswpt run <name>`."""

@@ -1,0 +1,45 @@
+"""Log set-up: one line per record on stdout, as text or JSON (APP_LOG_FORMAT)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from pyswpt.config import Config
+
+TEXT_FORMAT = "%(asctime)s:%(levelname)s:%(name)s:%(message)s"
+TEXT_DATE_FORMAT = "%Y-%m-%d %H:%M:%S%z"
+JSON_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: asctime, levelname, name, message (and exc_info)."""
+
+    def __init__(self) -> None:
+        super().__init__(datefmt=JSON_DATE_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "asctime": self.formatTime(record, self.datefmt),
+            "levelname": record.levelname,
+            "name": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, TEXT_DATE_FORMAT))
+    level = logging.getLevelName(config.log_level.upper())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(level, logging.WARNING))
+    for name in ("pyswpt", *config.associated_loggers):
+        logging.getLogger(name).setLevel(level)

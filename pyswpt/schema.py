@@ -1,0 +1,43 @@
+"""Install and check the database schema: yoyo migrations plus sql/functions/."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import yoyo
+
+logger = logging.getLogger(__name__)
+
+SQL_DIR = Path(os.environ.get("PYSWPT_SQL_DIR", Path(__file__).resolve().parent.parent / "sql"))
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+FUNCTIONS_DIR = SQL_DIR / "functions"
+
+# Re-applied on every run by design (see sql/migrations/9999_functions.py).
+FUNCTIONS_MIGRATION_ID = "9999_functions"
+
+
+def yoyo_url(postgres_url: str) -> str:
+    """yoyo's name for PostgreSQL through psycopg 3."""
+    scheme, sep, rest = postgres_url.partition("://")
+    if not sep:
+        raise ValueError("POSTGRES_URL must look like postgresql://user:password@host:port/database")
+    return f"postgresql+psycopg://{rest}"
+
+
+def apply_migrations(postgres_url: str) -> list[str]:
+    """Apply pending migrations and re-install the functions; return what was applied."""
+    backend = yoyo.get_backend(yoyo_url(postgres_url))
+    migrations = yoyo.read_migrations(str(MIGRATIONS_DIR))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    return [m.id for m in pending if m.id != FUNCTIONS_MIGRATION_ID]
+
+
+def pending_schema_migrations(postgres_url: str) -> list[str]:
+    """Schema migrations not applied yet (the functions re-install does not count)."""
+    backend = yoyo.get_backend(yoyo_url(postgres_url))
+    migrations = yoyo.read_migrations(str(MIGRATIONS_DIR))
+    return [m.id for m in backend.to_apply(migrations) if m.id != FUNCTIONS_MIGRATION_ID]

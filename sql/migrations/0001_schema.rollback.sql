@@ -1,0 +1,2 @@
+-- Removes every table and function of the ledger.
+DROP SCHEMA pyswpt CASCADE;

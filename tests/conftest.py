@@ -1,0 +1,121 @@
+"""Real servers for the tests: PostgreSQL and RabbitMQ.
+
+Where a Docker engine answers, testcontainers starts throwaway servers.
+Otherwise the servers named by PYSWPT_TEST_POSTGRES_URL and
+PYSWPT_TEST_RABBITMQ_URL are used: the tests create their own database there
+(dropped at the end) and never touch the operator's one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pyswpt import schema
+
+POSTGRES_HOWTO = (
+    "No PostgreSQL for the tests: start a Docker engine (testcontainers will run one), "
+    "or set PYSWPT_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/postgres "
+    "to a server where the tests may create and drop a database."
+)
+RABBITMQ_HOWTO = (
+    "No RabbitMQ for the tests: start a Docker engine (testcontainers will run one), "
+    "or set PYSWPT_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2F."
+)
+
+
+def docker_is_reachable() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """URL of a PostgreSQL server on which the tests may create databases."""
+    url = os.environ.get("PYSWPT_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if not docker_is_reachable():
+        pytest.fail(POSTGRES_HOWTO, pytrace=False)
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16-alpine", driver=None) as container:
+        yield container.get_connection_url()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    url = os.environ.get("PYSWPT_TEST_RABBITMQ_URL")
+    if url:
+        yield url
+        return
+    if not docker_is_reachable():
+        pytest.fail(RABBITMQ_HOWTO, pytrace=False)
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    with RabbitMqContainer("rabbitmq:3.13-alpine") as container:
+        params = container.get_connection_params()
+        yield f"amqp://guest:guest@{params.host}:{params.port}/%2F"
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server URL, naming another database."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+@pytest.fixture(scope="session")
+def migrated_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database made for this test session, with every migration and function applied."""
+    dbname = f"pyswpt_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    url = with_database(postgres_server_url, dbname)
+    try:
+        schema.apply_migrations(url)
+        yield url
+    finally:
+        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
+
+
+def empty_all_tables(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = 'pyswpt'"
+        ).fetchall()
+        conn.execute(
+            sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(
+                sql.SQL(", ").join(sql.SQL(name) for (name,) in tables)
+            )
+        )
+
+
+@pytest.fixture
+def database_url(migrated_database_url: str) -> str:
+    """URL of a migrated database whose tables are empty when the test starts."""
+    empty_all_tables(migrated_database_url)
+    return migrated_database_url
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to an empty, migrated database."""
+    with contextlib.closing(psycopg.connect(database_url, autocommit=True)) as connection:
+        connection.execute("SET search_path = pyswpt")
+        yield connection
