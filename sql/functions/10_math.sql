@@ -1,0 +1,125 @@
+-- Ledger arithmetic (spec 02, section 3): containment, sequence numbers,
+-- interest growth, current balance and due interest. Pure functions only.
+
+-- contain(x) of spec 02 §3.6: clamps an exact amount into bigint, never MIN_INT64.
+CREATE OR REPLACE FUNCTION contain_principal(p_value numeric)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_value <= -9223372036854775808 THEN -9223372036854775807
+        WHEN p_value > 9223372036854775807 THEN 9223372036854775807
+        ELSE p_value::bigint
+    END
+$$;
+
+-- wrap_increment of spec 02 §3.9: the next 32-bit sequence number.
+CREATE OR REPLACE FUNCTION wrap_increment_seqnum(p_seqnum integer)
+RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT CASE WHEN p_seqnum = 2147483647 THEN -2147483648 ELSE p_seqnum + 1 END
+$$;
+
+-- later(a, b) of spec 02 §3.9: a follows b in 32-bit wrap-around order.
+CREATE OR REPLACE FUNCTION is_later_seqnum(p_a integer, p_b integer)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT (((p_a::bigint - p_b::bigint) % 4294967296 + 4294967296) % 4294967296)
+        BETWEEN 1 AND 2147483647
+$$;
+
+-- calc_k of spec 02 §3.2: per-second growth constant of an annual rate in percent.
+CREATE OR REPLACE FUNCTION calc_k(p_interest_rate double precision)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT ln(1.0 + p_interest_rate / 100.0) / 31557600.0
+$$;
+
+-- Seconds from p_start to p_end (negative when p_end is earlier), microsecond resolution.
+CREATE OR REPLACE FUNCTION seconds_between(p_start timestamptz, p_end timestamptz)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT EXTRACT(EPOCH FROM (p_end - p_start))::double precision
+$$;
+
+-- current_balance of spec 02 §3.3: principal plus interest grown since p_last_change_ts.
+-- Root accounts hold exactly their principal; non-positive balances do not grow.
+-- Principal and interest are clamped to ±4.999e23 and the result capped at 9.999e23,
+-- as the reference's PL/pgSQL does, so that numeric(32,8) cannot overflow.
+CREATE OR REPLACE FUNCTION calc_current_balance(
+    p_creditor_id bigint,
+    p_principal bigint,
+    p_interest double precision,
+    p_interest_rate real,
+    p_last_change_ts timestamptz,
+    p_now timestamptz
+)
+RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_balance numeric(32, 8);
+    v_growth_exponent double precision;
+BEGIN
+    IF p_creditor_id = 0 THEN
+        RETURN p_principal;
+    END IF;
+    v_balance := greatest(-4.999e23, least(p_principal::numeric, 4.999e23))
+        + greatest(-4.999e23, least(p_interest, 4.999e23))::numeric;
+    IF v_balance > 0 THEN
+        v_growth_exponent := calc_k(p_interest_rate)
+            * greatest(0.0, seconds_between(p_last_change_ts, p_now));
+        v_balance := least(v_balance * exp(v_growth_exponent)::numeric, 9.999e23);
+    END IF;
+    RETURN v_balance;
+END;
+$$;
+
+-- due_interest of spec 02 §3.4: interest an amount earns from p_due_ts to p_now,
+-- across at most one rate change (previous rate before p_rate_change_ts, current after).
+CREATE OR REPLACE FUNCTION calc_due_interest(
+    p_amount bigint,
+    p_due_ts timestamptz,
+    p_previous_interest_rate real,
+    p_interest_rate real,
+    p_rate_change_ts timestamptz,
+    p_now timestamptz
+)
+RETURNS double precision
+LANGUAGE plpgsql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_end timestamptz := greatest(p_due_ts, p_now);
+    v_change timestamptz := least(p_rate_change_ts, v_end);
+    v_total_seconds double precision := seconds_between(p_due_ts, v_end);
+    v_previous_seconds double precision := greatest(0.0, seconds_between(p_due_ts, v_change));
+    v_current_seconds double precision := least(seconds_between(v_change, v_end), v_total_seconds);
+BEGIN
+    RETURN p_amount::double precision * (
+        exp(
+            calc_k(p_previous_interest_rate) * v_previous_seconds
+            + calc_k(p_interest_rate) * v_current_seconds
+        ) - 1.0
+    );
+END;
+$$;
+
+-- Days from 1970-01-01 to a date; transfer ids of an incarnation start at this << 40.
+CREATE OR REPLACE FUNCTION days_since_epoch(p_date date)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT (p_date - DATE '1970-01-01')::bigint
+$$;
