@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, schema
+from pyswpt import logs, schema, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,88 @@ def command_await_migrations(config: settings.Config, args: argparse.Namespace) 
         time.sleep(AWAIT_MIGRATIONS_POLL_SECONDS)
 
 
+def show_broker_steps() -> None:
+    """Broker administration prints what it did: those lines are the command's output."""
+    topology_logger = logging.getLogger("pyswpt.topology")
+    topology_logger.setLevel(min(topology_logger.getEffectiveLevel(), logging.INFO))
+
+
+def command_subscribe(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import topology
+
+    show_broker_steps()
+    topology.subscribe(
+        args.url or config.protocol_broker_url,
+        args.queue or config.protocol_broker_queue,
+        args.queue_routing_key or config.protocol_broker_queue_routing_key,
+    )
+    return 0
+
+
+def command_unsubscribe(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import topology
+
+    show_broker_steps()
+    topology.unsubscribe(
+        args.url or config.protocol_broker_url,
+        args.queue or config.protocol_broker_queue,
+        args.queue_routing_key or config.protocol_broker_queue_routing_key,
+        args.chores_url or config.chores_broker_url,
+        args.chores_queue or config.chores_broker_queue,
+    )
+    return 0
+
+
+def command_delete_queue(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import topology
+
+    show_broker_steps()
+    topology.delete_queue(
+        args.url or config.protocol_broker_url, args.queue or config.protocol_broker_queue
+    )
+    return 0
+
+
+def binding_key(text: str) -> str:
+    if not sharding.BINDING_KEY_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shard binding key: expected e.g. '#', '0.#', '1.0.#'"
+        )
+    return text
+
+
+def add_broker_commands(commands: argparse._SubParsersAction) -> None:
+    """subscribe / unsubscribe / delete-queue (spec 01 §3.7); defaults come from the environment."""
+    subscribe = commands.add_parser(
+        "subscribe", help="declare the exchanges, the SMP queue and its binding (idempotent)"
+    )
+    unsubscribe = commands.add_parser(
+        "unsubscribe", help="unbind the SMP queue from accounts_in and delete the chores queue"
+    )
+    delete_queue = commands.add_parser(
+        "delete-queue", help="delete the SMP queue once it has no messages (waits until then)"
+    )
+    for parser in (subscribe, unsubscribe, delete_queue):
+        parser.add_argument("-u", "--url", help="SMP broker URL (default: PROTOCOL_BROKER_URL)")
+        parser.add_argument("-q", "--queue", help="SMP queue (default: PROTOCOL_BROKER_QUEUE)")
+    for parser in (subscribe, unsubscribe):
+        parser.add_argument(
+            "-k",
+            "--queue-routing-key",
+            type=binding_key,
+            help="accounts_in binding key (default: PROTOCOL_BROKER_QUEUE_ROUTING_KEY)",
+        )
+    unsubscribe.add_argument(
+        "-U", "--chores-url", help="chores broker URL (default: CHORES_BROKER_URL)"
+    )
+    unsubscribe.add_argument(
+        "-Q", "--chores-queue", help="chores queue (default: CHORES_BROKER_QUEUE)"
+    )
+    subscribe.set_defaults(handler=command_subscribe)
+    unsubscribe.set_defaults(handler=command_unsubscribe)
+    delete_queue.set_defaults(handler=command_delete_queue)
+
+
 def command_run(config: settings.Config, args: argparse.Namespace) -> int:
     module = importlib.import_module(f"pyswpt.drivers.{DRIVERS[args.driver]}")
     return module.run(config) or 0
@@ -85,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "await-migrations", help="wait until every schema migration has been applied"
     ).set_defaults(handler=command_await_migrations)
+    add_broker_commands(commands)
     run = commands.add_parser("run", help="start a long-running driver")
     run.add_argument("driver", choices=sorted(DRIVERS))
     run.set_defaults(handler=command_run)
