@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 
@@ -71,10 +72,12 @@ def rabbitmq_url() -> Iterator[str]:
 
 
 def with_database(url: str, dbname: str) -> str:
-    """The same server URL, naming another database."""
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**info)
+    """The same server URL, naming another database.
+
+    Stays a URL (not a key=value conninfo): yoyo and POSTGRES_URL need one.
+    """
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + dbname))
 
 
 @pytest.fixture(scope="session")
