@@ -1,0 +1,42 @@
+-- The fetch API's two reads (spec 02 §2.15, spec 01 §6.1). Both are
+-- read-only: the web server calls nothing else. is_reachable_account is also
+-- the recipient check of the transfer intake for recipients in this shard.
+--
+-- Flags read here (spec 02 §1.11): status_flags bit 0 = deleted,
+-- config_flags bit 0 = scheduled for deletion.
+
+-- Whether an account may receive non-agent transfers (spec 02 B10): the root
+-- account (creditor 0) always, even when it has no row; any other account only
+-- when its row exists, is not deleted and is not scheduled for deletion.
+CREATE OR REPLACE FUNCTION is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+PARALLEL SAFE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT p_creditor_id = 0
+        OR EXISTS (
+            SELECT 1
+            FROM account
+            WHERE debtor_id = p_debtor_id
+                AND creditor_id = p_creditor_id
+                AND status_flags & 1 = 0
+                AND config_flags & 1 = 0
+        );
+$$;
+
+-- The stored config_data of an account, deleted or not (spec 02 §2.15, a
+-- quirk of the reference kept on purpose); NULL when there is no row.
+CREATE OR REPLACE FUNCTION get_account_config_data(p_debtor_id bigint, p_creditor_id bigint)
+RETURNS text
+LANGUAGE sql
+STABLE
+PARALLEL SAFE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT config_data
+    FROM account
+    WHERE debtor_id = p_debtor_id
+        AND creditor_id = p_creditor_id;
+$$;

@@ -1,0 +1,98 @@
+"""Rows for arranging tests, with the spec's initial values (spec 02 §1.2).
+
+Tests arrange state in SQL and act through the public functions; these
+helpers write the complete rows so that a test names only what it is about.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+UTC = dt.timezone.utc
+# T0, "never" (spec 01 §0.2).
+T0 = dt.datetime(1970, 1, 1, tzinfo=UTC)
+# The instant rows are created at unless a test passes its own `now`.
+DEFAULT_NOW = dt.datetime(2024, 1, 15, 12, 0, tzinfo=UTC)
+EPOCH_DATE = dt.date(1970, 1, 1)
+TRANSFER_ID_DAY_SHIFT = 40
+
+# Bits of account.status_flags and account.config_flags (spec 02 §1.11).
+STATUS_DELETED = 1
+STATUS_OVERFLOWN = 2
+CONFIG_SCHEDULED_FOR_DELETION = 1
+
+
+def initial_transfer_id(creation_date: dt.date) -> int:
+    """`days(creation_date) << 40`: transfer ids never repeat across incarnations."""
+    return (creation_date - EPOCH_DATE).days << TRANSFER_ID_DAY_SHIFT
+
+
+def account_values(
+    debtor_id: int, creditor_id: int, *, now: dt.datetime = DEFAULT_NOW, **overrides: Any
+) -> dict[str, Any]:
+    """Every column of a new account created at `now`, with `overrides` applied."""
+    creation_date = overrides.get("creation_date", now.astimezone(UTC).date())
+    values: dict[str, Any] = {
+        "debtor_id": debtor_id,
+        "creditor_id": creditor_id,
+        "creation_date": creation_date,
+        "last_change_seqnum": 0,
+        "last_change_ts": now,
+        "principal": 0,
+        "interest_rate": 0.0,
+        "interest": 0.0,
+        "last_interest_rate_change_ts": T0,
+        "last_config_ts": T0,
+        "last_config_seqnum": 0,
+        "last_transfer_number": 0,
+        "last_transfer_committed_at": T0,
+        "negligible_amount": 0.0,
+        "config_flags": 0,
+        "config_data": "",
+        "debtor_info_iri": None,
+        "debtor_info_content_type": None,
+        "debtor_info_sha256": None,
+        "status_flags": 0,
+        "total_locked_amount": 0,
+        "pending_transfers_count": 0,
+        "last_transfer_id": initial_transfer_id(creation_date),
+        "previous_interest_rate": 0.0,
+        "last_heartbeat_ts": now,
+        "last_interest_capitalization_ts": T0,
+        "last_deletion_attempt_ts": T0,
+        "pending_account_update": False,
+    }
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise TypeError(f"account has no column(s) {', '.join(sorted(unknown))}")
+    values.update(overrides)
+    return values
+
+
+def insert_account(
+    conn: psycopg.Connection,
+    debtor_id: int,
+    creditor_id: int,
+    *,
+    now: dt.datetime = DEFAULT_NOW,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Insert a complete `pyswpt.account` row and return it as stored.
+
+    Runs in the caller's transaction (no commit), so it works on the
+    autocommit `conn` fixture and inside a test's own transaction alike.
+    """
+    values = account_values(debtor_id, creditor_id, now=now, **overrides)
+    statement = sql.SQL("INSERT INTO pyswpt.account ({}) VALUES ({}) RETURNING *").format(
+        sql.SQL(", ").join(map(sql.Identifier, values)),
+        sql.SQL(", ").join(map(sql.Placeholder, values)),
+    )
+    with conn.cursor(row_factory=dict_row) as cursor:
+        row = cursor.execute(statement, values).fetchone()
+    assert row is not None
+    return row
