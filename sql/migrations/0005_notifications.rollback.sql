@@ -1,0 +1,1 @@
+DROP FUNCTION pyswpt.notify_table_filled() CASCADE;
