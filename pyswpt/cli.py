@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 # `pyswpt run NAME` starts pyswpt.drivers.<module>.run(config).
 DRIVERS = {
     "web": "web",
+    "flusher": "flusher",
 }
 
 STARTUP_ATTEMPTS = 5

@@ -1,0 +1,118 @@
+"""The outbox flusher (`pyswpt run flusher`): publishes outbox rows to RabbitMQ.
+
+Per table and round: take up to a burst of rows (deleted in an open
+transaction), publish them as one batch with publisher confirms, commit. A
+failed publish rolls back, so the rows stay and are sent again later:
+delivery is at least once. Rounds start when a NOTIFY says rows arrived, and
+at least every FLUSH_PERIOD seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from pyswpt import amqp, db, outbox, processes, wire
+from pyswpt.config import Config
+
+logger = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "pyswpt_outbox"
+
+
+class ForeignRowError(Exception):
+    """An outbox row belongs to an account this shard does not own."""
+
+
+def run(config: Config, table_names: Sequence[str] | None = None) -> int:
+    tables = [outbox.TABLES_BY_NAME[name] for name in table_names] if table_names else list(outbox.TABLES)
+    return processes.run_worker_processes(config.flush_processes, flush_until_stopped, config, tables)
+
+
+def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:
+    """One flusher process: rounds over `tables` until `stopping` is set."""
+    publisher = amqp.BatchPublisher(config.protocol_broker_url)
+    try:
+        with db.connect(config.postgres_url, application_name="pyswpt flusher") as conn, listen(config) as listener:
+            # A random first pause keeps flushers started together from polling in
+            # lockstep; a NOTIFY still wakes them at once.
+            first_round = time.monotonic() + random.uniform(0, config.flush_period_seconds)
+            wait_for_work(listener, first_round, stopping)
+            while not stopping.is_set():
+                round_started = time.monotonic()
+                for table in tables:
+                    flush_table(conn, publisher, table, config)
+                wait_for_work(listener, round_started + config.flush_period_seconds, stopping)
+    finally:
+        publisher.close()
+
+
+def flush_table(
+    conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, config: Config
+) -> int:
+    """Publish the table's rows in bursts until it is empty; return how many were sent."""
+    burst = config.flush_burst_counts[table.name]
+    sent = 0
+    while True:
+        with conn.transaction():
+            rows = take_rows(conn, table, burst)
+            messages = [message_of(row, table, config) for row in rows]
+            publisher.publish([m for m in messages if m is not None])
+        sent += len(rows)
+        if len(rows) < burst:
+            if sent:
+                logger.info("Flushed %d %s.", sent, table.name)
+            return sent
+
+
+def take_rows(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: int) -> list[dict]:
+    query = sql.SQL("SELECT * FROM pyswpt.{}(%s)").format(sql.Identifier(table.take_function))
+    with conn.cursor(row_factory=dict_row) as cursor:
+        return cursor.execute(query, (max_count,)).fetchall()
+
+
+def message_of(row: dict, table: outbox.OutboxTable, config: Config) -> amqp.OutgoingMessage | None:
+    """The AMQP message of an outbox row; None for a parent shard's row that is to be dropped."""
+    if table.shard_checked:
+        debtor_id, creditor_id = row["debtor_id"], row[table.creditor_column]
+        if not config.realm.owns(debtor_id, creditor_id):
+            if config.delete_parent_shard_records and config.realm.parent_owns(debtor_id, creditor_id):
+                return None
+            raise ForeignRowError(
+                f"{table.name}: the shard is not responsible for account ({debtor_id}, {creditor_id})"
+            )
+    fields = table.to_fields(row, config)
+    message_type = fields["type"]
+    exchange, routing_key, mandatory = wire.destination(message_type, fields)
+    return amqp.OutgoingMessage(
+        exchange=exchange,
+        routing_key=routing_key,
+        body=wire.smp_body(fields),
+        properties=wire.smp_properties(message_type, fields),
+        mandatory=mandatory,
+    )
+
+
+def listen(config: Config) -> psycopg.Connection:
+    listener = db.connect(config.postgres_url, application_name="pyswpt flusher listen")
+    listener.autocommit = True
+    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+    return listener
+
+
+def wait_for_work(listener: psycopg.Connection, deadline: float, stopping: threading.Event) -> None:
+    """Return at the deadline, on a NOTIFY, or soon after `stopping` is set."""
+    # Checking `stopping` at least once a second bounds the time a stop takes.
+    while not stopping.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        if any(True for _ in listener.notifies(timeout=min(remaining, 1.0), stop_after=1)):
+            return

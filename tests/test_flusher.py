@@ -1,0 +1,179 @@
+"""The outbox flusher: exact messages out, rows deleted only after the broker confirmed them."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg
+import pytest
+
+from broker import catching_queue, declare_smp_exchanges
+from drivers import driver_environment, running, wait_for
+from pyswpt import amqp, config, outbox, sharding, topology
+from pyswpt.drivers import flusher
+
+UTC = dt.timezone.utc
+NOW = dt.datetime(2024, 5, 20, 10, 15, 30, 123456, tzinfo=UTC)
+DEBTOR = -2
+CREDITOR = 1099511627778
+
+
+@pytest.fixture(scope="module", autouse=True)
+def exchanges(rabbitmq_url):
+    declare_smp_exchanges(rabbitmq_url)
+
+
+def settings(database_url: str, rabbitmq_url: str, **environ: str) -> config.Config:
+    return config.load({"POSTGRES_URL": database_url, "PROTOCOL_BROKER_URL": rabbitmq_url, **environ})
+
+
+@pytest.fixture
+def publisher(rabbitmq_url):
+    batch_publisher = amqp.BatchPublisher(rabbitmq_url)
+    yield batch_publisher
+    batch_publisher.close()
+
+
+def create_account(conn: psycopg.Connection, debtor_id: int, creditor_id: int) -> None:
+    """A new account; its creation writes one AccountUpdate row to the outbox."""
+    conn.execute("SELECT lock_or_create_account(%s, %s, %s)", (debtor_id, creditor_id, NOW))
+
+
+def emit_balance_changes(conn: psycopg.Connection, count: int, creditor_id: int) -> None:
+    conn.execute(
+        "SELECT emit_pending_balance_change(%s, g, %s, 'direct', '', 'note', %s, 5, %s)"
+        " FROM generate_series(1, %s) AS g",
+        (DEBTOR, creditor_id, NOW, NOW, count),
+    )
+
+
+def outbox_count(conn: psycopg.Connection, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def flush(database_url, publisher, table_name: str, cfg: config.Config) -> int:
+    with psycopg.connect(database_url) as flush_conn:
+        return flusher.flush_table(flush_conn, publisher, outbox.TABLES_BY_NAME[table_name], cfg)
+
+
+def test_account_update_goes_to_the_creditor_with_exact_properties(
+    conn, database_url, rabbitmq_url, publisher
+):
+    create_account(conn, DEBTOR, CREDITOR)
+    cfg = settings(database_url, rabbitmq_url)
+    with catching_queue(rabbitmq_url, [("to_creditors", sharding.hex_routing_key(CREDITOR))]) as catcher:
+        assert flush(database_url, publisher, "account_updates", cfg) == 1
+        [message] = catcher.collect(1)
+
+    assert message.exchange == "to_creditors"
+    assert message.routing_key == "00.00.01.00.00.00.00.02"
+    assert message.properties.content_type == "application/json"
+    assert message.properties.type == "AccountUpdate"
+    assert message.properties.delivery_mode == 2
+    assert message.properties.app_id == "swpt_accounts"
+    assert message.properties.headers == {
+        "message-type": "AccountUpdate",
+        "debtor-id": DEBTOR,
+        "creditor-id": CREDITOR,
+    }
+    assert message.body.startswith(
+        b'{"type":"AccountUpdate","debtor_id":-2,"creditor_id":1099511627778,'
+        b'"last_change_ts":"2024-05-20T10:15:30.123456+00:00","last_change_seqnum":0,'
+        b'"principal":0,"interest":0.0,"interest_rate":0.0,"transfer_note_max_bytes":500,'
+        b'"demurrage_rate":-50.0,"last_interest_rate_change_ts":"1970-01-01T00:00:00+00:00",'
+    )
+    assert message.fields["account_id"] == "1099511627778"
+    assert message.fields["ttl"] == 604800
+    assert message.fields["commit_period"] == 7776000
+    assert message.fields["debtor_info_sha256"] == ""
+    assert outbox_count(conn, "account_update_signal") == 0
+
+
+def test_pending_balance_change_goes_to_accounts_in_by_binary_key(conn, database_url, rabbitmq_url, publisher):
+    recipient = 1099511627781
+    emit_balance_changes(conn, 1, recipient)
+    cfg = settings(database_url, rabbitmq_url)
+    routing_key = sharding.binary_routing_key(DEBTOR, recipient)
+    with catching_queue(rabbitmq_url, [("accounts_in", routing_key)]) as catcher:
+        flush(database_url, publisher, "pending_balance_changes", cfg)
+        [message] = catcher.collect(1)
+
+    assert routing_key == "1.1.0.0.0.0.1.0.1.1.1.1.0.1.0.0.1.0.0.1.1.1.0.1"
+    assert message.properties.headers == {
+        "message-type": "PendingBalanceChange",
+        "debtor-id": DEBTOR,
+        "creditor-id": recipient,
+    }
+    assert message.fields == {
+        "type": "PendingBalanceChange",
+        "debtor_id": DEBTOR,
+        "creditor_id": recipient,
+        "change_id": 1,
+        "coordinator_type": "direct",
+        "transfer_note_format": "",
+        "transfer_note": "note",
+        "committed_at": "2024-05-20T10:15:30.123456+00:00",
+        "principal_delta": 5,
+        "other_creditor_id": 1,
+    }
+
+
+def test_unroutable_message_fails_the_burst_and_keeps_its_rows(conn, database_url, rabbitmq_url, publisher):
+    # No queue is bound for this creditor, so the mandatory message comes back.
+    create_account(conn, DEBTOR, 0x7F00_0000_0000_0001)
+    cfg = settings(database_url, rabbitmq_url)
+    with pytest.raises(amqp.PublishError, match="unroutable"):
+        flush(database_url, publisher, "account_updates", cfg)
+    assert outbox_count(conn, "account_update_signal") == 1
+
+
+def test_foreign_row_fails_the_flush(conn, database_url, rabbitmq_url, publisher):
+    # Spec 01 §4.2: (123, 456) belongs to shard 0.#, not to 1.#.
+    create_account(conn, 123, 456)
+    cfg = settings(database_url, rabbitmq_url, PROTOCOL_BROKER_QUEUE_ROUTING_KEY="1.#")
+    with pytest.raises(flusher.ForeignRowError):
+        flush(database_url, publisher, "account_updates", cfg)
+    assert outbox_count(conn, "account_update_signal") == 1
+
+
+def test_parent_shard_row_is_dropped_when_cleanup_is_on(conn, database_url, rabbitmq_url, publisher):
+    create_account(conn, 123, 456)
+    cfg = settings(
+        database_url, rabbitmq_url, PROTOCOL_BROKER_QUEUE_ROUTING_KEY="1.#", DELETE_PARENT_SHARD_RECORDS="true"
+    )
+    assert flush(database_url, publisher, "account_updates", cfg) == 1
+    assert outbox_count(conn, "account_update_signal") == 0
+
+
+def test_running_flusher_wakes_on_notify_before_its_period(conn, database_url, rabbitmq_url, tmp_path):
+    environ = driver_environment(database_url, rabbitmq_url, FLUSH_PERIOD="86400", FLUSH_PROCESSES="1")
+    recipient = 1099511627781
+    with catching_queue(rabbitmq_url, [("accounts_in", sharding.binary_routing_key(DEBTOR, recipient))]) as catcher:
+        with running(["run", "flusher"], environ, tmp_path) as flusher_process:
+            wait_for(lambda: "LISTEN" in listening_queries(conn), "the flusher to LISTEN")
+            emit_balance_changes(conn, 3, recipient)
+            messages = catcher.collect(3)
+            flusher_process.assert_alive()
+    assert sorted(m.fields["other_creditor_id"] for m in messages) == [1, 2, 3]
+
+
+def test_two_flushers_publish_every_row_once(conn, database_url, rabbitmq_url, tmp_path):
+    environ = driver_environment(database_url, rabbitmq_url, FLUSH_PERIOD="0.2", FLUSH_PROCESSES="2")
+    recipient = 1099511627781
+    count = 3000
+    emit_balance_changes(conn, count, recipient)
+    with catching_queue(rabbitmq_url, [("accounts_in", sharding.binary_routing_key(DEBTOR, recipient))]) as catcher:
+        with running(["run", "flusher"], environ, tmp_path):
+            wait_for(lambda: outbox_count(conn, "pending_balance_change_signal") == 0, "an empty outbox", 60)
+        received = catcher.collect(count, timeout_seconds=60)
+        with topology.open_channel(rabbitmq_url) as channel:
+            assert channel.queue_declare(catcher.queue, passive=True).method.message_count == 0
+    assert len({m.fields["other_creditor_id"] for m in received}) == count
+
+
+def listening_queries(conn: psycopg.Connection) -> str:
+    rows = conn.execute(
+        "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'pyswpt flusher listen'"
+    ).fetchall()
+    return " ".join(query for (query,) in rows)
