@@ -1,0 +1,289 @@
+"""`pyswpt configure` and `yoyo apply` are idempotent (spec 01 §8.1).
+
+Each test makes its own empty database and drops it afterwards, and runs the
+commands as an operator would: as programs, with settings in the environment.
+The functions in sql/functions/ change while the project grows, so the
+snapshots compare one run with the next and never name a function.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pyswpt import schema, topology
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+FUNCTIONS_DIR = REPOSITORY / "sql" / "functions"
+BIN_DIR = Path(sys.executable).parent
+COMMAND_TIMEOUT_SECONDS = 180
+DONE_LINES = [
+    "Running database schema upgrade ... done.",
+    "Creating chores queue ... done.",
+    "Setting up message broker objects ... done.",
+]
+# A narrow shard, so that the test queue catches few of the messages other
+# tests publish to `accounts_in` while it exists.
+TEST_BINDING_KEY = "1.0.1.1.0.1.#"
+
+# What an upgrade could change, each as rows in a fixed order.
+SNAPSHOT_QUERIES = {
+    "relations": """
+        SELECT c.relname, c.relkind::text
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'pyswpt'
+        ORDER BY 1
+    """,
+    "columns": """
+        SELECT table_name, column_name, data_type, is_nullable, column_default
+        FROM information_schema.columns
+        WHERE table_schema = 'pyswpt'
+        ORDER BY table_name, ordinal_position
+    """,
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+        WHERE n.nspname = 'pyswpt'
+        ORDER BY 1, 2
+    """,
+    "indexes": """
+        SELECT tablename, indexname, indexdef
+        FROM pg_indexes
+        WHERE schemaname = 'pyswpt'
+        ORDER BY 1, 2
+    """,
+    "triggers": """
+        SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid)
+        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'pyswpt' AND NOT t.tgisinternal
+        ORDER BY 1, 2
+    """,
+    "types": """
+        SELECT t.typname, t.typtype::text,
+            (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+             FROM pg_enum e WHERE e.enumtypid = t.oid)
+        FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname = 'pyswpt'
+        ORDER BY 1
+    """,
+    "functions": """
+        SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'pyswpt' AND p.prokind IN ('f', 'p')
+        ORDER BY 1
+    """,
+    "migrations": """
+        SELECT migration_id, migration_hash, applied_at_utc::text
+        FROM _yoyo_migration
+        ORDER BY 1
+    """,
+}
+
+
+def url_for_database(server_url: str, dbname: str) -> str:
+    """The server's URL naming another database (POSTGRES_URL is a URL, not a conninfo)."""
+    return urllib.parse.urlsplit(server_url)._replace(path=f"/{dbname}").geturl()
+
+
+@pytest.fixture
+def fresh_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A new, empty database, dropped when the test ends."""
+    dbname = f"pyswpt_configure_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    try:
+        yield url_for_database(postgres_server_url, dbname)
+    finally:
+        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
+
+
+@pytest.fixture
+def broker_environment(rabbitmq_url: str) -> Iterator[dict[str, str]]:
+    """Broker settings with queues unique to this test; the queues are deleted after it."""
+    queue = f"pyswpt_test_configure_{uuid.uuid4().hex[:10]}"
+    environment = {
+        "PROTOCOL_BROKER_URL": rabbitmq_url,
+        "PROTOCOL_BROKER_QUEUE": queue,
+        "PROTOCOL_BROKER_QUEUE_ROUTING_KEY": TEST_BINDING_KEY,
+        "CHORES_BROKER_URL": rabbitmq_url,
+        "CHORES_BROKER_QUEUE": f"{queue}_chores",
+    }
+    yield environment
+    with topology.open_channel(rabbitmq_url) as channel:
+        for name in (queue, topology.dead_letter_queue_name(queue), f"{queue}_chores"):
+            channel.queue_delete(name)
+
+
+def run_program(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess:
+    # Settings the test runner happens to have must not leak into the program.
+    inherited = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PROTOCOL_BROKER_", "CHORES_BROKER_", "APP_", "POSTGRES_"))
+        and key != "SETUP_RABBITMQ_BINDINGS"
+    }
+    return subprocess.run(
+        arguments,
+        env={**inherited, **environment},
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+    )
+
+
+def run_configure(database_url: str, environment: dict[str, str]) -> subprocess.CompletedProcess:
+    return run_program(
+        [str(BIN_DIR / "pyswpt"), "configure"],
+        {**environment, "POSTGRES_URL": database_url, "SETUP_RABBITMQ_BINDINGS": "yes"},
+    )
+
+
+def run_yoyo_apply(database_url: str) -> subprocess.CompletedProcess:
+    """`yoyo apply` in the repository, where yoyo.ini names the migrations."""
+    yoyo_database = schema.yoyo_url(database_url)
+    return run_program([str(BIN_DIR / "yoyo"), "apply", "--database", yoyo_database, "--batch"], {})
+
+
+def succeeded(result: subprocess.CompletedProcess) -> bool:
+    return result.returncode == 0
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit status {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def snapshot(database_url: str) -> dict[str, list[tuple]]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET search_path = public")
+        return {name: conn.execute(query).fetchall() for name, query in SNAPSHOT_QUERIES.items()}
+
+
+def assert_same_snapshot(before: dict[str, list[tuple]], after: dict[str, list[tuple]]) -> None:
+    for name in SNAPSHOT_QUERIES:
+        assert after[name] == before[name], f"{name} changed on the second run"
+
+
+def function_names_in_files() -> set[str]:
+    """Names of the functions that sql/functions/ defines, whichever they are today."""
+    pattern = re.compile(
+        r"CREATE\s+OR\s+REPLACE\s+(?:FUNCTION|PROCEDURE)\s+(?:pyswpt\.)?(\w+)\s*\(", re.IGNORECASE
+    )
+    return {
+        name.lower()
+        for path in FUNCTIONS_DIR.glob("*.sql")
+        for name in pattern.findall(path.read_text(encoding="utf-8"))
+    }
+
+
+def installed_function_names(database_url: str) -> set[str]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'pyswpt'"
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+# --- pyswpt configure --------------------------------------------------------------
+
+
+def test_configure_on_a_new_database_reports_each_step_done(fresh_database_url, broker_environment):
+    result = run_configure(fresh_database_url, broker_environment)
+
+    assert succeeded(result), explain(result)
+    done = [line for line in result.stdout.splitlines() if line.endswith("done.")]
+    assert done == DONE_LINES, explain(result)
+
+
+def test_configure_again_reports_each_step_done_and_changes_nothing(
+    fresh_database_url, broker_environment
+):
+    first = run_configure(fresh_database_url, broker_environment)
+    assert succeeded(first), explain(first)
+    before = snapshot(fresh_database_url)
+
+    second = run_configure(fresh_database_url, broker_environment)
+
+    assert succeeded(second), explain(second)
+    assert [line for line in second.stdout.splitlines() if line.endswith("done.")] == DONE_LINES
+    assert_same_snapshot(before, snapshot(fresh_database_url))
+
+
+def test_configure_installs_every_function_of_sql_functions(fresh_database_url, broker_environment):
+    result = run_configure(fresh_database_url, broker_environment)
+
+    assert succeeded(result), explain(result)
+    assert function_names_in_files() <= installed_function_names(fresh_database_url)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PROTOCOL_BROKER_QUEUE_ROUTING_KEY", "2.#"),
+        ("FLUSH_PROCESSES", "x"),
+        ("APP_LOG_LEVEL", "loud"),
+    ],
+)
+def test_configure_with_a_bad_setting_prints_one_line_naming_it(
+    fresh_database_url, broker_environment, variable, value
+):
+    result = run_configure(fresh_database_url, {**broker_environment, variable: value})
+
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1, explain(result)
+    assert variable in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+# --- yoyo apply ----------------------------------------------------------------------
+
+
+def test_yoyo_apply_again_changes_nothing(fresh_database_url):
+    first = run_yoyo_apply(fresh_database_url)
+    assert succeeded(first), explain(first)
+    before = snapshot(fresh_database_url)
+
+    second = run_yoyo_apply(fresh_database_url)
+
+    assert succeeded(second), explain(second)
+    assert_same_snapshot(before, snapshot(fresh_database_url))
+    assert function_names_in_files() <= installed_function_names(fresh_database_url)
+
+
+def test_yoyo_apply_reinstalls_functions_every_time(fresh_database_url):
+    """A function changed by hand is put back by the next apply, with no new migration."""
+    first = run_yoyo_apply(fresh_database_url)
+    assert succeeded(first), explain(first)
+    before = snapshot(fresh_database_url)
+    from_files = function_names_in_files()
+    signatures = [
+        signature
+        for signature, _definition in before["functions"]
+        if signature.removeprefix("pyswpt.").split("(")[0] in from_files
+    ]
+    if not signatures:
+        pytest.skip("sql/functions/ defines no function yet")
+    signature = signatures[0]
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER FUNCTION {} SET work_mem = '64kB'").format(sql.SQL(signature)))
+    assert snapshot(fresh_database_url)["functions"] != before["functions"]
+
+    second = run_yoyo_apply(fresh_database_url)
+
+    assert succeeded(second), explain(second)
+    assert_same_snapshot(before, snapshot(fresh_database_url))
