@@ -1,0 +1,184 @@
+-- Pending balance changes (spec 02 §2.6): money arriving at an account through
+-- PendingBalanceChange messages. The archive (registered_balance_change) makes
+-- every change count once however often its message is delivered.
+
+-- Intake of one PendingBalanceChange (spec 02 §2.6 intake, spec 01 §1.5):
+-- true when it was archived and queued, false when it was dropped as too old
+-- (committed before the archive threshold) or as an already archived duplicate.
+CREATE OR REPLACE FUNCTION register_balance_change(
+    p_debtor_id bigint,
+    p_other_creditor_id bigint,
+    p_change_id bigint,
+    p_creditor_id bigint,
+    p_coordinator_type text,
+    p_transfer_note_format text,
+    p_transfer_note text,
+    p_committed_at timestamptz,
+    p_principal_delta bigint,
+    p_archive_threshold timestamptz
+)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+BEGIN
+    -- Older than the threshold: the archive may have forgotten that it was applied.
+    IF p_committed_at < p_archive_threshold THEN
+        RETURN false;
+    END IF;
+
+    IF EXISTS (
+        SELECT 1
+        FROM registered_balance_change
+        WHERE debtor_id = p_debtor_id
+            AND other_creditor_id = p_other_creditor_id
+            AND change_id = p_change_id
+    ) THEN
+        RETURN false;
+    END IF;
+
+    INSERT INTO registered_balance_change (debtor_id, other_creditor_id, change_id, committed_at, is_applied)
+    VALUES (p_debtor_id, p_other_creditor_id, p_change_id, p_committed_at, false)
+    ON CONFLICT DO NOTHING;
+
+    IF NOT FOUND THEN
+        -- A twin registered it after our snapshot: retrying will see it and drop this one.
+        RAISE EXCEPTION 'balance change (%, %, %) was registered concurrently',
+            p_debtor_id, p_other_creditor_id, p_change_id
+            USING ERRCODE = 'serialization_failure';
+    END IF;
+
+    INSERT INTO pending_balance_change (
+        debtor_id,
+        other_creditor_id,
+        change_id,
+        creditor_id,
+        coordinator_type,
+        transfer_note_format,
+        transfer_note,
+        committed_at,
+        principal_delta
+    )
+    VALUES (
+        p_debtor_id,
+        p_other_creditor_id,
+        p_change_id,
+        p_creditor_id,
+        p_coordinator_type,
+        p_transfer_note_format,
+        p_transfer_note,
+        p_committed_at,
+        p_principal_delta
+    );
+    RETURN true;
+END;
+$$;
+
+-- Apply the queued changes of one account in one transaction (spec 02 §2.6
+-- processing): lock, create or resurrect the account (B4), report each change
+-- by AccountTransfer (B3) with a running principal, credit the interest each
+-- amount earned since it was committed, and change the balance once (B2).
+-- Returns how many changes were applied; a batch takes at most 10000 of them,
+-- the rest are left for the next call. Changes are applied in commit order.
+CREATE OR REPLACE FUNCTION process_balance_changes(
+    p_debtor_id bigint,
+    p_creditor_id bigint,
+    p_now timestamptz DEFAULT now()
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    -- Bounds the work (and the lock time of a hot root account) of one transaction.
+    c_max_changes_per_batch CONSTANT integer := 10000;
+    v_changes pending_balance_change[];
+    v_change pending_balance_change;
+    v_account account;
+    v_principal_delta numeric := 0;
+    v_interest_delta double precision := 0.0;
+BEGIN
+    v_changes := take_pending_balance_changes(p_debtor_id, p_creditor_id, c_max_changes_per_batch);
+    IF v_changes IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    v_account := lock_or_create_account(p_debtor_id, p_creditor_id, p_now);
+    FOREACH v_change IN ARRAY v_changes LOOP
+        v_principal_delta := v_principal_delta + v_change.principal_delta;
+        v_interest_delta := v_interest_delta + calc_due_interest(
+            v_change.principal_delta,
+            v_change.committed_at,
+            v_account.previous_interest_rate,
+            v_account.interest_rate,
+            v_account.last_interest_rate_change_ts,
+            p_now
+        );
+        v_account := emit_account_transfer(
+            v_account,
+            v_change.coordinator_type,
+            v_change.other_creditor_id,
+            v_change.committed_at,
+            v_change.principal_delta,
+            v_change.transfer_note_format,
+            v_change.transfer_note,
+            contain_principal(v_account.principal + v_principal_delta),
+            p_now
+        );
+    END LOOP;
+
+    v_account := apply_account_change(v_account, v_principal_delta, v_interest_delta, p_now);
+    PERFORM save_account(v_account);
+    RETURN cardinality(v_changes);
+END;
+$$;
+
+-- Lock, dequeue and mark applied (in the archive) up to p_max_count queued
+-- changes of one account, skipping changes another transaction holds; NULL
+-- when there are none. Sorted by commit time, so that transfer numbers follow it.
+CREATE OR REPLACE FUNCTION take_pending_balance_changes(
+    p_debtor_id bigint,
+    p_creditor_id bigint,
+    p_max_count integer
+)
+RETURNS pending_balance_change[]
+LANGUAGE plpgsql VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_changes pending_balance_change[];
+BEGIN
+    WITH locked AS (
+        SELECT debtor_id, other_creditor_id, change_id
+        FROM pending_balance_change
+        WHERE debtor_id = p_debtor_id
+            AND creditor_id = p_creditor_id
+        LIMIT p_max_count
+        FOR UPDATE SKIP LOCKED
+    ),
+    taken AS (
+        DELETE FROM pending_balance_change AS p
+        USING locked AS l
+        WHERE p.debtor_id = l.debtor_id
+            AND p.other_creditor_id = l.other_creditor_id
+            AND p.change_id = l.change_id
+        RETURNING p.*
+    ),
+    marked AS (
+        UPDATE registered_balance_change AS r
+        SET is_applied = true
+        FROM taken AS t
+        WHERE r.debtor_id = t.debtor_id
+            AND r.other_creditor_id = t.other_creditor_id
+            AND r.change_id = t.change_id
+    )
+    SELECT array_agg(
+        ROW(t.*)::pending_balance_change
+        ORDER BY t.committed_at, t.other_creditor_id, t.change_id
+    )
+    INTO v_changes
+    FROM taken AS t;
+
+    RETURN v_changes;
+END;
+$$;
