@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 DRIVERS = {
     "web": "web",
     "flusher": "flusher",
+    "consumer": "consumer",
+    "workers": "workers",
 }
 
 STARTUP_ATTEMPTS = 5

@@ -8,10 +8,13 @@ loudly instead of hanging.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 # Giving up on a TCP connect or the start-up handshake.
@@ -73,3 +76,28 @@ def create_pool(
         check=ConnectionPool.check_connection,
         open=False,
     )
+
+
+def listen(url: str, channel: str, *, application_name: str) -> psycopg.Connection:
+    """An autocommit connection LISTENing on `channel`; the caller closes it."""
+    listener = connect(url, application_name=application_name)
+    listener.autocommit = True
+    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    return listener
+
+
+def wait_for_notification(
+    listener: psycopg.Connection,
+    deadline: float,
+    stopping: threading.Event,
+    payload: str | None = None,
+) -> None:
+    """Return on a NOTIFY (with `payload`, if given), at the `time.monotonic()` deadline,
+    or within a second after `stopping` is set."""
+    while not stopping.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        for notify in listener.notifies(timeout=min(remaining, 1.0)):
+            if payload is None or notify.payload == payload:
+                return

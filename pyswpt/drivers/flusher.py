@@ -40,18 +40,35 @@ def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stoppi
     """One flusher process: rounds over `tables` until `stopping` is set."""
     publisher = amqp.BatchPublisher(config.protocol_broker_url)
     try:
-        with db.connect(config.postgres_url, application_name="pyswpt flusher") as conn, listen(config) as listener:
+        with (
+            db.connect(config.postgres_url, application_name="pyswpt flusher") as conn,
+            db.listen(config.postgres_url, NOTIFY_CHANNEL, application_name="pyswpt flusher listen") as listener,
+        ):
             # A random first pause keeps flushers started together from polling in
             # lockstep; a NOTIFY still wakes them at once.
             first_round = time.monotonic() + random.uniform(0, config.flush_period_seconds)
-            wait_for_work(listener, first_round, stopping)
+            db.wait_for_notification(listener, first_round, stopping)
             while not stopping.is_set():
                 round_started = time.monotonic()
                 for table in tables:
-                    flush_table(conn, publisher, table, config)
-                wait_for_work(listener, round_started + config.flush_period_seconds, stopping)
+                    flush_table_or_log(conn, publisher, table, config)
+                db.wait_for_notification(listener, round_started + config.flush_period_seconds, stopping)
     finally:
         publisher.close()
+
+
+def flush_table_or_log(
+    conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, config: Config
+) -> None:
+    """Flush one table; a refused burst stays in the outbox and the other tables go on.
+
+    The reference ends the whole flusher here, so one unroutable message stops
+    every table; here it holds back only its own table until a route exists.
+    """
+    try:
+        flush_table(conn, publisher, table, config)
+    except (amqp.PublishError, ForeignRowError) as error:
+        logger.error("Caught error while sending pending %s: %s", table.name, error)
 
 
 def flush_table(
@@ -98,21 +115,3 @@ def message_of(row: dict, table: outbox.OutboxTable, config: Config) -> amqp.Out
         properties=wire.smp_properties(message_type, fields),
         mandatory=mandatory,
     )
-
-
-def listen(config: Config) -> psycopg.Connection:
-    listener = db.connect(config.postgres_url, application_name="pyswpt flusher listen")
-    listener.autocommit = True
-    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-    return listener
-
-
-def wait_for_work(listener: psycopg.Connection, deadline: float, stopping: threading.Event) -> None:
-    """Return at the deadline, on a NOTIFY, or soon after `stopping` is set."""
-    # Checking `stopping` at least once a second bounds the time a stop takes.
-    while not stopping.is_set():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        if any(True for _ in listener.notifies(timeout=min(remaining, 1.0), stop_after=1)):
-            return

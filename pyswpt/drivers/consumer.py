@@ -1,0 +1,230 @@
+"""The SMP consumer (`pyswpt run consumer`): incoming SMP messages into SQL calls.
+
+A batch of deliveries is decoded and validated, each valid message becomes one
+SQL function call, and the calls run in one transaction; acks follow the commit.
+Malformed messages, messages for accounts of another shard and messages the
+database refuses are logged and rejected to the dead-letter queue — the
+reference loops forever on some of them; here one bad message never holds up
+the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg
+
+from pyswpt import consuming, messages, processes
+from pyswpt.config import Config
+from pyswpt.fetch import FetchClient, FetchError
+from pyswpt.messages import ConfigureAccount, FinalizeTransfer, InvalidMessage, PendingBalanceChange, PrepareTransfer
+from pyswpt.transactions import SqlCall, execute_as_batch, with_retries
+
+logger = logging.getLogger(__name__)
+
+ROOT_CREDITOR_ID = 0
+# The top 24 bits of a creditor id name its creditors agent (spec 02 §0).
+CREDITOR_SUBNET_MASK = 0xFFFFFF0000000000
+
+CONFIGURE_ACCOUNT = "SELECT pyswpt.configure_account(%s, %s, %s, %s, %s, %s, %s, %s)"
+ENQUEUE_TRANSFER_REQUEST = (
+    "SELECT pyswpt.enqueue_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+ENQUEUE_FINALIZATION_REQUEST = (
+    "SELECT pyswpt.enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+REGISTER_BALANCE_CHANGE = "SELECT pyswpt.register_balance_change(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+INITIALIZE_ACCOUNT = "SELECT pyswpt.initialize_account(%s, %s, %s, %s)"
+LOCAL_ROOT_CONFIG = "SELECT pyswpt.get_account_config_data(%s, 0)"
+
+
+def run(config: Config) -> int:
+    return processes.run_worker_processes(config.protocol_broker_processes, consume, config)
+
+
+def consume(config: Config, stopping: threading.Event) -> None:
+    settings = consuming.QueueSettings(
+        broker_url=config.protocol_broker_url,
+        queue=config.protocol_broker_queue,
+        prefetch_count=config.protocol_broker_prefetch_count,
+        prefetch_size=config.protocol_broker_prefetch_size,
+    )
+    consuming.consume_in_threads(
+        settings, config.postgres_url, config.protocol_broker_threads, lambda: SmpBatchHandler(config), stopping
+    )
+
+
+class SmpBatchHandler:
+    """Applies one batch of SMP deliveries (one handler per consumer thread)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.fetch = (
+            FetchClient(
+                config.fetch_api_url,
+                timeout_seconds=config.fetch_api_timeout_seconds,
+                cache_size=config.fetch_data_cache_size,
+            )
+            if config.fetch_api_url
+            else None
+        )
+
+    def __call__(self, conn: psycopg.Connection, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
+        outcome = consuming.BatchOutcome()
+        accepted: list[tuple[consuming.Delivery, messages.Message, SqlCall]] = []
+        for delivery in deliveries:
+            try:
+                message = self.decode(delivery)
+                accepted.append((delivery, message, self.sql_call(message)))
+            except InvalidMessage as error:
+                logger.error("%s", error)
+                outcome.rejected.append(delivery.delivery_tag)
+
+        results = execute_as_batch(conn, [call for _, _, call in accepted])
+        new_accounts = []
+        for (delivery, message, _call), result in zip(accepted, results):
+            if isinstance(result, psycopg.Error):
+                logger.error("The database refused %s: %s", describe(message), result)
+                outcome.rejected.append(delivery.delivery_tag)
+                continue
+            outcome.acked.append(delivery.delivery_tag)
+            if isinstance(message, ConfigureAccount) and result is not None and result[0]:
+                new_accounts.append(message)
+        for message in new_accounts:
+            self.initialize(conn, message)
+        return outcome
+
+    def decode(self, delivery: consuming.Delivery) -> messages.Message:
+        message = messages.decode(
+            delivery.properties.content_type, delivery.properties.type, delivery.body, messages.SMP_KINDS
+        )
+        if not self.config.realm.owns(message.debtor_id, message.creditor_id):
+            raise InvalidMessage(
+                f"The shard is not responsible for this account: {describe(message)}; "
+                "check the queue's binding key and PROTOCOL_BROKER_QUEUE_ROUTING_KEY."
+            )
+        return message
+
+    def sql_call(self, message: messages.Message) -> SqlCall:
+        config = self.config
+        if isinstance(message, ConfigureAccount):
+            return SqlCall(
+                CONFIGURE_ACCOUNT,
+                (
+                    message.debtor_id,
+                    message.creditor_id,
+                    message.ts,
+                    message.seqnum,
+                    message.negligible_amount,
+                    message.config_flags,
+                    message.config_data,
+                    config.message_max_delay_seconds,
+                ),
+            )
+        if isinstance(message, PrepareTransfer):
+            recipient = messages.parse_recipient(message.recipient)
+            return SqlCall(
+                ENQUEUE_TRANSFER_REQUEST,
+                (
+                    message.debtor_id,
+                    message.creditor_id,
+                    message.coordinator_type,
+                    message.coordinator_id,
+                    message.coordinator_request_id,
+                    message.min_locked_amount,
+                    message.max_locked_amount,
+                    recipient,
+                    message.final_interest_rate_ts,
+                    message.max_commit_delay,
+                    message.ts,
+                    self.recipient_reachable(message, recipient),
+                ),
+            )
+        if isinstance(message, FinalizeTransfer):
+            return SqlCall(
+                ENQUEUE_FINALIZATION_REQUEST,
+                (
+                    message.debtor_id,
+                    message.creditor_id,
+                    message.transfer_id,
+                    message.coordinator_type,
+                    message.coordinator_id,
+                    message.coordinator_request_id,
+                    message.committed_amount,
+                    message.transfer_note_format,
+                    message.transfer_note,
+                    message.ts,
+                ),
+            )
+        if isinstance(message, PendingBalanceChange):
+            return SqlCall(
+                REGISTER_BALANCE_CHANGE,
+                (
+                    message.debtor_id,
+                    message.other_creditor_id,
+                    message.change_id,
+                    message.creditor_id,
+                    message.coordinator_type,
+                    message.transfer_note_format,
+                    message.transfer_note,
+                    message.committed_at,
+                    message.principal_delta,
+                    config.remove_from_archive_threshold_date,
+                ),
+            )
+        raise AssertionError(f"no SQL call for {type(message).__name__}")
+
+    def recipient_reachable(self, message: PrepareTransfer, recipient: int | None) -> bool | None:
+        """True/False when decided here; None lets SQL decide (the recipient is in this shard)."""
+        if recipient is None:
+            return False
+        if message.coordinator_type == "agent":
+            # Agents move money between their own creditors, whose accounts they
+            # create on demand: no lookup. A coordinator outside the sender's agent
+            # breaks a MUST of the protocol; the reference loops forever on it.
+            if not same_agent(message.creditor_id, message.coordinator_id):
+                raise InvalidMessage(
+                    "Message validation error: {'coordinator_id': ['Must belong to the agent of creditor_id.']}"
+                )
+            return True
+        if self.config.realm.owns(message.debtor_id, recipient):
+            return None
+        if self.fetch is None:
+            logger.error("FETCH_API_URL is not set: the recipient of %s is taken as unreachable.", describe(message))
+            return False
+        return self.fetch.is_reachable(message.debtor_id, recipient)
+
+    def initialize(self, conn: psycopg.Connection, message: ConfigureAccount) -> None:
+        """Give a new account its debtor's interest rate and info (spec 02 §2.3)."""
+        config_data = self.root_config_data(conn, message.debtor_id)
+        if config_data is None:
+            return
+        with_retries(
+            conn,
+            lambda c: c.execute(
+                INITIALIZE_ACCOUNT,
+                (message.debtor_id, message.creditor_id, config_data, self.config.message_max_delay_seconds),
+            ),
+        )
+
+    def root_config_data(self, conn: psycopg.Connection, debtor_id: int) -> str | None:
+        if self.config.realm.owns(debtor_id, ROOT_CREDITOR_ID):
+            return with_retries(conn, lambda c: c.execute(LOCAL_ROOT_CONFIG, (debtor_id,)).fetchone()[0])
+        if self.fetch is None:
+            logger.error("FETCH_API_URL is not set: debtor %d's root config cannot be fetched.", debtor_id)
+            return None
+        try:
+            return self.fetch.root_config_data(debtor_id)
+        except FetchError:
+            logger.exception("Caught error while making a fetch request.")
+            return None
+
+
+def same_agent(creditor_id: int, coordinator_id: int) -> bool:
+    prefix = creditor_id & CREDITOR_SUBNET_MASK
+    return prefix == coordinator_id & CREDITOR_SUBNET_MASK and prefix != 0
+
+
+def describe(message: messages.Message) -> str:
+    return f"{type(message).__name__} for account ({message.debtor_id}, {message.creditor_id})"

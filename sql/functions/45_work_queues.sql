@@ -1,0 +1,36 @@
+-- What the request workers look for (spec 02 §4.2): accounts with queued work.
+-- Each returns distinct account keys, at most p_max_count of them; the worker
+-- then runs the account's batch processor once per key.
+
+-- Senders with queued PrepareTransfer requests.
+CREATE OR REPLACE FUNCTION list_transfer_request_senders(p_max_count integer)
+RETURNS TABLE (debtor_id bigint, creditor_id bigint)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT DISTINCT r.debtor_id, r.sender_creditor_id
+    FROM transfer_request AS r
+    LIMIT p_max_count
+$$;
+
+-- Senders with queued FinalizeTransfer requests.
+CREATE OR REPLACE FUNCTION list_finalization_request_senders(p_max_count integer)
+RETURNS TABLE (debtor_id bigint, creditor_id bigint)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT DISTINCT r.debtor_id, r.sender_creditor_id
+    FROM finalization_request AS r
+    LIMIT p_max_count
+$$;
+
+-- Accounts with registered balance changes not applied yet.
+CREATE OR REPLACE FUNCTION list_accounts_with_pending_balance_changes(p_max_count integer)
+RETURNS TABLE (debtor_id bigint, creditor_id bigint)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT DISTINCT c.debtor_id, c.creditor_id
+    FROM pending_balance_change AS c
+    LIMIT p_max_count
+$$;
