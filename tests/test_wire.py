@@ -423,7 +423,13 @@ def test_chore_body_escapes_non_ascii_and_keeps_double_precision() -> None:
 
 
 def test_smp_properties_of_a_transfer_reply_carry_coordinator_headers() -> None:
-    fields = {"type": "PreparedTransfer", "debtor_id": DEBTOR, "creditor_id": CREDITOR, "coordinator_type": "direct", "coordinator_id": CREDITOR}
+    fields = {
+        "type": "PreparedTransfer",
+        "debtor_id": DEBTOR,
+        "creditor_id": CREDITOR,
+        "coordinator_type": "direct",
+        "coordinator_id": CREDITOR,
+    }
     properties = wire.smp_properties("PreparedTransfer", fields)
     assert properties.content_type == "application/json"
     assert properties.type == "PreparedTransfer"
@@ -440,7 +446,10 @@ def test_smp_properties_of_a_transfer_reply_carry_coordinator_headers() -> None:
 
 def test_smp_properties_set_nothing_else() -> None:
     properties = wire.smp_properties("AccountPurge", {"debtor_id": DEBTOR, "creditor_id": CREDITOR})
-    unset = ("message_id", "timestamp", "priority", "expiration", "correlation_id", "content_encoding", "reply_to", "user_id", "cluster_id")
+    unset = (
+        "message_id", "timestamp", "priority", "expiration", "correlation_id",
+        "content_encoding", "reply_to", "user_id", "cluster_id",
+    )
     assert all(getattr(properties, name) is None for name in unset)
 
 
