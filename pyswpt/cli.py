@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import sys
@@ -14,12 +15,79 @@ from pyswpt import logs, schema, sharding
 
 logger = logging.getLogger(__name__)
 
-# `pyswpt run NAME` starts pyswpt.drivers.<module>.run(config).
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A command-line option of a driver that overrides one setting."""
+
+    flags: tuple[str, ...]
+    setting: str  # a field of config.Config
+    type: Callable[[str], object]
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Driver:
+    """`pyswpt run NAME` starts pyswpt.drivers.<module>.run(config, **names)."""
+
+    module: str
+    help: str
+    options: tuple[Option, ...] = ()
+    # Optional positional names passed to run() as this keyword, e.g. flusher tables.
+    names_keyword: str | None = None
+    name_choices: tuple[str, ...] = ()
+
+
+def broker_options(prefix: str, what: str) -> tuple[Option, ...]:
+    return (
+        Option(("-u", "--url"), f"{prefix}_url", str, f"{what} broker URL"),
+        Option(("-q", "--queue"), f"{prefix}_queue", str, f"{what} queue"),
+        Option(("-p", "--processes"), f"{prefix}_processes", int, "consumer processes"),
+        Option(("-t", "--threads"), f"{prefix}_threads", int, "consumer threads per process"),
+        Option(("-s", "--prefetch-size"), f"{prefix}_prefetch_size", int, "basic.qos prefetch size in bytes"),
+        Option(("-c", "--prefetch-count"), f"{prefix}_prefetch_count", int, "basic.qos prefetch count"),
+    )
+
+
 DRIVERS = {
-    "web": "web",
-    "flusher": "flusher",
-    "consumer": "consumer",
-    "workers": "workers",
+    "all": Driver("supervisor", "every driver of one node, restarted when one dies"),
+    "web": Driver("web", "the fetch API"),
+    "consumer": Driver(
+        "consumer", "consume SMP messages", broker_options("protocol_broker", "SMP")
+    ),
+    "chores": Driver("chores", "consume chore messages", broker_options("chores_broker", "chores")),
+    "flusher": Driver(
+        "flusher",
+        "publish the outbox (all tables, or the named ones)",
+        (
+            Option(("-p", "--processes"), "flush_processes", int, "flusher processes"),
+            Option(("-w", "--wait"), "flush_period_seconds", float, "seconds between flush rounds"),
+        ),
+        names_keyword="table_names",
+        name_choices=settings.OUTBOX_TYPES,
+    ),
+    "workers": Driver(
+        "workers",
+        "process queued transfer requests, finalizations and balance changes (all, or the named stages)",
+        names_keyword="stage_names",
+        name_choices=("transfer_requests", "finalization_requests", "balance_changes"),
+    ),
+    "scan-accounts": Driver(
+        "scanners.accounts",
+        "heartbeats, purges and chores from a slow pass over the accounts",
+        (Option(("--hours",), "accounts_scan_hours", float, "duration of one pass"),),
+    ),
+    "scan-prepared-transfers": Driver(
+        "scanners.prepared_transfers",
+        "reminders of old prepared transfers",
+        (Option(("--days",), "prepared_transfers_scan_days", float, "duration of one pass"),),
+    ),
+    "scan-registered-balance-changes": Driver(
+        "scanners.registered_balance_changes",
+        "archive cleanup",
+        (Option(("--days",), "registered_balance_changes_scan_days", float, "duration of one pass"),),
+    ),
 }
 
 STARTUP_ATTEMPTS = 5
@@ -157,8 +225,40 @@ def add_broker_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def command_run(config: settings.Config, args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"pyswpt.drivers.{DRIVERS[args.driver]}")
-    return module.run(config) or 0
+    driver = DRIVERS[args.driver]
+    overrides = {
+        option.setting: getattr(args, option.setting)
+        for option in driver.options
+        if getattr(args, option.setting) is not None
+    }
+    names = {driver.names_keyword: args.names or None} if driver.names_keyword else {}
+    module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
+    return module.run(dataclasses.replace(config, **overrides), **names) or 0
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of: {', '.join(choices)}")
+        return text
+
+    return check
+
+
+def add_run_commands(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser("run", help="start a long-running driver")
+    drivers = run.add_subparsers(dest="driver", required=True, metavar="DRIVER")
+    for name, driver in DRIVERS.items():
+        parser = drivers.add_parser(name, help=driver.help)
+        for option in driver.options:
+            parser.add_argument(*option.flags, dest=option.setting, type=option.type, help=option.help)
+        if driver.names_keyword:
+            # Not `choices=`: argparse refuses an empty `nargs="*"` list against choices.
+            parser.add_argument(
+                "names", nargs="*", type=one_of(driver.name_choices), metavar="NAME",
+                help=f"any of: {', '.join(driver.name_choices)}",
+            )
+        parser.set_defaults(handler=command_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,9 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "await-migrations", help="wait until every schema migration has been applied"
     ).set_defaults(handler=command_await_migrations)
     add_broker_commands(commands)
-    run = commands.add_parser("run", help="start a long-running driver")
-    run.add_argument("driver", choices=sorted(DRIVERS))
-    run.set_defaults(handler=command_run)
+    add_run_commands(commands)
     return parser
 
 
