@@ -1,0 +1,390 @@
+-- PrepareTransfer, the first phase of a transfer (spec 02 §2.4, spec 01 §1.3):
+-- the intake queues the request (or rejects an unreachable recipient at once),
+-- and the batch processor locks the sender account once, serves every queued
+-- request of that sender, and emits one PreparedTransfer or RejectedTransfer
+-- per request.
+--
+-- Transfer status codes (spec 01 §0.2) produced here: SENDER_IS_UNREACHABLE,
+-- RECIPIENT_IS_UNREACHABLE, TOO_MANY_TRANSFERS, RECIPIENT_SAME_AS_SENDER,
+-- NEWER_INTEREST_RATE, INSUFFICIENT_AVAILABLE_AMOUNT; 'OK' means "prepare".
+
+-- Intake of one PrepareTransfer message (spec 02 §2.4 intake, steps 4-5). The driver
+-- parses `recipient` (NULL when unparsable) and passes p_recipient_reachable when it
+-- has decided reachability itself (agent rule, or the fetch API for another shard);
+-- NULL means the recipient lives in this shard and B10 decides here. An unreachable
+-- recipient is rejected before the sender is looked at. Takes no account lock.
+-- Returns true when the request was queued, false when it was rejected at once.
+CREATE OR REPLACE FUNCTION enqueue_transfer_request(
+    p_debtor_id bigint,
+    p_sender_creditor_id bigint,
+    p_coordinator_type text,
+    p_coordinator_id bigint,
+    p_coordinator_request_id bigint,
+    p_min_locked_amount bigint,
+    p_max_locked_amount bigint,
+    p_recipient_creditor_id bigint,
+    p_final_interest_rate_ts timestamptz,
+    p_max_commit_delay_seconds integer,
+    p_ts timestamptz,
+    p_recipient_reachable boolean DEFAULT NULL,
+    p_now timestamptz DEFAULT now()
+)
+RETURNS boolean
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    -- T∞ of spec 01 §0.2: the latest instant an SMP date-time can express.
+    c_latest_deadline CONSTANT timestamptz := TIMESTAMPTZ '9999-12-31 23:59:59+00';
+BEGIN
+    IF p_recipient_creditor_id IS NULL
+        OR NOT coalesce(p_recipient_reachable, is_reachable_account(p_debtor_id, p_recipient_creditor_id))
+    THEN
+        PERFORM reject_transfer(
+            p_debtor_id,
+            p_sender_creditor_id,
+            p_coordinator_type,
+            p_coordinator_id,
+            p_coordinator_request_id,
+            'RECIPIENT_IS_UNREACHABLE',
+            0,
+            p_now
+        );
+        RETURN false;
+    END IF;
+
+    INSERT INTO transfer_request (
+        debtor_id,
+        sender_creditor_id,
+        coordinator_type,
+        coordinator_id,
+        coordinator_request_id,
+        min_locked_amount,
+        max_locked_amount,
+        deadline,
+        recipient_creditor_id,
+        final_interest_rate_ts
+    )
+    VALUES (
+        p_debtor_id,
+        p_sender_creditor_id,
+        p_coordinator_type,
+        p_coordinator_id,
+        p_coordinator_request_id,
+        p_min_locked_amount,
+        p_max_locked_amount,
+        -- A fix: the reference computes ts + max_commit_delay with Python datetimes,
+        -- which overflow past year 9999, so such a message was redelivered forever.
+        -- The deadline is capped at T∞ instead, which a message can still carry.
+        least(p_ts + make_interval(secs => p_max_commit_delay_seconds), c_latest_deadline),
+        p_recipient_creditor_id,
+        p_final_interest_rate_ts
+    );
+    RETURN true;
+END;
+$$;
+
+-- The transfer-request batch of one sender (spec 02 §2.4, batch processing): takes
+-- its queued requests (SKIP LOCKED: another worker's requests are left alone), locks
+-- the sender account once, and serves the requests in arrival order — the spec
+-- allows any order, a fixed one makes outcomes reproducible. The account is stored
+-- once, only if something was prepared: no seqnum change and no AccountUpdate.
+-- Returns the number of requests handled (0: nothing was queued or all are taken).
+CREATE OR REPLACE FUNCTION process_transfer_requests(
+    p_debtor_id bigint,
+    p_sender_creditor_id bigint,
+    p_commit_period_seconds integer,
+    p_now timestamptz DEFAULT now()
+)
+RETURNS integer
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_requests transfer_request[];
+    v_request transfer_request;
+    v_account account;
+    v_floor_balance numeric;
+    v_min_balance bigint;
+    v_amount_to_lock bigint;
+    v_status text;
+    v_prepared_count integer := 0;
+BEGIN
+    v_requests := take_transfer_requests(p_debtor_id, p_sender_creditor_id);
+    IF cardinality(v_requests) = 0 THEN
+        RETURN 0;
+    END IF;
+
+    v_account := lock_existing_account(p_debtor_id, p_sender_creditor_id);
+    IF v_account.debtor_id IS NOT NULL THEN
+        -- Preparing locks amounts but moves no principal, so the balance stays the
+        -- same through the batch; the minimum balance is read once, as PL does.
+        v_floor_balance := floor(calc_account_balance(v_account, p_now));
+        v_min_balance := calc_min_balance(v_account);
+    END IF;
+
+    FOREACH v_request IN ARRAY v_requests LOOP
+        v_amount_to_lock := calc_amount_to_lock(
+            v_floor_balance,
+            v_account.total_locked_amount,
+            v_min_balance,
+            v_request.max_locked_amount
+        );
+        v_status := calc_preparation_status(v_account, v_request, v_amount_to_lock);
+        IF v_status = 'OK' THEN
+            v_account := prepare_transfer(v_account, v_request, v_amount_to_lock, p_commit_period_seconds, p_now);
+            v_prepared_count := v_prepared_count + 1;
+        ELSE
+            PERFORM reject_transfer(
+                v_request.debtor_id,
+                v_request.sender_creditor_id,
+                v_request.coordinator_type,
+                v_request.coordinator_id,
+                v_request.coordinator_request_id,
+                v_status,
+                CASE
+                    WHEN v_status IN ('SENDER_IS_UNREACHABLE', 'RECIPIENT_IS_UNREACHABLE') THEN 0
+                    ELSE v_account.total_locked_amount
+                END,
+                p_now
+            );
+        END IF;
+    END LOOP;
+
+    IF v_prepared_count > 0 THEN
+        PERFORM save_account(v_account);
+    END IF;
+    RETURN cardinality(v_requests);
+END;
+$$;
+
+-- Whether two creditor ids belong to the same creditors agent (spec 02 §2.4, check 2):
+-- equal top 24 bits (CREDITOR_SUBNET_MASK), and not the all-zero prefix.
+CREATE OR REPLACE FUNCTION is_same_creditors_agent(p_creditor_id bigint, p_other_creditor_id bigint)
+RETURNS boolean
+LANGUAGE sql
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pyswpt, pg_temp
+AS $$
+    -- -1099511627776 is 0xffffff0000000000 as a signed 64-bit number.
+    SELECT p_creditor_id & -1099511627776 = p_other_creditor_id & -1099511627776
+        AND p_creditor_id & -1099511627776 <> 0
+$$;
+
+-- amount_to_lock of spec 02 §2.4 step 3, PL variant: the whole available amount
+-- above the minimum balance is contained, then clamped into [0, max_locked_amount].
+CREATE OR REPLACE FUNCTION calc_amount_to_lock(
+    p_floor_balance numeric,
+    p_total_locked_amount bigint,
+    p_min_balance bigint,
+    p_max_locked_amount bigint
+)
+RETURNS bigint
+LANGUAGE sql
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT greatest(
+        0,
+        least(p_max_locked_amount, contain_principal(p_floor_balance - p_total_locked_amount - p_min_balance))
+    )
+$$;
+
+-- The outcome of one transfer request (spec 02 §2.4 step 3): the first failing check
+-- in the spec's order, or 'OK'. p_account is all NULLs when the sender was not found.
+-- The insufficiency check is last, so that a retried smaller request cannot fail
+-- for another reason.
+CREATE OR REPLACE FUNCTION calc_preparation_status(
+    p_account account,
+    p_request transfer_request,
+    p_amount_to_lock bigint
+)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_account.debtor_id IS NULL
+            THEN 'SENDER_IS_UNREACHABLE'
+        WHEN p_request.coordinator_type = 'agent'
+            AND NOT is_same_creditors_agent(p_request.sender_creditor_id, p_request.recipient_creditor_id)
+            THEN 'RECIPIENT_IS_UNREACHABLE'
+        WHEN p_account.pending_transfers_count >= 2147483647
+            THEN 'TOO_MANY_TRANSFERS'
+        WHEN p_request.sender_creditor_id = p_request.recipient_creditor_id
+            THEN 'RECIPIENT_SAME_AS_SENDER'
+        WHEN p_account.last_interest_rate_change_ts > p_request.final_interest_rate_ts
+            THEN 'NEWER_INTEREST_RATE'
+        WHEN p_amount_to_lock < p_request.min_locked_amount
+            THEN 'INSUFFICIENT_AVAILABLE_AMOUNT'
+        ELSE 'OK'
+    END
+$$;
+
+-- Take (delete and return) the queued requests of one sender that no other
+-- transaction holds, oldest first. A batch is bounded; what is left stays queued
+-- for the next call.
+CREATE OR REPLACE FUNCTION take_transfer_requests(p_debtor_id bigint, p_sender_creditor_id bigint)
+RETURNS transfer_request[]
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    c_max_requests_per_batch CONSTANT integer := 10000;
+    v_requests transfer_request[];
+    v_request_ids bigint[];
+BEGIN
+    -- Locked first and deleted by key after: a LIMIT ... SKIP LOCKED subquery inside
+    -- the DELETE could be re-run by the planner for every row and take too many.
+    SELECT
+        coalesce(array_agg(taken.request ORDER BY (taken.request).transfer_request_id), '{}'),
+        coalesce(array_agg((taken.request).transfer_request_id), '{}')
+    INTO v_requests, v_request_ids
+    FROM (
+        SELECT tr AS request
+        FROM transfer_request AS tr
+        WHERE tr.debtor_id = p_debtor_id
+            AND tr.sender_creditor_id = p_sender_creditor_id
+        ORDER BY tr.transfer_request_id
+        LIMIT c_max_requests_per_batch
+        FOR UPDATE SKIP LOCKED
+    ) AS taken;
+
+    DELETE FROM transfer_request
+    WHERE debtor_id = p_debtor_id
+        AND sender_creditor_id = p_sender_creditor_id
+        AND transfer_request_id = ANY (v_request_ids);
+
+    RETURN v_requests;
+END;
+$$;
+
+-- Lock an amount for one request (spec 02 §2.4 step 4): the next transfer id, a
+-- prepared_transfer row and its PreparedTransfer message. The caller stores the account.
+CREATE OR REPLACE FUNCTION prepare_transfer(
+    INOUT p_account account,
+    p_request transfer_request,
+    p_amount_to_lock bigint,
+    p_commit_period_seconds integer,
+    p_now timestamptz
+)
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_deadline timestamptz := least(p_now + make_interval(secs => p_commit_period_seconds), p_request.deadline);
+BEGIN
+    ASSERT p_amount_to_lock >= 0, 'a prepared transfer locks a non-negative amount';
+    p_account.total_locked_amount := least(
+        p_account.total_locked_amount::numeric + p_amount_to_lock,
+        9223372036854775807
+    )::bigint;
+    p_account.pending_transfers_count := p_account.pending_transfers_count + 1;
+    p_account.last_transfer_id := p_account.last_transfer_id + 1;
+
+    INSERT INTO prepared_transfer (
+        debtor_id,
+        sender_creditor_id,
+        transfer_id,
+        coordinator_type,
+        coordinator_id,
+        coordinator_request_id,
+        recipient_creditor_id,
+        prepared_at,
+        final_interest_rate_ts,
+        demurrage_rate,
+        deadline,
+        locked_amount,
+        last_reminder_ts
+    )
+    VALUES (
+        p_account.debtor_id,
+        p_account.creditor_id,
+        p_account.last_transfer_id,
+        p_request.coordinator_type,
+        p_request.coordinator_id,
+        p_request.coordinator_request_id,
+        p_request.recipient_creditor_id,
+        p_now,
+        p_request.final_interest_rate_ts,
+        -50.0,
+        v_deadline,
+        p_amount_to_lock,
+        NULL
+    );
+
+    INSERT INTO prepared_transfer_signal (
+        debtor_id,
+        sender_creditor_id,
+        transfer_id,
+        coordinator_type,
+        coordinator_id,
+        coordinator_request_id,
+        locked_amount,
+        recipient_creditor_id,
+        prepared_at,
+        demurrage_rate,
+        deadline,
+        final_interest_rate_ts,
+        inserted_at
+    )
+    VALUES (
+        p_account.debtor_id,
+        p_account.creditor_id,
+        p_account.last_transfer_id,
+        p_request.coordinator_type,
+        p_request.coordinator_id,
+        p_request.coordinator_request_id,
+        p_amount_to_lock,
+        p_request.recipient_creditor_id,
+        p_now,
+        -50.0,
+        v_deadline,
+        p_request.final_interest_rate_ts,
+        p_now
+    );
+END;
+$$;
+
+-- Emit one RejectedTransfer (spec 01 §1.6); its ts is the moment of the rejection.
+CREATE OR REPLACE FUNCTION reject_transfer(
+    p_debtor_id bigint,
+    p_sender_creditor_id bigint,
+    p_coordinator_type text,
+    p_coordinator_id bigint,
+    p_coordinator_request_id bigint,
+    p_status_code text,
+    p_total_locked_amount bigint,
+    p_now timestamptz
+)
+RETURNS void
+LANGUAGE sql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+    INSERT INTO rejected_transfer_signal (
+        debtor_id,
+        sender_creditor_id,
+        coordinator_type,
+        coordinator_id,
+        coordinator_request_id,
+        status_code,
+        total_locked_amount,
+        inserted_at
+    )
+    VALUES (
+        p_debtor_id,
+        p_sender_creditor_id,
+        p_coordinator_type,
+        p_coordinator_id,
+        p_coordinator_request_id,
+        p_status_code,
+        p_total_locked_amount,
+        p_now
+    )
+$$;

@@ -1,0 +1,334 @@
+-- FinalizeTransfer, the second phase of a transfer (spec 02 §2.5, spec 01 §1.4):
+-- the intake queues at most one request per prepared transfer, and the batch
+-- processor locks the sender account once, commits or dismisses every matching
+-- prepared transfer, and moves the committed amounts: the sender's principal at
+-- once, the recipient's through a PendingBalanceChange.
+--
+-- Status codes of a FinalizedTransfer (spec 01 §0.2): OK, TIMEOUT,
+-- NEWER_INTEREST_RATE, INSUFFICIENT_AVAILABLE_AMOUNT.
+
+-- Intake of one FinalizeTransfer message (spec 02 §2.5 intake). A request already
+-- queued for the same transfer wins and the new one is dropped (a redelivery is
+-- harmless; the quirk of a wrong request hiding a right one is the reference's).
+-- Returns true when the request was queued. Takes no account lock.
+CREATE OR REPLACE FUNCTION enqueue_finalization_request(
+    p_debtor_id bigint,
+    p_sender_creditor_id bigint,
+    p_transfer_id bigint,
+    p_coordinator_type text,
+    p_coordinator_id bigint,
+    p_coordinator_request_id bigint,
+    p_committed_amount bigint,
+    p_transfer_note_format text,
+    p_transfer_note text,
+    p_ts timestamptz,
+    p_now timestamptz DEFAULT now()
+)
+RETURNS boolean
+LANGUAGE sql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+    WITH inserted AS (
+        INSERT INTO finalization_request (
+            debtor_id,
+            sender_creditor_id,
+            transfer_id,
+            coordinator_type,
+            coordinator_id,
+            coordinator_request_id,
+            committed_amount,
+            transfer_note_format,
+            transfer_note,
+            ts
+        )
+        VALUES (
+            p_debtor_id,
+            p_sender_creditor_id,
+            p_transfer_id,
+            p_coordinator_type,
+            p_coordinator_id,
+            p_coordinator_request_id,
+            p_committed_amount,
+            p_transfer_note_format,
+            p_transfer_note,
+            coalesce(p_ts, p_now)
+        )
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT FROM inserted)
+$$;
+
+-- The finalization batch of one sender (spec 02 §2.5, batch processing): takes its
+-- queued requests (SKIP LOCKED), each with the prepared transfer matching all six
+-- identifying fields, locks the sender account once and finalizes the matches in
+-- transfer-id order (the spec allows any order). A request without a match, of a
+-- missing sender, or any request when p_ignore_all (parent-shard cleanup, spec 01
+-- §4.3) is only deleted. The committed amounts leave the principal in one B2.
+-- Returns the number of requests handled.
+CREATE OR REPLACE FUNCTION process_finalization_requests(
+    p_debtor_id bigint,
+    p_sender_creditor_id bigint,
+    p_ignore_all boolean,
+    p_now timestamptz DEFAULT now()
+)
+RETURNS integer
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_requests finalization_request[];
+    v_transfers prepared_transfer[];
+    v_request finalization_request;
+    v_transfer prepared_transfer;
+    v_account account;
+    v_starting_principal bigint;
+    v_starting_balance numeric;
+    v_min_balance bigint;
+    v_principal_delta numeric := 0;
+    v_finalized_count integer := 0;
+    v_status text;
+    v_committed_amount bigint;
+BEGIN
+    SELECT taken.requests, taken.transfers
+    INTO v_requests, v_transfers
+    FROM take_finalization_requests(p_debtor_id, p_sender_creditor_id) AS taken;
+    IF cardinality(v_requests) = 0 THEN
+        RETURN 0;
+    END IF;
+    IF p_ignore_all THEN
+        -- Nothing of the account is read or written, so it is not locked.
+        RETURN cardinality(v_requests);
+    END IF;
+
+    v_account := lock_existing_account(p_debtor_id, p_sender_creditor_id);
+    IF v_account.debtor_id IS NULL THEN
+        RETURN cardinality(v_requests);
+    END IF;
+    -- Read once: commits of this batch are tracked in v_principal_delta, released
+    -- locks in the account's total_locked_amount.
+    v_starting_principal := v_account.principal;
+    v_starting_balance := floor(calc_account_balance(v_account, p_now));
+    v_min_balance := calc_min_balance(v_account);
+
+    FOR v_index IN 1 .. cardinality(v_requests) LOOP
+        v_request := v_requests[v_index];
+        v_transfer := v_transfers[v_index];
+        CONTINUE WHEN v_transfer.transfer_id IS NULL;
+
+        v_status := calc_finalization_status(
+            v_request.committed_amount,
+            v_starting_balance + v_principal_delta - v_account.total_locked_amount - v_min_balance,
+            v_transfer.locked_amount,
+            v_transfer.prepared_at,
+            v_transfer.deadline,
+            v_transfer.final_interest_rate_ts,
+            v_transfer.demurrage_rate,
+            v_transfer.sender_creditor_id,
+            v_account.last_interest_rate_change_ts,
+            p_now
+        );
+        v_committed_amount := CASE WHEN v_status = 'OK' THEN v_request.committed_amount ELSE 0 END;
+        v_account := finalize_prepared_transfer(
+            v_account,
+            v_transfer,
+            v_request,
+            v_status,
+            v_committed_amount,
+            v_starting_principal,
+            p_now
+        );
+        v_principal_delta := v_principal_delta - v_committed_amount;
+        v_finalized_count := v_finalized_count + 1;
+    END LOOP;
+
+    IF v_principal_delta <> 0 THEN
+        v_account := apply_account_change(v_account, v_principal_delta, 0.0, p_now);
+    END IF;
+    IF v_finalized_count > 0 THEN
+        PERFORM save_account(v_account);
+    END IF;
+    RETURN cardinality(v_requests);
+END;
+$$;
+
+-- The status code of a finalization (spec 02 §2.5 "Status code", §3.5): a dismissal
+-- always succeeds; a commit needs the deadline, an unchanged interest rate, and
+-- either the expendable amount above the lock or a lock that survives the worst
+-- demurrage since preparation (a root sender's lock suffers none).
+CREATE OR REPLACE FUNCTION calc_finalization_status(
+    p_committed_amount bigint,
+    p_expendable_amount numeric,
+    p_locked_amount bigint,
+    p_prepared_at timestamptz,
+    p_deadline timestamptz,
+    p_final_interest_rate_ts timestamptz,
+    p_demurrage_rate double precision,
+    p_sender_creditor_id bigint,
+    p_last_interest_rate_change_ts timestamptz,
+    p_now timestamptz
+)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_committed_amount = 0
+            THEN 'OK'
+        WHEN p_now > p_deadline
+            THEN 'TIMEOUT'
+        WHEN p_last_interest_rate_change_ts > p_final_interest_rate_ts
+            THEN 'NEWER_INTEREST_RATE'
+        -- Expendable path, in exact arithmetic.
+        WHEN p_committed_amount <= p_expendable_amount + p_locked_amount
+            THEN 'OK'
+        -- Reserved path, in doubles. The exponent is floored at -700 because exp()
+        -- raises on underflow; any factor below exp(-700) gives the same answer
+        -- as 0, since a lock below 2^63 times it is below 1 <= the committed amount.
+        WHEN p_committed_amount <= p_locked_amount
+            AND (
+                p_sender_creditor_id = 0
+                OR p_committed_amount::double precision <= p_locked_amount::double precision * exp(
+                    greatest(
+                        -700.0,
+                        calc_k(p_demurrage_rate) * greatest(0.0, seconds_between(p_prepared_at, p_now))
+                    )
+                )
+            )
+            THEN 'OK'
+        ELSE 'INSUFFICIENT_AVAILABLE_AMOUNT'
+    END
+$$;
+
+-- Take (lock, read, delete) the queued finalization requests of one sender that no
+-- other transaction holds, each paired with its six-field-matching prepared transfer
+-- (a NULL element when there is none), in transfer-id order. Only the request rows
+-- are locked. A batch is bounded; what is left stays queued for the next call.
+CREATE OR REPLACE FUNCTION take_finalization_requests(
+    p_debtor_id bigint,
+    p_sender_creditor_id bigint,
+    OUT requests finalization_request[],
+    OUT transfers prepared_transfer[]
+)
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    c_max_requests_per_batch CONSTANT integer := 10000;
+    v_transfer_ids bigint[];
+BEGIN
+    SELECT
+        coalesce(array_agg(pair.fr ORDER BY (pair.fr).transfer_id), '{}'),
+        coalesce(array_agg(pair.pt ORDER BY (pair.fr).transfer_id), '{}'),
+        coalesce(array_agg((pair.fr).transfer_id), '{}')
+    INTO requests, transfers, v_transfer_ids
+    FROM (
+        SELECT fr, pt
+        FROM finalization_request AS fr
+        LEFT JOIN prepared_transfer AS pt
+            ON pt.debtor_id = fr.debtor_id
+            AND pt.sender_creditor_id = fr.sender_creditor_id
+            AND pt.transfer_id = fr.transfer_id
+            AND pt.coordinator_type = fr.coordinator_type
+            AND pt.coordinator_id = fr.coordinator_id
+            AND pt.coordinator_request_id = fr.coordinator_request_id
+        WHERE fr.debtor_id = p_debtor_id
+            AND fr.sender_creditor_id = p_sender_creditor_id
+        ORDER BY fr.transfer_id
+        LIMIT c_max_requests_per_batch
+        FOR UPDATE OF fr SKIP LOCKED
+    ) AS pair;
+
+    DELETE FROM finalization_request
+    WHERE debtor_id = p_debtor_id
+        AND sender_creditor_id = p_sender_creditor_id
+        AND transfer_id = ANY (v_transfer_ids);
+END;
+$$;
+
+-- Finalize one prepared transfer (spec 02 §2.5 step 3, items 3-5): release its lock,
+-- emit FinalizedTransfer, and for a commit emit the sender's AccountTransfer and
+-- the recipient's PendingBalanceChange. The sender's principal_after is the
+-- principal before the batch minus this amount (quirk of spec 02 §2.5, example 5).
+-- The caller applies the principal change and stores the account.
+CREATE OR REPLACE FUNCTION finalize_prepared_transfer(
+    INOUT p_account account,
+    p_transfer prepared_transfer,
+    p_request finalization_request,
+    p_status_code text,
+    p_committed_amount bigint,
+    p_starting_principal bigint,
+    p_now timestamptz
+)
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+BEGIN
+    ASSERT p_committed_amount >= 0, 'a committed amount is never negative';
+    DELETE FROM prepared_transfer
+    WHERE debtor_id = p_transfer.debtor_id
+        AND sender_creditor_id = p_transfer.sender_creditor_id
+        AND transfer_id = p_transfer.transfer_id;
+    p_account.total_locked_amount := greatest(0, p_account.total_locked_amount - p_transfer.locked_amount);
+    p_account.pending_transfers_count := greatest(0, p_account.pending_transfers_count - 1);
+
+    INSERT INTO finalized_transfer_signal (
+        debtor_id,
+        sender_creditor_id,
+        transfer_id,
+        coordinator_type,
+        coordinator_id,
+        coordinator_request_id,
+        prepared_at,
+        finalized_at,
+        committed_amount,
+        total_locked_amount,
+        status_code,
+        inserted_at
+    )
+    VALUES (
+        p_transfer.debtor_id,
+        p_transfer.sender_creditor_id,
+        p_transfer.transfer_id,
+        p_transfer.coordinator_type,
+        p_transfer.coordinator_id,
+        p_transfer.coordinator_request_id,
+        p_transfer.prepared_at,
+        p_now,
+        p_committed_amount,
+        p_account.total_locked_amount,
+        p_status_code,
+        p_now
+    );
+
+    IF p_committed_amount > 0 THEN
+        p_account := emit_account_transfer(
+            p_account,
+            p_transfer.coordinator_type,
+            p_transfer.recipient_creditor_id,
+            p_now,
+            -p_committed_amount,
+            p_request.transfer_note_format,
+            p_request.transfer_note,
+            contain_principal(p_starting_principal::numeric - p_committed_amount),
+            p_now
+        );
+        PERFORM emit_pending_balance_change(
+            p_transfer.debtor_id,
+            p_transfer.sender_creditor_id,
+            p_transfer.recipient_creditor_id,
+            p_transfer.coordinator_type,
+            p_request.transfer_note_format,
+            p_request.transfer_note,
+            p_now,
+            p_committed_amount,
+            p_now
+        );
+    END IF;
+END;
+$$;
