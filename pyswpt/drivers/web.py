@@ -1,0 +1,295 @@
+"""The fetch API (spec 01 §6.1): other shards ask whether an account is reachable
+and read a root account's configuration.
+
+A Starlette app served by uvicorn on WEBSERVER_PORT with WEBSERVER_PROCESSES
+worker processes. Each process runs at most WEBSERVER_THREADS database reads
+at a time, through a pool of as many connections. The only SQL called is the
+two read-only functions of sql/functions/60_fetch_api.sql.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import psycopg
+import uvicorn
+from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pyswpt import db, logs, sharding
+from pyswpt import config as settings
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger(f"{__name__}.access")
+
+LISTEN_HOST = "0.0.0.0"
+POOL_NAME = "pyswpt-web"
+# Import string of the app factory, so that uvicorn can start it in each worker process.
+APP_FACTORY = f"{__name__}:create_app_from_environment"
+# In-flight requests get this long to finish after SIGTERM.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+# Answers about accounts may be cached for a day by the caching proxy, negative ones too.
+ACCOUNT_CACHE_CONTROL = "max-age=86400"
+# Starlette appends "; charset=utf-8" to text media types.
+TEXT_PLAIN = "text/plain"
+ALLOWED_METHODS = "OPTIONS, HEAD, GET"
+HEALTHY_TEXT = "I am healthy"
+# Account ids in paths are u64 strings: no sign, no leading zeros, at most 20 digits.
+U64_PATH_REGEX = "0|[1-9][0-9]{0,19}"
+
+IS_REACHABLE_SQL = "SELECT pyswpt.is_reachable_account(%s, %s)"
+GET_CONFIG_DATA_SQL = "SELECT pyswpt.get_account_config_data(%s, %s)"
+
+
+class U64Convertor(Convertor[int]):
+    """A path segment in canonical u64 form; the range check is AccountRoute's."""
+
+    regex = U64_PATH_REGEX
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("u64", U64Convertor())
+
+
+class AccountRoute(Route):
+    """A route with two u64 ids; a 20-digit number of 2^64 or more does not match (404)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            params = child_scope["path_params"]
+            if max(params["debtor_id"], params["creditor_id"]) > sharding.MAX_UINT64:
+                return Match.NONE, {}
+        return match, child_scope
+
+
+class ServerError(Exception):
+    """The request cannot be answered; the raiser has logged why. Answered with 500."""
+
+
+async def answer_server_error(request: Request, error: Exception) -> Response:
+    return PlainTextResponse("Internal Server Error", status_code=500)
+
+
+def account_response(status_code: int, body: str = "") -> Response:
+    return Response(
+        body,
+        status_code=status_code,
+        media_type=TEXT_PLAIN,
+        headers={"Cache-Control": ACCOUNT_CACHE_CONTROL},
+    )
+
+
+def options_response() -> Response:
+    return Response(status_code=200, headers={"Allow": ALLOWED_METHODS})
+
+
+def make_read_only(conn: psycopg.Connection) -> None:
+    """The web server never writes: let PostgreSQL enforce that."""
+    conn.read_only = True
+
+
+class FetchApi:
+    """The endpoints, with what they share: the shard's realm, the pool and the thread limit."""
+
+    def __init__(self, config: settings.Config):
+        self.realm = config.realm
+        self.threads = config.webserver_threads
+        self.pool = db.create_pool(
+            config.postgres_url,
+            min_size=1,
+            max_size=config.webserver_threads,
+            name=POOL_NAME,
+            configure=make_read_only,
+        )
+        self.limiter: anyio.CapacityLimiter | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # Created here, inside the worker's event loop, which it belongs to.
+        self.limiter = anyio.CapacityLimiter(self.threads)
+        # Not waiting: healthz must answer even while the database is down.
+        self.pool.open(wait=False)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(self.pool.close)
+
+    async def healthz(self, request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return options_response()
+        return PlainTextResponse(HEALTHY_TEXT)
+
+    async def reachable(self, request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return options_response()
+        is_reachable = await self.read(IS_REACHABLE_SQL, self.owned_pair(request))
+        return account_response(204 if is_reachable else 404)
+
+    async def config(self, request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return options_response()
+        config_data = await self.read(GET_CONFIG_DATA_SQL, self.owned_pair(request))
+        if config_data is None:
+            return account_response(404)
+        return account_response(200, config_data)
+
+    def owned_pair(self, request: Request) -> tuple[int, int]:
+        """The (debtor_id, creditor_id) of the path as i64, if this shard owns it."""
+        debtor_id = sharding.i64_from_u64(request.path_params["debtor_id"])
+        creditor_id = sharding.i64_from_u64(request.path_params["creditor_id"])
+        if not self.realm.owns(debtor_id, creditor_id):
+            # A proxy routed the request to the wrong shard: an operator must fix the routing.
+            logger.error(
+                "Fetch API request for account (%d, %d), which is not in this shard.",
+                debtor_id,
+                creditor_id,
+            )
+            raise ServerError
+        return debtor_id, creditor_id
+
+    async def read(self, statement: str, pair: tuple[int, int]) -> Any:
+        """One value from a read-only SQL function, in a worker thread, WEBSERVER_THREADS at most."""
+        try:
+            return await anyio.to_thread.run_sync(
+                self.read_blocking, statement, pair, limiter=self.limiter
+            )
+        except psycopg.Error as error:
+            # Pool timeouts are psycopg errors too. One line per request, no
+            # traceback: during an outage every request fails the same way.
+            logger.error(
+                "Database error in the fetch API for account (%d, %d): %s: %s",
+                *pair,
+                type(error).__name__,
+                first_line(str(error)),
+            )
+            raise ServerError from error
+
+    def read_blocking(self, statement: str, pair: tuple[int, int]) -> Any:
+        with self.pool.connection() as conn:
+            row = conn.execute(statement, pair).fetchone()
+        assert row is not None, "a scalar function returns one row"
+        return row[0]
+
+
+def first_line(text: str) -> str:
+    """PostgreSQL errors carry the query position on further lines; a log line needs only the first."""
+    return text.strip().partition("\n")[0]
+
+
+def create_app(config: settings.Config) -> Starlette:
+    api = FetchApi(config)
+    methods = ["GET", "OPTIONS"]  # Starlette adds HEAD to GET routes.
+    routes = [
+        Route("/accounts/healthz", api.healthz, methods=methods),
+        AccountRoute("/accounts/{debtor_id:u64}/{creditor_id:u64}/reachable", api.reachable, methods=methods),
+        AccountRoute("/accounts/{debtor_id:u64}/{creditor_id:u64}/config", api.config, methods=methods),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=api.lifespan,
+        exception_handlers={ServerError: answer_server_error},
+    )
+    # A trailing slash is a different path (404), never a redirect.
+    app.router.redirect_slashes = False
+    if config.log_level == "debug":
+        app.add_middleware(AccessLog)
+    return app
+
+
+def create_app_from_environment() -> Starlette:
+    """The app of one uvicorn worker process, which inherits the parent's environment."""
+    config = settings.load()
+    logs.configure_logging(config)
+    return create_app(config)
+
+
+def run(config: settings.Config) -> int:
+    options: dict[str, Any] = {
+        "host": LISTEN_HOST,
+        "port": config.webserver_port,
+        "lifespan": "on",
+        # Our own logging set-up stays in place; uvicorn's error logger
+        # propagates to the root logger. The access log is ours (AccessLog).
+        "log_config": None,
+        "access_log": False,
+        # AccessLog reads X-Forwarded-For itself, trusting one proxy hop.
+        "proxy_headers": False,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+    }
+    if config.webserver_processes == 1:
+        uvicorn.run(create_app(config), **options)
+    else:
+        uvicorn.run(APP_FACTORY, factory=True, workers=config.webserver_processes, **options)
+    return 0
+
+
+class AccessLog:
+    """One line per request (spec 01 §8.5), only with APP_LOG_LEVEL=debug.
+
+    Fields, as the reference's web server wrote them: remote address, ident,
+    user, time, request line, status, response size, duration in
+    microseconds, X-Logging-Context response header, referer, user agent.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        response: dict[str, Any] = {"status": 500, "size": 0, "context": "-"}
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"x-logging-context":
+                        response["context"] = value.decode("latin-1")
+            elif message["type"] == "http.response.body" and scope["method"] != "HEAD":
+                response["size"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            duration_us = int((time.perf_counter() - started) * 1_000_000)
+            access_logger.info(access_line(scope, response, duration_us))
+
+
+def access_line(scope: Scope, response: dict[str, Any], duration_us: int) -> str:
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+    forwarded_for = headers.get("x-forwarded-for")
+    if forwarded_for:
+        remote = forwarded_for.split(",")[-1].strip()
+    else:
+        remote = scope["client"][0] if scope.get("client") else "-"
+    target = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+    if scope.get("query_string"):
+        target += "?" + scope["query_string"].decode("latin-1")
+    request_line = f"{scope['method']} {target} HTTP/{scope.get('http_version', '1.1')}"
+    timestamp = dt.datetime.now().astimezone().strftime("[%d/%b/%Y:%H:%M:%S %z]")
+    return (
+        f'{remote} - - {timestamp} "{request_line}" {response["status"]} {response["size"]} '
+        f'{duration_us} "{response["context"]}" "{headers.get("referer", "-")}" '
+        f'"{headers.get("user-agent", "-")}"'
+    )
