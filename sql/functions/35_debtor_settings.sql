@@ -84,11 +84,13 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Principal and rate are unchanged, so the interest needs no refresh.
+    -- A fix: the reference only moves last_change_ts here, which drops the interest
+    -- accrued since the previous change (interest accrues from last_change_ts).
+    -- Folding it into the interest column first keeps the balance unchanged.
     v_account.debtor_info_iri := p_iri;
     v_account.debtor_info_content_type := p_content_type;
     v_account.debtor_info_sha256 := p_sha256;
-    v_account := touch_account(v_account, p_now);
+    v_account := apply_account_change(v_account, 0, 0.0, p_now);
     v_account := emit_account_update(v_account, p_now);
     PERFORM save_account(v_account);
     PERFORM save_account_debtor_info(v_account);

@@ -290,14 +290,17 @@ def test_stale_debtor_info_update_is_ignored(conn):
     assert (account(conn)["debtor_info_iri"], account_updates(conn)) == (None, [])
 
 
-def test_debtor_info_update_does_not_refresh_interest(conn):
-    # Spec 02 §2.8: the interest column is left as it is.
+def test_debtor_info_update_keeps_the_interest_accrued_so_far(conn):
+    # A fix of spec 02 §2.8: moving last_change_ts without folding the accrued
+    # interest into the interest column would lose a year of 10 % here.
     year_ago = NOW - dt.timedelta(seconds=SECONDS_IN_YEAR)
     insert_account(
         conn, DEBTOR_ID, CREDITOR_ID, now=year_ago, principal=1000, interest_rate=10.0, interest=3.0
     )
     update_info(conn)
-    assert account(conn)["interest"] == 3.0
+    row = account(conn)
+    assert row["last_change_ts"] == NOW
+    assert row["interest"] == pytest.approx(1003 * 1.1 - 1000, abs=1e-6)
 
 
 # Initialisation (spec 02 §2.3 step 2, edge case 11) --------------------------------------------------
