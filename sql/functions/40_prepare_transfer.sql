@@ -7,6 +7,10 @@
 -- Transfer status codes (spec 01 §0.2) produced here: SENDER_IS_UNREACHABLE,
 -- RECIPIENT_IS_UNREACHABLE, TOO_MANY_TRANSFERS, RECIPIENT_SAME_AS_SENDER,
 -- NEWER_INTEREST_RATE, INSUFFICIENT_AVAILABLE_AMOUNT; 'OK' means "prepare".
+--
+-- Helpers are PL/pgSQL even when one SQL statement would do: SET search_path keeps
+-- a SQL function from being inlined, and then it is re-planned on every call,
+-- while PL/pgSQL caches its plans for the session.
 
 -- Intake of one PrepareTransfer message (spec 02 §2.4 intake, steps 4-5). The driver
 -- parses `recipient` (NULL when unparsable) and passes p_recipient_reachable when it
@@ -164,13 +168,15 @@ $$;
 -- equal top 24 bits (CREDITOR_SUBNET_MASK), and not the all-zero prefix.
 CREATE OR REPLACE FUNCTION is_same_creditors_agent(p_creditor_id bigint, p_other_creditor_id bigint)
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pyswpt, pg_temp
 AS $$
+BEGIN
     -- -1099511627776 is 0xffffff0000000000 as a signed 64-bit number.
-    SELECT p_creditor_id & -1099511627776 = p_other_creditor_id & -1099511627776
-        AND p_creditor_id & -1099511627776 <> 0
+    RETURN p_creditor_id & -1099511627776 = p_other_creditor_id & -1099511627776
+        AND p_creditor_id & -1099511627776 <> 0;
+END;
 $$;
 
 -- amount_to_lock of spec 02 §2.4 step 3, PL variant: the whole available amount
@@ -182,14 +188,16 @@ CREATE OR REPLACE FUNCTION calc_amount_to_lock(
     p_max_locked_amount bigint
 )
 RETURNS bigint
-LANGUAGE sql
+LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pyswpt, pg_temp
 AS $$
-    SELECT greatest(
+BEGIN
+    RETURN greatest(
         0,
         least(p_max_locked_amount, contain_principal(p_floor_balance - p_total_locked_amount - p_min_balance))
-    )
+    );
+END;
 $$;
 
 -- The outcome of one transfer request (spec 02 §2.4 step 3): the first failing check
@@ -202,11 +210,12 @@ CREATE OR REPLACE FUNCTION calc_preparation_status(
     p_amount_to_lock bigint
 )
 RETURNS text
-LANGUAGE sql
+LANGUAGE plpgsql
 IMMUTABLE
 SET search_path = pyswpt, pg_temp
 AS $$
-    SELECT CASE
+BEGIN
+    RETURN CASE
         WHEN p_account.debtor_id IS NULL
             THEN 'SENDER_IS_UNREACHABLE'
         WHEN p_request.coordinator_type = 'agent'
@@ -221,7 +230,8 @@ AS $$
         WHEN p_amount_to_lock < p_request.min_locked_amount
             THEN 'INSUFFICIENT_AVAILABLE_AMOUNT'
         ELSE 'OK'
-    END
+    END;
+END;
 $$;
 
 -- Take (delete and return) the queued requests of one sender that no other
@@ -363,10 +373,11 @@ CREATE OR REPLACE FUNCTION reject_transfer(
     p_now timestamptz
 )
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
 SET search_path = pyswpt, pg_temp
 AS $$
+BEGIN
     INSERT INTO rejected_transfer_signal (
         debtor_id,
         sender_creditor_id,
@@ -386,5 +397,6 @@ AS $$
         p_status_code,
         p_total_locked_amount,
         p_now
-    )
+    );
+END;
 $$;

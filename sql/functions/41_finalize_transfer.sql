@@ -6,6 +6,10 @@
 --
 -- Status codes of a FinalizedTransfer (spec 01 §0.2): OK, TIMEOUT,
 -- NEWER_INTEREST_RATE, INSUFFICIENT_AVAILABLE_AMOUNT.
+--
+-- Helpers are PL/pgSQL even when one SQL statement would do: SET search_path keeps
+-- a SQL function from being inlined, and then it is re-planned on every call,
+-- while PL/pgSQL caches its plans for the session.
 
 -- Intake of one FinalizeTransfer message (spec 02 §2.5 intake). A request already
 -- queued for the same transfer wins and the new one is dropped (a redelivery is
@@ -25,39 +29,38 @@ CREATE OR REPLACE FUNCTION enqueue_finalization_request(
     p_now timestamptz DEFAULT now()
 )
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
 SET search_path = pyswpt, pg_temp
 AS $$
-    WITH inserted AS (
-        INSERT INTO finalization_request (
-            debtor_id,
-            sender_creditor_id,
-            transfer_id,
-            coordinator_type,
-            coordinator_id,
-            coordinator_request_id,
-            committed_amount,
-            transfer_note_format,
-            transfer_note,
-            ts
-        )
-        VALUES (
-            p_debtor_id,
-            p_sender_creditor_id,
-            p_transfer_id,
-            p_coordinator_type,
-            p_coordinator_id,
-            p_coordinator_request_id,
-            p_committed_amount,
-            p_transfer_note_format,
-            p_transfer_note,
-            coalesce(p_ts, p_now)
-        )
-        ON CONFLICT DO NOTHING
-        RETURNING 1
+BEGIN
+    INSERT INTO finalization_request (
+        debtor_id,
+        sender_creditor_id,
+        transfer_id,
+        coordinator_type,
+        coordinator_id,
+        coordinator_request_id,
+        committed_amount,
+        transfer_note_format,
+        transfer_note,
+        ts
     )
-    SELECT EXISTS (SELECT FROM inserted)
+    VALUES (
+        p_debtor_id,
+        p_sender_creditor_id,
+        p_transfer_id,
+        p_coordinator_type,
+        p_coordinator_id,
+        p_coordinator_request_id,
+        p_committed_amount,
+        p_transfer_note_format,
+        p_transfer_note,
+        coalesce(p_ts, p_now)
+    )
+    ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END;
 $$;
 
 -- The finalization batch of one sender (spec 02 §2.5, batch processing): takes its
@@ -171,11 +174,12 @@ CREATE OR REPLACE FUNCTION calc_finalization_status(
     p_now timestamptz
 )
 RETURNS text
-LANGUAGE sql
+LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pyswpt, pg_temp
 AS $$
-    SELECT CASE
+BEGIN
+    RETURN CASE
         WHEN p_committed_amount = 0
             THEN 'OK'
         WHEN p_now > p_deadline
@@ -200,7 +204,8 @@ AS $$
             )
             THEN 'OK'
         ELSE 'INSUFFICIENT_AVAILABLE_AMOUNT'
-    END
+    END;
+END;
 $$;
 
 -- Take (lock, read, delete) the queued finalization requests of one sender that no
