@@ -261,6 +261,12 @@ def add_run_commands(commands: argparse._SubParsersAction) -> None:
         parser.set_defaults(handler=command_run)
 
 
+def command_verify_shard_content(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import shard_content
+
+    return shard_content.verify_shard_content(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyswpt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         "await-migrations", help="wait until every schema migration has been applied"
     ).set_defaults(handler=command_await_migrations)
     add_broker_commands(commands)
+    commands.add_parser(
+        "verify-shard-content",
+        help="exit 1 if any record belongs to another shard (after a split), else 0",
+    ).set_defaults(handler=command_verify_shard_content)
     add_run_commands(commands)
     return parser
 

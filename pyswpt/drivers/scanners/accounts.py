@@ -1,0 +1,219 @@
+"""The accounts scanner (`pyswpt run scan-accounts`, spec 02 §4.4, spec 01 §5).
+
+For each beat's accounts, in order, each step in its own transaction:
+1. with DELETE_PARENT_SHARD_RECORDS, delete the accounts left over from the
+   parent shard (no message);
+2. purge accounts deleted long ago (AccountPurge);
+3. heartbeats and pending AccountUpdates;
+4. publish TryToDeleteAccount chores;
+5. publish CapitalizeInterest chores;
+6. publish ChangeInterestRate / UpdateDebtorInfo chores that align accounts
+   with their debtor's root config, obtained for all of the beat's debtors at
+   once: from this database when this shard owns the root account, else from
+   the fetch API (concurrently, cached for two hours).
+Which rows qualify is decided by the SQL functions; this module passes the
+settings and the time, and publishes the chores (outside any transaction: the
+chore handlers re-check everything). One pass takes APP_ACCOUNTS_SCAN_HOURS.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import logging
+
+import psycopg
+
+from pyswpt.chores import ChoresPublisher
+from pyswpt.config import Config
+from pyswpt.drivers.scanners import engine
+from pyswpt.fetch import FetchClient, FetchError
+from pyswpt.messages import CapitalizeInterest, ChangeInterestRate, TryToDeleteAccount, UpdateDebtorInfo
+from pyswpt.transactions import with_retries
+
+logger = logging.getLogger(__name__)
+
+SECONDS_IN_HOUR = 3600
+ROOT_CREDITOR_ID = 0
+# Concurrent fetch API requests of one beat, at most (and APP_FETCH_CONNECTIONS).
+MAX_FETCH_THREADS = 32
+
+DELETE_PARENT_SHARD_ACCOUNTS = "SELECT pyswpt.delete_parent_shard_accounts(%s, %s, %s, %s, %s, %s)"
+PURGE_DELETED_ACCOUNTS = "SELECT pyswpt.purge_deleted_accounts(%s, %s, %s, %s, %s, %s, %s)"
+SEND_ACCOUNT_HEARTBEATS = "SELECT pyswpt.send_account_heartbeats(%s, %s, %s, %s, %s, %s, %s)"
+SELECT_ACCOUNT_CHORES = (
+    "SELECT debtor_id, creditor_id, needs_deletion_attempt, needs_capitalization"
+    " FROM pyswpt.select_account_chores(%s, %s, %s, %s, %s, %s)"
+)
+LOCAL_ROOT_CONFIGS = (
+    "SELECT debtor_id, pyswpt.get_account_config_data(debtor_id, 0) FROM unnest(%s::bigint[]) AS debtor_id"
+)
+SELECT_DEBTOR_SETTINGS_CHORES = (
+    "SELECT debtor_id, creditor_id, interest_rate, needs_debtor_info_update,"
+    " debtor_info_iri, debtor_info_content_type, debtor_info_sha256"
+    " FROM pyswpt.select_debtor_settings_chores(%s, %s, %s, %s, %s, %s)"
+)
+
+
+class AccountsScanner:
+    table_name = "account"
+    read_keys_query = "SELECT debtor_id, creditor_id FROM pyswpt.read_account_keys(%s, %s)"
+
+    def __init__(self, config: Config, publisher: ChoresPublisher, fetch: FetchClient | None):
+        self.config = config
+        self.publisher = publisher
+        self.fetch = fetch
+        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(
+            min(MAX_FETCH_THREADS, config.fetch_connections), thread_name_prefix="fetch"
+        )
+        self._warned_about_fetch_url = False
+
+    def process(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> None:
+        config = self.config
+        realm = config.realm
+        debtor_ids = [key[0] for key in keys]
+        creditor_ids = [key[1] for key in keys]
+        if config.delete_parent_shard_records:
+            self.call(
+                conn,
+                DELETE_PARENT_SHARD_ACCOUNTS,
+                (debtor_ids, creditor_ids, realm.mask, realm.realm, realm.parent_mask, realm.parent_realm),
+            )
+        self.call(
+            conn,
+            PURGE_DELETED_ACCOUNTS,
+            (
+                debtor_ids,
+                creditor_ids,
+                config.intranet_extreme_delay_days,
+                config.prepared_transfer_max_delay_days,
+                realm.mask,
+                realm.realm,
+                now,
+            ),
+        )
+        self.call(
+            conn,
+            SEND_ACCOUNT_HEARTBEATS,
+            (
+                debtor_ids,
+                creditor_ids,
+                config.account_heartbeat_days,
+                config.message_max_delay_days,
+                realm.mask,
+                realm.realm,
+                now,
+            ),
+        )
+        self.publish_account_chores(conn, debtor_ids, creditor_ids, now)
+        self.publish_debtor_settings_chores(conn, debtor_ids, creditor_ids, now)
+
+    def publish_account_chores(
+        self, conn: psycopg.Connection, debtor_ids: list[int], creditor_ids: list[int], now: dt.datetime
+    ) -> None:
+        """Steps 4 and 5: deletion attempts, then capitalizations, one batch each."""
+        config = self.config
+        params = (
+            debtor_ids,
+            creditor_ids,
+            config.deletion_attempts_min_days,
+            config.min_interest_capitalization_days,
+            config.max_interest_to_principal_ratio,
+            now,
+        )
+        rows = with_retries(conn, lambda c: c.execute(SELECT_ACCOUNT_CHORES, params).fetchall())
+        self.publisher.publish([TryToDeleteAccount(d, c) for d, c, deletion, _ in rows if deletion])
+        self.publisher.publish([CapitalizeInterest(d, c) for d, c, _, capitalization in rows if capitalization])
+
+    def publish_debtor_settings_chores(
+        self, conn: psycopg.Connection, debtor_ids: list[int], creditor_ids: list[int], now: dt.datetime
+    ) -> None:
+        """Step 6: rate and debtor-info chores from the debtors' root configs, one batch."""
+        debtors = sorted({d for d, c in zip(debtor_ids, creditor_ids) if c != ROOT_CREDITOR_ID})
+        if not debtors:
+            return
+        root_configs = self.root_configs(conn, debtors)
+        params = (
+            debtor_ids,
+            creditor_ids,
+            list(root_configs),
+            list(root_configs.values()),
+            self.config.message_max_delay_days,
+            now,
+        )
+        rows = with_retries(conn, lambda c: c.execute(SELECT_DEBTOR_SETTINGS_CHORES, params).fetchall())
+        chores: list[ChangeInterestRate | UpdateDebtorInfo] = []
+        for debtor_id, creditor_id, interest_rate, needs_info_update, iri, content_type, sha256 in rows:
+            if interest_rate is not None:
+                chores.append(ChangeInterestRate(debtor_id, creditor_id, interest_rate, now))
+            if needs_info_update:
+                chores.append(
+                    UpdateDebtorInfo(
+                        debtor_id,
+                        creditor_id,
+                        iri or "",
+                        content_type or "",
+                        bytes(sha256).hex().upper() if sha256 is not None else "",
+                        now,
+                    )
+                )
+        self.publisher.publish(chores)
+
+    def root_configs(self, conn: psycopg.Connection, debtor_ids: list[int]) -> dict[int, str]:
+        """The root config_data of each debtor for which one could be obtained."""
+        realm = self.config.realm
+        local = [d for d in debtor_ids if realm.owns(d, ROOT_CREDITOR_ID)]
+        remote = [d for d in debtor_ids if not realm.owns(d, ROOT_CREDITOR_ID)]
+        configs: dict[int, str | None] = {}
+        if local:
+            configs.update(with_retries(conn, lambda c: c.execute(LOCAL_ROOT_CONFIGS, (local,)).fetchall()))
+        if remote:
+            configs.update(zip(remote, self._fetch_pool.map(self.fetch_root_config, remote)))
+        return {debtor_id: data for debtor_id, data in configs.items() if data is not None}
+
+    def fetch_root_config(self, debtor_id: int) -> str | None:
+        """Through the fetch API; an error means "no config this time" (spec 01 §6.3)."""
+        if self.fetch is None:
+            if not self._warned_about_fetch_url:
+                logger.error("FETCH_API_URL is not set: root configs of other shards cannot be fetched.")
+                self._warned_about_fetch_url = True
+            return None
+        try:
+            return self.fetch.root_config_data(debtor_id)
+        except FetchError:
+            logger.exception("Caught error while making a fetch request.")
+            return None
+
+    def call(self, conn: psycopg.Connection, query: str, params: tuple) -> int:
+        return with_retries(conn, lambda c: c.execute(query, params).fetchone()[0])
+
+    def keep_alive(self) -> None:
+        self.publisher.keep_alive()
+
+    def close(self) -> None:
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.publisher.close()
+
+
+def pace(config: Config) -> engine.Pace:
+    return engine.Pace(
+        pass_seconds=config.accounts_scan_hours * SECONDS_IN_HOUR,
+        beat_milliseconds=config.accounts_scan_beat_milliseconds,
+        blocks_per_query=config.accounts_scan_blocks_per_query,
+    )
+
+
+def fetch_client(config: Config) -> FetchClient | None:
+    if not config.fetch_api_url:
+        return None
+    return FetchClient(
+        config.fetch_api_url,
+        timeout_seconds=config.fetch_api_timeout_seconds,
+        cache_size=config.fetch_data_cache_size,
+    )
+
+
+def run(config: Config) -> int:
+    publisher = ChoresPublisher(config.chores_broker_url, config.chores_broker_queue)
+    scanner = AccountsScanner(config, publisher, fetch_client(config))
+    return engine.run_scanner(scanner, pace(config), config.postgres_url)

@@ -1,0 +1,233 @@
+"""The table-scanner engine (spec 02 §4.3, spec 01 §8.3).
+
+A scanner walks one table's heap for ever, a few blocks per query, and hands
+the keys it read to its steps in "beats", paced so that one pass over the
+table takes about the configured duration. Every query and every step is its
+own short transaction; the steps re-check each key under a row lock, so keys
+read a while ago (or twice) are harmless.
+
+Reader: starts at a random heap block, reads `blocks_per_query` blocks per
+query; an empty range looks up the table's size and, unless the end was
+reached, doubles its stride (fast-forward over emptied space) up to
+MAX_FAST_FORWARD_FACTOR. At the end it wraps to block 0. A beat never takes
+the same row twice: filling stops at the wrap.
+
+Rhythm: rows per beat and the beat length come from the planner's row
+estimate; the rhythm is recomputed when the pass time is over or when the
+estimate moved out of (0.8, 1.25) of its value (checked about every 15 minutes).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import psycopg
+
+from pyswpt import db, processes
+from pyswpt.transactions import with_retries
+
+logger = logging.getLogger(__name__)
+
+MIN_ROWS_PER_BEAT = 10
+MAX_ROWS_PER_BEAT = 5000
+MIN_BEATS_PER_RHYTHM = 5
+SIZE_CHECK_INTERVAL_SECONDS = 15 * 60
+SIZE_CHANGE_RATIO_MIN = 0.8
+SIZE_CHANGE_RATIO_MAX = 1.25
+MIN_SLEEP_SECONDS = 0.010
+# Waiting in slices this long keeps SIGTERM and broker heartbeats answered.
+WAIT_SLICE_SECONDS = 0.5
+# Cached plans are dropped this often, so that plans made when the table was
+# tiny (or huge) do not outlive the statistics they were made for.
+DISCARD_PLANS_INTERVAL_SECONDS = 10.0
+# The stride over empty block ranges doubles up to this many times
+# blocks_per_query: it bounds how many rows one query can return.
+MAX_FAST_FORWARD_FACTOR = 8
+# PostgreSQL's MaxHeapTuplesPerPage for 8 kB blocks.
+MAX_ROWS_PER_BLOCK = 291
+
+TABLE_SIZE = "SELECT block_count, row_estimate FROM pyswpt.get_scanned_table_size(%s)"
+
+Key = tuple
+
+
+class TableScanner(Protocol):
+    """What a scanner tells the engine: its table, how to read keys, what to do with them."""
+
+    table_name: str  # accepted by pyswpt.get_scanned_table_size
+    read_keys_query: str  # SELECT the keys of the blocks [%s, %s + %s)
+
+    def process(self, conn: psycopg.Connection, keys: list[Key], now: dt.datetime) -> None:
+        """Run the scanner's steps on one beat's keys, each step in its own transaction."""
+
+    def keep_alive(self) -> None:
+        """Called at least every WAIT_SLICE_SECONDS while idle (broker heartbeats)."""
+
+    def close(self) -> None:
+        """Release the scanner's own connections (broker, fetch API)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pace:
+    pass_seconds: float  # one pass over the table (APP_*_SCAN_HOURS/DAYS)
+    beat_milliseconds: int  # APP_*_SCAN_BEAT_MILLISECS
+    blocks_per_query: int  # APP_*_SCAN_BLOCKS_PER_QUERY
+
+
+@dataclasses.dataclass(frozen=True)
+class Rhythm:
+    total_rows: int
+    rows_per_beat: int
+    beats: int
+    beat_seconds: float
+
+
+def calc_rhythm(row_estimate: float, pass_seconds: float, beat_milliseconds: int) -> Rhythm:
+    """Rows per beat and beat length for one pass (spec 02 §4.3 "Rhythm")."""
+    total_rows = max(0, int(row_estimate))
+    target_beats = max(1, int(pass_seconds * 1000 // beat_milliseconds))
+    rows_per_beat = min(max(MIN_ROWS_PER_BEAT, math.ceil(total_rows / target_beats)), MAX_ROWS_PER_BEAT)
+    beats = max(MIN_BEATS_PER_RHYTHM, math.ceil(total_rows / rows_per_beat))
+    return Rhythm(total_rows, rows_per_beat, beats, pass_seconds / beats)
+
+
+def has_size_changed(rhythm: Rhythm, row_estimate: float, beats_between_checks: int) -> bool:
+    """Whether the table grew or shrank enough to need a new rhythm (spec 02 §4.3)."""
+    n = beats_between_checks * rhythm.rows_per_beat
+    ratio = (max(0.0, row_estimate) + n) / (rhythm.total_rows + n)
+    return not SIZE_CHANGE_RATIO_MIN < ratio < SIZE_CHANGE_RATIO_MAX
+
+
+def table_size(conn: psycopg.Connection, table_name: str) -> tuple[int, float]:
+    """(heap blocks, planner row estimate) of a scanned table."""
+    return with_retries(conn, lambda c: c.execute(TABLE_SIZE, (table_name,)).fetchone())
+
+
+class BlockReader:
+    """Reads a table's keys block range by block range, wrapping at the end, for ever."""
+
+    def __init__(self, scanner: TableScanner, blocks_per_query: int, start_block: int):
+        self.scanner = scanner
+        self.blocks_per_query = blocks_per_query
+        self.max_blocks_per_query = blocks_per_query * MAX_FAST_FORWARD_FACTOR
+        self.block = start_block
+        self.stride = blocks_per_query
+        self.queue: collections.deque[Key] = collections.deque()
+
+    def max_queued_rows(self, rows_per_beat: int) -> int:
+        return rows_per_beat + self.max_blocks_per_query * MAX_ROWS_PER_BLOCK
+
+    def take(self, conn: psycopg.Connection, count: int) -> list[Key]:
+        """Up to `count` keys: queued ones first, then new reads until the end of the table."""
+        self.fill(conn, count)
+        assert len(self.queue) <= self.max_queued_rows(count), "the reader queue outgrew its bound"
+        return [self.queue.popleft() for _ in range(min(count, len(self.queue)))]
+
+    def fill(self, conn: psycopg.Connection, count: int) -> None:
+        while len(self.queue) < count:
+            keys = self.read(conn, self.block, self.stride)
+            if keys:
+                self.queue.extend(keys)
+                self.block += self.stride
+                self.stride = self.blocks_per_query
+                continue
+            block_count, _ = table_size(conn, self.scanner.table_name)
+            if self.block + self.stride >= block_count:
+                # The end: start over from block 0 in the next beat, so that no
+                # beat takes a row twice.
+                self.block = 0
+                self.stride = self.blocks_per_query
+                return
+            self.block += self.stride
+            self.stride = min(self.stride * 2, self.max_blocks_per_query)
+
+    def read(self, conn: psycopg.Connection, first_block: int, block_count: int) -> list[Key]:
+        query = self.scanner.read_keys_query
+        return with_retries(conn, lambda c: [tuple(row) for row in c.execute(query, (first_block, block_count))])
+
+
+def run_scanner(scanner: TableScanner, pace: Pace, postgres_url: str) -> int:
+    """The body of a `pyswpt run scan-*` process: scan until SIGTERM, SIGINT or SIGHUP."""
+    stopping = processes.stop_event_on_signals()
+    try:
+        scan_until_stopped(scanner, pace, postgres_url, stopping)
+    finally:
+        scanner.close()
+    logger.info("Stopped scanning %s.", scanner.table_name)
+    return 0
+
+
+def scan_until_stopped(
+    scanner: TableScanner,
+    pace: Pace,
+    postgres_url: str,
+    stopping: threading.Event,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+) -> None:
+    """Pass over the table again and again until `stopping` is set (checked every beat)."""
+    with db.connect(postgres_url, application_name=f"pyswpt scan {scanner.table_name}") as conn:
+        block_count, _ = table_size(conn, scanner.table_name)
+        reader = BlockReader(scanner, pace.blocks_per_query, random.randrange(max(1, block_count)))
+        logger.info("Scanning %s from block %d.", scanner.table_name, reader.block)
+        while not stopping.is_set():
+            run_rhythm(conn, scanner, reader, pace, stopping, clock)
+
+
+def run_rhythm(
+    conn: psycopg.Connection,
+    scanner: TableScanner,
+    reader: BlockReader,
+    pace: Pace,
+    stopping: threading.Event,
+    clock: Callable[[], dt.datetime],
+) -> None:
+    """Beats at a steady pace until the pass time is over or the table size changed."""
+    _, row_estimate = table_size(conn, scanner.table_name)
+    rhythm = calc_rhythm(row_estimate, pace.pass_seconds, pace.beat_milliseconds)
+    beats_between_checks = max(1, math.ceil(SIZE_CHECK_INTERVAL_SECONDS / rhythm.beat_seconds))
+    logger.info(
+        "New rhythm for %s: %d rows per beat, %d beats of %.3f s.",
+        scanner.table_name,
+        rhythm.rows_per_beat,
+        rhythm.beats,
+        rhythm.beat_seconds,
+    )
+    started = time.monotonic()
+    plans_discarded = started
+    beat_number = 0
+    while not stopping.is_set():
+        beat_number += 1
+        keys = reader.take(conn, rhythm.rows_per_beat)
+        if keys:
+            scanner.process(conn, keys, clock())
+        if time.monotonic() - plans_discarded >= DISCARD_PLANS_INTERVAL_SECONDS:
+            with conn.transaction():
+                conn.execute("DISCARD PLANS")
+            plans_discarded = time.monotonic()
+        if time.monotonic() - started >= pace.pass_seconds:
+            return
+        if beat_number % beats_between_checks == 0:
+            _, row_estimate = table_size(conn, scanner.table_name)
+            if has_size_changed(rhythm, row_estimate, beats_between_checks):
+                return
+        # An absolute schedule: a slow beat is made up by shorter sleeps after it.
+        wait_until(started + beat_number * rhythm.beat_seconds, scanner, stopping)
+
+
+def wait_until(deadline: float, scanner: TableScanner, stopping: threading.Event) -> None:
+    """Sleep until the monotonic `deadline`, or until stopped; tiny sleeps are skipped."""
+    while not stopping.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining < MIN_SLEEP_SECONDS:
+            return
+        stopping.wait(min(remaining, WAIT_SLICE_SECONDS))
+        scanner.keep_alive()

@@ -1,0 +1,63 @@
+"""The prepared-transfers scanner (`pyswpt run scan-prepared-transfers`, spec 02 §2.13, §4.5).
+
+Re-sends PreparedTransfer for this shard's transfers that have waited longer
+than max(APP_PREPARED_TRANSFER_REMAINDER_DAYS, APP_MESSAGE_MAX_DELAY_DAYS),
+once per that interval. One pass over the table takes APP_PREPARED_TRANSFERS_SCAN_DAYS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg
+
+from pyswpt.config import SECONDS_IN_DAY, Config
+from pyswpt.drivers.scanners import engine
+from pyswpt.transactions import with_retries
+
+SEND_REMINDERS = "SELECT pyswpt.send_prepared_transfer_reminders(%s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+class PreparedTransfersScanner:
+    table_name = "prepared_transfer"
+    read_keys_query = (
+        "SELECT debtor_id, sender_creditor_id, transfer_id FROM pyswpt.read_prepared_transfer_keys(%s, %s)"
+    )
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def process(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
+        """Send the due reminders among `keys`; return how many were sent."""
+        config = self.config
+        realm = config.realm
+        debtor_ids, sender_creditor_ids, transfer_ids = (list(column) for column in zip(*keys))
+        params = (
+            debtor_ids,
+            sender_creditor_ids,
+            transfer_ids,
+            config.prepared_transfer_remainder_days,
+            config.message_max_delay_days,
+            realm.mask,
+            realm.realm,
+            now,
+        )
+        return with_retries(conn, lambda c: c.execute(SEND_REMINDERS, params).fetchone()[0])
+
+    def keep_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def pace(config: Config) -> engine.Pace:
+    return engine.Pace(
+        pass_seconds=config.prepared_transfers_scan_days * SECONDS_IN_DAY,
+        beat_milliseconds=config.prepared_transfers_scan_beat_milliseconds,
+        blocks_per_query=config.prepared_transfers_scan_blocks_per_query,
+    )
+
+
+def run(config: Config) -> int:
+    return engine.run_scanner(PreparedTransfersScanner(config), pace(config), config.postgres_url)
