@@ -109,6 +109,7 @@ AS $$
 DECLARE
     v_requests transfer_request[];
     v_request transfer_request;
+    v_prepared prepared_transfer;
     v_account account;
     v_floor_balance numeric;
     v_min_balance bigint;
@@ -130,6 +131,14 @@ BEGIN
     END IF;
 
     FOREACH v_request IN ARRAY v_requests LOOP
+        -- A redelivered request (the same coordinator request of the same sender)
+        -- gets its PreparedTransfer again; the reference would lock a second time
+        -- and leave it to the coordinator to dismiss the extra transfer.
+        v_prepared := find_prepared_transfer(v_request);
+        IF v_prepared.transfer_id IS NOT NULL THEN
+            PERFORM emit_prepared_transfer(v_prepared, greatest(p_now, v_prepared.prepared_at));
+            CONTINUE;
+        END IF;
         v_amount_to_lock := calc_amount_to_lock(
             v_floor_balance,
             v_account.total_locked_amount,
@@ -288,6 +297,7 @@ SET search_path = pyswpt, pg_temp
 AS $$
 DECLARE
     v_deadline timestamptz := least(p_now + make_interval(secs => p_commit_period_seconds), p_request.deadline);
+    v_transfer prepared_transfer;
 BEGIN
     ASSERT p_amount_to_lock >= 0, 'a prepared transfer locks a non-negative amount';
     p_account.total_locked_amount := least(
@@ -326,8 +336,44 @@ BEGIN
         v_deadline,
         p_amount_to_lock,
         NULL
-    );
+    )
+    RETURNING *
+    INTO v_transfer;
 
+    PERFORM emit_prepared_transfer(v_transfer, p_now);
+END;
+$$;
+
+-- The prepared transfer that answers the same coordinator request of the same sender.
+CREATE OR REPLACE FUNCTION find_prepared_transfer(p_request transfer_request)
+RETURNS prepared_transfer
+LANGUAGE plpgsql
+STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_transfer prepared_transfer;
+BEGIN
+    SELECT *
+    INTO v_transfer
+    FROM prepared_transfer AS pt
+    WHERE pt.debtor_id = p_request.debtor_id
+        AND pt.sender_creditor_id = p_request.sender_creditor_id
+        AND pt.coordinator_request_id = p_request.coordinator_request_id
+        AND pt.coordinator_id = p_request.coordinator_id
+        AND pt.coordinator_type = p_request.coordinator_type;
+    RETURN v_transfer;
+END;
+$$;
+
+-- Emit a PreparedTransfer (spec 01 §1.6) for a prepared transfer; its ts is p_inserted_at.
+CREATE OR REPLACE FUNCTION emit_prepared_transfer(p_transfer prepared_transfer, p_inserted_at timestamptz)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+BEGIN
     INSERT INTO prepared_transfer_signal (
         debtor_id,
         sender_creditor_id,
@@ -344,19 +390,19 @@ BEGIN
         inserted_at
     )
     VALUES (
-        p_account.debtor_id,
-        p_account.creditor_id,
-        p_account.last_transfer_id,
-        p_request.coordinator_type,
-        p_request.coordinator_id,
-        p_request.coordinator_request_id,
-        p_amount_to_lock,
-        p_request.recipient_creditor_id,
-        p_now,
-        -50.0,
-        v_deadline,
-        p_request.final_interest_rate_ts,
-        p_now
+        p_transfer.debtor_id,
+        p_transfer.sender_creditor_id,
+        p_transfer.transfer_id,
+        p_transfer.coordinator_type,
+        p_transfer.coordinator_id,
+        p_transfer.coordinator_request_id,
+        p_transfer.locked_amount,
+        p_transfer.recipient_creditor_id,
+        p_transfer.prepared_at,
+        p_transfer.demurrage_rate,
+        p_transfer.deadline,
+        p_transfer.final_interest_rate_ts,
+        p_inserted_at
     );
 END;
 $$;

@@ -460,3 +460,39 @@ def test_a_batch_is_bounded_and_leaves_the_rest_queued(conn, sender):
     assert process_prepares(conn) == 1
     assert value(conn, "SELECT count(*) FROM prepared_transfer") == 10001
     assert_lock_invariants(conn)
+
+
+# Redelivery -------------------------------------------------------------------------------
+
+
+def test_redelivered_request_in_one_batch_locks_once_and_answers_twice(conn):
+    insert_account(conn, DEBTOR_ID, SENDER_ID, principal=100)
+    for _ in range(2):
+        enqueue_prepare(conn, recipient=RECIPIENT_ID, reachable=True, max_locked=60, request_id=7)
+    process_prepares(conn)
+    [transfer] = prepared_transfers(conn)
+    answers = signals(conn, "prepared_transfer_signal")
+    assert [a["transfer_id"] for a in answers] == [transfer["transfer_id"]] * 2
+    assert [a["locked_amount"] for a in answers] == [60, 60]
+    assert account(conn, SENDER_ID)["total_locked_amount"] == 60
+    assert_lock_invariants(conn)
+
+
+def test_request_redelivered_after_preparation_gets_the_same_prepared_transfer(conn):
+    insert_account(conn, DEBTOR_ID, SENDER_ID, principal=100)
+    first = prepare(conn, recipient=RECIPIENT_ID, reachable=True, max_locked=60, request_id=7)
+    later = DEFAULT_NOW + DAY
+    again = prepare(conn, recipient=RECIPIENT_ID, reachable=True, max_locked=60, request_id=7, now=later)
+    assert again["transfer_id"] == first["transfer_id"]
+    assert again["prepared_at"] == first["prepared_at"]
+    assert again["inserted_at"] == later
+    assert len(prepared_transfers(conn)) == 1
+    assert_lock_invariants(conn)
+
+
+def test_another_request_of_the_same_coordinator_is_prepared_again(conn):
+    insert_account(conn, DEBTOR_ID, SENDER_ID, principal=100)
+    first = prepare(conn, recipient=RECIPIENT_ID, reachable=True, max_locked=10, request_id=7)
+    second = prepare(conn, recipient=RECIPIENT_ID, reachable=True, max_locked=10, request_id=8)
+    assert second["transfer_id"] == first["transfer_id"] + 1
+    assert account(conn, SENDER_ID)["total_locked_amount"] == 20

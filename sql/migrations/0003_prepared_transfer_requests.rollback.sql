@@ -1,0 +1,1 @@
+DROP INDEX pyswpt.idx_prepared_transfer_request;
