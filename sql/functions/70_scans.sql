@@ -294,38 +294,10 @@ BEGIN
             AND t.transfer_id = l.transfer_id
         RETURNING t.*
     )
-    INSERT INTO prepared_transfer_signal (
-        debtor_id,
-        sender_creditor_id,
-        transfer_id,
-        coordinator_type,
-        coordinator_id,
-        coordinator_request_id,
-        locked_amount,
-        recipient_creditor_id,
-        prepared_at,
-        demurrage_rate,
-        deadline,
-        final_interest_rate_ts,
-        inserted_at
-    )
-    SELECT
-        debtor_id,
-        sender_creditor_id,
-        transfer_id,
-        coordinator_type,
-        coordinator_id,
-        coordinator_request_id,
-        locked_amount,
-        recipient_creditor_id,
-        prepared_at,
-        demurrage_rate,
-        deadline,
-        final_interest_rate_ts,
-        greatest(p_now, prepared_at)
-    FROM reminded;
+    SELECT count(emit_prepared_transfer(ROW(r.*)::prepared_transfer, greatest(p_now, r.prepared_at)))
+    INTO v_count
+    FROM reminded AS r;
 
-    GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END;
 $$;
