@@ -83,6 +83,10 @@ class BatchPublisher:
         if self._returned:
             raise PublishError(f"returned messages (unroutable): {', '.join(self._returned[:5])}")
 
+    def keep_alive(self) -> None:
+        """Answer broker heartbeats; call it at least every few seconds while idle."""
+        self.connection.process_data_events(time_limit=0)
+
     def close(self) -> None:
         if self.connection.is_open:
             self.connection.close()

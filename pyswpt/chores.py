@@ -44,7 +44,7 @@ class ChoresPublisher:
 
     def keep_alive(self) -> None:
         """Answer broker heartbeats; call it at least every few seconds while idle."""
-        self._publisher.connection.process_data_events(time_limit=0)
+        self._publisher.keep_alive()
 
     def close(self) -> None:
         self._publisher.close()

@@ -52,6 +52,7 @@ def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stoppi
                 round_started = time.monotonic()
                 for table in tables:
                     flush_table_or_log(conn, publisher, table, config)
+                publisher.keep_alive()
                 db.wait_for_notification(listener, round_started + config.flush_period_seconds, stopping)
     finally:
         publisher.close()

@@ -30,7 +30,12 @@ BEGIN
     END IF;
     -- Compared and stored in single precision, like the column: comparing the
     -- REAL with the double (3.567::real <> 3.567) would "change" it every time.
-    v_rate := least(greatest(p_interest_rate, -50.0), 100.0)::real;
+    -- A rate too small for single precision is zero; the cast would raise (an
+    -- endless redelivery of the chore in the reference).
+    v_rate := CASE
+        WHEN abs(p_interest_rate) < 1e-40 THEN 0.0
+        ELSE least(greatest(p_interest_rate, -50.0), 100.0)
+    END::real;
 
     v_account := lock_existing_account(p_debtor_id, p_creditor_id);
     IF v_account.debtor_id IS NULL

@@ -160,6 +160,12 @@ def test_rate_is_clamped_to_the_allowed_range(conn, requested, stored):
     assert account(conn)["interest_rate"] == stored
 
 
+def test_rate_too_small_for_single_precision_is_zero_instead_of_an_error(conn):
+    arrange_account(conn, interest_rate=5.0)
+    change_rate(conn, 1e-50)
+    assert account(conn)["interest_rate"] == 0.0
+
+
 def test_nan_rate_does_nothing(conn):
     arrange_account(conn)
     change_rate(conn, float("nan"))
