@@ -13,8 +13,6 @@ where the reference would accept a message and then fail on it forever (a
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import json
@@ -41,7 +39,6 @@ INTEREST_RATE_CEIL = 100.0
 # Used with `re.match`, so a value with one trailing "\n" also matches (quirk kept).
 TRANSFER_NOTE_FORMAT_PATTERN = re.compile(r"^[0-9A-Za-z.-]{0,8}$")
 DEBTOR_INFO_SHA256_PATTERN = re.compile(r"^([0-9A-F]{64}|[0-9a-f]{64})?$")
-ROOT_CONFIG_SHA256_PATTERN = re.compile(r"^[0-9A-F]{64}$")
 
 # The date-time grammar of spec 01 §1.1, anchored like `re.match` + `$`: a
 # trailing "\n" is accepted. `\d` also matches non-ASCII decimal digits, as in
@@ -454,7 +451,8 @@ def _required(document: dict[str, Any], name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# Recipient and RootConfigData (spec 01 §1.3, §6.4).
+# Recipient (spec 01 §1.3). RootConfigData is parsed in SQL (parse_root_config),
+# where the ledger uses it.
 
 
 def parse_recipient(text: str) -> int | None:
@@ -471,81 +469,3 @@ def parse_recipient(text: str) -> int | None:
         return i64_from_u64(number)
     except ValueError:
         return None
-
-
-@dataclasses.dataclass(frozen=True)
-class RootConfig:
-    """What a root account's `config_data` says; defaults for the empty string."""
-
-    interest_rate_target: float = 0.0
-    issuing_limit: int = MAX_INT64
-    info_iri: str | None = None
-    info_sha256: bytes | None = None
-    info_content_type: str | None = None
-
-
-ROOT_CONFIG_TYPE = "RootConfigData"
-DEBTOR_INFO_TYPE = "DebtorInfo"
-_ROOT_CONFIG_KEYS = frozenset({"type", "rate", "limit", "info"})
-_DEBTOR_INFO_KEYS = frozenset({"type", "iri", "contentType", "sha256"})
-_RATE = _Float(min_value=INTEREST_RATE_FLOOR, max_value=INTEREST_RATE_CEIL)
-_LIMIT = _Int(0, MAX_INT64)
-_IRI = _Text(max_chars=IRI_MAX_LENGTH)
-_CONTENT_TYPE = _Text(max_chars=CONTENT_TYPE_MAX_BYTES, ascii_only=True)
-_SHA256 = _Text(pattern=ROOT_CONFIG_SHA256_PATTERN)
-
-
-def parse_root_config(text: str) -> RootConfig | None:
-    """The RootConfigData in `text`, or None when it is not valid (spec 01 §6.4)."""
-    if text == "":
-        return RootConfig()
-    try:
-        document = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    try:
-        return _root_config(document)
-    except _FieldError:
-        return None
-
-
-def _root_config(document: Any) -> RootConfig:
-    _check_object(document, _ROOT_CONFIG_KEYS)
-    _check_type(document, ROOT_CONFIG_TYPE)
-    rate = _RATE.load(_optional(document, "rate", 0.0))
-    limit = _LIMIT.load(_optional(document, "limit", MAX_INT64))
-    if "info" not in document:
-        return RootConfig(rate, limit)
-    info = document["info"]
-    _check_object(info, _DEBTOR_INFO_KEYS)
-    _check_type(info, DEBTOR_INFO_TYPE)
-    iri = _IRI.load(_required(info, "iri"))
-    content_type = _CONTENT_TYPE.load(info["contentType"]) if "contentType" in info else None
-    sha256 = _decode_sha256(_SHA256.load(info["sha256"])) if "sha256" in info else None
-    return RootConfig(rate, limit, iri, sha256, content_type)
-
-
-def _check_object(document: Any, keys: frozenset[str]) -> None:
-    # Unknown properties are rejected here (spec 01 §6.4 quirk), unlike in messages.
-    if not isinstance(document, dict) or not document.keys() <= keys:
-        raise _FieldError("Not an object with known properties.")
-
-
-def _check_type(document: dict[str, Any], expected: str) -> None:
-    # Optional, but when present exactly the name: no versioned forms, no null.
-    if "type" in document and document["type"] != expected:
-        raise _FieldError("Invalid type.")
-
-
-def _optional(document: dict[str, Any], name: str, default: Any) -> Any:
-    if name not in document:
-        return default
-    return _required(document, name)
-
-
-def _decode_sha256(text: str) -> bytes:
-    # Strict hex: the trailing "\n" the regex lets through makes this fail.
-    try:
-        return base64.b16decode(text)
-    except binascii.Error as error:
-        raise _FieldError("Not a valid SHA-256 digest.") from error

@@ -15,9 +15,7 @@ from pyswpt.messages import (
     CHORE_KINDS,
     SMP_KINDS,
     InvalidMessage,
-    RootConfig,
     parse_recipient,
-    parse_root_config,
 )
 
 JSON = "application/json"
@@ -632,82 +630,3 @@ def test_recipient_parses_as_python_int_then_u64_to_i64(text: str, expected: int
 @pytest.mark.parametrize("text", ["", " ", "-1", "-0x1", "18446744073709551616", "abc", "1.0", "0x10", "1__0", "1e3"])
 def test_recipient_that_is_not_a_u64_is_unreachable(text: str) -> None:
     assert parse_recipient(text) is None
-
-
-# --- RootConfigData (spec 01 §6.4) ----------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("", RootConfig(0.0, MAX_INT64)),
-        ("{}", RootConfig(0.0, MAX_INT64)),
-        ('{"rate": 99.5}', RootConfig(99.5, MAX_INT64)),
-        ('{"type": "RootConfigData", "rate": 0.0}', RootConfig(0.0, MAX_INT64)),
-        ('{"info": {"iri": "http://example.com"}}', RootConfig(0.0, MAX_INT64, "http://example.com")),
-        ('{"rate": -50, "limit": 1000}', RootConfig(-50.0, 1000)),
-        ('{"rate": 100}', RootConfig(100.0, MAX_INT64)),
-        ('{"rate": "2.5", "limit": "7"}', RootConfig(2.5, 7)),
-        ('{"limit": 5.9}', RootConfig(0.0, 5)),
-        ('{"limit": 0}', RootConfig(0.0, 0)),
-        ('{"rate": 1, "rate": 2}', RootConfig(2.0, MAX_INT64)),
-        ('{"info": {"iri": ""}}', RootConfig(0.0, MAX_INT64, "")),
-        (
-            '{"type": "RootConfigData", "rate": 2.5, "info": {"type": "DebtorInfo", "iri": "https://x.com/ü", '
-            f'"contentType": "text/html", "sha256": "{SHA256_UPPER}"}}}}',
-            RootConfig(2.5, MAX_INT64, "https://x.com/ü", bytes(range(32)), "text/html"),
-        ),
-        ('{"info": {"iri": "x", "contentType": ""}}', RootConfig(0.0, MAX_INT64, "x", None, "")),
-    ],
-)
-def test_valid_root_config(text: str, expected: RootConfig) -> None:
-    assert parse_root_config(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "NOT JSON",
-        '{"rate": NaN}',
-        '{"rate": Infinity}',
-        '{"rate": 1e400}',
-        '{"rate": -51}',
-        '{"rate": 101}',
-        '{"rate": -50.000001}',
-        '{"rate": true}',
-        '{"rate": null}',
-        '{"type": "INVALID_TYPE"}',
-        '{"type": "RootConfigData-v2"}',
-        '{"type": null}',
-        '{"info": {"iri": "' + "x" * 201 + '"}}',
-        '{"info": {"iri": "x", "contentType": "' + "x" * 101 + '"}}',
-        '{"info": {"iri": "x", "contentType": "téxt/html"}}',
-        '{"limit": -1}',
-        '{"limit": 9223372036854775808}',
-        '{"limit": true}',
-        '{"limit": "5.5"}',
-        '{"foo": 1}',
-        '{"info": {"iri": "x", "foo": 1}}',
-        '{"info": null}',
-        '{"info": "x"}',
-        '{"info": {}}',
-        '{"info": {"iri": null}}',
-        '{"info": {"iri": 5}}',
-        '{"info": {"iri": "x", "type": "DebtorInfo-v2"}}',
-        '{"info": {"iri": "x", "sha256": "' + SHA256_UPPER.lower() + '"}}',
-        '{"info": {"iri": "x", "sha256": "' + SHA256_UPPER + '\\n"}}',
-        '{"info": {"iri": "x", "sha256": ""}}',
-        "[]",
-        "null",
-        '"RootConfigData"',
-        " ",
-    ],
-)
-def test_invalid_root_config(text: str) -> None:
-    assert parse_root_config(text) is None
-
-
-# Fix of a poison message: such an IRI would later make every UpdateDebtorInfo chore fail.
-@pytest.mark.parametrize("text", ['{"info": {"iri": "a\\u0000b"}}', '{"info": {"iri": "a\\ud800b"}}'])
-def test_root_config_with_text_postgresql_cannot_store_is_invalid(text: str) -> None:
-    assert parse_root_config(text) is None
