@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import urllib.parse
 
 import pika
 import pika.channel
@@ -12,21 +13,34 @@ import pika.spec
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_SECONDS = 10.0
-HEARTBEAT_SECONDS = 60
 CONFIRM_TIMEOUT_SECONDS = 120.0
+# Bounds on every blocking call: connecting (socket and whole handshake), a
+# broker that stops reading because of a resource alarm, and a broker that
+# stops answering an RPC (the heartbeat closes the connection). Applied only
+# where the URL's own query string does not set them.
+CONNECTION_LIMITS = {
+    "socket_timeout": 10.0,
+    "stack_timeout": 20.0,
+    "blocked_connection_timeout": 60.0,
+    "heartbeat": 30,
+}
 
 
 class PublishError(Exception):
     """The broker did not take every message of a batch (nacked or unroutable)."""
 
 
-def connect(url: str) -> pika.BlockingConnection:
+def connection_parameters(url: str) -> pika.URLParameters:
     parameters = pika.URLParameters(url)
-    parameters.socket_timeout = CONNECT_TIMEOUT_SECONDS
-    parameters.blocked_connection_timeout = CONFIRM_TIMEOUT_SECONDS
-    parameters.heartbeat = HEARTBEAT_SECONDS
-    return pika.BlockingConnection(parameters)
+    given = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    for name, value in CONNECTION_LIMITS.items():
+        if name not in given:
+            setattr(parameters, name, value)
+    return parameters
+
+
+def connect(url: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(connection_parameters(url))
 
 
 @dataclasses.dataclass(frozen=True)

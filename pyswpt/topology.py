@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import urllib.parse
 from collections.abc import Iterator
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import ChannelClosedByBroker
+
+from pyswpt import amqp
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,6 @@ DEAD_LETTER_QUEUE_ARGUMENTS = {"x-queue-type": "stream"}
 NOT_FOUND = 404
 DELETE_QUEUE_POLL_SECONDS = 3.0
 
-# Bounds on every blocking call: connecting (socket and whole handshake), a
-# broker that stops reading because of a resource alarm, and a broker that
-# stops answering an RPC (the heartbeat closes the connection). Applied only
-# where the URL's own query string does not set them.
-CONNECTION_LIMITS = {
-    "socket_timeout": 10.0,
-    "stack_timeout": 20.0,
-    "blocked_connection_timeout": 60.0,
-    "heartbeat": 30,
-}
 
 
 def dead_letter_queue_name(queue: str) -> str:
@@ -76,19 +67,10 @@ def main_queue_arguments(queue: str) -> dict[str, str]:
     }
 
 
-def connection_parameters(url: str) -> pika.URLParameters:
-    parameters = pika.URLParameters(url)
-    given = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-    for name, value in CONNECTION_LIMITS.items():
-        if name not in given:
-            setattr(parameters, name, value)
-    return parameters
-
-
 @contextlib.contextmanager
 def open_connection(url: str) -> Iterator[pika.BlockingConnection]:
     """A fresh connection, closed whatever happens."""
-    connection = pika.BlockingConnection(connection_parameters(url))
+    connection = amqp.connect(url)
     try:
         yield connection
     finally:
