@@ -1,0 +1,121 @@
+"""A consumer that loses its database or broker connection reconnects by itself.
+
+The message that was being handled when the connection went is not lost: it
+was not acked, so the broker delivers it again after the reconnection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import re
+import shutil
+import subprocess
+import uuid
+
+import pika
+import pytest
+
+from drivers import driver_environment, running, wait_for
+from pyswpt import topology
+
+CONSUMER_SETTINGS = {"PROTOCOL_BROKER_PREFETCH_COUNT": "10", "APP_LOG_LEVEL": "info"}
+
+
+@pytest.fixture
+def queue(rabbitmq_url):
+    name = f"test_reconnect_{uuid.uuid4().hex[:8]}"
+    # Bound to a key no message uses: only what the test puts in arrives.
+    topology.subscribe(rabbitmq_url, name, "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.#")
+    yield name
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.queue_delete(name)
+        channel.queue_delete(topology.dead_letter_queue_name(name))
+
+
+def configure_account(rabbitmq_url: str, queue: str, debtor_id: int, creditor_id: int) -> None:
+    fields = {
+        "type": "ConfigureAccount",
+        "debtor_id": debtor_id,
+        "creditor_id": creditor_id,
+        "negligible_amount": 0.0,
+        "config_data": "",
+        "config_flags": 0,
+        "seqnum": 1,
+        "ts": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.basic_publish(
+            "",
+            queue,
+            json.dumps(fields).encode(),
+            pika.BasicProperties(content_type="application/json", type="ConfigureAccount", delivery_mode=2),
+        )
+
+
+def account_exists(conn, debtor_id: int, creditor_id: int) -> bool:
+    query = "SELECT count(*) FROM account WHERE debtor_id = %s AND creditor_id = %s"
+    return conn.execute(query, (debtor_id, creditor_id)).fetchone()[0] == 1
+
+
+def test_consumer_reconnects_after_losing_its_database_connection(conn, database_url, rabbitmq_url, queue, tmp_path):
+    debtor_id = random.randint(1, 2**62)
+    environ = driver_environment(database_url, rabbitmq_url, PROTOCOL_BROKER_QUEUE=queue, **CONSUMER_SETTINGS)
+    with running(["run", "consumer"], environ, tmp_path) as consumer:
+        configure_account(rabbitmq_url, queue, debtor_id, 1)
+        wait_for(lambda: account_exists(conn, debtor_id, 1), "the first account")
+
+        terminated = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'pyswpt consumer%%'"
+        ).fetchone()[0]
+        assert terminated == 1
+
+        configure_account(rabbitmq_url, queue, debtor_id, 2)
+        wait_for(lambda: account_exists(conn, debtor_id, 2), "the account configured after the loss")
+        consumer.assert_alive()
+        assert "Lost a connection while consuming" in consumer.log()
+
+
+def broker_connection_of(pid: int) -> str:
+    """The broker's process id of the AMQP connection that OS process `pid` opened."""
+    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=True).stdout
+    ports = [
+        local.rsplit(":", 1)[1]
+        for local, peer, users in re.findall(r"\S+\s+\S+\s+\S+\s+(\S+)\s+(\S+)\s+(.*)", sockets)
+        if peer.endswith(":5672") and f"pid={pid}," in users
+    ]
+    assert len(ports) == 1, f"expected one broker connection of pid {pid}, found {ports}"
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"], capture_output=True, text=True, check=True
+    ).stdout
+    [broker_pid] = [line.split("\t")[0] for line in listing.splitlines() if line.endswith(f"\t{ports[0]}")]
+    return broker_pid
+
+
+@pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None or shutil.which("ss") is None,
+    reason="needs a local RabbitMQ (rabbitmqctl) to close a connection from the broker's side",
+)
+def test_consumer_reconnects_after_the_broker_closed_its_connection(conn, database_url, rabbitmq_url, queue, tmp_path):
+    debtor_id = random.randint(1, 2**62)
+    environ = driver_environment(
+        database_url, rabbitmq_url, PROTOCOL_BROKER_QUEUE=queue, PROTOCOL_BROKER_PROCESSES="1", **CONSUMER_SETTINGS
+    )
+    with running(["run", "consumer"], environ, tmp_path) as consumer:
+        configure_account(rabbitmq_url, queue, debtor_id, 1)
+        wait_for(lambda: account_exists(conn, debtor_id, 1), "the first account")
+        worker_pid = int(
+            subprocess.run(["pgrep", "-P", str(consumer.process.pid)], capture_output=True, text=True).stdout.split()[0]
+        )
+
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", broker_connection_of(worker_pid), "test: broker went away"],
+            check=True,
+        )
+
+        configure_account(rabbitmq_url, queue, debtor_id, 2)
+        wait_for(lambda: account_exists(conn, debtor_id, 2), "the account configured after the loss")
+        consumer.assert_alive()
+        assert "Lost a connection while consuming" in consumer.log()
