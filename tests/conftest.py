@@ -80,21 +80,32 @@ def with_database(url: str, dbname: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path="/" + dbname))
 
 
+@contextlib.contextmanager
+def new_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A database made for the caller on the test server, dropped afterwards."""
+    dbname = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    try:
+        yield with_database(server_url, dbname)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
 @pytest.fixture(scope="session")
 def migrated_database_url(postgres_server_url: str) -> Iterator[str]:
     """A database made for this test session, with every migration and function applied."""
-    dbname = f"pyswpt_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    url = with_database(postgres_server_url, dbname)
-    try:
+    with new_database(postgres_server_url, "pyswpt_test") as url:
         schema.apply_migrations(url)
         yield url
-    finally:
-        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
+
+
+@pytest.fixture
+def fresh_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A new database without the pyswpt schema, dropped when the test ends."""
+    with new_database(postgres_server_url, "pyswpt_test_fresh") as url:
+        yield url
 
 
 def empty_all_tables(url: str) -> None:

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,26 +88,6 @@ SNAPSHOT_QUERIES = {
         ORDER BY 1
     """,
 }
-
-
-def url_for_database(server_url: str, dbname: str) -> str:
-    """The server's URL naming another database (POSTGRES_URL is a URL, not a conninfo)."""
-    return urllib.parse.urlsplit(server_url)._replace(path=f"/{dbname}").geturl()
-
-
-@pytest.fixture
-def fresh_database_url(postgres_server_url: str) -> Iterator[str]:
-    """A new, empty database, dropped when the test ends."""
-    dbname = f"pyswpt_configure_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    try:
-        yield url_for_database(postgres_server_url, dbname)
-    finally:
-        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
 
 
 @pytest.fixture

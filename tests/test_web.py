@@ -15,16 +15,13 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-from psycopg import sql
 
-from conftest import with_database
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, insert_account
 
 STARTUP_DEADLINE_SECONDS = 30.0
@@ -134,21 +131,6 @@ def shard_1_server(
         migrated_database_url, tmp_path_factory.mktemp("web"), PROTOCOL_BROKER_QUEUE_ROUTING_KEY="1.#"
     ) as running:
         yield running
-
-
-@pytest.fixture
-def empty_database_url(postgres_server_url: str) -> Iterator[str]:
-    """A database without the pyswpt schema: every function call fails."""
-    dbname = f"pyswpt_test_empty_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    try:
-        yield with_database(postgres_server_url, dbname)
-    finally:
-        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
 
 
 def raw_request(server: WebServer, method: str, path: str) -> tuple[bytes, bytes]:
@@ -362,8 +344,8 @@ def test_pair_inside_a_partial_shard_is_answered(shard_1_server, conn):
     assert shard_1_server.get(f"/accounts/{debtor_id}/{creditor_id}/reachable").status_code == 204
 
 
-def test_database_error_is_500_and_the_worker_keeps_serving(empty_database_url, tmp_path):
-    with web_server(empty_database_url, tmp_path) as broken:
+def test_database_error_is_500_and_the_worker_keeps_serving(fresh_database_url, tmp_path):
+    with web_server(fresh_database_url, tmp_path) as broken:
         assert broken.get("/accounts/1/2/reachable").status_code == 500
         assert broken.get("/accounts/1/0/config").status_code == 500
         assert broken.get("/accounts/healthz").status_code == 200
