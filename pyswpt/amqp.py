@@ -70,12 +70,10 @@ class BatchPublisher:
         self._unconfirmed: set[int] = set()
         self._nacked = 0
         self._returned: list[str] = []
-        selected: list[bool] = []
+        self._selected = False
         self._channel.add_on_return_callback(self._on_return)
-        self._channel.confirm_delivery(
-            ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True)
-        )
-        self._wait_until(lambda: bool(selected), "Confirm.SelectOk")
+        self._channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_select_ok)
+        self._wait_until(lambda: self._selected, "Confirm.SelectOk")
 
     def publish(self, messages: list[OutgoingMessage]) -> None:
         """Publish every message; raise PublishError unless the broker took them all."""
@@ -113,6 +111,10 @@ class BatchPublisher:
                 raise PublishError(f"no {what} from the broker within {CONFIRM_TIMEOUT_SECONDS} s")
             self.connection.process_data_events(time_limit=min(remaining, 1.0))
 
+    def _on_select_ok(self, _frame) -> None:
+        self._selected = True
+        self._wake()
+
     def _on_confirm(self, frame) -> None:
         # Confirms may come out of order, one by one or for all tags up to one.
         method = frame.method
@@ -123,6 +125,21 @@ class BatchPublisher:
         self._unconfirmed -= confirmed
         if isinstance(method, pika.spec.Basic.Nack):
             self._nacked += len(confirmed)
+        if not self._unconfirmed:
+            self._wake()
+
+    def _wake(self) -> None:
+        """End the current process_data_events() wait now.
+
+        The raw channel's callbacks are not events BlockingConnection waits
+        for, so without a ready (zero-delay) timer every wait would last its
+        whole time limit: a second per batch.
+        """
+        self.connection.call_later(0, _do_nothing)
 
     def _on_return(self, _channel, method: pika.spec.Basic.Return, properties, _body) -> None:
         self._returned.append(f"{properties.type} to {method.exchange!r} with key {method.routing_key!r}")
+
+
+def _do_nothing() -> None:
+    pass

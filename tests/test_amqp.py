@@ -1,0 +1,39 @@
+"""The batch publisher waits for the broker's confirms, and no longer than that."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pika
+
+from pyswpt import amqp, topology
+
+BATCHES = 5
+# Each wait used to last its whole 1 s poll slice: opening the publisher and
+# every batch took a second, whatever the broker did.
+WITHIN_SECONDS = 1.0
+
+
+def test_publisher_opens_and_publishes_batches_as_fast_as_the_broker_confirms(rabbitmq_url):
+    queue = f"test_amqp_{uuid.uuid4().hex[:10]}"
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.queue_declare(queue)
+    message = amqp.OutgoingMessage("", queue, b"{}", pika.BasicProperties(delivery_mode=2), mandatory=True)
+    try:
+        started = time.monotonic()
+        publisher = amqp.BatchPublisher(rabbitmq_url)
+        try:
+            for _ in range(BATCHES):
+                publisher.publish([message, message])
+        finally:
+            publisher.close()
+        elapsed_seconds = time.monotonic() - started
+        with topology.open_channel(rabbitmq_url) as channel:
+            delivered = channel.queue_declare(queue, passive=True).method.message_count
+    finally:
+        with topology.open_channel(rabbitmq_url) as channel:
+            channel.queue_delete(queue)
+
+    assert delivered == 2 * BATCHES
+    assert elapsed_seconds < WITHIN_SECONDS
