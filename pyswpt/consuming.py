@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 import psycopg
 
-from pyswpt import amqp, db
+from pyswpt import amqp, db, processes
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ def consume_in_threads(
     workers = [threading.Thread(target=consume, name=f"consumer-{n}") for n in range(threads)]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
+    processes.join_threads(workers)
     if failures:
         raise failures[0]
 

@@ -6,12 +6,14 @@ import logging
 import multiprocessing
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WORKER_STOP_TIMEOUT_SECONDS = 30.0
+# The main thread wakes up this often while it waits for its threads (join_threads).
+JOIN_SLICE_SECONDS = 0.5
 
 
 def stop_event_on_signals() -> threading.Event:
@@ -27,8 +29,23 @@ def stop_event_on_signals() -> threading.Event:
     return stopping
 
 
+def join_threads(threads: Sequence[threading.Thread]) -> None:
+    """Wait until every thread has ended, waking up every JOIN_SLICE_SECONDS.
+
+    A signal may land on any thread, but Python runs the handler in the main
+    thread, and only once that thread wakes up: a plain join() would sleep
+    through a SIGTERM that another thread took, and the stop would never come.
+    """
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(JOIN_SLICE_SECONDS)
+
+
 def _worker_main(target: Callable[..., None], args: tuple) -> None:
+    # Forked with the stop signals blocked: one that came meanwhile is delivered
+    # now, to this process's own handler.
     stopping = stop_event_on_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         target(*args, stopping)
     except Exception:
@@ -52,8 +69,14 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
         context.Process(target=_worker_main, args=(target, args), name=f"{target.__name__}-{n}")
         for n in range(count)
     ]
-    for worker in workers:
-        worker.start()
+    # Until a worker has installed its own handlers, a stop signal would run the
+    # inherited one, which sets the parent's event: it must wait (spec 01 §8.3).
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for worker in workers:
+            worker.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     while not stopping.is_set() and all(worker.is_alive() for worker in workers):
         stopping.wait(0.5)
     for worker in workers:

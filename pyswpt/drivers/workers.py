@@ -23,7 +23,7 @@ from psycopg import sql
 
 from pyswpt import db
 from pyswpt.config import Config
-from pyswpt.processes import stop_event_on_signals
+from pyswpt.processes import join_threads, stop_event_on_signals
 from pyswpt.transactions import with_retries
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
     loops = [threading.Thread(target=run_stage, args=(stage,), name=stage.name) for stage in selected]
     for loop in loops:
         loop.start()
-    for loop in loops:
-        loop.join()
+    join_threads(loops)
     return 1 if failures else 0
 
 
