@@ -14,70 +14,50 @@ account whose updates nobody routes, holding back this test's flusher.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime as dt
 import json
 import os
 import random
-import re
 import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pika
 import psycopg
 import pytest
-from pika.adapters.blocking_connection import BlockingChannel
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from broker import Received, declare_smp_exchanges
 from conftest import with_database
-from drivers import Running, driver_environment, pyswpt_command, running, wait_for
+from drivers import Running, wait_for
+from peers import (
+    JSON,
+    MAX_COMMIT_DELAY_SECONDS,
+    MAX_INT32,
+    WAIT_SECONDS,
+    AnyPositiveInt,
+    Recent,
+    Shard,
+    account_update_fields,
+    assert_smp_message,
+    by_type,
+    first_transfer_id,
+    funded_pair,
+    now,
+    open_account,
+    open_root_account,
+    open_shard,
+    prepare_and_take,
+    process_group,
+    random_id,
+    wire_time,
+)
 from pyswpt import schema, topology
-from test_web import web_server
 from pyswpt.sharding import Realm, binary_routing_key, hex_routing_key, u64_string
+from test_web import web_server
 
-UTC = dt.timezone.utc
-JSON = "application/json"
-T0 = "1970-01-01T00:00:00+00:00"
-T_INFINITY = "9999-12-31T23:59:59+00:00"
-MAX_INT32 = 2**31 - 1
-MAX_INT64 = 2**63 - 1
-COMMIT_PERIOD_SECONDS = 7776000  # APP_PREPARED_TRANSFER_MAX_DELAY_DAYS = 90
-TTL_SECONDS = 604800  # APP_MESSAGE_MAX_DELAY_DAYS = 7
-MAX_COMMIT_DELAY_SECONDS = 3600
-WAIT_SECONDS = 30.0
-# Spec 01 §2.1: `T`, microseconds only when not zero, always `+00:00`.
-WIRE_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?\+00:00")
-CLOCK_SLACK = dt.timedelta(seconds=2)
 # Before RabbitMQ 3.12 a message dead-lettered into a stream is dropped.
 STREAM_DEAD_LETTERING_SINCE = (3, 12)
-
-DRIVER_SETTINGS = {
-    "PROTOCOL_BROKER_QUEUE_ROUTING_KEY": "#",
-    "PROTOCOL_BROKER_PREFETCH_COUNT": "50",
-    "FLUSH_PERIOD": "0.2",
-    "APP_PROCESS_BALANCE_CHANGES_WAIT": "0.2",
-    "APP_PROCESS_TRANSFER_REQUESTS_WAIT": "0.2",
-    "APP_PROCESS_FINALIZATION_REQUESTS_WAIT": "0.2",
-}
-WORK_TABLES = ("transfer_request", "finalization_request", "pending_balance_change")
-OUTBOX_TABLES = (
-    "rejected_transfer_signal",
-    "prepared_transfer_signal",
-    "finalized_transfer_signal",
-    "account_transfer_signal",
-    "account_update_signal",
-    "account_purge_signal",
-    "rejected_config_signal",
-    "pending_balance_change_signal",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,451 +65,17 @@ def exchanges(rabbitmq_url):
     declare_smp_exchanges(rabbitmq_url)
 
 
-# --- matching what arrives ----------------------------------------------------------
-
-
-class Recent:
-    """Equals a wire date-time (spec 01 §2.1) between `since` and now."""
-
-    def __init__(self, since: dt.datetime):
-        self.since = since
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, str) or WIRE_DATETIME.fullmatch(other) is None:
-            return False
-        moment = dt.datetime.fromisoformat(other)
-        return self.since - CLOCK_SLACK <= moment <= dt.datetime.now(UTC) + CLOCK_SLACK
-
-    def __repr__(self) -> str:
-        return f"<a wire date-time after {self.since.isoformat()}>"
-
-
-class AnyPositiveInt:
-    def __eq__(self, other: object) -> bool:
-        return type(other) is int and other > 0
-
-    def __repr__(self) -> str:
-        return "<a positive integer>"
-
-
-def wire_time(moment: dt.datetime) -> str:
-    return moment.astimezone(UTC).isoformat()
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(UTC)
-
-
-def assert_fields(actual: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Same keys, equal values, and the same JSON types (an integral float stays a float)."""
-    assert sorted(actual) == sorted(expected)
-    mismatched = {
-        name: (actual[name], value)
-        for name, value in expected.items()
-        if actual[name] != value
-        or (type(value) in (int, float, str, bool) and type(actual[name]) is not type(value))
-    }
-    assert mismatched == {}, f"(actual, expected) by field: {mismatched}"
-
-
-def assert_smp_message(message: Received, exchange: str, routing_key: str, expected: dict[str, Any]) -> None:
-    """Exchange, routing key, properties and headers of spec 01 §3.1-3.2, and the exact body."""
-    assert (message.exchange, message.routing_key) == (exchange, routing_key)
-    properties = message.properties
-    assert properties.content_type == JSON
-    assert properties.type == expected["type"]
-    assert properties.delivery_mode == 2
-    assert properties.app_id == "swpt_accounts"
-    unset = (
-        properties.message_id,
-        properties.timestamp,
-        properties.priority,
-        properties.expiration,
-        properties.correlation_id,
-        properties.content_encoding,
-        properties.reply_to,
-    )
-    assert unset == (None,) * len(unset)
-    headers = {
-        "message-type": expected["type"],
-        "debtor-id": expected["debtor_id"],
-        "creditor-id": expected["creditor_id"],
-    }
-    if "coordinator_id" in expected:
-        headers["coordinator-id"] = expected["coordinator_id"]
-        headers["coordinator-type"] = expected["coordinator_type"]
-    assert properties.headers == headers
-    fields = message.fields
-    assert_fields(fields, expected)
-    # Compact, non-ASCII raw, floats as Python writes them (`1e+30`, `-50.0`).
-    assert message.body == json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def by_type(messages: list[Received]) -> dict[str, Received]:
-    found = {message.properties.type: message for message in messages}
-    assert len(found) == len(messages), [message.properties.type for message in messages]
-    return found
-
-
-def day_number(wire_date: str) -> int:
-    return (dt.date.fromisoformat(wire_date) - dt.date(1970, 1, 1)).days
-
-
-def first_transfer_id(creation_date: str) -> int:
-    """Spec 01 §1.6: the counter starts at days_since_1970(creation_date) << 40."""
-    return (day_number(creation_date) << 40) + 1
-
-
-def random_id() -> int:
-    """A random signed 64-bit id, never 0 (the root account)."""
-    return random.choice((-1, 1)) * random.randint(1, MAX_INT64)
-
-
-# --- the simulated peers and the shard under test ----------------------------------
-
-
-class Inbox:
-    """A temporary queue catching what pyswpt sends to the bound routing keys."""
-
-    def __init__(self, channel: BlockingChannel, ignored_creditors: set[int]):
-        self.channel = channel
-        self.queue = f"test_e2e_inbox_{uuid.uuid4().hex[:10]}"
-        self.ignored_creditors = ignored_creditors
-        channel.queue_declare(self.queue, exclusive=True)
-
-    def bind(self, exchange: str, routing_key: str) -> None:
-        self.channel.queue_bind(self.queue, exchange, routing_key)
-
-    def take(self, count: int, timeout_seconds: float = WAIT_SECONDS) -> list[Received]:
-        """Exactly `count` messages (those of the settle marker are dropped)."""
-        received: list[Received] = []
-        deadline = time.monotonic() + timeout_seconds
-        while len(received) < count and time.monotonic() < deadline:
-            message = self._get()
-            if message is None:
-                self.channel.connection.sleep(0.05)
-            elif not self._ignored(message):
-                received.append(message)
-        assert len(received) == count, f"expected {count} messages, got {[m.fields for m in received]}"
-        return received
-
-    def assert_empty(self) -> None:
-        left = []
-        while (message := self._get()) is not None:
-            if not self._ignored(message):
-                left.append(message.fields)
-        assert left == [], "unexpected messages arrived"
-
-    def _get(self) -> Received | None:
-        method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
-        if method is None:
-            return None
-        return Received(method.exchange, method.routing_key, properties, body)
-
-    def _ignored(self, message: Received) -> bool:
-        return message.fields.get("creditor_id") in self.ignored_creditors
-
-
-@dataclasses.dataclass
-class Shard:
-    """One shard under test: its queue, database, drivers, and the peers around it."""
-
-    rabbitmq_url: str
-    database_url: str
-    conn: psycopg.Connection
-    log_dir: Path
-    stack: contextlib.ExitStack
-    channel: BlockingChannel
-    queue: str
-    debtor_id: int
-    inbox: Inbox
-    marker_creditor_id: int = 0
-    marker_seqnum: int = 0
-
-    # -- drivers
-
-    def environment(self, **settings: str) -> dict[str, str]:
-        return driver_environment(
-            self.database_url,
-            self.rabbitmq_url,
-            PROTOCOL_BROKER_QUEUE=self.queue,
-            **{**DRIVER_SETTINGS, **settings},
-        )
-
-    def start(self, *drivers: str, **settings: str) -> list[Running]:
-        """`pyswpt run <driver>` for each, stopped (SIGTERM) when the test ends."""
-        environ = self.environment(**settings)
-        return [self.stack.enter_context(running(["run", driver], environ, self.log_dir)) for driver in drivers]
-
-    # -- accounts
-
-    def creditor(self, creditor_id: int | None = None) -> int:
-        """A creditor id of this test: its messages reach the inbox, its changes this queue."""
-        creditor_id = random_id() if creditor_id is None else creditor_id
-        self.inbox.bind("to_creditors", hex_routing_key(creditor_id))
-        self.inbox.bind("accounts_in", binary_routing_key(self.debtor_id, creditor_id))
-        self.channel.queue_bind(self.queue, "accounts_in", binary_routing_key(self.debtor_id, creditor_id))
-        return creditor_id
-
-    def account(self, creditor_id: int) -> dict[str, Any] | None:
-        with self.conn.cursor(row_factory=dict_row) as cursor:
-            return cursor.execute(
-                "SELECT * FROM account WHERE debtor_id = %s AND creditor_id = %s", (self.debtor_id, creditor_id)
-            ).fetchone()
-
-    def principal(self, creditor_id: int) -> int:
-        row = self.account(creditor_id)
-        assert row is not None
-        return row["principal"]
-
-    def count(self, query: str, *params: Any) -> int:
-        return self.conn.execute(query, params).fetchone()[0]
-
-    # -- messages from peers
-
-    def publish(
-        self,
-        message_type: str | None,
-        fields: dict[str, Any] | None = None,
-        *,
-        content_type: str | None = JSON,
-        body: bytes | None = None,
-    ) -> None:
-        """Put a message into the SMP queue, as the broker would deliver it from a peer."""
-        if body is None:
-            body = json.dumps({"type": message_type, **(fields or {})}).encode()
-        properties = pika.BasicProperties(content_type=content_type, type=message_type, delivery_mode=2)
-        self.channel.basic_publish("", self.queue, body, properties)
-
-    def configure(
-        self,
-        creditor_id: int,
-        *,
-        seqnum: int = 1,
-        ts: dt.datetime | None = None,
-        negligible_amount: float = 0.0,
-        config_data: str = "",
-        config_flags: int = 0,
-    ) -> dict[str, Any]:
-        fields = {
-            "debtor_id": self.debtor_id,
-            "creditor_id": creditor_id,
-            "negligible_amount": negligible_amount,
-            "config_data": config_data,
-            "config_flags": config_flags,
-            "seqnum": seqnum,
-            "ts": wire_time(ts or now()),
-        }
-        self.publish("ConfigureAccount", fields)
-        return fields
-
-    def prepare(
-        self,
-        sender: int,
-        recipient: str,
-        *,
-        request_id: int,
-        min_locked: int,
-        max_locked: int,
-        coordinator_type: str = "direct",
-        coordinator_id: int | None = None,
-        final_interest_rate_ts: str = T_INFINITY,
-        ts: dt.datetime | None = None,
-    ) -> dict[str, Any]:
-        fields = {
-            "debtor_id": self.debtor_id,
-            "creditor_id": sender,
-            "coordinator_type": coordinator_type,
-            "coordinator_id": sender if coordinator_id is None else coordinator_id,
-            "coordinator_request_id": request_id,
-            "min_locked_amount": min_locked,
-            "max_locked_amount": max_locked,
-            "recipient": recipient,
-            "final_interest_rate_ts": final_interest_rate_ts,
-            "max_commit_delay": MAX_COMMIT_DELAY_SECONDS,
-            "ts": wire_time(ts or now()),
-        }
-        self.publish("PrepareTransfer", fields)
-        return fields
-
-    def finalize(
-        self, prepared: dict[str, Any], committed_amount: int, note: str = "", note_format: str = ""
-    ) -> dict[str, Any]:
-        """FinalizeTransfer for a PreparedTransfer's fields."""
-        fields = {
-            "debtor_id": prepared["debtor_id"],
-            "creditor_id": prepared["creditor_id"],
-            "transfer_id": prepared["transfer_id"],
-            "coordinator_type": prepared["coordinator_type"],
-            "coordinator_id": prepared["coordinator_id"],
-            "coordinator_request_id": prepared["coordinator_request_id"],
-            "committed_amount": committed_amount,
-            "transfer_note_format": note_format,
-            "transfer_note": note,
-            "ts": wire_time(now()),
-        }
-        self.publish("FinalizeTransfer", fields)
-        return fields
-
-    def balance_change(
-        self, creditor_id: int, other_creditor_id: int, change_id: int, principal_delta: int
-    ) -> dict[str, Any]:
-        fields = {
-            "debtor_id": self.debtor_id,
-            "creditor_id": creditor_id,
-            "change_id": change_id,
-            "coordinator_type": "direct",
-            "transfer_note_format": "",
-            "transfer_note": "",
-            "committed_at": wire_time(now()),
-            "principal_delta": principal_delta,
-            "other_creditor_id": other_creditor_id,
-        }
-        self.publish("PendingBalanceChange", fields)
-        return fields
-
-    # -- waiting for quiet
-
-    def settle(self) -> None:
-        """Wait until everything published so far is consumed, worked off and flushed.
-
-        A marker config goes in behind it; the consumer applies a queue in order,
-        so when the marker is stored everything before it is committed. Then the
-        workers' queues and the outbox must empty. Needs all three drivers.
-        """
-        if self.marker_creditor_id == 0:
-            self.marker_creditor_id = self.creditor()
-            self.inbox.ignored_creditors.add(self.marker_creditor_id)
-        self.marker_seqnum += 1
-        self.configure(self.marker_creditor_id, seqnum=self.marker_seqnum)
-
-        def marker_stored() -> bool:
-            row = self.account(self.marker_creditor_id)
-            return row is not None and row["last_config_seqnum"] == self.marker_seqnum
-
-        wait_for(marker_stored, "the marker config", WAIT_SECONDS)
-        wait_for(lambda: self.queued_rows(WORK_TABLES) == 0, "the workers' queues to empty", WAIT_SECONDS)
-        wait_for(lambda: self.queued_rows(OUTBOX_TABLES) == 0, "the outbox to empty", WAIT_SECONDS)
-
-    def queued_rows(self, tables: tuple[str, ...]) -> int:
-        return sum(self.count(f"SELECT count(*) FROM {table}") for table in tables)
-
-    def ready_messages(self) -> int:
-        return self.channel.queue_declare(self.queue, passive=True).method.message_count
-
-
 @pytest.fixture
 def shard(conn, database_url, rabbitmq_url, tmp_path) -> Iterator[Shard]:
-    queue = f"pyswpt_test_e2e_{uuid.uuid4().hex[:10]}"
-    debtor_id = random_id()
-    # Bound by the root account's key only; `creditor()` adds each account's key.
-    topology.subscribe(rabbitmq_url, queue, binary_routing_key(debtor_id, 0))
-    connection = topology.open_connection(rabbitmq_url)
-    with connection as opened, contextlib.ExitStack() as stack:
-        channel = opened.channel()
-        channel.confirm_delivery()
-        inbox = Inbox(opened.channel(), set())
-        inbox.bind("to_debtors", hex_routing_key(debtor_id))
-        inbox.bind("accounts_in", binary_routing_key(debtor_id, 0))
-        try:
-            yield Shard(rabbitmq_url, database_url, conn, tmp_path, stack, channel, queue, debtor_id, inbox)
-        finally:
-            stack.close()  # the drivers stop before their queue goes
-            channel.queue_delete(queue)
-            channel.queue_delete(topology.dead_letter_queue_name(queue))
+    with open_shard(conn, database_url, rabbitmq_url, tmp_path) as opened:
+        yield opened
 
 
 def start_all(shard: Shard, **settings: str) -> list[Running]:
     return shard.start("consumer", "workers", "flusher", **settings)
 
 
-# --- arranging accounts through messages ---------------------------------------------
-
-
-def open_account(shard: Shard, creditor_id: int, **config: Any) -> dict[str, Any]:
-    """Configure an account and return the fields of its first AccountUpdate."""
-    shard.configure(creditor_id, **config)
-    [update] = shard.inbox.take(1)
-    assert (update.properties.type, update.fields["creditor_id"]) == ("AccountUpdate", creditor_id)
-    return update.fields
-
-
-def open_root_account(shard: Shard) -> dict[str, Any]:
-    """A root account that may issue up to MAX_INT64 (negligible amount 1e30, spec 02 B7)."""
-    return open_account(shard, 0, negligible_amount=1e30)
-
-
-def prepare_and_take(shard: Shard, sender: int, recipient: int, **request: Any) -> dict[str, Any]:
-    shard.prepare(sender, u64_string(recipient), **request)
-    [prepared] = shard.inbox.take(1)
-    assert prepared.properties.type == "PreparedTransfer", prepared.fields
-    return prepared.fields
-
-
-def issue(shard: Shard, recipient: int, amount: int, request_id: int = 1) -> None:
-    """Money from the root account (which must exist) to `recipient`; waits for its arrival."""
-    prepared = prepare_and_take(
-        shard,
-        0,
-        recipient,
-        request_id=request_id,
-        min_locked=amount,
-        max_locked=amount,
-        coordinator_type="issuing",
-        coordinator_id=shard.debtor_id,
-    )
-    shard.finalize(prepared, amount)
-    arrived = by_type(shard.inbox.take(3))
-    assert arrived["FinalizedTransfer"].fields["status_code"] == "OK"
-    assert arrived["AccountTransfer"].fields["acquired_amount"] == amount
-
-
-def funded_pair(shard: Shard, amount: int) -> tuple[int, int]:
-    """Two accounts of one debtor; the first holds `amount`, issued by the root account."""
-    sender, recipient = shard.creditor(), shard.creditor()
-    open_root_account(shard)
-    open_account(shard, sender)
-    open_account(shard, recipient)
-    issue(shard, sender, amount)
-    return sender, recipient
-
-
 # --- ConfigureAccount ------------------------------------------------------------------
-
-
-def account_update_fields(
-    shard: Shard, creditor_id: int, config: dict[str, Any], since: dt.datetime, **changed: Any
-) -> dict[str, Any]:
-    """The AccountUpdate of an account that only has a configuration (spec 02 §6 case 1)."""
-    return {
-        "type": "AccountUpdate",
-        "debtor_id": shard.debtor_id,
-        "creditor_id": creditor_id,
-        "last_change_ts": Recent(since),
-        "last_change_seqnum": 1,
-        "principal": 0,
-        "interest": 0.0,
-        "interest_rate": 0.0,
-        "transfer_note_max_bytes": 500,
-        "demurrage_rate": -50.0,
-        "last_interest_rate_change_ts": T0,
-        "last_transfer_number": 0,
-        "last_transfer_committed_at": T0,
-        "last_config_ts": config["ts"],
-        "last_config_seqnum": config["seqnum"],
-        "creation_date": now().date().isoformat(),
-        "negligible_amount": config["negligible_amount"],
-        "config_data": config["config_data"],
-        "config_flags": config["config_flags"],
-        "ts": Recent(since),
-        "ttl": TTL_SECONDS,
-        "commit_period": COMMIT_PERIOD_SECONDS,
-        "account_id": u64_string(creditor_id),
-        "debtor_info_iri": "",
-        "debtor_info_content_type": "",
-        "debtor_info_sha256": "",
-        **changed,
-    }
 
 
 def test_configure_account_creates_the_account_and_sends_one_account_update(shard):
@@ -1224,21 +770,6 @@ def test_message_for_an_account_of_another_shard_is_rejected(shard):
 
 
 # --- crash safety -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def process_group(args: list[str], environ: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """`pyswpt *args` as the leader of a new process group (so SIGKILL reaches its workers)."""
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [*pyswpt_command(), *args], env=environ, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
 
 
 def test_killed_consumer_loses_nothing_and_applies_nothing_twice(shard):
