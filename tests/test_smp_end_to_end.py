@@ -19,16 +19,14 @@ import json
 import os
 import random
 import signal
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from broker import Received, declare_smp_exchanges
-from conftest import with_database
+from conftest import new_database
 from drivers import Running, wait_for
 from peers import (
     JSON,
@@ -828,16 +826,9 @@ def consumer_waits_on_a_lock(shard: Shard) -> bool:
 @pytest.fixture
 def other_shard_url(postgres_server_url) -> Iterator[str]:
     """The database of another shard (0.#), served by its own `pyswpt run web`."""
-    dbname = f"pyswpt_test_other_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    url = with_database(postgres_server_url, dbname)
-    try:
+    with new_database(postgres_server_url, "pyswpt_test_other") as url:
         schema.apply_migrations(url)
         yield url
-    finally:
-        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
 
 def configure_in(database_url: str, debtor_id: int, creditor_id: int, config_data: str = "") -> None:
