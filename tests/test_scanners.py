@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from drivers import driver_environment, pyswpt_command, wait_for
+from drivers import driver_environment, free_port, pyswpt_command, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, DEFAULT_NOW, STATUS_DELETED, T0, insert_account
 from pyswpt import config, topology
 from pyswpt.chores import ChoresPublisher
@@ -300,12 +299,6 @@ def test_rate_changes_at_most_once_per_message_max_delay_plus_one_day(
 def test_debtor_without_a_root_account_gets_no_settings_chores(conn, database_url, rabbitmq_url, chores_queue):
     insert_account(conn, DEBTOR, CREDITOR)
     assert scan_accounts(database_url, rabbitmq_url, chores_queue, [(DEBTOR, CREDITOR)]) == []
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -5,24 +5,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import time
 import uuid
 
 import httpx
 import pytest
 
-from drivers import driver_environment, running, wait_for
+from drivers import driver_environment, free_port, running, wait_for
 from pyswpt import topology
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 
 STARTED = re.compile(r"Started (\S+) \(pid (\d+)\)")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def started_pids(log: str) -> dict[str, list[int]]:

@@ -13,15 +13,15 @@ import dataclasses
 import os
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
+from drivers import free_port, pyswpt_command, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, insert_account
 
 STARTUP_DEADLINE_SECONDS = 30.0
@@ -33,27 +33,6 @@ MAX_U64 = "18446744073709551615"
 # Spec 01 §4.2: (123, 456) is not in shard `1.#`; (1, 2) is.
 FOREIGN_UNDER_1 = (123, 456)
 OWNED_UNDER_1 = (1, 2)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def pyswpt_command() -> list[str]:
-    script = Path(sys.executable).with_name("pyswpt")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "pyswpt.cli"]
-
-
-def wait_for(condition: Callable[[], bool], what: str, deadline_seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + deadline_seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(POLL_INTERVAL_SECONDS)
 
 
 @dataclasses.dataclass
