@@ -1,0 +1,2 @@
+DROP TABLE pyswpt.parked_message_overflow;
+DROP TABLE pyswpt.parked_message;
