@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -35,7 +35,7 @@ class SqlCall:
     """One SQL function call; `query` is constant text, values go in `params`."""
 
     query: str
-    params: tuple[Any, ...]
+    params: tuple[Any, ...] | Mapping[str, Any]
 
 
 def with_retries(conn: psycopg.Connection, action: Callable[[psycopg.Connection], T]) -> T:
