@@ -11,6 +11,18 @@ from pyswpt.config import Config
 TEXT_FORMAT = "%(asctime)s:%(levelname)s:%(name)s:%(message)s"
 TEXT_DATE_FORMAT = "%Y-%m-%d %H:%M:%S%z"
 JSON_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+# Context that log calls pass with `extra=`; JSON lines carry it as fields.
+CONTEXT_FIELDS = (
+    "queue",
+    "delivery_tag",
+    "message_type",
+    "debtor_id",
+    "creditor_id",
+    "reason_code",
+    "sqlstate",
+    "table",
+    "stage",
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,9 +38,18 @@ class JsonFormatter(logging.Formatter):
             "name": record.name,
             "message": record.getMessage(),
         }
+        for field in CONTEXT_FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                entry[field] = value
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def one_line(text: str) -> str:
+    """`text` without line breaks: a peer's string must not forge or split log lines."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def configure_logging(config: Config) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,17 +80,17 @@ def park_call(parcel: Parcel) -> SqlCall:
         {
             "source_kind": parcel.source_kind,
             "source_name": parcel.source_name,
-            "exchange": parcel.exchange,
-            "routing_key": parcel.routing_key,
-            "message_type": parcel.message_type,
-            "content_type": parcel.content_type,
+            "exchange": storable(parcel.exchange),
+            "routing_key": storable(parcel.routing_key),
+            "message_type": storable(parcel.message_type),
+            "content_type": storable(parcel.content_type),
             "headers": None if parcel.headers is None else Jsonb(json_safe(parcel.headers)),
             "body": parcel.body,
             "row_data": None if parcel.row_data is None else Jsonb(dict(parcel.row_data)),
             "debtor_id": parcel.debtor_id,
             "creditor_id": parcel.creditor_id,
             "reason_code": parcel.reason_code,
-            "reason": parcel.reason[:REASON_MAX_CHARS],
+            "reason": storable(parcel.reason[:REASON_MAX_CHARS]),
             "sqlstate": parcel.sqlstate,
             "attempts": parcel.attempts,
             "next_retry_at": parcel.next_retry_at,
@@ -105,6 +105,20 @@ def park(conn: psycopg.Connection, parcel: Parcel) -> str:
     return conn.execute(call.query, call.params).fetchone()[0]
 
 
-def json_safe(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """AMQP headers as JSON: values JSON cannot hold (bytes, decimals, dates) become text."""
-    return json.loads(json.dumps(dict(headers), default=str))
+def json_safe(value: Any) -> Any:
+    """AMQP headers as JSON: values JSON cannot hold (bytes, decimals, dates) become text.
+
+    jsonb refuses NUL in strings, so strings (keys too) go through storable().
+    """
+    if isinstance(value, Mapping):
+        return {storable(str(key)): json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return storable(value if isinstance(value, str) else str(value))
+
+
+def storable(text: str | None) -> str | None:
+    """`text` as PostgreSQL can store it: a peer may put NUL, which text columns refuse, in any string."""
+    return None if text is None else text.replace("\x00", "\ufffd")

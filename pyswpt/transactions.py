@@ -1,4 +1,4 @@
-"""Running SQL function calls in transactions: retries, and finding a refused message."""
+"""Running SQL function calls in transactions: retries, and whose fault an error is."""
 
 from __future__ import annotations
 
@@ -21,12 +21,27 @@ FIRST_RETRY_PAUSE_SECONDS = 0.1
 MAX_RETRY_PAUSE_SECONDS = 10.0
 RETRIED_ERRORS = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 # Errors that the data of one call causes: the call is refused, the rest can go on.
-# Anything else (a bug, a lost server) is not a message's fault and must not be acked.
 REFUSING_ERRORS = (
     psycopg.errors.DataError,
     psycopg.errors.IntegrityError,
     psycopg.errors.RaiseException,
     psycopg.errors.AssertFailure,
+)
+# SQLSTATEs (or their class prefixes) that say the server, the connection or
+# the installed schema is unwell: never the fault of the message or row at
+# hand. Connection exceptions, lack of resources, shutdowns, system errors, a
+# read-only server, and a function, table or privilege that is missing while
+# an upgrade runs.
+INFRASTRUCTURE_SQLSTATE_PREFIXES = (
+    "08",
+    "53",
+    "57P",
+    "58",
+    "3D000",
+    "25006",
+    "42501",
+    "42883",
+    "42P01",
 )
 
 
@@ -60,24 +75,26 @@ def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tu
     return [cursor.fetchone() for cursor in cursors]
 
 
-def execute_as_batch(
-    conn: psycopg.Connection, calls: Sequence[SqlCall]
-) -> list[tuple | None | psycopg.Error]:
-    """All calls in one transaction; if the database refuses the batch, one by one.
+def is_infrastructure_error(error: BaseException) -> bool:
+    """True when `error` is not the fault of the data at hand: retry later, never park.
 
-    The result of each call is its first row, or the error with which the
-    database refused that call alone (the caller rejects its message).
+    psycopg raises OperationalError without a SQLSTATE for a connection that
+    broke, and InterfaceError for one that is closed. QueryCanceled (57014,
+    a statement timeout) is an OperationalError too, but it is not an
+    infrastructure error: a statement that runs too long for one message while
+    its neighbours pass is that message's problem.
     """
-    if not calls:
-        return []
-    try:
-        return with_retries(conn, lambda c: execute_calls(c, calls))
-    except REFUSING_ERRORS as error:
-        logger.warning("The database refused a batch (%s); applying it one message at a time.", error)
-    results: list[tuple | None | psycopg.Error] = []
-    for call in calls:
-        try:
-            results.append(with_retries(conn, lambda c: execute_calls(c, [call])[0]))
-        except REFUSING_ERRORS as error:
-            results.append(error)
-    return results
+    if isinstance(error, psycopg.InterfaceError):
+        return True
+    if not isinstance(error, psycopg.Error):
+        return False
+    sqlstate = error.sqlstate
+    if sqlstate is None:
+        return isinstance(error, psycopg.OperationalError)
+    return sqlstate.startswith(INFRASTRUCTURE_SQLSTATE_PREFIXES)
+
+
+def describe_error(error: psycopg.Error) -> str:
+    """One line: SQLSTATE and the primary message, never DETAIL (it can hold row contents)."""
+    primary = error.diag.message_primary or type(error).__name__
+    return f"SQLSTATE {error.sqlstate or 'none'}: {primary}".replace("\n", " ")

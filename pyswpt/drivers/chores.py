@@ -7,8 +7,8 @@ transaction, acks follow the commit. Differences (spec 01 §3.6, spec 02 §4.7):
 * A chore for an account this shard does not own is acked and ignored: after
   a split both children receive the parent's chores, and acting on both would
   pay interest twice.
-* Rejected chores are dropped (the chores queue has no dead-letter queue), so
-  each one is logged with its reason.
+* The chores queue has no dead-letter queue: a rejected chore would be gone,
+  so it is parked in PostgreSQL first (pyswpt.applying), like SMP messages.
 * `debtor_info_sha256` is decoded whatever the case of its hex digits; the
   reference accepts lowercase in validation, then fails on it forever.
 """
@@ -20,10 +20,12 @@ import threading
 
 import psycopg
 
-from pyswpt import consuming, messages, processes
+from pyswpt import applying, consuming, messages, processes
+from pyswpt.applying import Applied, Item, Refusal, WindowApplier
 from pyswpt.config import SECONDS_IN_DAY, Config
+from pyswpt.logs import one_line
 from pyswpt.messages import CapitalizeInterest, ChangeInterestRate, InvalidMessage, TryToDeleteAccount, UpdateDebtorInfo
-from pyswpt.transactions import SqlCall, execute_as_batch
+from pyswpt.transactions import SqlCall
 
 logger = logging.getLogger(__name__)
 
@@ -54,30 +56,43 @@ class ChoresBatchHandler:
 
     def __init__(self, config: Config):
         self.config = config
+        self.applier = WindowApplier(config.chores_broker_queue)
 
     def __call__(self, conn: psycopg.Connection, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
         outcome = consuming.BatchOutcome()
-        accepted: list[tuple[consuming.Delivery, messages.Chore, SqlCall]] = []
+        items: list[Item] = []
         for delivery in deliveries:
-            try:
-                chore = decode(delivery)
-            except InvalidMessage as error:
-                logger.error("%s The chore is dropped.", error)
-                outcome.rejected.append(delivery.delivery_tag)
-                continue
-            if not self.config.realm.owns(chore.debtor_id, chore.creditor_id):
+            item = self.item(delivery)
+            if item is None:
                 outcome.acked.append(delivery.delivery_tag)
-                continue
-            accepted.append((delivery, chore, sql_call(chore, self.config)))
-
-        results = execute_as_batch(conn, [call for _, _, call in accepted])
-        for (delivery, chore, _call), result in zip(accepted, results):
-            if isinstance(result, psycopg.Error):
-                logger.error("The database refused %s: %s The chore is dropped.", describe(chore), result)
-                outcome.rejected.append(delivery.delivery_tag)
             else:
-                outcome.acked.append(delivery.delivery_tag)
+                items.append(item)
+        for item, result in zip(items, self.applier.apply(conn, items)):
+            tag = item.delivery.delivery_tag
+            if isinstance(result, Applied):
+                outcome.acked.append(tag)
+            elif result is applying.PARKED:
+                outcome.rejected.append(tag)
+            else:
+                outcome.requeued.append(tag)
         return outcome
+
+    def item(self, delivery: consuming.Delivery) -> Item | None:
+        """What to do with one chore: its SQL call, why it is parked, or None to ignore it."""
+        try:
+            chore = decode(delivery)
+        except InvalidMessage as error:
+            what = f"a chore of type {one_line(repr(delivery.properties.type))}"
+            return Item(delivery, what, refusal=Refusal("invalid", str(error)))
+        if not self.config.realm.owns(chore.debtor_id, chore.creditor_id):
+            return None
+        return Item(
+            delivery,
+            describe(chore),
+            call=sql_call(chore, self.config),
+            debtor_id=chore.debtor_id,
+            creditor_id=chore.creditor_id,
+        )
 
 
 def decode(delivery: consuming.Delivery) -> messages.Chore:

@@ -3,23 +3,27 @@
 A batch of deliveries is decoded and validated, each valid message becomes one
 SQL function call, and the calls run in one transaction; acks follow the commit.
 Malformed messages, messages for accounts of another shard and messages the
-database refuses are logged and rejected to the dead-letter queue — the
-reference loops forever on some of them; here one bad message never holds up
-the others.
+database refuses are parked in PostgreSQL, logged in one line and rejected to
+the dead-letter queue (pyswpt.applying) — the reference loops forever on some
+of them; here one bad message never holds up the others.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
 import psycopg
 
-from pyswpt import consuming, messages, processes
+from pyswpt import applying, consuming, messages, processes
+from pyswpt.applying import Applied, Item, Refusal, WindowApplier
 from pyswpt.config import Config
 from pyswpt.fetch import FetchClient, FetchError
+from pyswpt.logs import one_line
 from pyswpt.messages import ConfigureAccount, FinalizeTransfer, InvalidMessage, PendingBalanceChange, PrepareTransfer
-from pyswpt.transactions import SqlCall, execute_as_batch, with_retries
+from pyswpt.sharding import MAX_INT64, MIN_INT64
+from pyswpt.transactions import SqlCall, describe_error, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -69,42 +73,51 @@ class SmpBatchHandler:
             if config.fetch_api_url
             else None
         )
+        self.applier = WindowApplier(config.protocol_broker_queue)
 
     def __call__(self, conn: psycopg.Connection, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
         outcome = consuming.BatchOutcome()
-        accepted: list[tuple[consuming.Delivery, messages.Message, SqlCall]] = []
-        for delivery in deliveries:
-            try:
-                message = self.decode(delivery)
-                accepted.append((delivery, message, self.sql_call(message)))
-            except InvalidMessage as error:
-                logger.error("%s", error)
-                outcome.rejected.append(delivery.delivery_tag)
-
-        results = execute_as_batch(conn, [call for _, _, call in accepted])
+        decoded = [self.item(delivery) for delivery in deliveries]
+        results = self.applier.apply(conn, [item for item, _message in decoded])
         new_accounts = []
-        for (delivery, message, _call), result in zip(accepted, results):
-            if isinstance(result, psycopg.Error):
-                logger.error("The database refused %s: %s", describe(message), result)
-                outcome.rejected.append(delivery.delivery_tag)
-                continue
-            outcome.acked.append(delivery.delivery_tag)
-            if isinstance(message, ConfigureAccount) and result is not None and result[0]:
-                new_accounts.append(message)
+        for (item, message), result in zip(decoded, results):
+            tag = item.delivery.delivery_tag
+            if isinstance(result, Applied):
+                outcome.acked.append(tag)
+                if isinstance(message, ConfigureAccount) and result.row is not None and result.row[0]:
+                    new_accounts.append(message)
+            elif result is applying.PARKED:
+                outcome.rejected.append(tag)
+            else:
+                outcome.requeued.append(tag)
         for message in new_accounts:
-            self.initialize(conn, message)
+            self.initialize_or_log(conn, message)
         return outcome
 
-    def decode(self, delivery: consuming.Delivery) -> messages.Message:
-        message = messages.decode(
-            delivery.properties.content_type, delivery.properties.type, delivery.body, messages.SMP_KINDS
-        )
-        if not self.config.realm.owns(message.debtor_id, message.creditor_id):
-            raise InvalidMessage(
-                f"The shard is not responsible for this account: {describe(message)}; "
-                "check the queue's binding key and PROTOCOL_BROKER_QUEUE_ROUTING_KEY."
+    def item(self, delivery: consuming.Delivery) -> tuple[Item, messages.Message | None]:
+        """What to do with one delivery: its SQL call, or why it is parked."""
+        try:
+            message = messages.decode(
+                delivery.properties.content_type, delivery.properties.type, delivery.body, messages.SMP_KINDS
             )
-        return message
+        except InvalidMessage as error:
+            debtor_id, creditor_id = ids_in_body(delivery.body)
+            what = f"a message of type {one_line(repr(delivery.properties.type))}"
+            refusal = Refusal("invalid", str(error))
+            return Item(delivery, what, refusal=refusal, debtor_id=debtor_id, creditor_id=creditor_id), None
+        item = Item(delivery, describe(message), debtor_id=message.debtor_id, creditor_id=message.creditor_id)
+        if not self.config.realm.owns(message.debtor_id, message.creditor_id):
+            item.refusal = Refusal(
+                "foreign_shard",
+                "The shard is not responsible for this account; check the queue's binding key "
+                "and PROTOCOL_BROKER_QUEUE_ROUTING_KEY.",
+            )
+            return item, message
+        try:
+            item.call = self.sql_call(message)
+        except InvalidMessage as error:
+            item.refusal = Refusal("invalid", str(error))
+        return item, message
 
     def sql_call(self, message: messages.Message) -> SqlCall:
         config = self.config
@@ -195,6 +208,22 @@ class SmpBatchHandler:
             return False
         return self.fetch.is_reachable(message.debtor_id, recipient)
 
+    def initialize_or_log(self, conn: psycopg.Connection, message: ConfigureAccount) -> None:
+        """Initialize a new account; a failure is logged, since the accounts scanner catches up.
+
+        The ConfigureAccount itself is committed by now and must be acked.
+        """
+        try:
+            self.initialize(conn, message)
+        except psycopg.Error as error:
+            logger.error(
+                "Could not give the new account (%d, %d) its debtor's settings (%s); "
+                "the accounts scanner will.",
+                message.debtor_id,
+                message.creditor_id,
+                describe_error(error),
+            )
+
     def initialize(self, conn: psycopg.Connection, message: ConfigureAccount) -> None:
         """Give a new account its debtor's interest rate and info (spec 02 §2.3)."""
         config_data = self.root_config_data(conn, message.debtor_id)
@@ -224,6 +253,20 @@ class SmpBatchHandler:
 def same_agent(creditor_id: int, coordinator_id: int) -> bool:
     prefix = creditor_id & CREDITOR_SUBNET_MASK
     return prefix == coordinator_id & CREDITOR_SUBNET_MASK and prefix != 0
+
+
+def ids_in_body(body: bytes) -> tuple[int | None, int | None]:
+    """The debtor and creditor ids of a message that failed validation, where they can be read."""
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(fields, dict):
+        return None, None
+    return tuple(
+        value if isinstance(value, int) and not isinstance(value, bool) and MIN_INT64 <= value <= MAX_INT64 else None
+        for value in (fields.get("debtor_id"), fields.get("creditor_id"))
+    )
 
 
 def describe(message: messages.Message) -> str:
