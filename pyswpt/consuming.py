@@ -25,8 +25,7 @@ import psycopg
 
 from pyswpt import amqp, db, processes
 from pyswpt.backoff import Backoff
-from pyswpt.logs import one_line
-from pyswpt.transactions import is_infrastructure_error
+from pyswpt.transactions import describe_error, is_infrastructure_error
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def consume_until_stopped(
                 "Lost a connection while consuming %s (%s); unacknowledged messages will be "
                 "redelivered. Reconnecting in %.0f s.",
                 settings.queue,
-                one_line(str(error)),
+                describe_error(error),
                 pause,
             )
             stopping.wait(pause)
@@ -186,7 +185,7 @@ def handle_until_applied(
                 "The database is unavailable while applying %d messages from %s (%s); retrying in %.0f s.",
                 len(batch),
                 queue,
-                one_line(str(error)),
+                describe_error(error),
                 pause,
             )
             database.close()

@@ -94,7 +94,9 @@ def is_infrastructure_error(error: BaseException) -> bool:
     return sqlstate.startswith(INFRASTRUCTURE_SQLSTATE_PREFIXES)
 
 
-def describe_error(error: psycopg.Error) -> str:
-    """One line: SQLSTATE and the primary message, never DETAIL (it can hold row contents)."""
-    primary = error.diag.message_primary or type(error).__name__
+def describe_error(error: BaseException) -> str:
+    """One line: for a database error its SQLSTATE and primary message, never DETAIL (it can hold row contents)."""
+    if not isinstance(error, psycopg.Error):
+        return " ".join(str(error).split()) or type(error).__name__
+    primary = error.diag.message_primary or " ".join(str(error).split()) or type(error).__name__
     return f"SQLSTATE {error.sqlstate or 'none'}: {primary}".replace("\n", " ")

@@ -194,7 +194,7 @@ def test_chore_for_an_account_of_another_shard_is_acked_and_ignored(
     ],
     ids=["content-type", "type", "json", "schema"],
 )
-def test_bad_chore_is_dropped_with_its_reason_and_the_next_one_applied(
+def test_bad_chore_is_parked_with_its_reason_and_the_next_one_applied(
     conn, database_url, rabbitmq_url, chores_queue, tmp_path, body, content_type, message_type, logged
 ):
     insert_account(conn, *IN_1, config_flags=CONFIG_SCHEDULED_FOR_DELETION)
@@ -205,3 +205,6 @@ def test_bad_chore_is_dropped_with_its_reason_and_the_next_one_applied(
         wait_for(lambda: logged in consumer.log(), "the log line of the bad chore")
         consumer.stop()
     assert queue_length(rabbitmq_url, chores_queue) == 0
+    # The chores queue has no dead-letter queue: the database copy is the only one.
+    parked = conn.execute("SELECT source_name, reason_code, body FROM parked_message").fetchall()
+    assert parked == [(chores_queue, "invalid", body)]
