@@ -210,15 +210,15 @@ class WindowApplier:
         )
 
     def log_parked(self, item: Item, refusal: Refusal, outcome: str) -> None:
-        kept = "only counted: the cap of parked messages is reached" if outcome == "over_cap" else "parked"
+        kept = "not stored: the cap of parked messages is reached" if outcome == "over_cap" else "parked"
         logger.error(
-            "%s Rejected %s from %s (delivery tag %d, routing key %s); %s.",
-            one_line(refusal.reason),
+            "Rejected %s from %s (delivery tag %d, routing key %s), %s: %s",
             item.what,
             self.queue,
             item.delivery.delivery_tag,
             one_line(item.delivery.routing_key),
             kept,
+            one_line(refusal.reason),
             extra={
                 "queue": self.queue,
                 "delivery_tag": item.delivery.delivery_tag,
