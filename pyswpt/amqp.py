@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import enum
 import logging
 import time
 import urllib.parse
@@ -28,6 +30,22 @@ CONNECTION_LIMITS = {
 
 class PublishError(Exception):
     """The broker did not take every message of a batch (nacked or unroutable)."""
+
+
+class ConfirmsLost(PublishError):
+    """No confirms for a batch: the broker did not answer in time or closed the channel.
+
+    Nothing about the batch is known, so it must be treated as not sent: an
+    infrastructure failure, never the fault of a message.
+    """
+
+
+class Outcome(enum.Enum):
+    """What the broker did with one message of a batch."""
+
+    CONFIRMED = "confirmed"
+    RETURNED = "returned"  # mandatory and unroutable: the broker sent it back
+    NACKED = "nacked"  # the broker could not take it (an internal error)
 
 
 def connection_parameters(url: str) -> pika.URLParameters:
@@ -67,9 +85,7 @@ class BatchPublisher:
         self.connection = connect(url)
         self._channel: pika.channel.Channel = self.connection.channel()._impl
         self._next_delivery_tag = 1
-        self._unconfirmed: set[int] = set()
-        self._nacked = 0
-        self._returned: list[str] = []
+        self._batch: _Batch = _Batch(first_tag=1, size=0)
         self._selected = False
         self._channel.add_on_return_callback(self._on_return)
         self._channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_select_ok)
@@ -77,9 +93,28 @@ class BatchPublisher:
 
     def publish(self, messages: list[OutgoingMessage]) -> None:
         """Publish every message; raise PublishError unless the broker took them all."""
-        self._nacked = 0
-        self._returned.clear()
-        for message in messages:
+        outcomes = self.publish_each(messages)
+        nacked = outcomes.count(Outcome.NACKED)
+        if nacked:
+            raise PublishError(f"received nack for {nacked} of {len(messages)} messages")
+        returned = [m for m, outcome in zip(messages, outcomes) if outcome is Outcome.RETURNED]
+        if returned:
+            described = ", ".join(
+                f"{m.properties.type} to {m.exchange!r} with key {m.routing_key!r}" for m in returned[:5]
+            )
+            raise PublishError(f"returned messages (unroutable): {described}")
+
+    def publish_each(self, messages: list[OutgoingMessage]) -> list[Outcome]:
+        """Publish every message; say for each, in order, what the broker did with it.
+
+        Raises ConfirmsLost (or a pika error for a lost connection) when the
+        outcome of the batch is unknown.
+        """
+        batch = _Batch(first_tag=self._next_delivery_tag, size=len(messages))
+        self._batch = batch
+        for index, message in enumerate(messages):
+            if message.mandatory:
+                batch.returnable[(message.exchange, message.routing_key, message.body)].append(index)
             self._channel.basic_publish(
                 exchange=message.exchange,
                 routing_key=message.routing_key,
@@ -87,13 +122,9 @@ class BatchPublisher:
                 properties=message.properties,
                 mandatory=message.mandatory,
             )
-            self._unconfirmed.add(self._next_delivery_tag)
             self._next_delivery_tag += 1
-        self._wait_until(lambda: not self._unconfirmed, "publisher confirms")
-        if self._nacked:
-            raise PublishError(f"received nack for {self._nacked} of {len(messages)} messages")
-        if self._returned:
-            raise PublishError(f"returned messages (unroutable): {', '.join(self._returned[:5])}")
+        self._wait_until(lambda: not batch.unconfirmed, "publisher confirms")
+        return batch.outcomes()
 
     def keep_alive(self) -> None:
         """Answer broker heartbeats; call it at least every few seconds while idle."""
@@ -106,9 +137,11 @@ class BatchPublisher:
     def _wait_until(self, condition, what: str) -> None:
         deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS
         while not condition():
+            if self._channel.is_closed:
+                raise ConfirmsLost(f"the broker closed the publishing channel while waiting for {what}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PublishError(f"no {what} from the broker within {CONFIRM_TIMEOUT_SECONDS} s")
+                raise ConfirmsLost(f"no {what} from the broker within {CONFIRM_TIMEOUT_SECONDS} s")
             self.connection.process_data_events(time_limit=min(remaining, 1.0))
 
     def _on_select_ok(self, _frame) -> None:
@@ -118,14 +151,15 @@ class BatchPublisher:
     def _on_confirm(self, frame) -> None:
         # Confirms may come out of order, one by one or for all tags up to one.
         method = frame.method
+        batch = self._batch
         if method.multiple:
-            confirmed = {tag for tag in self._unconfirmed if tag <= method.delivery_tag}
+            confirmed = {tag for tag in batch.unconfirmed if tag <= method.delivery_tag}
         else:
-            confirmed = {method.delivery_tag} & self._unconfirmed
-        self._unconfirmed -= confirmed
+            confirmed = {method.delivery_tag} & batch.unconfirmed
+        batch.unconfirmed -= confirmed
         if isinstance(method, pika.spec.Basic.Nack):
-            self._nacked += len(confirmed)
-        if not self._unconfirmed:
+            batch.nacked |= confirmed
+        if not batch.unconfirmed:
             self._wake()
 
     def _wake(self) -> None:
@@ -137,8 +171,58 @@ class BatchPublisher:
         """
         self.connection.call_later(0, _do_nothing)
 
-    def _on_return(self, _channel, method: pika.spec.Basic.Return, properties, _body) -> None:
-        self._returned.append(f"{properties.type} to {method.exchange!r} with key {method.routing_key!r}")
+    def _on_return(self, _channel, method: pika.spec.Basic.Return, properties, body: bytes) -> None:
+        if not self._batch.match_return(method.exchange, method.routing_key, body):
+            logger.warning(
+                "The broker returned a %s to %r with key %r that is not in the current batch.",
+                properties.type,
+                method.exchange,
+                method.routing_key,
+            )
+
+
+@dataclasses.dataclass
+class _Batch:
+    """The delivery tags of one published batch and what the broker said about them.
+
+    Returns carry no delivery tag, and outgoing messages carry no id of their
+    own (spec 01 §3.1), so a return is matched by publish order: to the first
+    not yet returned message of the batch with the same exchange, routing key
+    and body that is still unconfirmed (its ack comes after its return).
+    """
+
+    first_tag: int
+    size: int
+    unconfirmed: set[int] = dataclasses.field(init=False)
+    nacked: set[int] = dataclasses.field(default_factory=set)
+    returned: set[int] = dataclasses.field(default_factory=set)
+    # (exchange, routing key, body) -> indexes in publish order of the mandatory messages not yet returned.
+    returnable: collections.defaultdict[tuple[str, str, bytes], collections.deque[int]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(collections.deque)
+    )
+
+    def __post_init__(self) -> None:
+        self.unconfirmed = set(range(self.first_tag, self.first_tag + self.size))
+
+    def match_return(self, exchange: str, routing_key: str, body: bytes) -> bool:
+        candidates = self.returnable.get((exchange, routing_key, body))
+        while candidates:
+            tag = self.first_tag + candidates.popleft()
+            if tag in self.unconfirmed:
+                self.returned.add(tag)
+                return True
+        return False
+
+    def outcomes(self) -> list[Outcome]:
+        assert not self.unconfirmed, "outcomes are known only once every message is confirmed"
+        return [self._outcome(self.first_tag + index) for index in range(self.size)]
+
+    def _outcome(self, tag: int) -> Outcome:
+        if tag in self.returned:
+            return Outcome.RETURNED
+        if tag in self.nacked:
+            return Outcome.NACKED
+        return Outcome.CONFIRMED
 
 
 def _do_nothing() -> None:

@@ -172,23 +172,50 @@ class OutboxTable:
     take_function: str  # SQL: take_<table>s(p_max_count)
     to_fields: Callable[[Row, Config], Fields]
     creditor_column: str  # whose shard the row belongs to
+    key_columns: tuple[str, ...]  # the primary key: names a row in logs, never its contents
     shard_checked: bool = True
 
 
+SIGNAL_KEY = ("debtor_id", "creditor_id", "signal_id")
+SENT_SIGNAL_KEY = ("debtor_id", "sender_creditor_id", "signal_id")
+
 TABLES = (
-    OutboxTable("rejected_transfers", "take_rejected_transfer_signals", rejected_transfer, "sender_creditor_id"),
-    OutboxTable("prepared_transfers", "take_prepared_transfer_signals", prepared_transfer, "sender_creditor_id"),
-    OutboxTable("finalized_transfers", "take_finalized_transfer_signals", finalized_transfer, "sender_creditor_id"),
-    OutboxTable("account_transfers", "take_account_transfer_signals", account_transfer, "creditor_id"),
-    OutboxTable("account_updates", "take_account_update_signals", account_update, "creditor_id"),
-    OutboxTable("account_purges", "take_account_purge_signals", account_purge, "creditor_id"),
-    OutboxTable("rejected_configs", "take_rejected_config_signals", rejected_config, "creditor_id"),
+    OutboxTable(
+        "rejected_transfers", "take_rejected_transfer_signals", rejected_transfer, "sender_creditor_id", SENT_SIGNAL_KEY
+    ),
+    OutboxTable(
+        "prepared_transfers", "take_prepared_transfer_signals", prepared_transfer, "sender_creditor_id", SENT_SIGNAL_KEY
+    ),
+    OutboxTable(
+        "finalized_transfers",
+        "take_finalized_transfer_signals",
+        finalized_transfer,
+        "sender_creditor_id",
+        ("debtor_id", "sender_creditor_id", "transfer_id"),
+    ),
+    OutboxTable(
+        "account_transfers",
+        "take_account_transfer_signals",
+        account_transfer,
+        "creditor_id",
+        ("debtor_id", "creditor_id", "creation_date", "transfer_number"),
+    ),
+    OutboxTable("account_updates", "take_account_update_signals", account_update, "creditor_id", SIGNAL_KEY),
+    OutboxTable(
+        "account_purges",
+        "take_account_purge_signals",
+        account_purge,
+        "creditor_id",
+        ("debtor_id", "creditor_id", "creation_date"),
+    ),
+    OutboxTable("rejected_configs", "take_rejected_config_signals", rejected_config, "creditor_id", SIGNAL_KEY),
     # Addressed to the shard of its recipient, which is usually another shard.
     OutboxTable(
         "pending_balance_changes",
         "take_pending_balance_change_signals",
         pending_balance_change,
         "creditor_id",
+        ("debtor_id", "other_creditor_id", "change_id"),
         shard_checked=False,
     ),
 )

@@ -37,3 +37,41 @@ def test_publisher_opens_and_publishes_batches_as_fast_as_the_broker_confirms(ra
 
     assert delivered == 2 * BATCHES
     assert elapsed_seconds < WITHIN_SECONDS
+
+
+def test_publisher_says_which_messages_of_a_batch_were_returned_or_nacked(rabbitmq_url):
+    accepting = f"test_amqp_{uuid.uuid4().hex[:10]}"
+    # A full queue that refuses new messages: the broker nacks what is published to it.
+    refusing = f"test_amqp_{uuid.uuid4().hex[:10]}"
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.queue_declare(accepting)
+        channel.queue_declare(refusing, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+
+    def message(routing_key: str, body: bytes) -> amqp.OutgoingMessage:
+        return amqp.OutgoingMessage("", routing_key, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+
+    unbound = f"test_amqp_missing_{uuid.uuid4().hex[:10]}"
+    batch = [
+        message(accepting, b"1"),
+        message(unbound, b"same"),
+        message(accepting, b"same"),
+        message(refusing, b"3"),
+        message(unbound, b"same"),
+        message(accepting, b"4"),
+    ]
+    try:
+        publisher = amqp.BatchPublisher(rabbitmq_url)
+        try:
+            outcomes = publisher.publish_each(batch)
+        finally:
+            publisher.close()
+        with topology.open_channel(rabbitmq_url) as channel:
+            delivered = channel.queue_declare(accepting, passive=True).method.message_count
+    finally:
+        with topology.open_channel(rabbitmq_url) as channel:
+            channel.queue_delete(accepting)
+            channel.queue_delete(refusing)
+
+    confirmed, returned, nacked = amqp.Outcome.CONFIRMED, amqp.Outcome.RETURNED, amqp.Outcome.NACKED
+    assert outcomes == [confirmed, returned, confirmed, nacked, returned, confirmed]
+    assert delivered == 3

@@ -118,22 +118,29 @@ def test_pending_balance_change_goes_to_accounts_in_by_binary_key(conn, database
     }
 
 
-def test_unroutable_message_fails_the_burst_and_keeps_its_rows(conn, database_url, rabbitmq_url, publisher):
+def test_unroutable_message_is_parked_for_a_retry(conn, database_url, rabbitmq_url, publisher):
     # No queue is bound for this creditor, so the mandatory message comes back.
     create_account(conn, DEBTOR, 0x7F00_0000_0000_0001)
     cfg = settings(database_url, rabbitmq_url)
-    with pytest.raises(amqp.PublishError, match="unroutable"):
-        flush(database_url, publisher, "account_updates", cfg)
-    assert outbox_count(conn, "account_update_signal") == 1
+    assert flush(database_url, publisher, "account_updates", cfg) == 1
+    assert outbox_count(conn, "account_update_signal") == 0
+    assert parked(conn) == [("account_updates", "unroutable", DEBTOR, 0x7F00_0000_0000_0001, True)]
 
 
-def test_foreign_row_fails_the_flush(conn, database_url, rabbitmq_url, publisher):
+def test_foreign_row_is_parked_for_an_operator(conn, database_url, rabbitmq_url, publisher):
     # Spec 01 §4.2: (123, 456) belongs to shard 0.#, not to 1.#.
     create_account(conn, 123, 456)
     cfg = settings(database_url, rabbitmq_url, PROTOCOL_BROKER_QUEUE_ROUTING_KEY="1.#")
-    with pytest.raises(flusher.ForeignRowError):
-        flush(database_url, publisher, "account_updates", cfg)
-    assert outbox_count(conn, "account_update_signal") == 1
+    assert flush(database_url, publisher, "account_updates", cfg) == 1
+    assert outbox_count(conn, "account_update_signal") == 0
+    assert parked(conn) == [("account_updates", "foreign_shard", 123, 456, False)]
+
+
+def parked(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute(
+        "SELECT source_name, reason_code, debtor_id, creditor_id, next_retry_at IS NOT NULL"
+        " FROM parked_message WHERE source_kind = 'outbox' ORDER BY parked_id"
+    ).fetchall()
 
 
 def test_parent_shard_row_is_dropped_when_cleanup_is_on(conn, database_url, rabbitmq_url, publisher):
@@ -177,3 +184,21 @@ def listening_queries(conn: psycopg.Connection) -> str:
         " AND application_name = 'pyswpt flusher listen'"
     ).fetchall()
     return " ".join(query for (query,) in rows)
+
+
+def test_flusher_reconnects_after_losing_its_database_connections(conn, database_url, rabbitmq_url, tmp_path):
+    environ = driver_environment(database_url, rabbitmq_url, FLUSH_PERIOD="0.2", FLUSH_PROCESSES="1")
+    recipient = 1099511627781
+    with catching_queue(rabbitmq_url, [("accounts_in", sharding.binary_routing_key(DEBTOR, recipient))]) as catcher:
+        with running(["run", "flusher"], environ, tmp_path) as flusher_process:
+            wait_for(lambda: "LISTEN" in listening_queries(conn), "the flusher to LISTEN")
+            terminated = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name LIKE 'pyswpt flusher%%'"
+            ).fetchone()[0]
+            assert terminated == 2
+            emit_balance_changes(conn, 1, recipient)
+            [message] = catcher.collect(1)
+            flusher_process.assert_alive()
+            assert "Reconnecting in" in flusher_process.log()
+    assert message.fields["other_creditor_id"] == 1

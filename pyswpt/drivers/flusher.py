@@ -1,34 +1,72 @@
 """The outbox flusher (`pyswpt run flusher`): publishes outbox rows to RabbitMQ.
 
 Per table and round: take up to a burst of rows (deleted in an open
-transaction), publish them as one batch with publisher confirms, commit. A
-failed publish rolls back, so the rows stay and are sent again later:
-delivery is at least once. Rounds start when a NOTIFY says rows arrived, and
-at least every FLUSH_PERIOD seconds.
+transaction), publish them as one batch with publisher confirms, commit.
+Rounds start when a NOTIFY says rows arrived, and at least every
+FLUSH_PERIOD seconds.
+
+One row never holds up the others (issue 8): a row that cannot be read,
+encoded or published (unroutable or nacked), or that belongs to another
+shard, is parked (pyswpt.parking) and logged in the transaction that deletes
+the confirmed rows, so a confirmed row is never published again. Parked
+messages that a later attempt may deliver are republished with backoff.
+A lost connection or missing confirms roll the burst back (delivery is at
+least once) and the flusher reconnects with backoff.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import functools
 import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import pika
 import psycopg
 from psycopg import sql
+from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 
-from pyswpt import amqp, db, outbox, processes, wire
+from pyswpt import amqp, consuming, db, outbox, parking, processes, wire
 from pyswpt.config import Config
 
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "pyswpt_outbox"
 
+# Errors that mean a server or the network failed, not a row: nothing is
+# parked, the burst rolls back and the flusher reconnects with backoff.
+INFRASTRUCTURE_ERRORS = (*consuming.TRANSIENT_ERRORS, amqp.ConfirmsLost)
+# Errors that the data of one row causes while it is loaded or encoded
+# (a timestamp past year 9999, a float JSON cannot carry, a missing value).
+ROW_ERRORS = (psycopg.DataError, ValueError, TypeError, OverflowError)
 
-class ForeignRowError(Exception):
-    """An outbox row belongs to an account this shard does not own."""
+# An unroutable or nacked message is published again after this pause, then
+# after twice the previous pause (postpone_parked_retry), at most MAX_RETRY_PAUSE_SECONDS.
+FIRST_RETRY_PAUSE_SECONDS = 1.0
+MAX_RETRY_PAUSE_SECONDS = 3600.0
+# Parked messages republished per round, so that retries never crowd out the outbox.
+MAX_RETRIES_PER_ROUND = 100
+
+UNREADABLE = "unreadable"
+UNENCODABLE = "unencodable"
+FOREIGN_SHARD = "foreign_shard"
+UNROUTABLE = "unroutable"
+NACKED = "nacked"
+REASON_CODE_OF_OUTCOME = {amqp.Outcome.RETURNED: UNROUTABLE, amqp.Outcome.NACKED: NACKED}
+REASON_OF_OUTCOME = {
+    amqp.Outcome.RETURNED: "the broker returned it: no queue is bound for it",
+    amqp.Outcome.NACKED: "the broker nacked it",
+}
+
+TAKE_DUE_PARKED_RETRIES = "SELECT * FROM pyswpt.take_due_parked_retries(%s, %s)"
+DISCARD_PARKED_MESSAGES = "SELECT pyswpt.discard_parked_messages(%s)"
+POSTPONE_PARKED_RETRY = "SELECT pyswpt.postpone_parked_retry(%s, %s, %s)"
 
 
 def run(config: Config, table_names: Sequence[str] | None = None) -> int:
@@ -37,7 +75,33 @@ def run(config: Config, table_names: Sequence[str] | None = None) -> int:
 
 
 def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:
-    """One flusher process: rounds over `tables` until `stopping` is set."""
+    """One flusher process: rounds over `tables` until `stopping` is set, reconnecting after failures."""
+    failures_in_a_row = 0
+
+    def round_completed() -> None:
+        nonlocal failures_in_a_row
+        failures_in_a_row = 0
+
+    while not stopping.is_set():
+        try:
+            flush_rounds(config, tables, stopping, round_completed)
+            return
+        except INFRASTRUCTURE_ERRORS as error:
+            pause = consuming.backoff_pause(failures_in_a_row)
+            failures_in_a_row += 1
+            logger.error(
+                "Lost a connection or confirms while flushing (%s: %s); the burst stays in the outbox. "
+                "Reconnecting in %.0f s.",
+                type(error).__name__,
+                " ".join(str(error).split()),
+                pause,
+            )
+            stopping.wait(pause)
+
+
+def flush_rounds(
+    config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event, round_completed: Callable[[], None]
+) -> None:
     publisher = amqp.BatchPublisher(config.protocol_broker_url)
     try:
         with (
@@ -51,61 +115,113 @@ def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stoppi
             while not stopping.is_set():
                 round_started = time.monotonic()
                 for table in tables:
-                    flush_table_or_log(conn, publisher, table, config)
+                    flush_table(conn, publisher, table, config)
+                retry_parked_messages(conn, publisher, tables)
+                round_completed()
                 publisher.keep_alive()
                 db.wait_for_notification(listener, round_started + config.flush_period_seconds, stopping)
     finally:
         publisher.close()
 
 
-def flush_table_or_log(
-    conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, config: Config
-) -> None:
-    """Flush one table; a refused burst stays in the outbox and the other tables go on.
+# Flushing an outbox table --------------------------------------------------------------------
 
-    The reference ends the whole flusher here, so one unroutable message stops
-    every table; here it holds back only its own table until a route exists.
-    """
-    try:
-        flush_table(conn, publisher, table, config)
-    except (amqp.PublishError, ForeignRowError) as error:
-        logger.error("Caught error while sending pending %s: %s", table.name, error)
+
+@dataclasses.dataclass(frozen=True)
+class TakenRow:
+    """One row taken from an outbox table, loaded into Python if it could be."""
+
+    values: dict[str, Any] | None  # None: the row could not be loaded (see load_error)
+    text: Callable[[], dict[str, str | None]]  # its columns as PostgreSQL text, for parking it
+    load_error: str | None = None
+
+    def field(self, column: str) -> Any:
+        return self.values[column] if self.values is not None else self.text()[column]
+
+
+@dataclasses.dataclass(frozen=True)
+class SetAside:
+    """A row to park, and what names it in the log."""
+
+    parcel: parking.Parcel
+    row_key: str
 
 
 def flush_table(
     conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, config: Config
 ) -> int:
-    """Publish the table's rows in bursts until it is empty; return how many were sent."""
+    """Publish the table's rows in bursts until it is empty; return how many rows left the outbox.
+
+    A row leaves the outbox when the broker confirmed it, when it is parked, or
+    when it belongs to a parent shard and is to be dropped.
+    """
     burst = config.flush_burst_counts[table.name]
-    sent = 0
+    taken_count = 0
+    parked_count = 0
     while True:
         with conn.transaction():
             rows = take_rows(conn, table, burst)
-            messages = [message_of(row, table, config) for row in rows]
-            publisher.publish([m for m in messages if m is not None])
-        sent += len(rows)
+            set_aside = publish_rows(publisher, rows, table, config)
+            for item in set_aside:
+                parking.park(conn, item.parcel)
+        for item in set_aside:
+            log_parked(item)
+        taken_count += len(rows)
+        parked_count += len(set_aside)
         if len(rows) < burst:
-            if sent:
-                logger.info("Flushed %d %s.", sent, table.name)
-            return sent
+            if taken_count:
+                logger.info("Flushed %d %s (%d of them parked).", taken_count, table.name, parked_count)
+            return taken_count
 
 
-def take_rows(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: int) -> list[dict]:
-    query = sql.SQL("SELECT * FROM pyswpt.{}(%s)").format(sql.Identifier(table.take_function))
-    with conn.cursor(row_factory=dict_row) as cursor:
-        return cursor.execute(query, (max_count,)).fetchall()
+def publish_rows(
+    publisher: amqp.BatchPublisher, rows: list[TakenRow], table: outbox.OutboxTable, config: Config
+) -> list[SetAside]:
+    """Publish what can be published; return the rows to park, with their reasons."""
+    set_aside: list[SetAside] = []
+    outgoing: list[tuple[TakenRow, amqp.OutgoingMessage]] = []
+    for row in rows:
+        if row.values is None:
+            set_aside.append(set_aside_row(row, table, UNREADABLE, f"cannot be read: {row.load_error}"))
+            continue
+        owner = owner_of(row.values, table, config)
+        if owner == "parent":
+            continue
+        try:
+            message = message_of(row.values, table, config)
+        except ROW_ERRORS as error:
+            reason = f"cannot be encoded: {type(error).__name__}: {error}"
+            set_aside.append(set_aside_row(row, table, UNENCODABLE, reason))
+            continue
+        if owner == "foreign":
+            reason = "the shard is not responsible for this account"
+            set_aside.append(set_aside_row(row, table, FOREIGN_SHARD, reason, message))
+            continue
+        outgoing.append((row, message))
+    outcomes = publisher.publish_each([message for _row, message in outgoing])
+    retry_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
+    for (row, message), outcome in zip(outgoing, outcomes):
+        if outcome is not amqp.Outcome.CONFIRMED:
+            reason_code, reason = REASON_CODE_OF_OUTCOME[outcome], REASON_OF_OUTCOME[outcome]
+            set_aside.append(set_aside_row(row, table, reason_code, reason, message, retry_at))
+    return set_aside
 
 
-def message_of(row: dict, table: outbox.OutboxTable, config: Config) -> amqp.OutgoingMessage | None:
-    """The AMQP message of an outbox row; None for a parent shard's row that is to be dropped."""
-    if table.shard_checked:
-        debtor_id, creditor_id = row["debtor_id"], row[table.creditor_column]
-        if not config.realm.owns(debtor_id, creditor_id):
-            if config.delete_parent_shard_records and config.realm.parent_owns(debtor_id, creditor_id):
-                return None
-            raise ForeignRowError(
-                f"{table.name}: the shard is not responsible for account ({debtor_id}, {creditor_id})"
-            )
+def owner_of(row: dict, table: outbox.OutboxTable, config: Config) -> str:
+    """'shard' when the row is this shard's; 'parent' for a parent shard's row that is to be
+    dropped; 'foreign' for any other."""
+    if not table.shard_checked:
+        return "shard"
+    debtor_id, creditor_id = row["debtor_id"], row[table.creditor_column]
+    if config.realm.owns(debtor_id, creditor_id):
+        return "shard"
+    if config.delete_parent_shard_records and config.realm.parent_owns(debtor_id, creditor_id):
+        return "parent"
+    return "foreign"
+
+
+def message_of(row: dict, table: outbox.OutboxTable, config: Config) -> amqp.OutgoingMessage:
+    """The AMQP message of an outbox row; raises one of ROW_ERRORS if the row has none."""
     fields = table.to_fields(row, config)
     message_type = fields["type"]
     exchange, routing_key, mandatory = wire.destination(message_type, fields)
@@ -115,4 +231,157 @@ def message_of(row: dict, table: outbox.OutboxTable, config: Config) -> amqp.Out
         body=wire.smp_body(fields),
         properties=wire.smp_properties(message_type, fields),
         mandatory=mandatory,
+    )
+
+
+def set_aside_row(
+    row: TakenRow,
+    table: outbox.OutboxTable,
+    reason_code: str,
+    reason: str,
+    message: amqp.OutgoingMessage | None = None,
+    next_retry_at: dt.datetime | None = None,
+) -> SetAside:
+    """The parcel of a row: its message when there is one, else its columns as text."""
+    debtor_id, creditor_id = (as_id(row.field(column)) for column in ("debtor_id", table.creditor_column))
+    parcel = parking.Parcel(
+        source_kind=parking.SOURCE_OUTBOX,
+        source_name=table.name,
+        # A row without a message has no routing key; the empty one says so.
+        routing_key=message.routing_key if message else "",
+        reason_code=reason_code,
+        reason=reason,
+        body=message.body if message else None,
+        row_data=None if message else row.text(),
+        exchange=message.exchange if message else None,
+        message_type=message.properties.type if message else None,
+        content_type=message.properties.content_type if message else None,
+        headers=message.properties.headers if message else None,
+        debtor_id=debtor_id,
+        creditor_id=creditor_id,
+        next_retry_at=next_retry_at,
+    )
+    row_key = f"key ({', '.join(table.key_columns)})=({', '.join(str(row.field(c)) for c in table.key_columns)})"
+    return SetAside(parcel, row_key)
+
+
+def as_id(value: Any) -> int | None:
+    """An account id from a loaded row (int) or from a row as text; None if it is not one."""
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def log_parked(item: SetAside) -> None:
+    parcel = item.parcel
+    retried = parcel.next_retry_at is not None
+    logger.log(
+        logging.WARNING if retried else logging.ERROR,
+        "Parked a %s row (debtor %s, creditor %s, %s): %s: %s; %s.",
+        parcel.source_name,
+        parcel.debtor_id,
+        parcel.creditor_id,
+        item.row_key,
+        parcel.reason_code,
+        parcel.reason,
+        "it will be retried" if retried else "only an operator can help",
+    )
+
+
+def take_rows(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: int) -> list[TakenRow]:
+    """Up to `max_count` rows, deleted in the caller's transaction.
+
+    Rows are loaded one by one, so that one that Python cannot load (a
+    timestamp past year 9999) is kept as text instead of failing the burst.
+    """
+    query = sql.SQL("SELECT * FROM pyswpt.{}(%s)").format(sql.Identifier(table.take_function))
+    with conn.cursor(row_factory=dict_row) as cursor:
+        cursor.execute(query, (max_count,))
+        return [load_row(cursor, index) for index in range(cursor.pgresult.ntuples)]
+
+
+def load_row(cursor: psycopg.Cursor, index: int) -> TakenRow:
+    text = functools.partial(row_text, cursor.pgresult, index, cursor.connection.info.encoding)
+    cursor.scroll(index, mode="absolute")
+    try:
+        return TakenRow(cursor.fetchone(), text)
+    except ROW_ERRORS as error:
+        return TakenRow(None, text, f"{unloadable_column(cursor, index)} ({type(error).__name__})")
+
+
+def row_text(result: PGresult, index: int, encoding: str) -> dict[str, str | None]:
+    """Row `index` of a result in text format (psycopg's default): every column as PostgreSQL wrote it."""
+    values = (result.get_value(index, column) for column in range(result.nfields))
+    return {
+        result.fname(column).decode(encoding): None if value is None else bytes(value).decode(encoding)
+        for column, value in enumerate(values)
+    }
+
+
+def unloadable_column(cursor: psycopg.Cursor, index: int) -> str:
+    """Which column of row `index` Python cannot load: the error message would show its value."""
+    result = cursor.pgresult
+    for column in range(result.nfields):
+        value = result.get_value(index, column)
+        if value is None:
+            continue
+        oid = result.ftype(column)
+        loader = cursor.adapters.get_loader(oid, result.fformat(column))(oid, cursor)
+        try:
+            loader.load(value)
+        except ROW_ERRORS:
+            return f"column {result.fname(column).decode(cursor.connection.info.encoding)}"
+    return "a column"
+
+
+# Retrying parked messages ---------------------------------------------------------------------
+
+
+def retry_parked_messages(
+    conn: psycopg.Connection, publisher: amqp.BatchPublisher, tables: Sequence[outbox.OutboxTable]
+) -> int:
+    """Publish again the due parked messages of `tables`; forget the confirmed ones,
+    postpone the others. Returns how many were delivered."""
+    with conn.transaction():
+        with conn.cursor(row_factory=dict_row) as cursor:
+            parked = cursor.execute(
+                TAKE_DUE_PARKED_RETRIES, ([table.name for table in tables], MAX_RETRIES_PER_ROUND)
+            ).fetchall()
+        if not parked:
+            return 0
+        outcomes = publisher.publish_each([message_of_parked(row) for row in parked])
+        delivered = [row["parked_id"] for row, outcome in zip(parked, outcomes) if outcome is amqp.Outcome.CONFIRMED]
+        conn.execute(DISCARD_PARKED_MESSAGES, (delivered,))
+        for row, outcome in zip(parked, outcomes):
+            if outcome is not amqp.Outcome.CONFIRMED:
+                reason = f"retry {row['attempts']}: {REASON_OF_OUTCOME[outcome]}"
+                conn.execute(POSTPONE_PARKED_RETRY, (row["parked_id"], reason, MAX_RETRY_PAUSE_SECONDS))
+    logger.info(
+        "Retried %d parked outgoing messages: %d delivered, %d postponed.",
+        len(parked),
+        len(delivered),
+        len(parked) - len(delivered),
+    )
+    return len(delivered)
+
+
+def message_of_parked(row: dict) -> amqp.OutgoingMessage:
+    """A parked outgoing message as it was first published (spec 01 §3.1 properties).
+
+    Only mandatory messages can be returned; a nacked one is retried as
+    mandatory too, so that a retry never drops it silently.
+    """
+    return amqp.OutgoingMessage(
+        exchange=row["exchange"],
+        routing_key=row["routing_key"],
+        body=bytes(row["body"]),
+        properties=pika.BasicProperties(
+            content_type=row["content_type"],
+            type=row["message_type"],
+            delivery_mode=wire.PERSISTENT_DELIVERY_MODE,
+            app_id=wire.APP_ID,
+            headers=row["headers"],
+        ),
+        mandatory=True,
     )

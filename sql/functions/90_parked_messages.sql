@@ -159,8 +159,15 @@ AS $$
     SELECT count(*)::integer FROM discarded
 $$;
 
--- Parked outgoing messages whose retry is due, locked for the flusher's transaction.
-CREATE OR REPLACE FUNCTION take_due_parked_retries(p_max_count integer, p_now timestamptz DEFAULT now())
+-- Parked outgoing messages of the given outbox tables whose retry is due, locked
+-- for the flusher's transaction. Consumed messages (source_kind 'queue') are
+-- never republished by a flusher, and a flusher retries only the tables it flushes.
+DROP FUNCTION IF EXISTS take_due_parked_retries(integer, timestamptz);
+CREATE OR REPLACE FUNCTION take_due_parked_retries(
+    p_source_names text[],
+    p_max_count integer,
+    p_now timestamptz DEFAULT now()
+)
 RETURNS SETOF parked_message
 LANGUAGE sql VOLATILE
 SET search_path = pyswpt, pg_temp
@@ -168,6 +175,9 @@ AS $$
     SELECT *
     FROM parked_message
     WHERE next_retry_at <= p_now
+        AND source_kind = 'outbox'
+        AND source_name = ANY (p_source_names)
+        AND body IS NOT NULL
     ORDER BY next_retry_at
     LIMIT p_max_count
     FOR UPDATE SKIP LOCKED
