@@ -50,6 +50,11 @@ DATETIME_PATTERN = re.compile(
     r"(?::(?P<second>\d{1,2})(?:\.(?P<fraction>\d{1,6})\d{0,6})?)?"
     r"(?P<zone>Z|[+-]\d{2}(?::?\d{2})?)?$"
 )
+# What Python's datetime can carry, hence the flusher and the fetch API: a
+# date-time outside this range once in UTC is refused (see parse_datetime).
+DATETIME_RANGE_ERROR = (
+    f"Must be between {dt.datetime.min.isoformat()}Z and {dt.datetime.max.isoformat()}Z in UTC."
+)
 
 CONTENT_TYPE_JSON = "application/json"
 INVALID_JSON_REASON = "The message does not contain a valid JSON document."
@@ -130,13 +135,15 @@ class _Text:
 
 @dataclasses.dataclass(frozen=True)
 class _DateTime:
-    """A date-time of the spec 01 §1.1 grammar, returned timezone-aware."""
+    """A date-time of the spec 01 §1.1 grammar, returned in UTC."""
 
     def load(self, value: Any) -> dt.datetime:
         try:
             return parse_datetime(value)
-        except (TypeError, ValueError, OverflowError) as error:
+        except (TypeError, ValueError) as error:
             raise _FieldError("Not a valid datetime.") from error
+        except OverflowError as error:
+            raise _FieldError(DATETIME_RANGE_ERROR) from error
 
 
 _Rule = Union[_Int, _Float, _Text, _DateTime]
@@ -212,12 +219,17 @@ def fits_float32(number: float) -> bool:
 
 
 def parse_datetime(value: Any) -> dt.datetime:
-    """A date-time of the spec 01 §1.1 grammar as an aware datetime.
+    """A date-time of the spec 01 §1.1 grammar, converted to UTC.
 
     FIX: a value without a zone is taken as UTC. The reference yields a naive
     datetime, and its ConfigureAccount handler then fails on every delivery
     comparing it with aware ones (a poison message); PrepareTransfer stored it
     in the database session zone, which is UTC in every standard deployment.
+
+    FIX: the instant must lie within Python's datetime range once in UTC, or
+    OverflowError is raised. The reference keeps the sender's offset, so
+    "9999-12-31T23:59:59-23:59" (in year 10000 in UTC) is stored; PostgreSQL
+    holds it, but no row holding it can be read back into Python again.
     """
     match = DATETIME_PATTERN.match(value)
     if match is None:
@@ -228,7 +240,7 @@ def parse_datetime(value: Any) -> dt.datetime:
     numbers = {name: int(text) for name, text in parts.items() if text is not None}
     if fraction is not None:
         numbers["microsecond"] = int(fraction.ljust(6, "0"))
-    return dt.datetime(**numbers, tzinfo=_parse_zone(zone))
+    return dt.datetime(**numbers, tzinfo=_parse_zone(zone)).astimezone(dt.timezone.utc)
 
 
 def _parse_zone(zone: str | None) -> dt.tzinfo:

@@ -178,7 +178,9 @@ BEGIN
     END IF;
 
     is_valid := true;
-    interest_rate_target := v_rate;
+    -- A fix: a rate that every account would store as zero is zero here too,
+    -- so that nothing downstream casts 1e-46 to `real` (underflow, 22003).
+    interest_rate_target := CASE WHEN interest_rate_as_stored(v_rate) = 0.0 THEN 0.0 ELSE v_rate END;
     issuing_limit := v_limit;
     info_iri := v_iri;
     info_content_type := v_content_type;

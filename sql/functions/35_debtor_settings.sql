@@ -30,12 +30,7 @@ BEGIN
     END IF;
     -- Compared and stored in single precision, like the column: comparing the
     -- REAL with the double (3.567::real <> 3.567) would "change" it every time.
-    -- A rate too small for single precision is zero; the cast would raise (an
-    -- endless redelivery of the chore in the reference).
-    v_rate := CASE
-        WHEN abs(p_interest_rate) < 1e-40 THEN 0.0
-        ELSE least(greatest(p_interest_rate, -50.0), 100.0)
-    END::real;
+    v_rate := interest_rate_as_stored(p_interest_rate);
 
     v_account := lock_existing_account(p_debtor_id, p_creditor_id);
     IF v_account.debtor_id IS NULL
@@ -162,4 +157,21 @@ AS $$
         debtor_info_sha256 = p_account.debtor_info_sha256
     WHERE debtor_id = p_account.debtor_id
         AND creditor_id = p_account.creditor_id
+$$;
+
+-- The rate an account stores for a requested one (spec 02 §2.7): clamped to
+-- [-50, 100] and rounded to single precision like the column. A rate below
+-- 1e-40 in magnitude is zero: a `real` cannot hold the smallest ones, and the
+-- cast would raise underflow (an endless redelivery of the chore in the
+-- reference). The accounts scanner compares stored rates with this too, so it
+-- never asks for a change that change_interest_rate would not make.
+CREATE OR REPLACE FUNCTION interest_rate_as_stored(p_interest_rate double precision)
+RETURNS real
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT CASE
+        WHEN abs(p_interest_rate) < 1e-40 THEN 0.0
+        ELSE least(greatest(p_interest_rate, -50.0), 100.0)
+    END::real
 $$;

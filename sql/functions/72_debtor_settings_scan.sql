@@ -12,9 +12,12 @@
 -- re-check everything under the account lock.
 --  * interest_rate: the target, when it differs from the stored rate and the
 --    last change is at least MESSAGE_MAX_DELAY_DAYS + 1 days old; else NULL.
---    The stored rate is single precision: it is compared with the target
---    rounded to single precision (spec 02 §2.7), so a target such as 3.567
---    does not "change" the rate on every pass as in the reference.
+--    The stored rate is single precision: it is compared with the target as
+--    change_interest_rate would store it (interest_rate_as_stored), so a
+--    target such as 3.567 does not "change" the rate on every pass as in the
+--    reference, a target that would be stored as zero asks for nothing, and
+--    no target can make the comparison fail (a plain cast to `real` raises
+--    underflow on 1e-46, which stopped the scanner at that debtor for good).
 --  * needs_debtor_info_update: the stored (iri, content type, sha256) differ
 --    from the config's. '' counts as absent on both sides: the chore maps ''
 --    to absent anyway, so an '' in the config no longer sends a no-op chore
@@ -57,7 +60,7 @@ AS $$
             s.debtor_id,
             s.creditor_id,
             CASE
-                WHEN s.interest_rate <> r.interest_rate_target::real
+                WHEN s.interest_rate <> interest_rate_as_stored(r.interest_rate_target)
                     AND s.last_interest_rate_change_ts
                         <= p_now - make_interval(secs => (p_message_max_delay_days + 1.0) * 86400.0)
                 THEN r.interest_rate_target

@@ -122,6 +122,17 @@ def test_rate_too_small_for_a_double_is_zero(conn):
     assert parse(conn, '{"rate": 1e-400}')[:2] == (True, 0.0)
 
 
+# A fix: a rate that the accounts would store as zero (too small for `real`, see
+# change_interest_rate) is zero, so no one casts it to `real` and fails on underflow.
+@pytest.mark.parametrize("config_data", ['{"rate": 1e-46}', '{"rate": -1e-46}', '{"rate": "1e-41"}'])
+def test_rate_too_small_for_single_precision_is_zero(conn, config_data):
+    assert parse(conn, config_data)[:2] == (True, 0.0)
+
+
+def test_rate_that_single_precision_holds_is_kept(conn):
+    assert parse(conn, '{"rate": 1e-39}')[:2] == (True, 1e-39)
+
+
 def test_fractional_limit_is_truncated(conn):
     assert parse(conn, '{"limit": 100.9}')[2] == 100
 
