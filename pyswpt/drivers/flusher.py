@@ -27,21 +27,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
+import pika.exceptions
 import psycopg
 from psycopg import sql
 from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 
-from pyswpt import amqp, consuming, db, outbox, parking, processes, wire
+from pyswpt import amqp, db, outbox, parking, processes, wire
+from pyswpt.backoff import Backoff
+from pyswpt.transactions import describe_error, is_infrastructure_error
 from pyswpt.config import Config
 
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "pyswpt_outbox"
 
-# Errors that mean a server or the network failed, not a row: nothing is
-# parked, the burst rolls back and the flusher reconnects with backoff.
-INFRASTRUCTURE_ERRORS = (*consuming.TRANSIENT_ERRORS, amqp.ConfirmsLost)
+# Broker failures; database ones are told apart by is_infrastructure_error.
+BROKER_ERRORS = (pika.exceptions.AMQPError, ConnectionError, amqp.ConfirmsLost)
 # Errors that the data of one row causes while it is loaded or encoded
 # (a timestamp past year 9999, a float JSON cannot carry, a missing value).
 ROW_ERRORS = (psycopg.DataError, ValueError, TypeError, OverflowError)
@@ -76,32 +78,30 @@ def run(config: Config, table_names: Sequence[str] | None = None) -> int:
 
 def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:
     """One flusher process: rounds over `tables` until `stopping` is set, reconnecting after failures."""
-    failures_in_a_row = 0
-
-    def round_completed() -> None:
-        nonlocal failures_in_a_row
-        failures_in_a_row = 0
-
+    backoff = Backoff()
     while not stopping.is_set():
         try:
-            flush_rounds(config, tables, stopping, round_completed)
+            flush_rounds(config, tables, stopping)
             return
-        except INFRASTRUCTURE_ERRORS as error:
-            pause = consuming.backoff_pause(failures_in_a_row)
-            failures_in_a_row += 1
+        except Exception as error:
+            if not is_lost_connection(error):
+                raise
+            pause = backoff.next_pause()
             logger.error(
-                "Lost a connection or confirms while flushing (%s: %s); the burst stays in the outbox. "
+                "Lost a connection or confirms while flushing (%s); the burst stays in the outbox. "
                 "Reconnecting in %.0f s.",
-                type(error).__name__,
-                " ".join(str(error).split()),
+                describe_error(error),
                 pause,
             )
             stopping.wait(pause)
 
 
-def flush_rounds(
-    config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event, round_completed: Callable[[], None]
-) -> None:
+def is_lost_connection(error: Exception) -> bool:
+    """A server or the network failed, not a row: nothing is parked, the burst rolls back."""
+    return isinstance(error, BROKER_ERRORS) or is_infrastructure_error(error)
+
+
+def flush_rounds(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:
     publisher = amqp.BatchPublisher(config.protocol_broker_url)
     try:
         with (
@@ -117,7 +117,6 @@ def flush_rounds(
                 for table in tables:
                     flush_table(conn, publisher, table, config)
                 retry_parked_messages(conn, publisher, tables)
-                round_completed()
                 publisher.keep_alive()
                 db.wait_for_notification(listener, round_started + config.flush_period_seconds, stopping)
     finally:
