@@ -171,10 +171,11 @@ def test_the_view_shows_what_and_why_without_the_body(conn):
 
 def test_get_returns_the_whole_row_or_nothing(conn):
     park(conn, b'{"n":1}')
-    [parked_id] = list_ids(conn, 0, 10)
-    [row] = conn.execute("SELECT body, headers FROM get_parked_message(%s)", (parked_id,)).fetchall()
+    park(conn, b'{"n":2}')
+    first, second = list_ids(conn, 0, 10)
+    [row] = conn.execute("SELECT body, headers FROM get_parked_message(%s)", (first,)).fetchall()
     assert row == (b'{"n":1}', {"message-type": "PendingBalanceChange"})
-    assert conn.execute("SELECT * FROM get_parked_message(%s)", (parked_id + 1,)).fetchall() == []
+    assert conn.execute("SELECT * FROM get_parked_message(%s)", (second + 1,)).fetchall() == []
 
 
 @contextlib.contextmanager
@@ -199,10 +200,10 @@ def test_lock_skips_rows_another_transaction_locked(conn, database_url):
     assert locked_ids(conn, ids) == ids
 
 
-def test_lock_ignores_unknown_ids(conn):
-    park_distinct(conn, 1)
-    [parked_id] = list_ids(conn, 0, 10)
-    assert locked_ids(conn, [parked_id + 1, parked_id]) == [parked_id]
+def test_lock_takes_only_the_known_ids_asked_for(conn):
+    park_distinct(conn, 2)
+    first, second = list_ids(conn, 0, 10)
+    assert locked_ids(conn, [second + 1, second]) == [second]
 
 
 def test_discard_returns_how_many_were_there(conn):
