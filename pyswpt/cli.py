@@ -267,6 +267,54 @@ def command_verify_shard_content(config: settings.Config, args: argparse.Namespa
     return shard_content.verify_shard_content(config)
 
 
+def command_parked_list(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import parked
+
+    return parked.list_parked(config, args.reason, args.source, args.json)
+
+
+def command_parked_show(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import parked
+
+    return parked.show_parked(config, args.id)
+
+
+def command_parked_replay(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import parked
+
+    return parked.replay_parked(config, args.ids, args.all_with_reason)
+
+
+def command_parked_discard(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import parked
+
+    return parked.discard_parked(config, args.ids, args.all_with_reason)
+
+
+def add_parked_commands(commands: argparse._SubParsersAction) -> None:
+    """parked list / show / replay / discard: the messages the drivers set aside (issue 8)."""
+    parked = commands.add_parser("parked", help="list, show, replay or discard parked messages")
+    actions = parked.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="parked messages, oldest first, without their bodies")
+    listing.add_argument("--reason", metavar="CODE", help="only those parked for this reason code")
+    listing.add_argument("--source", metavar="NAME", help="only those from this queue or outbox table")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=command_parked_list)
+    show = actions.add_parser("show", help="one parked message with its headers and body")
+    show.add_argument("id", type=int, metavar="ID")
+    show.set_defaults(handler=command_parked_show)
+    replay = actions.add_parser(
+        "replay", help="publish again (consumed messages to accounts_in) and discard those the broker took"
+    )
+    discard = actions.add_parser("discard", help="forget parked messages")
+    for parser in (replay, discard):
+        chosen = parser.add_mutually_exclusive_group(required=True)
+        chosen.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
+        chosen.add_argument("--all-with-reason", metavar="CODE", help="every message parked for this reason code")
+    replay.set_defaults(handler=command_parked_replay)
+    discard.set_defaults(handler=command_parked_discard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyswpt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify-shard-content",
         help="exit 1 if any record belongs to another shard (after a split), else 0",
     ).set_defaults(handler=command_verify_shard_content)
+    add_parked_commands(commands)
     add_run_commands(commands)
     return parser
 
