@@ -4,9 +4,10 @@ A replay publishes the message again and forgets its row in one database
 transaction: the rows are locked, published with publisher confirms, and
 discarded only after the broker took them, then the transaction commits. A
 crash between the confirm and the commit replays a message twice, never
-loses one. A consumed message goes to `accounts_in` with its original
-routing key, so the shard that owns it gets it, and a PendingBalanceChange
-replayed twice is applied once (the archive of registered balance changes).
+loses one. A consumed message goes back the way it came, normally
+`accounts_in` with its original routing key, so the shard that owns it gets
+it, and a PendingBalanceChange replayed twice is applied once (the archive of
+registered balance changes).
 An outgoing message goes to the exchange it was meant for.
 
 Exit statuses: 0 when everything asked for was done, 1 when some message was
@@ -33,9 +34,12 @@ EXIT_DONE = 0
 EXIT_SOME_LEFT = 1
 
 LIST_PAGE_SIZE = 500
-# Messages per transaction and per broker round. Kept small because the
-# publisher reports a batch as a whole: one unroutable message keeps its batch.
+# Messages per transaction and per broker round.
 ACTION_BATCH_SIZE = 100
+REFUSAL_OF_OUTCOME = {
+    amqp.Outcome.RETURNED: "returned: no queue is bound for it",
+    amqp.Outcome.NACKED: "nacked",
+}
 # Headers the broker adds when it delivers or dead-letters a message; a replay is a new delivery.
 BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-received-from"})
 BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
@@ -231,25 +235,25 @@ def unreplayable(row: Row) -> str | None:
 
 
 def refused_by_broker(publisher: amqp.BatchPublisher, messages: list[amqp.OutgoingMessage]) -> list[str | None]:
-    """Publish `messages`; for each one, None if the broker took it, else why not.
-
-    BatchPublisher.publish raises PublishError unless the broker took every
-    message (confirmed and routed). Then none is counted as taken: their rows
-    are kept, so a replay may publish a message twice but never loses one.
-    """
+    """Publish `messages`; for each one, None if the broker took it, else why not."""
     if not messages:
         return []
-    try:
-        publisher.publish(messages)
-    except amqp.PublishError as error:
-        return [str(error)] * len(messages)
-    return [None] * len(messages)
+    return [
+        None if outcome is amqp.Outcome.CONFIRMED else REFUSAL_OF_OUTCOME[outcome]
+        for outcome in publisher.publish_each(messages)
+    ]
 
 
 def outgoing_message(row: Row) -> amqp.OutgoingMessage:
-    """The parked message as it is replayed: a consumed one to accounts_in, an outgoing one where it was going."""
+    """The parked message as it is replayed: the way it came (or was going), with its routing key.
+
+    A consumed SMP message came through accounts_in, so the shard that owns
+    it gets it again; one that was put straight into a queue (a chore, say)
+    goes back through the default exchange to that queue.
+    """
     if row["source_kind"] == parking.SOURCE_QUEUE:
-        exchange, app_id = wire.ACCOUNTS_IN_EXCHANGE, None
+        exchange = wire.ACCOUNTS_IN_EXCHANGE if row["exchange"] is None else row["exchange"]
+        app_id = None
     else:
         # Every outgoing SMP message names this service (spec 01 §3.1).
         exchange, app_id = row["exchange"], wire.APP_ID

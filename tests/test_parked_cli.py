@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from typing import Any
 
 import psycopg
@@ -11,7 +12,7 @@ import pytest
 
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, pyswpt_command
-from pyswpt import parking, sharding
+from pyswpt import parking, sharding, topology
 
 QUEUE = "swpt_accounts"
 DEBTOR = -2
@@ -227,6 +228,39 @@ def test_an_unroutable_replay_keeps_the_row_and_says_so(conn, database_url, rabb
     assert f"parked message {parked_id}: the broker did not take it" in result.stderr
     assert "Replayed 0 parked messages." in result.stdout
     assert parked_ids(conn) == [parked_id]
+
+
+def test_an_unroutable_replay_keeps_only_its_own_row(conn, database_url, rabbitmq_url):
+    routable = park(conn)
+    unroutable = park(
+        conn,
+        source_kind=parking.SOURCE_OUTBOX,
+        source_name="flush_account_updates",
+        exchange="to_debtors",
+        routing_key="ff.ff.ff.ff.ff.ff.ff.f0",
+        message_type="AccountUpdate",
+    )
+    with catching_queue(rabbitmq_url, [("accounts_in", BALANCE_CHANGE_KEY)]) as catcher:
+        result = parked(["replay", str(routable), str(unroutable)], database_url, rabbitmq_url)
+        catcher.collect(1)
+    assert result.returncode == 1
+    assert "Replayed 1 parked messages." in result.stdout
+    assert parked_ids(conn) == [unroutable]
+
+
+def test_a_chore_replays_through_the_default_exchange_to_its_queue(conn, database_url, rabbitmq_url):
+    chores_queue = f"test_parked_chores_{uuid.uuid4().hex[:8]}"
+    topology.declare_chores_queue(rabbitmq_url, chores_queue)
+    try:
+        parked_id = park(conn, exchange="", routing_key=chores_queue, message_type="TryToDeleteAccount")
+        result = parked(["replay", str(parked_id)], database_url, rabbitmq_url)
+        assert result.returncode == 0, result.stderr
+        with topology.open_channel(rabbitmq_url) as channel:
+            method, _properties, body = channel.basic_get(chores_queue, auto_ack=True)
+        assert method is not None and body == BALANCE_CHANGE_BODY
+    finally:
+        with topology.open_channel(rabbitmq_url) as channel:
+            channel.queue_delete(chores_queue)
 
 
 def test_replay_without_ids_or_reason_is_bad_usage(database_url, rabbitmq_url):
