@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import multiprocessing
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pyswpt import db, logs, sharding
+from pyswpt import db, logs, processes, sharding
 from pyswpt import config as settings
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,10 @@ def create_app(config: settings.Config) -> Starlette:
 
 def create_app_from_environment() -> Starlette:
     """The app of one uvicorn worker process, which inherits the parent's environment."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None, "uvicorn calls the factory in its worker processes only"
+    # uvicorn starts its worker processes from the main thread of `pyswpt run web`.
+    processes.die_with_parent(parent.pid)
     config = settings.load()
     logs.configure_logging(config)
     return create_app(config)

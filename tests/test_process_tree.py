@@ -1,0 +1,89 @@
+"""A clean process tree: children die with their parent, and `pyswpt run all` leaves nothing behind.
+
+Worker processes forked by a driver, and the drivers `pyswpt run all` starts,
+kept running (with parent pid 1) once their parent was SIGKILLed, beside the
+replacements `run all` started; one was still running after `run all` itself
+had stopped. Each test collects the pids of a tree from /proc, kills or stops
+its root and waits, with a deadline, until none of them runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from drivers import children, descendants, healthy, is_alive, node_environment, running, started_pids, wait_for  # noqa: F401
+from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
+
+WORKER_PROCESSES = 2
+# A process whose parent died stops as on SIGTERM; that takes well under this.
+GONE_WITHIN_SECONDS = STOP_TIMEOUT_SECONDS
+# The drivers of `run all` that fork worker processes, one each by default.
+FORKING_DRIVERS = ("consumer", "chores", "flusher")
+
+
+def running_pids(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if is_alive(pid)}
+
+
+@pytest.mark.parametrize(
+    ("program", "processes_setting"),
+    [
+        ("consumer", "PROTOCOL_BROKER_PROCESSES"),
+        ("flusher", "FLUSH_PROCESSES"),
+        ("chores", "CHORES_BROKER_PROCESSES"),
+        ("web", "WEBSERVER_PROCESSES"),
+    ],
+)
+def test_worker_processes_stop_when_their_driver_is_killed(node_environment, tmp_path, program, processes_setting):
+    port, environ = node_environment
+    environ = {**environ, processes_setting: str(WORKER_PROCESSES)}
+    with running(["run", program], environ, tmp_path) as driver:
+        if program == "web":
+            # uvicorn starts every worker before any answers (and a resource tracker beside them).
+            wait_for(lambda: healthy(port), "the fetch API")
+        wait_for(lambda: len(children(driver.process.pid)) >= WORKER_PROCESSES, "the worker processes")
+        workers = descendants(driver.process.pid)
+
+        driver.stop(signal.SIGKILL)
+
+        wait_for(lambda: not running_pids(workers), f"the workers of {program} to stop", GONE_WITHIN_SECONDS)
+
+
+def every_driver_with_its_workers(node) -> set[int]:
+    """The tree of `run all`, once every driver and every driver's worker process runs."""
+    wait_for(lambda: set(started_pids(node.log())) == set(PROGRAMS), "every driver to start")
+    latest = {program: pids[-1] for program, pids in started_pids(node.log()).items()}
+    wait_for(
+        lambda: all(children(latest[program]) for program in FORKING_DRIVERS),
+        "the worker processes of every driver",
+    )
+    return descendants(node.process.pid)
+
+
+def test_nothing_of_run_all_runs_after_it_is_killed(node_environment, tmp_path):
+    _port, environ = node_environment
+    with running(["run", "all"], environ, tmp_path) as node:
+        tree = every_driver_with_its_workers(node)
+
+        node.stop(signal.SIGKILL)
+
+    wait_for(lambda: not running_pids(tree), "every process of run all to stop", GONE_WITHIN_SECONDS)
+
+
+def test_nothing_of_run_all_runs_after_it_stops(node_environment, tmp_path):
+    """A driver killed under `run all` leaves no worker behind, then or after `run all` stops."""
+    _port, environ = node_environment
+    with running(["run", "all"], environ, tmp_path) as node:
+        tree = every_driver_with_its_workers(node)
+        [consumer] = started_pids(node.log())["consumer"]
+        os.kill(consumer, signal.SIGKILL)
+        wait_for(lambda: len(started_pids(node.log())["consumer"]) == 2, "the consumer to be restarted")
+        tree |= every_driver_with_its_workers(node)
+
+        status = node.stop(signal.SIGTERM)
+
+    assert status == 0
+    wait_for(lambda: not running_pids(tree), "every process of run all to stop", GONE_WITHIN_SECONDS)
