@@ -166,6 +166,16 @@ def children(pid: int) -> list[int]:
     return [child for child, parent in running_processes().items() if parent == pid]
 
 
+def spawned_children(pid: int) -> list[int]:
+    """Children started by multiprocessing's spawn (uvicorn's workers), not its resource tracker."""
+    spawned = []
+    for child in children(pid):
+        with contextlib.suppress(FileNotFoundError):
+            if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes():
+                spawned.append(child)
+    return spawned
+
+
 def descendants(pid: int) -> set[int]:
     """The running processes under `pid`: its children, theirs, and so on."""
     parents = running_processes()

@@ -14,7 +14,16 @@ import signal
 
 import pytest
 
-from drivers import children, descendants, healthy, is_alive, node_environment, running, started_pids, wait_for  # noqa: F401
+from drivers import (  # noqa: F401 (node_environment is a fixture)
+    children,
+    descendants,
+    is_alive,
+    node_environment,
+    running,
+    spawned_children,
+    started_pids,
+    wait_for,
+)
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 
 WORKER_PROCESSES = 2
@@ -38,13 +47,12 @@ def running_pids(pids: set[int]) -> set[int]:
     ],
 )
 def test_worker_processes_stop_when_their_driver_is_killed(node_environment, tmp_path, program, processes_setting):
-    port, environ = node_environment
+    _port, environ = node_environment
     environ = {**environ, processes_setting: str(WORKER_PROCESSES)}
     with running(["run", program], environ, tmp_path) as driver:
-        if program == "web":
-            # uvicorn starts every worker before any answers (and a resource tracker beside them).
-            wait_for(lambda: healthy(port), "the fetch API")
-        wait_for(lambda: len(children(driver.process.pid)) >= WORKER_PROCESSES, "the worker processes")
+        # uvicorn's are spawned, beside multiprocessing's resource tracker.
+        workers_of = spawned_children if program == "web" else children
+        wait_for(lambda: len(workers_of(driver.process.pid)) == WORKER_PROCESSES, "the worker processes")
         workers = descendants(driver.process.pid)
 
         driver.stop(signal.SIGKILL)
