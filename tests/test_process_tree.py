@@ -9,9 +9,13 @@ its root and waits, with a deadline, until none of them runs.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import signal
 
+import pika
+import psycopg
 import pytest
 
 from drivers import (  # noqa: F401 (node_environment is a fixture)
@@ -24,6 +28,7 @@ from drivers import (  # noqa: F401 (node_environment is a fixture)
     started_pids,
     wait_for,
 )
+from pyswpt import topology
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 
 WORKER_PROCESSES = 2
@@ -95,3 +100,51 @@ def test_nothing_of_run_all_runs_after_it_stops(node_environment, tmp_path):
 
     assert status == 0
     wait_for(lambda: not running_pids(tree), "every process of run all to stop", GONE_WITHIN_SECONDS)
+
+
+def test_run_all_kills_what_a_killed_driver_left_before_starting_it_again(
+    node_environment, database_url, rabbitmq_url, tmp_path
+):
+    """A worker that cannot stop (its batch waits for a lock) is killed with its driver's process group."""
+    _port, environ = node_environment
+    queue = environ["PROTOCOL_BROKER_QUEUE"]
+    with running(["run", "all"], environ, tmp_path) as node, psycopg.connect(database_url) as locker:
+        every_driver_with_its_workers(node)
+        [consumer] = started_pids(node.log())["consumer"]
+        [worker] = children(consumer)
+        locker.execute("LOCK TABLE pyswpt.account IN ACCESS EXCLUSIVE MODE")
+        publish_configure_account(rabbitmq_url, queue)
+        wait_for(lambda: waits_for_a_lock(database_url, f"pyswpt consumer {queue}"), "the batch to wait for the lock")
+
+        os.kill(consumer, signal.SIGKILL)
+
+        wait_for(lambda: not is_alive(worker), "the worker to be killed", STOP_TIMEOUT_SECONDS + 10)
+        wait_for(lambda: len(started_pids(node.log())["consumer"]) == 2, "the consumer to be restarted")
+        locker.rollback()
+        log = node.log()
+        killed = log.index(f"Processes of consumer's group {consumer} did not stop in time; killing them.")
+        assert killed < log.rindex("Started consumer")
+
+
+def publish_configure_account(rabbitmq_url: str, queue: str) -> None:
+    fields = {
+        "type": "ConfigureAccount",
+        "debtor_id": 1,
+        "creditor_id": 2,
+        "negligible_amount": 0.0,
+        "config_data": "",
+        "config_flags": 0,
+        "seqnum": 1,
+        "ts": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    properties = pika.BasicProperties(content_type="application/json", type="ConfigureAccount", delivery_mode=2)
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.basic_publish("", queue, json.dumps(fields).encode(), properties)
+
+
+def waits_for_a_lock(database_url: str, application_name: str) -> bool:
+    with psycopg.connect(database_url, autocommit=True) as observer:
+        return observer.execute(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock')",
+            (application_name,),
+        ).fetchone()[0]
