@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What a child gets when its parent dies: the ordinary stop request, so that it
+# finishes its current batch, acks what committed, stops its own workers and
+# closes its connections, as on any stop. SIGKILL would be as safe (acks only
+# follow commits) but would have the broker redeliver every batch in flight
+# and leave a driver no time to stop its workers. A child that does not stop
+# is killed by `pyswpt run all` with what remains of its driver's process group.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+# prctl(2) option: the signal sent to this process when the thread that created it ends.
+PR_SET_PDEATHSIG = 1
+# Exit status of a child that found its parent already gone before it could start.
+ORPHANED_AT_START_STATUS = 1
 WORKER_STOP_TIMEOUT_SECONDS = 30.0
 # The main thread wakes up this often while it waits for its threads (join_threads).
 JOIN_SLICE_SECONDS = 0.5
@@ -41,9 +55,38 @@ def join_threads(threads: Sequence[threading.Thread]) -> None:
             thread.join(JOIN_SLICE_SECONDS)
 
 
-def _worker_main(target: Callable[..., None], args: tuple) -> None:
-    # Forked with the stop signals blocked: one that came meanwhile is delivered
-    # now, to this process's own handler.
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl, loaded once in the parent: a forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_prctl = _load_prctl()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have PARENT_DEATH_SIGNAL sent to this process when `parent_pid`, its parent, dies.
+
+    Called in a child right after fork, on Linux (elsewhere a child outlives a
+    killed parent). The kernel sends the signal when the parent's thread that
+    forked the child ends, so children are started from the main thread. A
+    parent that died before the signal was armed sends nothing: the child then
+    finds another parent and exits at once, having done nothing yet.
+    """
+    if _prctl is None:
+        return
+    if _prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(error)}")
+    if os.getppid() != parent_pid:
+        os._exit(ORPHANED_AT_START_STATUS)
+
+
+def _worker_main(parent_pid: int, target: Callable[..., None], args: tuple) -> None:
+    die_with_parent(parent_pid)
+    # Forked with the stop signals blocked: one that came meanwhile (the parent's
+    # death included) is delivered now, to this process's own handler.
     stopping = stop_event_on_signals()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
@@ -66,7 +109,7 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
         return 0
     context = multiprocessing.get_context("fork")
     workers = [
-        context.Process(target=_worker_main, args=(target, args), name=f"{target.__name__}-{n}")
+        context.Process(target=_worker_main, args=(os.getpid(), target, args), name=f"{target.__name__}-{n}")
         for n in range(count)
     ]
     # Until a worker has installed its own handlers, a stop signal would run the

@@ -5,18 +5,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+
+from pyswpt import topology
 
 POLL_INTERVAL_SECONDS = 0.05
 STOP_DEADLINE_SECONDS = 30.0
+ZOMBIE_STATE = "Z"
+# What `pyswpt run all` logs for each driver it starts.
+STARTED = re.compile(r"Started (\S+) \(pid (\d+)\)")
 
 
 def free_port() -> int:
@@ -89,3 +97,91 @@ def running(args: list[str], environ: dict[str, str], log_dir: Path) -> Iterator
         yield started
     finally:
         started.stop()
+
+
+@pytest.fixture
+def node_environment(database_url, rabbitmq_url):
+    """Port of the fetch API and environment of a node with queues of its own, deleted afterwards."""
+    queue = f"test_all_{uuid.uuid4().hex[:8]}"
+    chores_queue = f"{queue}_chores"
+    topology.subscribe(rabbitmq_url, queue, "#")
+    topology.declare_chores_queue(rabbitmq_url, chores_queue)
+    port = free_port()
+    yield port, driver_environment(
+        database_url,
+        rabbitmq_url,
+        PROTOCOL_BROKER_QUEUE=queue,
+        CHORES_BROKER_QUEUE=chores_queue,
+        WEBSERVER_PORT=str(port),
+        FETCH_API_URL=f"http://127.0.0.1:{port}",
+    )
+    with topology.open_channel(rabbitmq_url) as channel:
+        for name in (queue, topology.dead_letter_queue_name(queue), chores_queue):
+            channel.queue_delete(name)
+
+
+def started_pids(log: str) -> dict[str, list[int]]:
+    """The pids of each driver `pyswpt run all` started, in order, from its log."""
+    pids: dict[str, list[int]] = {}
+    for program, pid in STARTED.findall(log):
+        pids.setdefault(program, []).append(int(pid))
+    return pids
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/accounts/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def running_processes() -> dict[int, int]:
+    """The parent pid of every process that has not exited (zombies are not running), from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = process_stat(int(entry.name))
+            if stat is not None and stat[0] != ZOMBIE_STATE:
+                parents[int(entry.name)] = int(stat[1])
+    return parents
+
+
+def process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command (state, ppid, pgrp, ...); None once it is gone."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # "pid (command) state ppid pgrp ...": the command may contain spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()
+
+
+def is_alive(pid: int) -> bool:
+    """Whether the process has not exited; a zombie has, and only waits for its parent."""
+    stat = process_stat(pid)
+    return stat is not None and stat[0] != ZOMBIE_STATE
+
+
+def children(pid: int) -> list[int]:
+    return [child for child, parent in running_processes().items() if parent == pid]
+
+
+def spawned_children(pid: int) -> list[int]:
+    """Children started by multiprocessing's spawn (uvicorn's workers), not its resource tracker."""
+    spawned = []
+    for child in children(pid):
+        with contextlib.suppress(FileNotFoundError):
+            if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes():
+                spawned.append(child)
+    return spawned
+
+
+def descendants(pid: int) -> set[int]:
+    """The running processes under `pid`: its children, theirs, and so on."""
+    parents = running_processes()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found

@@ -3,61 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
-import uuid
 
-import httpx
-import pytest
-
-from drivers import driver_environment, free_port, running, wait_for
-from pyswpt import topology
+# tests/test_full_stack.py imports free_port, healthy, is_alive and started_pids from here.
+from drivers import free_port, healthy, is_alive, node_environment, running, started_pids, wait_for  # noqa: F401
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
-
-STARTED = re.compile(r"Started (\S+) \(pid (\d+)\)")
-
-
-def started_pids(log: str) -> dict[str, list[int]]:
-    pids: dict[str, list[int]] = {}
-    for program, pid in STARTED.findall(log):
-        pids.setdefault(program, []).append(int(pid))
-    return pids
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/accounts/healthz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-@pytest.fixture
-def node_environment(database_url, rabbitmq_url):
-    queue = f"test_all_{uuid.uuid4().hex[:8]}"
-    chores_queue = f"{queue}_chores"
-    topology.subscribe(rabbitmq_url, queue, "#")
-    topology.declare_chores_queue(rabbitmq_url, chores_queue)
-    port = free_port()
-    yield port, driver_environment(
-        database_url,
-        rabbitmq_url,
-        PROTOCOL_BROKER_QUEUE=queue,
-        CHORES_BROKER_QUEUE=chores_queue,
-        WEBSERVER_PORT=str(port),
-        FETCH_API_URL=f"http://127.0.0.1:{port}",
-    )
-    with topology.open_channel(rabbitmq_url) as channel:
-        for name in (queue, topology.dead_letter_queue_name(queue), chores_queue):
-            channel.queue_delete(name)
 
 
 def test_all_starts_every_driver_and_restarts_a_killed_one(node_environment, tmp_path):

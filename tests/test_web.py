@@ -21,8 +21,9 @@ import httpx
 import psycopg
 import pytest
 
-from drivers import free_port, pyswpt_command, wait_for
+from drivers import free_port, pyswpt_command, spawned_children, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, insert_account
+from pyswpt.drivers.web import CONCURRENCY_LIMIT, REQUEST_HEAD_TIMEOUT_SECONDS
 
 STARTUP_DEADLINE_SECONDS = 30.0
 REQUEST_TIMEOUT_SECONDS = 10.0
@@ -368,32 +369,87 @@ def test_database_reads_are_limited_to_webserver_threads(database_url, tmp_path)
             assert [answer.result().status_code for answer in answers] == [404] * requests
 
 
+# connections -------------------------------------------------------------------
+
+# A connection given up on is closed within this; it would stay open forever otherwise.
+CLOSED_WITHIN_SECONDS = REQUEST_HEAD_TIMEOUT_SECONDS + 5
+STALLED_CONNECTIONS = 20
+HEALTHZ_HEAD = b"GET /accounts/healthz HTTP/1.1\r\nHost: localhost\r\n"
+
+
+def connect(server: WebServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=REQUEST_HEAD_TIMEOUT_SECONDS)
+
+
+def left_open(sockets: list[socket.socket], deadline_seconds: float) -> list[socket.socket]:
+    """The sockets the server has not closed within `deadline_seconds`, reading whatever it sends."""
+    deadline = time.monotonic() + deadline_seconds
+    still_open = []
+    for sock in sockets:
+        try:
+            while True:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                if not sock.recv(65536):
+                    break
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            still_open.append(sock)
+    return still_open
+
+
+def test_silent_connections_are_closed_after_the_request_head_timeout(server):
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(connect(server)) for _ in range(STALLED_CONNECTIONS)]
+
+        assert left_open(sockets, CLOSED_WITHIN_SECONDS) == []
+    assert server.is_healthy()
+
+
+def test_half_sent_request_heads_are_closed_after_the_request_head_timeout(server):
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(connect(server)) for _ in range(STALLED_CONNECTIONS)]
+        for sock in sockets:
+            sock.sendall(HEALTHZ_HEAD)  # without the blank line that ends a head
+
+        assert left_open(sockets, CLOSED_WITHIN_SECONDS) == []
+    assert server.is_healthy()
+
+
+def test_a_head_half_sent_after_a_response_is_closed_after_the_request_head_timeout(server):
+    """The next request's first bytes stop the keep-alive timeout; the head must still come in time."""
+    with connect(server) as sock:
+        sock.sendall(HEALTHZ_HEAD + b"\r\n")
+        received = b""
+        while not received.endswith(b"I am healthy"):
+            received += sock.recv(65536)
+        sock.sendall(HEALTHZ_HEAD)
+
+        assert left_open([sock], CLOSED_WITHIN_SECONDS) == []
+
+
+def test_requests_beyond_the_concurrency_limit_are_answered_503(database_url, tmp_path):
+    with web_server(database_url, tmp_path) as limited:
+        with contextlib.ExitStack() as stack:
+            for _ in range(CONCURRENCY_LIMIT):
+                stack.enter_context(connect(limited))
+
+            assert limited.get("/accounts/healthz").status_code == 503
+
+        wait_for(limited.is_healthy, "healthz to answer once the connections are closed")
+
+
 # processes and logs ------------------------------------------------------------
 
 
 def test_two_worker_processes_serve(database_url, conn, tmp_path):
     insert_account(conn, 5, 7, config_data="seven")
     with web_server(database_url, tmp_path, WEBSERVER_PROCESSES="2") as forked:
-        if children_file(forked.process.pid).exists():
-            wait_for(lambda: len(worker_processes(forked.process.pid)) == 2, "two worker processes")
+        wait_for(lambda: len(spawned_children(forked.process.pid)) == 2, "two worker processes")
         for _ in range(10):
             assert forked.get("/accounts/5/7/reachable").status_code == 204
             assert forked.get("/accounts/5/7/config").text == "seven"
             assert forked.get("/accounts/5/8/reachable").status_code == 404
-
-
-def children_file(pid: int) -> Path:
-    return Path(f"/proc/{pid}/task/{pid}/children")
-
-
-def worker_processes(pid: int) -> list[int]:
-    """Children started by multiprocessing's spawn (not its resource tracker)."""
-    workers = []
-    for child in map(int, children_file(pid).read_text().split()):
-        with contextlib.suppress(FileNotFoundError):
-            if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes():
-                workers.append(child)
-    return workers
 
 
 def test_access_log_is_written_at_debug_level(database_url, tmp_path):

@@ -6,19 +6,31 @@ exits is started again after a backoff that grows while it keeps failing
 quickly. SIGTERM or SIGINT stops every driver with SIGTERM — each finishes its
 current batch, acks what committed and closes its connections — and kills
 the ones still running after STOP_TIMEOUT_SECONDS.
+
+Nothing of the tree outlives it. Each driver dies with the supervisor
+(processes.die_with_parent), and its worker processes die with the driver.
+Each driver also leads a process group of its own, which its workers inherit
+and keep even once orphaned: the supervisor waits for a dead driver's group
+to empty before starting it again, so that old workers never run beside their
+replacements, and on the way out it kills every group that is not empty
+after STOP_TIMEOUT_SECONDS. An operator can stop one driver with everything
+it started likewise: `kill -- -PID`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 
 from pyswpt.config import Config
-from pyswpt.processes import stop_event_on_signals
+from pyswpt.processes import die_with_parent, stop_event_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +59,19 @@ class Child:
     started_at: float = 0.0
     quick_failures: int = 0
     restart_at: float = 0.0
+    # The process group of the driver's last run (its pid), and when to kill what still runs in it.
+    group: int | None = None
+    group_kill_at: float = 0.0
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "pyswpt.cli", "run", self.program])
+        # Called from the main thread only: the parent-death signal follows the thread that forks.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pyswpt.cli", "run", self.program],
+            process_group=0,
+            # Nothing but the main thread runs here, so preexec_fn is safe.
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
+        )
+        self.group = self.process.pid
         self.started_at = time.monotonic()
         logger.info("Started %s (pid %d).", self.program, self.process.pid)
 
@@ -72,8 +94,34 @@ class Child:
             )
             self.process = None
             self.restart_at = now + pause
-        if now >= self.restart_at:
+            self.group_kill_at = now + STOP_TIMEOUT_SECONDS
+        if now >= self.restart_at and self.group_is_gone(now):
             self.start()
+
+    def group_is_gone(self, now: float) -> bool:
+        """Whether the last run's workers have ended; they are killed after STOP_TIMEOUT_SECONDS."""
+        if not group_is_running(self.group):
+            return True
+        if now < self.group_kill_at:
+            return False
+        self.kill_group()
+        return True
+
+    def kill_group(self) -> None:
+        logger.error("Processes of %s's group %d did not stop in time; killing them.", self.program, self.group)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.group, signal.SIGKILL)
+
+
+def group_is_running(group: int | None) -> bool:
+    """Whether a process group still has members (zombies not yet reaped count too)."""
+    if group is None:
+        return False
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def describe_status(status: int) -> str:
@@ -95,6 +143,7 @@ def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
 
 
 def stop_all(children: list[Child]) -> None:
+    """SIGTERM to every driver; after STOP_TIMEOUT_SECONDS, SIGKILL to what is left of their groups."""
     running = [child for child in children if child.process is not None and child.process.poll() is None]
     for child in running:
         child.process.send_signal(signal.SIGTERM)
@@ -106,5 +155,11 @@ def stop_all(children: list[Child]) -> None:
             logger.error("%s (pid %d) did not stop in time; killing it.", child.program, child.process.pid)
             child.process.kill()
             child.process.wait()
+    # The drivers stop their own workers, but a driver that was killed left its workers behind.
+    for child in children:
+        while group_is_running(child.group) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+        if group_is_running(child.group):
+            child.kill_group()
     logger.info("All drivers stopped.")
 

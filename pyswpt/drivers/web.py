@@ -5,19 +5,27 @@ A Starlette app served by uvicorn on WEBSERVER_PORT with WEBSERVER_PROCESSES
 worker processes. Each process runs at most WEBSERVER_THREADS database reads
 at a time, through a pool of as many connections. The only SQL called is the
 two read-only functions of sql/functions/60_fetch_api.sql.
+
+No client can hold on to the server: a connection must deliver each request's
+head in time (RequestHeadDeadlineProtocol) and is closed once idle after a
+response, and from CONCURRENCY_LIMIT open connections on, requests are
+answered 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
+import multiprocessing
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import anyio.to_thread
+import h11
 import psycopg
 import uvicorn
 from starlette.applications import Starlette
@@ -26,8 +34,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pyswpt import db, logs, sharding
+from pyswpt import db, logs, processes, sharding
 from pyswpt import config as settings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +48,18 @@ POOL_NAME = "pyswpt-web"
 APP_FACTORY = f"{__name__}:create_app_from_environment"
 # In-flight requests get this long to finish after SIGTERM.
 GRACEFUL_SHUTDOWN_SECONDS = 10
+# A connection is closed when it stays this long without a new request after a response.
+KEEP_ALIVE_TIMEOUT_SECONDS = 5
+# ... and when the head of a request (request line and headers) has not fully
+# come this long after the connection opened, or after its first bytes.
+REQUEST_HEAD_TIMEOUT_SECONDS = 10
+# Open connections (or requests in progress) per process from which a request
+# is answered 503 and its connection closed. Far above what the caching proxy
+# in front needs: requests wait for one of WEBSERVER_THREADS database
+# connections anyway.
+CONCURRENCY_LIMIT = 500
+# Connections the kernel queues before a process accepts them; beyond it, it refuses them.
+LISTEN_BACKLOG_CONNECTIONS = 1024
 
 # Answers about accounts may be cached for a day by the caching proxy, negative ones too.
 ACCOUNT_CACHE_CONTROL = "max-age=86400"
@@ -214,8 +235,51 @@ def create_app(config: settings.Config) -> Starlette:
     return app
 
 
+class RequestHeadDeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for the head of every request.
+
+    uvicorn closes a connection left idle after a response (KEEP_ALIVE_TIMEOUT_SECONDS)
+    but would wait forever for the first request of a connection, and for the
+    rest of a head whose first bytes came: silent and half-sent connections
+    stayed open. Here they are closed REQUEST_HEAD_TIMEOUT_SECONDS after the
+    connection opened, or after the first bytes of a head.
+    """
+
+    head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # h11 leaves the client IDLE until a whole head has come.
+        if self.conn.their_state is h11.IDLE:
+            if self.head_deadline is None:
+                self.arm_head_deadline()
+        else:
+            self.cancel_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def arm_head_deadline(self) -> None:
+        # No request is in progress: the connection is closed as an idle one.
+        self.head_deadline = self.loop.call_later(REQUEST_HEAD_TIMEOUT_SECONDS, self.timeout_keep_alive_handler)
+
+    def cancel_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+
 def create_app_from_environment() -> Starlette:
     """The app of one uvicorn worker process, which inherits the parent's environment."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None, "uvicorn calls the factory in its worker processes only"
+    # uvicorn starts its worker processes from the main thread of `pyswpt run web`.
+    processes.die_with_parent(parent.pid)
     config = settings.load()
     logs.configure_logging(config)
     return create_app(config)
@@ -233,6 +297,10 @@ def run(config: settings.Config) -> int:
         # AccessLog reads X-Forwarded-For itself, trusting one proxy hop.
         "proxy_headers": False,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+        "http": RequestHeadDeadlineProtocol,
+        "timeout_keep_alive": KEEP_ALIVE_TIMEOUT_SECONDS,
+        "limit_concurrency": CONCURRENCY_LIMIT,
+        "backlog": LISTEN_BACKLOG_CONNECTIONS,
     }
     if config.webserver_processes == 1:
         uvicorn.run(create_app(config), **options)
