@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 
 from pyswpt import amqp, db, outbox, processes, wire
 from pyswpt.config import Config
+from pyswpt.transactions import with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,24 @@ def flush_table(
     burst = config.flush_burst_counts[table.name]
     sent = 0
     while True:
-        with conn.transaction():
-            rows = take_rows(conn, table, burst)
-            messages = [message_of(row, table, config) for row in rows]
-            publisher.publish([m for m in messages if m is not None])
+        # At REPEATABLE READ two flushers racing for a row fail with 40001 in
+        # take_rows, before anything is published: the burst is taken again.
+        rows = with_retries(conn, lambda c: publish_burst(c, publisher, table, burst, config))
         sent += len(rows)
         if len(rows) < burst:
             if sent:
                 logger.info("Flushed %d %s.", sent, table.name)
             return sent
+
+
+def publish_burst(
+    conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, max_count: int, config: Config
+) -> list[dict]:
+    """Take up to `max_count` rows in the caller's transaction and publish them; its commit deletes them."""
+    rows = take_rows(conn, table, max_count)
+    messages = [message_of(row, table, config) for row in rows]
+    publisher.publish([m for m in messages if m is not None])
+    return rows
 
 
 def take_rows(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: int) -> list[dict]:
