@@ -1,7 +1,8 @@
 """Throughput of two-phase transfers through the SQL functions (run on demand, not a test).
 
 One "pair" is what the drivers do for one payment, each step its own
-REPEATABLE READ transaction, retried on 40001/40P01 like the drivers:
+transaction on a driver's connection (pyswpt.db, REPEATABLE READ), retried on
+40001/40P01 like the drivers:
 
     1. PrepareTransfer intake           enqueue_transfer_request (recipient checked in SQL)
     2. transfer worker                  process_transfer_requests (sender)
@@ -43,7 +44,7 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pyswpt import schema  # noqa: E402
+from pyswpt import db, schema  # noqa: E402
 
 T = TypeVar("T")
 
@@ -95,8 +96,9 @@ def with_retries(conn: psycopg.Connection, operation: Callable[[psycopg.Connecti
 
 
 def connect(url: str, synchronous_commit: str) -> psycopg.Connection:
-    conn = psycopg.connect(url, autocommit=False, options=f"-c synchronous_commit={synchronous_commit}")
-    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    """A driver's connection (pyswpt.db: REPEATABLE READ, the drivers' timeouts)."""
+    conn = db.connect(url, application_name="pyswpt benchmark")
+    conn.execute("SELECT set_config('synchronous_commit', %s, false)", (synchronous_commit,))
     conn.execute("SET search_path = pyswpt")
     conn.commit()
     return conn

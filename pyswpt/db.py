@@ -1,20 +1,44 @@
-"""PostgreSQL connections for the drivers: one connection, or a pool of them.
+"""PostgreSQL connections for the drivers, the tests and the benchmarks: the one factory.
+
+Every connection made here carries the same session settings, given as
+connection options so that they hold from the first statement on, whatever
+the server's defaults are:
+
+* REPEATABLE READ isolation (spec 02 §2.0). The drivers' transactions each
+  lock at most one account row, and the SQL functions read before they lock
+  (a processor takes its queued requests, then locks the account). At this
+  level a transaction whose snapshot is older than the account row it locks
+  fails with a serialization failure (40001) instead of carrying on with
+  reads and a `now()` that predate the row, and every driver runs its
+  transactions through `pyswpt.transactions.with_retries`, which re-runs
+  them. So the transactions that change one account commit in the order of
+  their `now()`, and an account's transfers are never dated before the ones
+  numbered before them. The queue takes (`FOR UPDATE SKIP LOCKED`) may fail
+  the same way when two takers race for one row, and are retried alike. At
+  READ COMMITTED the same schedules pass silently with stale reads.
+* A statement timeout and a lock timeout, so that a stuck statement or a
+  forgotten lock holder makes a driver fail loudly instead of hanging.
+* The UTC time zone: SMP carries date-times up to 9999-12-31T23:59:59Z (T∞),
+  which in a zone east of UTC reads as year 10000, which no Python datetime
+  can hold, so every row holding T∞ would fail to load.
 
 Connections start with autocommit off: every driver step is one explicit
 transaction around one SQL function call, committed (or rolled back) as a
-whole. Every blocking step has a timeout, so a dead server makes a driver fail
-loudly instead of hanging.
+whole. A LISTEN connection is in autocommit and gets the same settings; its
+listing queries are single statements. The fetch API's connections are
+read-only (enforced by PostgreSQL) with a shorter statement timeout.
+Options an operator put in the URL come after these, so they win.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 # Giving up on a TCP connect or the start-up handshake.
@@ -29,20 +53,57 @@ POOL_MAX_IDLE_SECONDS = 600.0
 # application_name is limited to 63 bytes by PostgreSQL.
 APPLICATION_NAME_MAX_BYTES = 63
 
+# Spec 02 §2.0; see the module's comment.
+ISOLATION_LEVEL = "repeatable read"
+# The longest legitimate statements are bounded batches: a worker's 10,000
+# requests of one account, a consumer's window, a flusher's burst, a scanner's
+# few heap blocks. Each takes seconds at most on a healthy server, so one
+# running for a minute is stuck (or the server is), and failing it lets the
+# driver's error handling act.
+STATEMENT_TIMEOUT_SECONDS = 60
+# An account lock is held for one batch at a time. Waiting half a minute for a
+# lock means its holder is stuck (e.g. a psql session left in a transaction);
+# below the statement timeout, so the error (55P03) says it was a lock wait.
+LOCK_TIMEOUT_SECONDS = 30
+# A fetch API read is one primary-key lookup; a client is better served by an
+# error than by a request that waits out the pool and the proxy.
+READ_ONLY_STATEMENT_TIMEOUT_SECONDS = 5
 
-def connection_kwargs(application_name: str) -> dict[str, Any]:
-    """Settings every driver connection gets: a connect timeout and a name in pg_stat_activity."""
+
+def session_settings(*, read_only: bool = False) -> dict[str, str]:
+    """The server settings of every connection this module makes."""
+    settings = {
+        "default_transaction_isolation": ISOLATION_LEVEL,
+        "statement_timeout": f"{STATEMENT_TIMEOUT_SECONDS}s",
+        "lock_timeout": f"{LOCK_TIMEOUT_SECONDS}s",
+        "TimeZone": "UTC",
+    }
+    if read_only:
+        settings["default_transaction_read_only"] = "on"
+        settings["statement_timeout"] = f"{READ_ONLY_STATEMENT_TIMEOUT_SECONDS}s"
+    return settings
+
+
+def connection_kwargs(url: str, application_name: str, *, read_only: bool = False) -> dict[str, Any]:
+    """Connect keyword arguments: the session settings, a connect timeout and a name in pg_stat_activity."""
     name = application_name.encode()[:APPLICATION_NAME_MAX_BYTES].decode(errors="ignore")
+    # libpq splits options at spaces, except those escaped with a backslash.
+    options = " ".join(
+        "-c " + setting + "=" + value.replace(" ", "\\ ")
+        for setting, value in session_settings(read_only=read_only).items()
+    )
+    operator_options = conninfo_to_dict(url).get("options")
     return {
         "autocommit": False,
         "connect_timeout": CONNECT_TIMEOUT_SECONDS,
         "application_name": name,
+        "options": f"{options} {operator_options}" if operator_options else options,
     }
 
 
 def connect(url: str, *, application_name: str = "pyswpt") -> psycopg.Connection:
-    """One connection with autocommit off; the caller closes it."""
-    return psycopg.connect(url, **connection_kwargs(application_name))
+    """One connection with autocommit off and the session settings; the caller closes it."""
+    return psycopg.connect(url, **connection_kwargs(url, application_name))
 
 
 def create_pool(
@@ -52,14 +113,15 @@ def create_pool(
     max_size: int,
     name: str,
     timeout_seconds: float = POOL_TIMEOUT_SECONDS,
-    configure: Callable[[psycopg.Connection], None] | None = None,
+    read_only: bool = False,
 ) -> ConnectionPool:
     """A pool of autocommit-off connections, not yet open: call `pool.open()`.
 
     `name` names the pool in logs and the connections in pg_stat_activity.
     Each connection is checked when it is handed out, so a connection the
     server closed (restart, idle timeout) is replaced instead of failing a
-    request. `configure` runs once on each new connection.
+    request. With `read_only` the server refuses writes, and statements get
+    the shorter read-only timeout.
     """
     if not 0 <= min_size <= max_size or max_size < 1:
         raise ValueError(f"invalid pool size: min_size={min_size}, max_size={max_size}")
@@ -71,15 +133,19 @@ def create_pool(
         timeout=timeout_seconds,
         max_lifetime=POOL_MAX_LIFETIME_SECONDS,
         max_idle=POOL_MAX_IDLE_SECONDS,
-        kwargs=connection_kwargs(name),
-        configure=configure,
+        kwargs=connection_kwargs(url, name, read_only=read_only),
         check=ConnectionPool.check_connection,
         open=False,
     )
 
 
 def listen(url: str, channel: str, *, application_name: str) -> psycopg.Connection:
-    """An autocommit connection LISTENing on `channel`; the caller closes it."""
+    """An autocommit connection LISTENing on `channel`; the caller closes it.
+
+    Autocommit, so that the session is never idle in a transaction while it
+    waits: NOTIFYs are delivered between transactions only. Queries run on it
+    are single-statement transactions with the same settings as any other.
+    """
     listener = connect(url, application_name=application_name)
     listener.autocommit = True
     listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

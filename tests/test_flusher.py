@@ -9,7 +9,7 @@ import pytest
 
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, running, wait_for
-from pyswpt import amqp, config, outbox, sharding, topology
+from pyswpt import amqp, config, db, outbox, sharding, topology
 from pyswpt.drivers import flusher
 
 UTC = dt.timezone.utc
@@ -52,7 +52,7 @@ def outbox_count(conn: psycopg.Connection, table: str) -> int:
 
 
 def flush(database_url, publisher, table_name: str, cfg: config.Config) -> int:
-    with psycopg.connect(database_url) as flush_conn:
+    with db.connect(database_url) as flush_conn:
         return flusher.flush_table(flush_conn, publisher, outbox.TABLES_BY_NAME[table_name], cfg)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from drivers import driver_environment, running, wait_for
 from factories import STATUS_DELETED, insert_account
-from pyswpt import topology
+from pyswpt import db, topology
 from pyswpt.drivers.scanners import engine
 from pyswpt.drivers.scanners.accounts import AccountsScanner
 
@@ -86,7 +86,7 @@ def test_a_pass_from_any_block_takes_every_row_once(conn, database_url, start):
     start_block = {"first": 0, "middle": blocks // 2, "last": blocks - 1}[start]
     reader = engine.BlockReader(ACCOUNT_TABLE, 2, start_block)
     taken: list[tuple[int, int]] = []
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         while len(taken) < len(expected):
             taken += reader.take(scan_conn, 25)
     # The first 600 rows taken are the 600 rows of the table, each once.
@@ -96,7 +96,7 @@ def test_a_pass_from_any_block_takes_every_row_once(conn, database_url, start):
 def test_a_beat_never_takes_a_row_twice_in_a_small_table(conn, database_url):
     expected = insert_accounts(conn, 3)
     reader = engine.BlockReader(ACCOUNT_TABLE, 40, 0)
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         assert sorted(reader.take(scan_conn, 10)) == sorted(expected)
         assert sorted(reader.take(scan_conn, 10)) == sorted(expected)
 
@@ -106,7 +106,7 @@ def test_reader_doubles_its_stride_over_emptied_blocks(conn, database_url):
     blocks = block_count(conn)
     conn.execute("DELETE FROM account WHERE creditor_id > 5 AND creditor_id <= 1995")
     reader = RecordingReader(ACCOUNT_TABLE, 1, 0)
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         assert len(reader.take(scan_conn, 10)) == 10
     strides = [count for _, count in reader.queries]
     assert strides[:6] == [1, 1, 2, 4, 8, 8]  # capped at MAX_FAST_FORWARD_FACTOR blocks per query
@@ -115,7 +115,7 @@ def test_reader_doubles_its_stride_over_emptied_blocks(conn, database_url):
 
 def test_empty_table_gives_empty_beats(conn, database_url):
     reader = engine.BlockReader(ACCOUNT_TABLE, 40, 0)
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         assert reader.take(scan_conn, 10) == []
 
 
@@ -145,7 +145,7 @@ def test_one_pass_takes_the_configured_time_in_even_beats(conn, database_url):
     scanner = RecordingScanner()
     pace = engine.Pace(pass_seconds=1.0, beat_milliseconds=100, blocks_per_query=1)
     reader = engine.BlockReader(scanner, pace.blocks_per_query, 0)
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         started = time.monotonic()
         engine.run_rhythm(scan_conn, scanner, reader, pace, threading.Event(), lambda: dt.datetime.now(UTC))
         elapsed = time.monotonic() - started

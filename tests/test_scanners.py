@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from drivers import driver_environment, free_port, pyswpt_command, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, DEFAULT_NOW, STATUS_DELETED, T0, insert_account
-from pyswpt import config, topology
+from pyswpt import config, db, topology
 from pyswpt.chores import ChoresPublisher
 from pyswpt.drivers.scanners import accounts, prepared_transfers, registered_balance_changes
 
@@ -90,7 +90,7 @@ def scan_accounts(
     database_url: str, rabbitmq_url: str, chores_queue: str, keys: list[tuple[int, int]], now=NOW, **environ: str
 ) -> list[tuple[pika.BasicProperties, bytes]]:
     """One accounts-scanner beat over `keys` at `now`; the chores it published."""
-    with accounts_scanner(database_url, rabbitmq_url, chores_queue, **environ) as scanner, psycopg.connect(
+    with accounts_scanner(database_url, rabbitmq_url, chores_queue, **environ) as scanner, db.connect(
         database_url
     ) as conn:
         scanner.process(conn, keys, now)
@@ -359,7 +359,7 @@ def test_transfer_prepared_over_7_days_ago_gets_a_prepared_transfer_reminder(con
     insert_account(conn, DEBTOR, CREDITOR)
     insert_prepared_transfer(conn, DEBTOR, CREDITOR, NOW - 7 * DAY - SECOND)
     scanner = prepared_transfers.PreparedTransfersScanner(settings(database_url, rabbitmq_url))
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         assert scanner.process(scan_conn, [(DEBTOR, CREDITOR, 1)], NOW) == 1
     [reminder] = rows(conn, "SELECT * FROM prepared_transfer_signal")
     assert (reminder["transfer_id"], reminder["inserted_at"]) == (1, NOW)
@@ -371,7 +371,7 @@ def test_reminder_interval_comes_from_app_prepared_transfer_remainder_days(conn,
     scanner = prepared_transfers.PreparedTransfersScanner(
         settings(database_url, rabbitmq_url, APP_PREPARED_TRANSFER_REMAINDER_DAYS="10")
     )
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         assert scanner.process(scan_conn, [(DEBTOR, CREDITOR, 1)], NOW) == 0
 
 
@@ -390,6 +390,6 @@ def test_archive_cleanup_forgets_applied_changes_older_than_the_threshold_date(c
         settings(database_url, rabbitmq_url, REMOVE_FROM_ARCHIVE_THRESHOLD_DATE="2023-01-01")
     )
     keys = [(DEBTOR, 5, change_id) for change_id in (1, 2, 3)]
-    with psycopg.connect(database_url) as scan_conn:
+    with db.connect(database_url) as scan_conn:
         assert scanner.process(scan_conn, keys, NOW) == 1
     assert [r["change_id"] for r in rows(conn, "SELECT change_id FROM registered_balance_change ORDER BY 1")] == [2, 3]

@@ -35,8 +35,8 @@ from psycopg.rows import dict_row
 
 from pyswpt import amqp, db, outbox, parking, processes, wire
 from pyswpt.backoff import Backoff
-from pyswpt.transactions import describe_error, is_infrastructure_error
 from pyswpt.config import Config
+from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +158,9 @@ def flush_table(
     taken_count = 0
     parked_count = 0
     while True:
-        with conn.transaction():
-            rows = take_rows(conn, table, burst)
-            set_aside = publish_rows(publisher, rows, table, config)
-            for item in set_aside:
-                parking.park(conn, item.parcel)
+        # At REPEATABLE READ two flushers racing for a row fail with 40001 in
+        # take_rows, before anything is published: the burst is taken again.
+        rows, set_aside = with_retries(conn, lambda c: publish_burst(c, publisher, table, burst, config))
         for item in set_aside:
             log_parked(item)
         taken_count += len(rows)
@@ -171,6 +169,20 @@ def flush_table(
             if taken_count:
                 logger.info("Flushed %d %s (%d of them parked).", taken_count, table.name, parked_count)
             return taken_count
+
+
+def publish_burst(
+    conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, max_count: int, config: Config
+) -> tuple[list[TakenRow], list[SetAside]]:
+    """Take up to `max_count` rows in the caller's transaction, publish them and park what cannot go.
+
+    The transaction's commit deletes the rows taken.
+    """
+    rows = take_rows(conn, table, max_count)
+    set_aside = publish_rows(publisher, rows, table, config)
+    for item in set_aside:
+        parking.park(conn, item.parcel)
+    return rows, set_aside
 
 
 def publish_rows(

@@ -122,11 +122,6 @@ def options_response() -> Response:
     return Response(status_code=200, headers={"Allow": ALLOWED_METHODS})
 
 
-def make_read_only(conn: psycopg.Connection) -> None:
-    """The web server never writes: let PostgreSQL enforce that."""
-    conn.read_only = True
-
-
 class FetchApi:
     """The endpoints, with what they share: the shard's realm, the pool and the thread limit."""
 
@@ -138,7 +133,7 @@ class FetchApi:
             min_size=1,
             max_size=config.webserver_threads,
             name=POOL_NAME,
-            configure=make_read_only,
+            read_only=True,  # The web server never writes: let PostgreSQL enforce that.
         )
         self.limiter: anyio.CapacityLimiter | None = None
 

@@ -31,6 +31,7 @@ from factories import (
     STATUS_OVERFLOWN,
     insert_account,
 )
+from pyswpt import db
 
 NOW = DEFAULT_NOW
 DEBTOR_ID = 1
@@ -96,7 +97,7 @@ def test_concurrent_twin_registration_is_a_serialization_failure(database_url):
         "SET search_path = pyswpt; "
         "SELECT register_balance_change(1, 777, 1, 1, 'direct', '', '', now(), 100, '1970-01-01Z')"
     )
-    with psycopg.connect(database_url) as first, psycopg.connect(database_url) as second:
+    with db.connect(database_url) as first, db.connect(database_url) as second:
         first.execute(intake)  # uncommitted: the twin must wait on the unique key
         second_pid = second.info.backend_pid
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -15,6 +15,10 @@ checks the invariants that must hold whatever happened:
 * transfer numbers (§5.3): per (account, creation_date) the AccountTransfers
   are numbered 1, 2, 3, ... with an unbroken `previous_transfer_number` chain,
   and `last_transfer_number` is the latest;
+* commit times: along an account's transfer numbers no transfer the account
+  committed itself is dated before an earlier transfer, and none was numbered
+  at an earlier time than the one before it (incoming balance changes keep
+  their sender's `committed_at`, and arrive in any order);
 * transfer ids (§5.4): strictly increasing per sender, from the account's
   `last_transfer_id`;
 * versions (§5.7): `last_change_seqnum` and `last_change_ts` never go back, and
@@ -76,6 +80,9 @@ T_INFINITY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 # max_commit_delay of a request: some expire before a slow commit. Amounts stay far
 # below 2^63 throughout, so containment never fires and conservation is exact.
 COMMIT_DELAYS_SECONDS = (SECONDS_IN_DAY, 30 * SECONDS_IN_DAY, 1_000 * SECONDS_IN_DAY)
+# Coordinator types of transfers between accounts: the recipient's AccountTransfer
+# is an applied balance change (any other type is a debtor payment, §2.16).
+TRANSFER_COORDINATOR_TYPES = ("direct", "agent", "issuing")
 
 LEDGER_TABLES = (
     "prepared_transfer",
@@ -490,9 +497,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(lag_seconds=st.sampled_from((0, 0, 1, 600)))
     def process(self, lag_seconds: int) -> None:
         """The workers: prepare, finalize and apply whatever is queued. A worker whose
-        transaction started a little earlier passes an earlier `now` (versions must
-        still not go back)."""
-        run_processors(self.conn, self.now - dt.timedelta(seconds=lag_seconds))
+        transaction started a little earlier passes an earlier `now`, but never one
+        before the latest change of an account: at REPEATABLE READ (pyswpt.db) a
+        transaction older than the account row it locks fails with 40001 and is run
+        again with a fresh now(). (Only READ COMMITTED would let it through, dating
+        its transfers before the ones numbered before them.)"""
+        latest_change = value(self.conn, "SELECT max(last_change_ts) FROM account WHERE debtor_id = %s", (DEBTOR_ID,))
+        lagging_now = self.now - dt.timedelta(seconds=lag_seconds)
+        run_processors(self.conn, lagging_now if latest_change is None else max(lagging_now, latest_change))
 
     @rule(creditor_id=st.sampled_from(CREDITORS), rate=st.sampled_from((-50.0, -5.0, 0.0, 7.5, 100.0)))
     def change_interest_rate(self, creditor_id: int, rate: float) -> None:
@@ -668,6 +680,32 @@ class LedgerMachine(RuleBasedStateMachine):
         for account in rows(self.conn, "SELECT * FROM account WHERE debtor_id = %s", (DEBTOR_ID,)):
             chain = chains.get((account["creditor_id"], account["creation_date"]), [])
             assert account["last_transfer_number"] == len(chain)
+
+    @invariant()
+    def transfers_are_never_dated_before_earlier_ones(self) -> None:
+        """Along an account's transfer numbers, the time each was numbered (inserted_at)
+        never goes back, and a transfer the account committed itself (the sender's side,
+        debtor payments: committed_at is the numbering transaction's now) is not dated
+        before any earlier one. An incoming balance change keeps its sender's commit
+        time (spec 01, AccountTransfer): one delivered late is dated before transfers
+        numbered before it, so it is exempt."""
+        chains: dict[tuple[int, dt.date], list[dict[str, Any]]] = {}
+        for row in rows(
+            self.conn,
+            "SELECT creditor_id, creation_date, transfer_number, coordinator_type, acquired_amount,"
+            " committed_at, inserted_at"
+            " FROM account_transfer_signal ORDER BY creditor_id, creation_date, transfer_number",
+        ):
+            chains.setdefault((row["creditor_id"], row["creation_date"]), []).append(row)
+        for chain in chains.values():
+            for earlier, later in zip(chain, chain[1:]):
+                assert later["inserted_at"] >= earlier["inserted_at"], (later, earlier)
+            latest_committed_at = T0
+            for row in chain:
+                is_incoming = row["coordinator_type"] in TRANSFER_COORDINATOR_TYPES and row["acquired_amount"] > 0
+                if not is_incoming:
+                    assert row["committed_at"] >= latest_committed_at, (row, latest_committed_at)
+                latest_committed_at = max(latest_committed_at, row["committed_at"])
 
     @invariant()
     def transfer_ids_increase_per_sender(self) -> None:

@@ -1,5 +1,5 @@
-"""Two-phase transfers under concurrency, on real connections at REPEATABLE READ as in
-production (spec 02 §2.0, §4.8, §5 hazards): a processor skips requests another
+"""Two-phase transfers under concurrency, on the drivers' own connections (`pyswpt.db`,
+REPEATABLE READ; spec 02 §2.0, §4.8, §5 hazards): a processor skips requests another
 transaction holds, waits for the account lock otherwise, and a serialization
 failure it gets after waiting is retriable — nothing is lost or applied twice,
 and no deadlock occurs.
@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from factories import DEFAULT_NOW, insert_account
+from pyswpt import db
 from transfer_steps import (
     COMMIT_PERIOD_SECONDS,
     DEBTOR_ID,
@@ -43,10 +44,9 @@ NO_WAIT_LOCK_TIMEOUT = "500ms"
 
 
 @contextlib.contextmanager
-def repeatable_read(database_url: str) -> Iterator[psycopg.Connection]:
-    """A connection like a driver's: autocommit off, REPEATABLE READ."""
-    with psycopg.connect(database_url, autocommit=False) as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+def driver_connection(database_url: str) -> Iterator[psycopg.Connection]:
+    """A driver's connection (autocommit off, REPEATABLE READ), with pyswpt on the search path."""
+    with db.connect(database_url) as conn:
         conn.execute("SET search_path = pyswpt")
         conn.commit()
         yield conn
@@ -119,7 +119,7 @@ def sender(conn):
 def test_second_transfer_processor_skips_requests_the_first_holds(conn, database_url, sender):
     enqueue_prepare(conn, max_locked=100, request_id=1)
     enqueue_prepare(conn, max_locked=100, request_id=2)
-    with repeatable_read(database_url) as first, repeatable_read(database_url) as second:
+    with driver_connection(database_url) as first, driver_connection(database_url) as second:
         assert process_prepares_sql(first) == 2
         second.execute(f"SET lock_timeout = '{NO_WAIT_LOCK_TIMEOUT}'")
         assert process_prepares_sql(second) == 0  # skipped, and did not wait for the account
@@ -134,7 +134,7 @@ def test_transfer_processor_waiting_for_the_account_gets_a_retriable_serializati
     conn, database_url, sender, executor
 ):
     enqueue_prepare(conn, max_locked=100, request_id=1)
-    with repeatable_read(database_url) as first, repeatable_read(database_url) as second:
+    with driver_connection(database_url) as first, driver_connection(database_url) as second:
         assert process_prepares_sql(first) == 1  # holds the account, changed it
         enqueue_prepare(conn, max_locked=100, request_id=2)  # arrives meanwhile
         waiting = executor.submit(with_retries, second, process_prepares_sql)
@@ -153,7 +153,7 @@ def test_transfer_processor_waiting_for_the_account_gets_a_retriable_serializati
 
 def test_transfer_processor_waits_for_a_lock_holder_that_changes_nothing(conn, database_url, sender, executor):
     enqueue_prepare(conn, max_locked=100)
-    with repeatable_read(database_url) as holder, repeatable_read(database_url) as processor:
+    with driver_connection(database_url) as holder, driver_connection(database_url) as processor:
         holder.execute("SELECT lock_existing_account(%s, %s)", (DEBTOR_ID, SENDER_ID))
         waiting = executor.submit(with_retries, processor, process_prepares_sql)
         wait_until_waiting_for_a_lock(conn, processor.info.backend_pid)
@@ -166,16 +166,16 @@ def test_transfer_processor_waits_for_a_lock_holder_that_changes_nothing(conn, d
 def test_finalization_processors_never_apply_a_commit_twice(conn, database_url, sender, executor):
     for request_id in (1, 2):
         enqueue_prepare(conn, min_locked=100, max_locked=100, request_id=request_id)
-    with repeatable_read(database_url) as setup:
+    with driver_connection(database_url) as setup:
         with_retries(setup, process_prepares_sql)
     first_transfer, second_transfer = signals(conn, "prepared_transfer_signal")
     enqueue_finalize(conn, first_transfer, 40)
-    with repeatable_read(database_url) as first, repeatable_read(database_url) as second:
+    with driver_connection(database_url) as first, driver_connection(database_url) as second:
         assert process_finalizations_sql(first) == 1
         second.execute(f"SET lock_timeout = '{NO_WAIT_LOCK_TIMEOUT}'")
         assert process_finalizations_sql(second) == 0  # the request is taken: skipped
         second.commit()
-        second.execute("SET lock_timeout = 0")
+        second.execute("RESET lock_timeout")
         second.commit()
         enqueue_finalize(conn, second_transfer, 60)
         waiting = executor.submit(with_retries, second, process_finalizations_sql)
@@ -201,7 +201,7 @@ COMMITTED = 7
 def pay_repeatedly(database_url: str, thread: int) -> list[str]:
     """One client: prepare, wait for its transfer, commit part of it; returns the retried SQLSTATEs."""
     failures: list[str] = []
-    with repeatable_read(database_url) as conn:
+    with driver_connection(database_url) as conn:
         for number in range(TRANSFERS_PER_THREAD):
             request_id = thread * 1000 + number
             _, retried = with_retries(
@@ -233,7 +233,7 @@ def test_many_clients_of_one_sender_lose_nothing_and_never_deadlock(conn, databa
     futures = [executor.submit(pay_repeatedly, database_url, thread) for thread in range(THREADS)]
     failures = [code for future in futures for code in future.result(timeout=120)]
     # Drain whatever a client's last call left for another one.
-    with repeatable_read(database_url) as drain:
+    with driver_connection(database_url) as drain:
         with_retries(drain, process_prepares_sql)
         with_retries(drain, process_finalizations_sql)
 
