@@ -29,11 +29,13 @@ REFUSING_ERRORS = (
 )
 # SQLSTATEs (or their class prefixes) that say the server, the connection or
 # the installed schema is unwell: never the fault of the message or row at
-# hand. Connection exceptions, lack of resources, shutdowns, system errors, a
-# read-only server, and a function, table or privilege that is missing while
-# an upgrade runs.
+# hand. Connection exceptions, failed authentication, configuration file
+# errors, lack of resources, shutdowns, system errors, a read-only server, and
+# a function, table or privilege that is missing while an upgrade runs.
 INFRASTRUCTURE_SQLSTATE_PREFIXES = (
     "08",
+    "28",
+    "F0",
     "53",
     "57P",
     "58",
