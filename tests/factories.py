@@ -6,7 +6,9 @@ helpers write the complete rows so that a test names only what it is about.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -96,3 +98,30 @@ def insert_account(
         row = cursor.execute(statement, values).fetchone()
     assert row is not None
     return row
+
+
+@contextlib.contextmanager
+def failing_account_writes(conn: psycopg.Connection, creditor_id: int, statement: str) -> Iterator[Callable[[], None]]:
+    """Until the block ends or the yielded function is called, every insert or update of
+    an account of `creditor_id` runs the PL/pgSQL `statement` first (a RAISE, a long
+    pg_sleep): that account's processing fails in the database itself, not in a mock.
+
+    Arrange the account's rows before entering: the trigger refuses the test's inserts too.
+    """
+
+    def stop_failing() -> None:
+        conn.execute("DROP TRIGGER IF EXISTS test_failing_account_write ON pyswpt.account")
+        conn.execute("DROP FUNCTION IF EXISTS pyswpt.test_failing_account_write()")
+
+    conn.execute(
+        "CREATE FUNCTION pyswpt.test_failing_account_write() RETURNS trigger LANGUAGE plpgsql"
+        f" AS $$ BEGIN {statement} RETURN NEW; END $$"
+    )
+    conn.execute(
+        "CREATE TRIGGER test_failing_account_write BEFORE INSERT OR UPDATE ON pyswpt.account FOR EACH ROW"
+        f" WHEN (NEW.creditor_id = {int(creditor_id)}) EXECUTE FUNCTION pyswpt.test_failing_account_write()"
+    )
+    try:
+        yield stop_failing
+    finally:
+        stop_failing()

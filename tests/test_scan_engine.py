@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from drivers import driver_environment, running, wait_for
-from factories import STATUS_DELETED, insert_account
+from factories import STATUS_DELETED, failing_account_writes, insert_account
 from pyswpt import db, topology
 from pyswpt.drivers.scanners import engine
 from pyswpt.drivers.scanners.accounts import AccountsScanner
@@ -129,7 +129,10 @@ class RecordingScanner:
     beats: list[list[tuple]] = dataclasses.field(default_factory=list)
     pausing: threading.Event = dataclasses.field(default_factory=threading.Event)
 
-    def process(self, conn, keys, now):
+    def steps(self):
+        return [self.record]
+
+    def record(self, conn, keys, now):
         self.beats.append(keys)
 
     def keep_alive(self):
@@ -232,3 +235,59 @@ def test_scan_registered_balance_changes_cleans_the_archive(conn, database_url, 
         REMOVE_FROM_ARCHIVE_THRESHOLD_DATE="2010-01-01",
     ):
         wait_for(lambda: count(conn, "SELECT count(*) FROM registered_balance_change") == 0, "the cleanup")
+
+
+
+# Isolation (issue 8, observation 5) -------------------------------------------------------------
+
+REFUSED_CREDITOR = 4
+REFUSAL = "RAISE EXCEPTION 'update refused by the test' USING ERRCODE = 'check_violation', DETAIL = 'row contents';"
+
+
+def heartbeat_creditors(conn: psycopg.Connection) -> set[int]:
+    return {creditor_id for (creditor_id,) in conn.execute("SELECT creditor_id FROM account_update_signal")}
+
+
+def test_scan_accounts_skips_a_row_its_step_fails_on_and_serves_the_others(
+    conn, database_url, rabbitmq_url, chores_queue, tmp_path
+):
+    now = dt.datetime.now(UTC)
+    creditors = set(range(1, 9))
+    for creditor_id in creditors:
+        insert_account(conn, 1, creditor_id, now=now - 8 * DAY)
+    with failing_account_writes(conn, REFUSED_CREDITOR, REFUSAL) as stop_failing, scanner_process(
+        ["run", "scan-accounts", "--hours", "0.001"], database_url, rabbitmq_url, chores_queue, tmp_path
+    ) as scanner:
+        wait_for(lambda: heartbeat_creditors(conn) == creditors - {REFUSED_CREDITOR}, "the other heartbeats")
+        wait_for(lambda: f"key (1, {REFUSED_CREDITOR})" in scanner.log(), "the skipped row in the log")
+        scanner.assert_alive()
+        assert (
+            f"Skipped account key (1, {REFUSED_CREDITOR}) in step send_heartbeats for this pass"
+            " (SQLSTATE 23514: update refused by the test)." in scanner.log()
+        )
+        # A later pass serves it once the cause is gone.
+        stop_failing()
+        wait_for(lambda: heartbeat_creditors(conn) == creditors, "the heartbeat of the row skipped before")
+        assert scanner.stop() == 0
+    assert "row contents" not in scanner.log()
+
+
+def test_scan_accounts_reconnects_after_losing_its_database_connection(
+    conn, database_url, rabbitmq_url, chores_queue, tmp_path
+):
+    now = dt.datetime.now(UTC)
+    insert_account(conn, 1, 1, now=now - 8 * DAY)
+    with scanner_process(
+        ["run", "scan-accounts", "--hours", "0.001"], database_url, rabbitmq_url, chores_queue, tmp_path
+    ) as scanner:
+        wait_for(lambda: heartbeat_creditors(conn) == {1}, "the first heartbeat")
+        terminated = count(
+            conn,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'pyswpt scan account'",
+        )
+        assert terminated == 1
+        insert_account(conn, 1, 2, now=now - 8 * DAY)
+        wait_for(lambda: heartbeat_creditors(conn) == {1, 2}, "a heartbeat after the reconnection")
+        scanner.assert_alive()
+        assert "Scanning account failed (" in scanner.log()

@@ -1,6 +1,6 @@
 """The scanners' beats (spec 02 §4.4-§4.5, spec 01 §5): what one beat does to the rows it read.
 
-Each test arranges rows in SQL, runs one beat of a scanner (`process`) with an
+Each test arranges rows in SQL, runs one beat of a scanner (its steps) with an
 explicit `now`, and looks at the outbox and at the chores the beat published
 to a chores queue of its own on the real broker. The settings come from
 `config.load`, as in production.
@@ -24,10 +24,17 @@ import pytest
 from psycopg.rows import dict_row
 
 from drivers import driver_environment, free_port, pyswpt_command, wait_for
-from factories import CONFIG_SCHEDULED_FOR_DELETION, DEFAULT_NOW, STATUS_DELETED, T0, insert_account
+from factories import (
+    CONFIG_SCHEDULED_FOR_DELETION,
+    DEFAULT_NOW,
+    STATUS_DELETED,
+    T0,
+    failing_account_writes,
+    insert_account,
+)
 from pyswpt import config, db, topology
 from pyswpt.chores import ChoresPublisher
-from pyswpt.drivers.scanners import accounts, prepared_transfers, registered_balance_changes
+from pyswpt.drivers.scanners import accounts, engine, prepared_transfers, registered_balance_changes
 
 NOW = DEFAULT_NOW
 DAY = dt.timedelta(days=1)
@@ -93,7 +100,7 @@ def scan_accounts(
     with accounts_scanner(database_url, rabbitmq_url, chores_queue, **environ) as scanner, db.connect(
         database_url
     ) as conn:
-        scanner.process(conn, keys, now)
+        engine.process_beat(conn, scanner, keys, now)
     return published_chores(rabbitmq_url, chores_queue)
 
 
@@ -360,7 +367,7 @@ def test_transfer_prepared_over_7_days_ago_gets_a_prepared_transfer_reminder(con
     insert_prepared_transfer(conn, DEBTOR, CREDITOR, NOW - 7 * DAY - SECOND)
     scanner = prepared_transfers.PreparedTransfersScanner(settings(database_url, rabbitmq_url))
     with db.connect(database_url) as scan_conn:
-        assert scanner.process(scan_conn, [(DEBTOR, CREDITOR, 1)], NOW) == 1
+        assert scanner.send_reminders(scan_conn, [(DEBTOR, CREDITOR, 1)], NOW) == 1
     [reminder] = rows(conn, "SELECT * FROM prepared_transfer_signal")
     assert (reminder["transfer_id"], reminder["inserted_at"]) == (1, NOW)
 
@@ -372,7 +379,7 @@ def test_reminder_interval_comes_from_app_prepared_transfer_remainder_days(conn,
         settings(database_url, rabbitmq_url, APP_PREPARED_TRANSFER_REMAINDER_DAYS="10")
     )
     with db.connect(database_url) as scan_conn:
-        assert scanner.process(scan_conn, [(DEBTOR, CREDITOR, 1)], NOW) == 0
+        assert scanner.send_reminders(scan_conn, [(DEBTOR, CREDITOR, 1)], NOW) == 0
 
 
 def test_archive_cleanup_forgets_applied_changes_older_than_the_threshold_date(conn, database_url, rabbitmq_url):
@@ -391,5 +398,32 @@ def test_archive_cleanup_forgets_applied_changes_older_than_the_threshold_date(c
     )
     keys = [(DEBTOR, 5, change_id) for change_id in (1, 2, 3)]
     with db.connect(database_url) as scan_conn:
-        assert scanner.process(scan_conn, keys, NOW) == 1
+        assert scanner.delete_applied_changes(scan_conn, keys, NOW) == 1
     assert [r["change_id"] for r in rows(conn, "SELECT change_id FROM registered_balance_change ORDER BY 1")] == [2, 3]
+
+
+
+# Isolation (issue 8, observation 5) -------------------------------------------------------------
+
+
+def test_a_row_that_a_step_fails_on_is_skipped_by_that_step_only(
+    conn, database_url, rabbitmq_url, chores_queue, caplog
+):
+    insert_root_account(conn, DEBTOR, json.dumps({"rate": 2.5}))
+    creditors = [CREDITOR - 1, CREDITOR, CREDITOR + 1]
+    for creditor_id in creditors:
+        insert_account(conn, DEBTOR, creditor_id, now=NOW - 8 * DAY)
+    keys = [(DEBTOR, 0), *((DEBTOR, creditor_id) for creditor_id in creditors)]
+    refusal = "RAISE EXCEPTION 'update refused by the test' USING ERRCODE = 'check_violation';"
+    with failing_account_writes(conn, CREDITOR, refusal):
+        published = scan_accounts(database_url, rabbitmq_url, chores_queue, keys)
+    # The other accounts got their heartbeats; the refused one was skipped by that step...
+    assert [r["creditor_id"] for r in outbox(conn, "account_update_signal")] == [CREDITOR - 1, CREDITOR + 1]
+    assert [record.getMessage() for record in caplog.records if record.name == engine.__name__] == [
+        f"Skipped account key ({DEBTOR}, {CREDITOR}) in step send_heartbeats for this pass"
+        " (SQLSTATE 23514: update refused by the test)."
+    ]
+    # ...and by that step only: step 6 sent every account its rate, the refused one too.
+    assert [(properties.type, json.loads(body)["creditor_id"]) for properties, body in published] == [
+        ("ChangeInterestRate", creditor_id) for creditor_id in creditors
+    ]

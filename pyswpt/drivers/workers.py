@@ -7,6 +7,14 @@ the consumer's transaction NOTIFYs that rows arrived, and polls at least every
 APP_PROCESS_*_WAIT seconds. Within a loop an account is never processed by two
 threads at once; across processes, SKIP LOCKED and the account lock keep the
 work disjoint.
+
+Failures are isolated per account: when one account's processing fails for
+any reason but the infrastructure's (a CHECK violation, a RAISE, a statement
+timeout...), the account is logged in one line and left alone for a while
+(backoff per account, kept in memory), and the stage serves the others. An
+infrastructure error (lost connection, server shutting down, missing
+function...) makes the stage reconnect with backoff. No error ends a stage,
+and a stage in trouble never stops the others.
 """
 
 from __future__ import annotations
@@ -24,11 +32,20 @@ from psycopg import sql
 from pyswpt import db
 from pyswpt.config import Config
 from pyswpt.processes import join_threads, stop_event_on_signals
-from pyswpt.transactions import with_retries
+from pyswpt.backoff import Backoff
+from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "pyswpt_requests"
+# An account whose processing failed is tried again after these pauses
+# (doubling up to ten minutes), until it succeeds.
+ACCOUNT_RETRY_PAUSES_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 600.0)
+# Accounts remembered as failing, per stage, at most; past it the one due
+# soonest is forgotten (it is merely tried again early).
+MAX_ACCOUNTS_IN_BACKOFF = 10_000
+# The list functions take an SQL integer.
+MAX_SQL_INTEGER = 2**31 - 1
 
 Key = tuple[int, int]
 
@@ -111,7 +128,7 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
     def run_stage(stage: Stage) -> None:
         try:
             process_until_stopped(config, stage, stopping)
-        except BaseException as error:  # noqa: BLE001 - reported below, then the process exits
+        except BaseException as error:  # noqa: BLE001 - not an Exception (stages outlive those): exit
             logger.exception("Caught error while processing %s.", stage.name)
             failures.append(error)
             stopping.set()
@@ -123,7 +140,57 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+class AccountBackoff:
+    """The accounts of one stage whose processing failed, and when each is due again.
+
+    Shared by the stage's pool threads, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> (failures in a row, time.monotonic() when it may be tried again)
+        self._failures: dict[Key, tuple[int, float]] = {}
+
+    def failed(self, key: Key, now: float) -> float:
+        """Remember one more failure of `key`; return the pause before it is tried again."""
+        with self._lock:
+            failures_in_a_row = self._failures.get(key, (0, now))[0] + 1
+            if key not in self._failures and len(self._failures) >= MAX_ACCOUNTS_IN_BACKOFF:
+                del self._failures[min(self._failures, key=lambda k: self._failures[k][1])]
+            pause = ACCOUNT_RETRY_PAUSES_SECONDS[min(failures_in_a_row, len(ACCOUNT_RETRY_PAUSES_SECONDS)) - 1]
+            self._failures[key] = (failures_in_a_row, now + pause)
+            return pause
+
+    def succeeded(self, key: Key) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
+
+    def waiting(self, now: float) -> set[Key]:
+        """The accounts that must not be tried before a later time."""
+        with self._lock:
+            return {key for key, (_, due) in self._failures.items() if due > now}
+
+
 def process_until_stopped(config: Config, stage: Stage, stopping: threading.Event) -> None:
+    """Serve `stage` until stopped, reconnecting with backoff after any error that escapes a round."""
+    accounts_backoff = AccountBackoff()
+    reconnect_backoff = Backoff()
+    while not stopping.is_set():
+        try:
+            serve_stage(config, stage, accounts_backoff, stopping)
+        except Exception as error:  # noqa: BLE001 - a stage must outlive any error (logged)
+            pause = reconnect_backoff.next_pause()
+            if isinstance(error, psycopg.Error):
+                logger.error(
+                    "The %s stage failed (%s); reconnecting in %.0f s.", stage.name, describe_error(error), pause
+                )
+            else:
+                logger.exception("The %s stage failed; restarting it in %.0f s.", stage.name, pause)
+            stopping.wait(pause)
+
+
+def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping: threading.Event) -> None:
+    """Rounds of the stage on fresh connections, until stopped or an infrastructure error."""
     local = threading.local()
     connections: list[psycopg.Connection] = []
 
@@ -134,16 +201,29 @@ def process_until_stopped(config: Config, stage: Stage, stopping: threading.Even
         return local.conn
 
     def process(key: Key) -> None:
-        with_retries(connection(), lambda conn: stage.process(conn, key))
+        try:
+            with_retries(connection(), lambda conn: stage.process(conn, key))
+        except Exception as error:  # noqa: BLE001 - anything but the infrastructure is the account's
+            if is_infrastructure_error(error):
+                raise
+            pause = backoff.failed(key, time.monotonic())
+            logger.warning(
+                "Skipped %s of account debtor_id=%d creditor_id=%d (%s); retrying in %.0f s.",
+                stage.name,
+                *key,
+                describe_error(error),
+                pause,
+            )
+        else:
+            backoff.succeeded(key)
 
     listener = db.listen(config.postgres_url, NOTIFY_CHANNEL, application_name=f"pyswpt {stage.name} listen")
     try:
         with concurrent.futures.ThreadPoolExecutor(stage.threads, thread_name_prefix=stage.name) as pool:
             while not stopping.is_set():
                 round_started = time.monotonic()
-                keys = list_keys(listener, stage)
-                # list() re-raises the first failure of the round.
-                list(pool.map(process, keys))
+                keys = list_keys(listener, stage, backoff.waiting(round_started))
+                process_round(pool, process, keys)
                 if len(keys) < stage.max_count:
                     db.wait_for_notification(listener, round_started + stage.wait_seconds, stopping, stage.table)
     finally:
@@ -152,6 +232,26 @@ def process_until_stopped(config: Config, stage: Stage, stopping: threading.Even
             conn.close()
 
 
-def list_keys(listener: psycopg.Connection, stage: Stage) -> list[Key]:
+def process_round(
+    pool: concurrent.futures.ThreadPoolExecutor, process: Callable[[Key], None], keys: list[Key]
+) -> None:
+    """Process every account in the pool; on an infrastructure error, raise it and start no other."""
+    futures = [pool.submit(process, key) for key in keys]
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def list_keys(listener: psycopg.Connection, stage: Stage, waiting: set[Key]) -> list[Key]:
+    """Up to max_count accounts with queued work, none of the `waiting` ones.
+
+    The list functions return accounts in no particular order: asking for as
+    many more as there are waiting accounts keeps those from crowding out the others.
+    """
     query = sql.SQL("SELECT debtor_id, creditor_id FROM pyswpt.{}(%s)").format(sql.Identifier(stage.list_function))
-    return [tuple(row) for row in listener.execute(query, (stage.max_count,)).fetchall()]
+    limit = min(stage.max_count + len(waiting), MAX_SQL_INTEGER)
+    rows = listener.execute(query, (limit,)).fetchall()
+    return [key for key in map(tuple, rows) if key not in waiting][: stage.max_count]

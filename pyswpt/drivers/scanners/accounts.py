@@ -68,51 +68,55 @@ class AccountsScanner:
         )
         self._warned_about_fetch_url = False
 
-    def process(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> None:
-        config = self.config
-        realm = config.realm
-        debtor_ids = [key[0] for key in keys]
-        creditor_ids = [key[1] for key in keys]
-        if config.delete_parent_shard_records:
-            self.call(
-                conn,
-                DELETE_PARENT_SHARD_ACCOUNTS,
-                (debtor_ids, creditor_ids, realm.mask, realm.realm, realm.parent_mask, realm.parent_realm),
-            )
-        self.call(
-            conn,
-            PURGE_DELETED_ACCOUNTS,
-            (
-                debtor_ids,
-                creditor_ids,
-                config.intranet_extreme_delay_days,
-                config.prepared_transfer_max_delay_days,
-                realm.mask,
-                realm.realm,
-                now,
-            ),
-        )
-        self.call(
-            conn,
-            SEND_ACCOUNT_HEARTBEATS,
-            (
-                debtor_ids,
-                creditor_ids,
-                config.account_heartbeat_days,
-                config.message_max_delay_days,
-                realm.mask,
-                realm.realm,
-                now,
-            ),
-        )
-        self.publish_account_chores(conn, debtor_ids, creditor_ids, now)
-        self.publish_debtor_settings_chores(conn, debtor_ids, creditor_ids, now)
+    def steps(self) -> list[engine.Step]:
+        steps: list[engine.Step] = [self.purge_deleted_accounts, self.send_heartbeats]
+        if self.config.delete_parent_shard_records:
+            steps.insert(0, self.delete_parent_shard_accounts)
+        return [*steps, self.publish_account_chores, self.publish_debtor_settings_chores]
 
-    def publish_account_chores(
-        self, conn: psycopg.Connection, debtor_ids: list[int], creditor_ids: list[int], now: dt.datetime
-    ) -> None:
+    def delete_parent_shard_accounts(
+        self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime
+    ) -> int:
+        """Step 1 (with DELETE_PARENT_SHARD_RECORDS); a removal, not a clock matter: `now` is not used."""
+        realm = self.config.realm
+        debtor_ids, creditor_ids = key_columns(keys)
+        params = (debtor_ids, creditor_ids, realm.mask, realm.realm, realm.parent_mask, realm.parent_realm)
+        return self.call(conn, DELETE_PARENT_SHARD_ACCOUNTS, params)
+
+    def purge_deleted_accounts(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
+        """Step 2: AccountPurge for accounts deleted long ago."""
+        config = self.config
+        debtor_ids, creditor_ids = key_columns(keys)
+        params = (
+            debtor_ids,
+            creditor_ids,
+            config.intranet_extreme_delay_days,
+            config.prepared_transfer_max_delay_days,
+            config.realm.mask,
+            config.realm.realm,
+            now,
+        )
+        return self.call(conn, PURGE_DELETED_ACCOUNTS, params)
+
+    def send_heartbeats(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
+        """Step 3: heartbeats and pending AccountUpdates."""
+        config = self.config
+        debtor_ids, creditor_ids = key_columns(keys)
+        params = (
+            debtor_ids,
+            creditor_ids,
+            config.account_heartbeat_days,
+            config.message_max_delay_days,
+            config.realm.mask,
+            config.realm.realm,
+            now,
+        )
+        return self.call(conn, SEND_ACCOUNT_HEARTBEATS, params)
+
+    def publish_account_chores(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> None:
         """Steps 4 and 5: deletion attempts, then capitalizations, one batch each."""
         config = self.config
+        debtor_ids, creditor_ids = key_columns(keys)
         params = (
             debtor_ids,
             creditor_ids,
@@ -126,9 +130,10 @@ class AccountsScanner:
         self.publisher.publish([CapitalizeInterest(d, c) for d, c, _, capitalization in rows if capitalization])
 
     def publish_debtor_settings_chores(
-        self, conn: psycopg.Connection, debtor_ids: list[int], creditor_ids: list[int], now: dt.datetime
+        self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime
     ) -> None:
         """Step 6: rate and debtor-info chores from the debtors' root configs, one batch."""
+        debtor_ids, creditor_ids = key_columns(keys)
         debtors = sorted({d for d, c in zip(debtor_ids, creditor_ids) if c != ROOT_CREDITOR_ID})
         if not debtors:
             return
@@ -193,6 +198,11 @@ class AccountsScanner:
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.publisher.close()
+
+
+def key_columns(keys: list[engine.Key]) -> tuple[list[int], list[int]]:
+    """The debtor ids and the creditor ids of account keys, as the SQL functions take them."""
+    return [debtor_id for debtor_id, _ in keys], [creditor_id for _, creditor_id in keys]
 
 
 def pace(config: Config) -> engine.Pace:

@@ -15,6 +15,13 @@ the same row twice: filling stops at the wrap.
 Rhythm: rows per beat and the beat length come from the planner's row
 estimate; the rhythm is recomputed when the pass time is over or when the
 estimate moved out of (0.8, 1.25) of its value (checked about every 15 minutes).
+
+Isolation: when the database refuses a step for a beat's keys (anything but
+an infrastructure error), the step is run again on halves of them until the
+failing keys are found; each is logged in one line and skipped by that step
+for this pass, and the other keys and steps go on. An infrastructure error
+(or a failing read) makes the scanner reconnect with backoff and take the
+beat's keys again: the scanner never dies of a row.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from typing import Protocol
 import psycopg
 
 from pyswpt import db, processes
-from pyswpt.transactions import with_retries
+from pyswpt.backoff import Backoff
+from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,8 @@ MAX_ROWS_PER_BLOCK = 291
 TABLE_SIZE = "SELECT block_count, row_estimate FROM pyswpt.get_scanned_table_size(%s)"
 
 Key = tuple
+# One step of a scanner: does its work on the keys in one transaction of its own.
+Step = Callable[[psycopg.Connection, list[Key], dt.datetime], object]
 
 
 class TableScanner(Protocol):
@@ -66,8 +76,8 @@ class TableScanner(Protocol):
     table_name: str  # accepted by pyswpt.get_scanned_table_size
     read_keys_query: str  # SELECT the keys of the blocks [%s, %s + %s)
 
-    def process(self, conn: psycopg.Connection, keys: list[Key], now: dt.datetime) -> None:
-        """Run the scanner's steps on one beat's keys, each step in its own transaction."""
+    def steps(self) -> list[Step]:
+        """The steps to run on each beat's keys, in order."""
 
     def keep_alive(self) -> None:
         """Called at least every WAIT_SLICE_SECONDS while idle (broker heartbeats)."""
@@ -123,14 +133,20 @@ class BlockReader:
         self.stride = blocks_per_query
         self.queue: collections.deque[Key] = collections.deque()
 
-    def max_queued_rows(self, rows_per_beat: int) -> int:
-        return rows_per_beat + self.max_blocks_per_query * MAX_ROWS_PER_BLOCK
+    def max_queued_rows(self) -> int:
+        # A beat put back, or the rest of a read that filled a beat, plus one more read.
+        return MAX_ROWS_PER_BEAT + self.max_blocks_per_query * MAX_ROWS_PER_BLOCK
 
     def take(self, conn: psycopg.Connection, count: int) -> list[Key]:
         """Up to `count` keys: queued ones first, then new reads until the end of the table."""
+        assert count <= MAX_ROWS_PER_BEAT
         self.fill(conn, count)
-        assert len(self.queue) <= self.max_queued_rows(count), "the reader queue outgrew its bound"
+        assert len(self.queue) <= self.max_queued_rows(), "the reader queue outgrew its bound"
         return [self.queue.popleft() for _ in range(min(count, len(self.queue)))]
+
+    def put_back(self, keys: list[Key]) -> None:
+        """Keys taken by a beat that could not be processed: the next beat takes them first."""
+        self.queue.extendleft(reversed(keys))
 
     def fill(self, conn: psycopg.Connection, count: int) -> None:
         while len(self.queue) < count:
@@ -173,13 +189,34 @@ def scan_until_stopped(
     stopping: threading.Event,
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
 ) -> None:
-    """Pass over the table again and again until `stopping` is set (checked every beat)."""
-    with db.connect(postgres_url, application_name=f"pyswpt scan {scanner.table_name}") as conn:
-        block_count, _ = table_size(conn, scanner.table_name)
-        reader = BlockReader(scanner, pace.blocks_per_query, random.randrange(max(1, block_count)))
-        logger.info("Scanning %s from block %d.", scanner.table_name, reader.block)
-        while not stopping.is_set():
-            run_rhythm(conn, scanner, reader, pace, stopping, clock)
+    """Pass over the table again and again until `stopping` is set (checked every beat).
+
+    A database error that escapes a beat (rows' failures do not) closes the
+    connection; the scan goes on where it was on a new one, after a backoff.
+    """
+    reader: BlockReader | None = None
+    backoff = Backoff()
+    while not stopping.is_set():
+        try:
+            with db.connect(postgres_url, application_name=f"pyswpt scan {scanner.table_name}") as conn:
+                if reader is None:
+                    reader = start_reader(conn, scanner, pace)
+                while not stopping.is_set():
+                    run_rhythm(conn, scanner, reader, pace, stopping, clock)
+        except psycopg.Error as error:
+            pause = backoff.next_pause()
+            logger.error(
+                "Scanning %s failed (%s); reconnecting in %.0f s.", scanner.table_name, describe_error(error), pause
+            )
+            wait_until(time.monotonic() + pause, scanner, stopping)
+
+
+def start_reader(conn: psycopg.Connection, scanner: TableScanner, pace: Pace) -> BlockReader:
+    """A reader from a random block, so that restarts do not favour the table's start."""
+    block_count, _ = table_size(conn, scanner.table_name)
+    reader = BlockReader(scanner, pace.blocks_per_query, random.randrange(max(1, block_count)))
+    logger.info("Scanning %s from block %d.", scanner.table_name, reader.block)
+    return reader
 
 
 def run_rhythm(
@@ -208,7 +245,12 @@ def run_rhythm(
         beat_number += 1
         keys = reader.take(conn, rhythm.rows_per_beat)
         if keys:
-            scanner.process(conn, keys, clock())
+            try:
+                process_beat(conn, scanner, keys, clock())
+            except psycopg.Error:
+                # Not the rows' fault (process_beat isolates those): they are taken again.
+                reader.put_back(keys)
+                raise
         if time.monotonic() - plans_discarded >= DISCARD_PLANS_INTERVAL_SECONDS:
             with conn.transaction():
                 conn.execute("DISCARD PLANS")
@@ -221,6 +263,43 @@ def run_rhythm(
                 return
         # An absolute schedule: a slow beat is made up by shorter sleeps after it.
         wait_until(started + beat_number * rhythm.beat_seconds, scanner, stopping)
+
+
+def process_beat(conn: psycopg.Connection, scanner: TableScanner, keys: list[Key], now: dt.datetime) -> None:
+    """Every step of the scanner on one beat's keys; a key that a step fails on is skipped by that step."""
+    for step in scanner.steps():
+        run_step_isolated(conn, scanner.table_name, step, keys, now)
+
+
+def run_step_isolated(
+    conn: psycopg.Connection, table_name: str, step: Step, keys: list[Key], now: dt.datetime
+) -> None:
+    """Run `step` on `keys`; when the database refuses it (not an infrastructure error),
+    on each half in turn, down to the single keys to blame, which are logged and skipped.
+
+    Bounded: at most 2 * len(keys) - 1 calls. A refused call rolled its
+    transaction back, so running the step again on a part of its keys does
+    nothing twice.
+    """
+    groups = [keys]
+    while groups:
+        group = groups.pop()
+        try:
+            step(conn, group, now)
+        except psycopg.Error as error:
+            if is_infrastructure_error(error):
+                raise
+            if len(group) == 1:
+                logger.warning(
+                    "Skipped %s key %s in step %s for this pass (%s).",
+                    table_name,
+                    group[0],
+                    step.__name__,
+                    describe_error(error),
+                )
+                continue
+            middle = len(group) // 2
+            groups += [group[middle:], group[:middle]]
 
 
 def wait_until(deadline: float, scanner: TableScanner, stopping: threading.Event) -> None:

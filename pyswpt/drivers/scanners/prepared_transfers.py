@@ -27,7 +27,10 @@ class PreparedTransfersScanner:
     def __init__(self, config: Config):
         self.config = config
 
-    def process(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
+    def steps(self) -> list[engine.Step]:
+        return [self.send_reminders]
+
+    def send_reminders(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
         """Send the due reminders among `keys`; return how many were sent."""
         config = self.config
         realm = config.realm

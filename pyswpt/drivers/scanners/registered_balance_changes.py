@@ -27,7 +27,10 @@ class RegisteredBalanceChangesScanner:
     def __init__(self, config: Config):
         self.config = config
 
-    def process(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
+    def steps(self) -> list[engine.Step]:
+        return [self.delete_applied_changes]
+
+    def delete_applied_changes(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
         """Delete the old applied changes among `keys`; return how many. The threshold is a
         setting, not a clock reading, so `now` is not used."""
         debtor_ids, other_creditor_ids, change_ids = (list(column) for column in zip(*keys))
