@@ -183,7 +183,13 @@ class WindowApplier:
 
     def park(self, conn: psycopg.Connection, item: Item, refusal: Refusal) -> Result:
         call = self.park_call(item, refusal)
-        outcome = with_retries(conn, lambda c: execute_calls(c, [call])[0])[0]
+        try:
+            outcome = with_retries(conn, lambda c: execute_calls(c, [call])[0])[0]
+        except psycopg.Error as error:
+            if is_infrastructure_error(error):
+                raise
+            # Looping on a message that cannot even be parked would stop the queue.
+            outcome = f"not stored, parking failed ({describe_error(error)})"
         self.log_parked(item, refusal, outcome)
         return PARKED
 
@@ -210,7 +216,11 @@ class WindowApplier:
         )
 
     def log_parked(self, item: Item, refusal: Refusal, outcome: str) -> None:
-        kept = "not stored: the cap of parked messages is reached" if outcome == "over_cap" else "parked"
+        kept = {
+            "parked": "parked",
+            "parked_again": "parked",
+            "over_cap": "not stored: the cap of parked messages is reached",
+        }.get(outcome, outcome)
         logger.error(
             "Rejected %s from %s (delivery tag %d, routing key %s), %s: %s",
             item.what,
