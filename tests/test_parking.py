@@ -30,7 +30,7 @@ def exchanges(rabbitmq_url):
 def shard(conn, database_url, rabbitmq_url, tmp_path) -> Iterator[Shard]:
     with open_shard(conn, database_url, rabbitmq_url, tmp_path, queue_prefix="pyswpt_test_parking") as opened:
         yield opened
-    for table in ("account", "registered_balance_change"):
+    for table in ("account", "registered_balance_change", "parked_message"):
         conn.execute(f"DROP TRIGGER IF EXISTS test_fault ON {table}")
     conn.execute("DROP FUNCTION IF EXISTS public.test_fault() CASCADE")
 
@@ -173,3 +173,22 @@ def test_the_same_message_parked_twice_stays_one_row(shard):
     consumer.stop()
     [row] = parked(shard)
     assert row["attempts"] == 2
+
+
+def test_a_message_that_cannot_even_be_parked_is_rejected_and_the_queue_goes_on(shard):
+    install_fault(
+        shard.conn,
+        "parked_message",
+        "true",
+        "RAISE EXCEPTION 'no room for the test' USING ERRCODE = 'check_violation'",
+    )
+    shard.publish("ConfigureAccount", body=b"not json")
+    next_creditor = shard.creditor()
+    shard.configure(next_creditor)
+
+    [consumer] = shard.start("consumer")
+    wait_for(lambda: shard.account(next_creditor) is not None, "the next message")
+    consumer.stop()
+    assert shard.ready_messages() == 0
+    [line] = lines_naming(consumer.log(), "parking failed")
+    assert "23514" in line and "does not contain a valid JSON" in line
