@@ -315,6 +315,12 @@ def add_parked_commands(commands: argparse._SubParsersAction) -> None:
     discard.set_defaults(handler=command_parked_discard)
 
 
+def command_audit(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import audit
+
+    return audit.audit(config, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyswpt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -330,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 if any record belongs to another shard (after a split), else 0",
     ).set_defaults(handler=command_verify_shard_content)
     add_parked_commands(commands)
+    audit = commands.add_parser(
+        "audit", help="check the ledger's invariants; exit 1 on any violation, else 0"
+    )
+    audit.add_argument("--json", action="store_true", help="print the checks as JSON")
+    audit.set_defaults(handler=command_audit)
     add_run_commands(commands)
     return parser
 

@@ -1,0 +1,413 @@
+-- `pyswpt audit` (issue 8): the shard's invariants (spec 02 §5), checked in
+-- SQL. Read-only: every function here is STABLE, so one call of audit_ledger
+-- sees one snapshot and the figures of different checks agree with each other.
+--
+-- Each check yields one row: its name, a status, how many offending items it
+-- found, the first p_max_keys of them (ids and figures, never notes), and a
+-- detail line. Statuses:
+--   ok         nothing found;
+--   VIOLATION  an invariant is broken (pyswpt audit exits 1);
+--   warning    nothing is broken, but an operator should look (parked messages);
+--   info       a figure that is normal while a shard works (money in transit).
+--
+-- What one shard can check without history:
+--   * locks (§5.2): total_locked_amount and pending_transfers_count against the
+--     account's prepared transfers;
+--   * transfer numbers (§5.3): the flusher deletes AccountTransfer rows once
+--     published, in any order, so a missing number cannot be told from a sent
+--     one. The rows still in the outbox must each link to the number before
+--     theirs, none may lie beyond its account's last_transfer_number or in a
+--     later incarnation, a root account has none, and the row numbered
+--     last_transfer_number carries last_transfer_committed_at;
+--   * the archive (§1.6, §2.6): a change is queued exactly while its archive
+--     row is not applied (the archive stores no amounts, so principals are
+--     checked against changes only through conservation below);
+--   * conservation (§5.1): per debtor, Σ principal + the changes in transit
+--     that this database can see (unsent outbox rows, queued changes, parked
+--     PendingBalanceChange messages). Only a shard that holds every account
+--     (binding key `#`) can expect zero, and only when no change is in the
+--     broker and no principal overflowed: then a non-zero sum is a VIOLATION;
+--     otherwise the sum is reported as info.
+--
+-- The file reads bottom-up, audit_ledger last: SQL-language bodies are checked
+-- when they are created, so each helper must exist before its caller.
+
+-- 'VIOLATION' when a check found anything, else 'ok'.
+CREATE OR REPLACE FUNCTION violation_status(p_found_count bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN p_found_count > 0 THEN 'VIOLATION' ELSE 'ok' END;
+
+-- The first p_max_keys keys, and an empty array rather than NULL when none.
+CREATE OR REPLACE FUNCTION first_keys_of(p_keys text[], p_max_keys integer)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE
+RETURN coalesce(p_keys[1:p_max_keys], ARRAY[]::text[]);
+
+-- debtor_id and principal_delta of one parked PendingBalanceChange; NULLs when
+-- the body is not UTF-8 JSON or a field is not an integer. A peer's garbage
+-- must not stop the audit, so the error is caught for this message alone.
+CREATE OR REPLACE FUNCTION read_parked_balance_change(
+    p_body bytea,
+    p_row_data jsonb,
+    OUT debtor_id bigint,
+    OUT principal_delta bigint
+)
+LANGUAGE plpgsql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_fields jsonb := p_row_data;
+BEGIN
+    IF p_body IS NOT NULL THEN
+        v_fields := convert_from(p_body, 'UTF8')::jsonb;
+    END IF;
+    IF jsonb_typeof(v_fields) = 'object' THEN
+        debtor_id := (v_fields ->> 'debtor_id')::bigint;
+        principal_delta := (v_fields ->> 'principal_delta')::bigint;
+    END IF;
+EXCEPTION
+    WHEN data_exception THEN
+        debtor_id := NULL;
+        principal_delta := NULL;
+END;
+$$;
+
+-- Parked PendingBalanceChange messages with their debtor and amount, read from
+-- the JSON body (or, for an outbox row parked without a body, from its
+-- columns). NULL principal_delta: the debtor or the amount cannot be read.
+CREATE OR REPLACE FUNCTION parked_balance_changes()
+RETURNS TABLE (parked_id bigint, debtor_id bigint, principal_delta bigint)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT
+        m.parked_id,
+        coalesce(m.debtor_id, r.debtor_id),
+        CASE WHEN coalesce(m.debtor_id, r.debtor_id) IS NOT NULL THEN r.principal_delta END
+    FROM parked_message AS m
+    CROSS JOIN LATERAL read_parked_balance_change(m.body, m.row_data) AS r
+    WHERE m.message_type = 'PendingBalanceChange'
+$$;
+
+-- Per debtor: the principals held here, and the changes in transit seen here
+-- (unsent outbox rows, queued changes, readable parked messages), as sums and
+-- counts. Sums are numeric, so that no sum of bigints overflows.
+CREATE OR REPLACE FUNCTION debtor_balances()
+RETURNS TABLE (
+    debtor_id bigint,
+    principal_sum numeric,
+    unsent_sum numeric,
+    queued_sum numeric,
+    parked_sum numeric,
+    unsent_count bigint,
+    queued_count bigint,
+    parked_count bigint,
+    overflown_account_count bigint
+)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    WITH amounts (debtor_id, principal, unsent, queued, parked, kind) AS (
+        SELECT a.debtor_id, a.principal, 0, 0, 0,
+            CASE WHEN a.status_flags & 2 <> 0 THEN 'overflown' ELSE 'account' END
+        FROM account AS a
+        UNION ALL
+        SELECT s.debtor_id, 0, s.principal_delta, 0, 0, 'unsent'
+        FROM pending_balance_change_signal AS s
+        UNION ALL
+        SELECT q.debtor_id, 0, 0, q.principal_delta, 0, 'queued'
+        FROM pending_balance_change AS q
+        UNION ALL
+        SELECT p.debtor_id, 0, 0, 0, p.principal_delta, 'parked'
+        FROM parked_balance_changes() AS p
+        WHERE p.principal_delta IS NOT NULL
+    )
+    SELECT
+        debtor_id,
+        sum(principal),
+        sum(unsent),
+        sum(queued),
+        sum(parked),
+        count(*) FILTER (WHERE kind = 'unsent'),
+        count(*) FILTER (WHERE kind = 'queued'),
+        count(*) FILTER (WHERE kind = 'parked'),
+        count(*) FILTER (WHERE kind = 'overflown')
+    FROM amounts
+    GROUP BY debtor_id
+$$;
+
+-- §5.2: both lock columns of every account against its prepared transfers,
+-- from one pass over the two tables. The locked sum is capped at 2^63-1.
+CREATE OR REPLACE FUNCTION audit_account_locks(p_max_keys integer)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    WITH totals AS MATERIALIZED (
+        SELECT
+            a.debtor_id,
+            a.creditor_id,
+            a.total_locked_amount,
+            a.pending_transfers_count,
+            least(coalesce(p.locked_sum, 0), 9223372036854775807) AS locked_sum,
+            coalesce(p.transfer_count, 0) AS transfer_count
+        FROM account AS a
+        LEFT JOIN (
+            SELECT debtor_id, sender_creditor_id, sum(locked_amount) AS locked_sum, count(*) AS transfer_count
+            FROM prepared_transfer
+            GROUP BY debtor_id, sender_creditor_id
+        ) AS p
+            ON p.debtor_id = a.debtor_id AND p.sender_creditor_id = a.creditor_id
+        WHERE a.total_locked_amount <> least(coalesce(p.locked_sum, 0), 9223372036854775807)
+            OR a.pending_transfers_count <> coalesce(p.transfer_count, 0)
+    )
+    SELECT
+        'locked_amounts',
+        violation_status(count(*)),
+        count(*),
+        first_keys_of(
+            array_agg(
+                format('(%s, %s) total_locked_amount %s, prepared %s',
+                    debtor_id, creditor_id, total_locked_amount, locked_sum)
+                ORDER BY debtor_id, creditor_id
+            ),
+            p_max_keys
+        ),
+        'total_locked_amount = Σ locked_amount of the account''s prepared transfers'
+    FROM totals
+    WHERE total_locked_amount <> locked_sum
+    UNION ALL
+    SELECT
+        'pending_transfer_counts',
+        violation_status(count(*)),
+        count(*),
+        first_keys_of(
+            array_agg(
+                format('(%s, %s) pending_transfers_count %s, prepared %s',
+                    debtor_id, creditor_id, pending_transfers_count, transfer_count)
+                ORDER BY debtor_id, creditor_id
+            ),
+            p_max_keys
+        ),
+        'pending_transfers_count = number of the account''s prepared transfers'
+    FROM totals
+    WHERE pending_transfers_count <> transfer_count
+$$;
+
+-- §5.3: every AccountTransfer still in the outbox follows the number before it.
+CREATE OR REPLACE FUNCTION audit_transfer_number_links(p_max_keys integer)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT
+        'transfer_number_links',
+        violation_status(count(*)),
+        count(*),
+        first_keys_of(
+            array_agg(
+                format('(%s, %s) %s #%s after #%s',
+                    debtor_id, creditor_id, creation_date, transfer_number, previous_transfer_number)
+                ORDER BY debtor_id, creditor_id, creation_date, transfer_number
+            ),
+            p_max_keys
+        ),
+        'unsent AccountTransfers: previous_transfer_number = transfer_number - 1 >= 0'
+    FROM account_transfer_signal
+    WHERE transfer_number < 1
+        OR previous_transfer_number <> transfer_number - 1
+$$;
+
+-- §5.3: no unsent AccountTransfer was numbered beyond what its account issued.
+CREATE OR REPLACE FUNCTION audit_transfer_numbers_issued(p_max_keys integer)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    WITH wrong AS MATERIALIZED (
+        SELECT
+            t.debtor_id,
+            t.creditor_id,
+            t.creation_date,
+            t.transfer_number,
+            CASE
+                WHEN t.creditor_id = 0 THEN 'of a root account'
+                WHEN t.creation_date > a.creation_date THEN 'of a later incarnation than ' || a.creation_date
+                WHEN t.transfer_number > a.last_transfer_number THEN 'beyond last_transfer_number ' || a.last_transfer_number
+                ELSE 'committed_at is not last_transfer_committed_at'
+            END AS what
+        FROM account_transfer_signal AS t
+        LEFT JOIN account AS a
+            ON a.debtor_id = t.debtor_id AND a.creditor_id = t.creditor_id
+        WHERE t.creditor_id = 0
+            OR t.creation_date > a.creation_date
+            OR (t.creation_date = a.creation_date AND t.transfer_number > a.last_transfer_number)
+            OR (
+                t.creation_date = a.creation_date
+                AND t.transfer_number = a.last_transfer_number
+                AND t.committed_at <> a.last_transfer_committed_at
+            )
+    )
+    SELECT
+        'transfer_numbers_issued',
+        violation_status(count(*)),
+        count(*),
+        first_keys_of(
+            array_agg(
+                format('(%s, %s) %s #%s %s', debtor_id, creditor_id, creation_date, transfer_number, what)
+                ORDER BY debtor_id, creditor_id, creation_date, transfer_number
+            ),
+            p_max_keys
+        ),
+        'unsent AccountTransfers: numbered up to the account''s last_transfer_number, none for root accounts'
+    FROM wrong
+$$;
+
+-- §1.6, §2.6: a change is queued exactly while its archive row is unapplied
+-- (the foreign key already ties every queued change to an archive row).
+CREATE OR REPLACE FUNCTION audit_balance_change_archive(p_max_keys integer)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT
+        'balance_change_archive',
+        violation_status(count(*)),
+        count(*),
+        first_keys_of(
+            array_agg(
+                format('(%s, %s, %s) %s',
+                    r.debtor_id, r.other_creditor_id, r.change_id,
+                    CASE WHEN r.is_applied THEN 'applied but still queued' ELSE 'unapplied but not queued' END)
+                ORDER BY r.debtor_id, r.other_creditor_id, r.change_id
+            ),
+            p_max_keys
+        ),
+        'registered_balance_change.is_applied = false exactly while the change is in pending_balance_change'
+    FROM registered_balance_change AS r
+    LEFT JOIN pending_balance_change AS q
+        ON q.debtor_id = r.debtor_id AND q.other_creditor_id = r.other_creditor_id AND q.change_id = r.change_id
+    WHERE r.is_applied = (q.change_id IS NOT NULL)
+$$;
+
+-- §5.1: conservation per debtor, the money in transit, and the parked
+-- PendingBalanceChanges whose amount cannot be read (not counted in transit).
+CREATE OR REPLACE FUNCTION audit_money(p_holds_every_account boolean, p_max_keys integer)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    WITH balances AS MATERIALIZED (
+        SELECT
+            b.*,
+            b.unsent_sum + b.queued_sum + b.parked_sum AS in_transit,
+            b.unsent_count + b.queued_count + b.parked_count AS change_count,
+            -- A contained overflow (status bit 1) has lost money on purpose (§3.6).
+            p_holds_every_account AND b.overflown_account_count = 0 AS must_balance
+        FROM debtor_balances() AS b
+    )
+    SELECT
+        'conservation',
+        CASE
+            WHEN bool_or(must_balance) THEN 'VIOLATION'
+            WHEN count(*) > 0 THEN 'info'
+            ELSE 'ok'
+        END,
+        count(*),
+        first_keys_of(
+            array_agg(
+                format('debtor %s: principals %s, in transit %s', debtor_id, principal_sum, in_transit)
+                ORDER BY must_balance DESC, debtor_id
+            ),
+            p_max_keys
+        ),
+        CASE
+            WHEN p_holds_every_account THEN
+                'Σ principal + in transit = 0 per debtor (changes in the broker are not seen: run with the SMP queue drained)'
+            ELSE 'Σ principal + in transit per debtor; other shards hold the rest (information only)'
+        END
+    FROM balances
+    WHERE principal_sum + in_transit <> 0
+    UNION ALL
+    SELECT
+        'money_in_transit',
+        CASE
+            WHEN sum(parked_count) > 0 THEN 'warning'
+            WHEN count(*) > 0 THEN 'info'
+            ELSE 'ok'
+        END,
+        coalesce(sum(change_count), 0)::bigint,
+        first_keys_of(
+            array_agg(
+                format('debtor %s: %s (unsent %s, queued %s, parked %s)',
+                    debtor_id, in_transit, unsent_sum, queued_sum, parked_sum)
+                ORDER BY parked_count DESC, debtor_id
+            ),
+            p_max_keys
+        ),
+        format('%s changes unsent, %s queued, %s parked (replay parked ones with pyswpt parked)',
+            coalesce(sum(unsent_count), 0), coalesce(sum(queued_count), 0), coalesce(sum(parked_count), 0))
+    FROM balances
+    WHERE change_count > 0
+    UNION ALL
+    SELECT
+        'unreadable_parked_changes',
+        CASE WHEN count(*) > 0 THEN 'warning' ELSE 'ok' END,
+        count(*),
+        first_keys_of(array_agg(format('parked %s', parked_id) ORDER BY parked_id), p_max_keys),
+        'parked PendingBalanceChanges whose debtor or amount cannot be read: not counted in transit'
+    FROM parked_balance_changes()
+    WHERE principal_delta IS NULL
+$$;
+
+-- Parked messages of any kind wait for an operator: a warning, not a violation.
+CREATE OR REPLACE FUNCTION audit_parked_messages(p_max_keys integer)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    WITH parked AS (
+        SELECT
+            count(*) AS parked_count,
+            first_keys_of(
+                array_agg(
+                    format('parked %s: %s %s', parked_id, coalesce(message_type, 'untyped'), reason_code)
+                    ORDER BY parked_id
+                ),
+                p_max_keys
+            ) AS keys
+        FROM parked_message
+    ),
+    dropped AS (
+        SELECT coalesce(sum(dropped_count), 0)::bigint AS dropped_count
+        FROM parked_message_overflow
+    )
+    SELECT
+        'parked_messages',
+        CASE WHEN parked_count + dropped_count > 0 THEN 'warning' ELSE 'ok' END,
+        parked_count + dropped_count,
+        keys,
+        format('%s parked, %s more not stored (over the cap per reason): see pyswpt parked list',
+            parked_count, dropped_count)
+    FROM parked, dropped
+$$;
+
+-- Every check, one row each, in a fixed order.
+CREATE OR REPLACE FUNCTION audit_ledger(p_holds_every_account boolean, p_max_keys integer DEFAULT 5)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE sql STABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+    SELECT * FROM audit_account_locks(p_max_keys)
+    UNION ALL
+    SELECT * FROM audit_transfer_number_links(p_max_keys)
+    UNION ALL
+    SELECT * FROM audit_transfer_numbers_issued(p_max_keys)
+    UNION ALL
+    SELECT * FROM audit_balance_change_archive(p_max_keys)
+    UNION ALL
+    SELECT * FROM audit_money(p_holds_every_account, p_max_keys)
+    UNION ALL
+    SELECT * FROM audit_parked_messages(p_max_keys)
+$$;
