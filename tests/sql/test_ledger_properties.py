@@ -624,6 +624,14 @@ class LedgerMachine(RuleBasedStateMachine):
         )
 
     @invariant()
+    def audit_finds_no_violation(self) -> None:
+        """The SQL audit (`pyswpt audit`) agrees: no false alarm in any reachable state.
+        The test holds every account of its debtor and no change is in a broker, so
+        conservation is checked strictly."""
+        found = rows(self.conn, "SELECT * FROM audit_ledger(true) WHERE status = 'VIOLATION'")
+        assert found == []
+
+    @invariant()
     def locks_summarize_prepared_transfers(self) -> None:
         """§5.2: total_locked_amount and pending_transfers_count match the prepared transfers."""
         mismatches = rows(
