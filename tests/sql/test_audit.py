@@ -167,14 +167,17 @@ def test_last_transfer_committed_at_must_match_the_last_unsent_transfer(ledger):
 
 
 def test_an_account_transfer_of_a_root_account_is_found(ledger):
+    # Dated as an earlier incarnation of the root account, so that only the root rule applies.
     ledger.execute(
         "INSERT INTO account_transfer_signal"
-        " SELECT debtor_id, 0, creation_date, 1, coordinator_type, committed_at, acquired_amount,"
+        " SELECT debtor_id, 0, creation_date - 1, 1, coordinator_type, committed_at, acquired_amount,"
         " other_creditor_id, transfer_note_format, transfer_note, principal, 0, inserted_at"
         " FROM account_transfer_signal WHERE creditor_id = %s AND transfer_number = 1",
         (SENDER_ID,),
     )
+    found = audit(ledger)
     assert not_ok(ledger) == {"transfer_numbers_issued": "VIOLATION"}
+    assert found["transfer_numbers_issued"]["first_keys"][0].endswith("#1 of a root account")
 
 
 def test_archive_and_queue_must_agree(conn):
