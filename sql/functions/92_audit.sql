@@ -38,12 +38,6 @@ RETURNS text
 LANGUAGE sql IMMUTABLE
 RETURN CASE WHEN p_found_count > 0 THEN 'VIOLATION' ELSE 'ok' END;
 
--- The first p_max_keys keys, and an empty array rather than NULL when none.
-CREATE OR REPLACE FUNCTION first_keys_of(p_keys text[], p_max_keys integer)
-RETURNS text[]
-LANGUAGE sql IMMUTABLE
-RETURN coalesce(p_keys[1:p_max_keys], ARRAY[]::text[]);
-
 -- debtor_id and principal_delta of one parked PendingBalanceChange; NULLs when
 -- the body is not UTF-8 JSON or a field is not an integer. A peer's garbage
 -- must not stop the audit, so the error is caught for this message alone.
@@ -139,12 +133,15 @@ $$;
 
 -- §5.2: both lock columns of every account against its prepared transfers,
 -- from one pass over the two tables. The locked sum is capped at 2^63-1.
+-- Offending rows are kept in materialized CTEs, which spill to disk, and only
+-- the first p_max_keys of them are formatted: a badly broken shard cannot
+-- exhaust the backend's memory.
 CREATE OR REPLACE FUNCTION audit_account_locks(p_max_keys integer)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
 SET search_path = pyswpt, pg_temp
 AS $$
-    WITH totals AS MATERIALIZED (
+    WITH wrong AS MATERIALIZED (
         SELECT
             a.debtor_id,
             a.creditor_id,
@@ -166,32 +163,32 @@ AS $$
         'locked_amounts',
         violation_status(count(*)),
         count(*),
-        first_keys_of(
-            array_agg(
-                format('(%s, %s) total_locked_amount %s, prepared %s',
-                    debtor_id, creditor_id, total_locked_amount, locked_sum)
-                ORDER BY debtor_id, creditor_id
-            ),
-            p_max_keys
+        ARRAY(
+            SELECT format('(%s, %s) total_locked_amount %s, prepared %s',
+                debtor_id, creditor_id, total_locked_amount, locked_sum)
+            FROM wrong
+            WHERE total_locked_amount <> locked_sum
+            ORDER BY debtor_id, creditor_id
+            LIMIT p_max_keys
         ),
         'total_locked_amount = Σ locked_amount of the account''s prepared transfers'
-    FROM totals
+    FROM wrong
     WHERE total_locked_amount <> locked_sum
     UNION ALL
     SELECT
         'pending_transfer_counts',
         violation_status(count(*)),
         count(*),
-        first_keys_of(
-            array_agg(
-                format('(%s, %s) pending_transfers_count %s, prepared %s',
-                    debtor_id, creditor_id, pending_transfers_count, transfer_count)
-                ORDER BY debtor_id, creditor_id
-            ),
-            p_max_keys
+        ARRAY(
+            SELECT format('(%s, %s) pending_transfers_count %s, prepared %s',
+                debtor_id, creditor_id, pending_transfers_count, transfer_count)
+            FROM wrong
+            WHERE pending_transfers_count <> transfer_count
+            ORDER BY debtor_id, creditor_id
+            LIMIT p_max_keys
         ),
         'pending_transfers_count = number of the account''s prepared transfers'
-    FROM totals
+    FROM wrong
     WHERE pending_transfers_count <> transfer_count
 $$;
 
@@ -201,22 +198,25 @@ RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text
 LANGUAGE sql STABLE
 SET search_path = pyswpt, pg_temp
 AS $$
+    WITH wrong AS MATERIALIZED (
+        SELECT debtor_id, creditor_id, creation_date, transfer_number, previous_transfer_number
+        FROM account_transfer_signal
+        WHERE transfer_number < 1
+            OR previous_transfer_number <> transfer_number - 1
+    )
     SELECT
         'transfer_number_links',
         violation_status(count(*)),
         count(*),
-        first_keys_of(
-            array_agg(
-                format('(%s, %s) %s #%s after #%s',
-                    debtor_id, creditor_id, creation_date, transfer_number, previous_transfer_number)
-                ORDER BY debtor_id, creditor_id, creation_date, transfer_number
-            ),
-            p_max_keys
+        ARRAY(
+            SELECT format('(%s, %s) %s #%s after #%s',
+                debtor_id, creditor_id, creation_date, transfer_number, previous_transfer_number)
+            FROM wrong
+            ORDER BY debtor_id, creditor_id, creation_date, transfer_number
+            LIMIT p_max_keys
         ),
         'unsent AccountTransfers: previous_transfer_number = transfer_number - 1 >= 0'
-    FROM account_transfer_signal
-    WHERE transfer_number < 1
-        OR previous_transfer_number <> transfer_number - 1
+    FROM wrong
 $$;
 
 -- §5.3: no unsent AccountTransfer was numbered beyond what its account issued.
@@ -253,12 +253,11 @@ AS $$
         'transfer_numbers_issued',
         violation_status(count(*)),
         count(*),
-        first_keys_of(
-            array_agg(
-                format('(%s, %s) %s #%s %s', debtor_id, creditor_id, creation_date, transfer_number, what)
-                ORDER BY debtor_id, creditor_id, creation_date, transfer_number
-            ),
-            p_max_keys
+        ARRAY(
+            SELECT format('(%s, %s) %s #%s %s', debtor_id, creditor_id, creation_date, transfer_number, what)
+            FROM wrong
+            ORDER BY debtor_id, creditor_id, creation_date, transfer_number
+            LIMIT p_max_keys
         ),
         'unsent AccountTransfers: numbered up to the account''s last_transfer_number, none for root accounts'
     FROM wrong
@@ -271,24 +270,26 @@ RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text
 LANGUAGE sql STABLE
 SET search_path = pyswpt, pg_temp
 AS $$
+    WITH wrong AS MATERIALIZED (
+        SELECT r.debtor_id, r.other_creditor_id, r.change_id, r.is_applied
+        FROM registered_balance_change AS r
+        LEFT JOIN pending_balance_change AS q
+            ON q.debtor_id = r.debtor_id AND q.other_creditor_id = r.other_creditor_id AND q.change_id = r.change_id
+        WHERE r.is_applied = (q.change_id IS NOT NULL)
+    )
     SELECT
         'balance_change_archive',
         violation_status(count(*)),
         count(*),
-        first_keys_of(
-            array_agg(
-                format('(%s, %s, %s) %s',
-                    r.debtor_id, r.other_creditor_id, r.change_id,
-                    CASE WHEN r.is_applied THEN 'applied but still queued' ELSE 'unapplied but not queued' END)
-                ORDER BY r.debtor_id, r.other_creditor_id, r.change_id
-            ),
-            p_max_keys
+        ARRAY(
+            SELECT format('(%s, %s, %s) %s', debtor_id, other_creditor_id, change_id,
+                CASE WHEN is_applied THEN 'applied but still queued' ELSE 'unapplied but not queued' END)
+            FROM wrong
+            ORDER BY debtor_id, other_creditor_id, change_id
+            LIMIT p_max_keys
         ),
         'registered_balance_change.is_applied = false exactly while the change is in pending_balance_change'
-    FROM registered_balance_change AS r
-    LEFT JOIN pending_balance_change AS q
-        ON q.debtor_id = r.debtor_id AND q.other_creditor_id = r.other_creditor_id AND q.change_id = r.change_id
-    WHERE r.is_applied = (q.change_id IS NOT NULL)
+    FROM wrong
 $$;
 
 -- §5.1: conservation per debtor, the money in transit, and the parked
@@ -306,6 +307,12 @@ AS $$
             -- A contained overflow (status bit 1) has lost money on purpose (§3.6).
             p_holds_every_account AND b.overflown_account_count = 0 AS must_balance
         FROM debtor_balances() AS b
+    ),
+    unbalanced AS MATERIALIZED (
+        SELECT * FROM balances WHERE principal_sum + in_transit <> 0
+    ),
+    unreadable AS MATERIALIZED (
+        SELECT parked_id FROM parked_balance_changes() WHERE principal_delta IS NULL
     )
     SELECT
         'conservation',
@@ -315,50 +322,46 @@ AS $$
             ELSE 'ok'
         END,
         count(*),
-        first_keys_of(
-            array_agg(
-                format('debtor %s: principals %s, in transit %s', debtor_id, principal_sum, in_transit)
-                ORDER BY must_balance DESC, debtor_id
-            ),
-            p_max_keys
+        ARRAY(
+            SELECT format('debtor %s: principals %s, in transit %s', debtor_id, principal_sum, in_transit)
+            FROM unbalanced
+            ORDER BY must_balance DESC, debtor_id
+            LIMIT p_max_keys
         ),
         CASE
             WHEN p_holds_every_account THEN
                 'Σ principal + in transit = 0 per debtor (changes in the broker are not seen: run with the SMP queue drained)'
             ELSE 'Σ principal + in transit per debtor; other shards hold the rest (information only)'
         END
-    FROM balances
-    WHERE principal_sum + in_transit <> 0
+    FROM unbalanced
     UNION ALL
     SELECT
         'money_in_transit',
         CASE
             WHEN sum(parked_count) > 0 THEN 'warning'
-            WHEN count(*) > 0 THEN 'info'
+            WHEN sum(change_count) > 0 THEN 'info'
             ELSE 'ok'
         END,
         coalesce(sum(change_count), 0)::bigint,
-        first_keys_of(
-            array_agg(
-                format('debtor %s: %s (unsent %s, queued %s, parked %s)',
-                    debtor_id, in_transit, unsent_sum, queued_sum, parked_sum)
-                ORDER BY parked_count DESC, debtor_id
-            ),
-            p_max_keys
+        ARRAY(
+            SELECT format('debtor %s: %s (unsent %s, queued %s, parked %s)',
+                debtor_id, in_transit, unsent_sum, queued_sum, parked_sum)
+            FROM balances
+            WHERE change_count > 0
+            ORDER BY parked_count DESC, debtor_id
+            LIMIT p_max_keys
         ),
         format('%s changes unsent, %s queued, %s parked (replay parked ones with pyswpt parked)',
             coalesce(sum(unsent_count), 0), coalesce(sum(queued_count), 0), coalesce(sum(parked_count), 0))
     FROM balances
-    WHERE change_count > 0
     UNION ALL
     SELECT
         'unreadable_parked_changes',
         CASE WHEN count(*) > 0 THEN 'warning' ELSE 'ok' END,
         count(*),
-        first_keys_of(array_agg(format('parked %s', parked_id) ORDER BY parked_id), p_max_keys),
+        ARRAY(SELECT format('parked %s', parked_id) FROM unreadable ORDER BY parked_id LIMIT p_max_keys),
         'parked PendingBalanceChanges whose debtor or amount cannot be read: not counted in transit'
-    FROM parked_balance_changes()
-    WHERE principal_delta IS NULL
+    FROM unreadable
 $$;
 
 -- Parked messages of any kind wait for an operator: a warning, not a violation.
@@ -367,30 +370,24 @@ RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text
 LANGUAGE sql STABLE
 SET search_path = pyswpt, pg_temp
 AS $$
-    WITH parked AS (
+    WITH counts AS (
         SELECT
-            count(*) AS parked_count,
-            first_keys_of(
-                array_agg(
-                    format('parked %s: %s %s', parked_id, coalesce(message_type, 'untyped'), reason_code)
-                    ORDER BY parked_id
-                ),
-                p_max_keys
-            ) AS keys
-        FROM parked_message
-    ),
-    dropped AS (
-        SELECT coalesce(sum(dropped_count), 0)::bigint AS dropped_count
-        FROM parked_message_overflow
+            (SELECT count(*) FROM parked_message) AS parked_count,
+            (SELECT coalesce(sum(dropped_count), 0)::bigint FROM parked_message_overflow) AS dropped_count
     )
     SELECT
         'parked_messages',
         CASE WHEN parked_count + dropped_count > 0 THEN 'warning' ELSE 'ok' END,
         parked_count + dropped_count,
-        keys,
+        ARRAY(
+            SELECT format('parked %s: %s %s', parked_id, coalesce(message_type, 'untyped'), reason_code)
+            FROM parked_message
+            ORDER BY parked_id
+            LIMIT p_max_keys
+        ),
         format('%s parked, %s more not stored (over the cap per reason): see pyswpt parked list',
             parked_count, dropped_count)
-    FROM parked, dropped
+    FROM counts
 $$;
 
 -- Every check, one row each, in a fixed order.
