@@ -68,8 +68,9 @@ END;
 $$;
 
 -- Parked PendingBalanceChange messages with their debtor and amount, read from
--- the JSON body (or, for an outbox row parked without a body, from its
--- columns). NULL principal_delta: the debtor or the amount cannot be read.
+-- the JSON body, or from the columns of an outbox row the flusher could not
+-- turn into a message (parked from `pending_balance_changes` without a type or
+-- body). NULL principal_delta: the debtor or the amount cannot be read.
 CREATE OR REPLACE FUNCTION parked_balance_changes()
 RETURNS TABLE (parked_id bigint, debtor_id bigint, principal_delta bigint)
 LANGUAGE sql STABLE
@@ -82,6 +83,7 @@ AS $$
     FROM parked_message AS m
     CROSS JOIN LATERAL read_parked_balance_change(m.body, m.row_data) AS r
     WHERE m.message_type = 'PendingBalanceChange'
+        OR (m.source_kind = 'outbox' AND m.source_name = 'pending_balance_changes')
 $$;
 
 -- Per debtor: the principals held here, and the changes in transit seen here

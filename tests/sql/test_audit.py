@@ -11,7 +11,7 @@ import pytest
 
 from balance_steps import deliver_pending_balance_changes, pay
 from factories import STATUS_OVERFLOWN
-from pyswpt.parking import SOURCE_QUEUE, Parcel, park
+from pyswpt.parking import SOURCE_OUTBOX, SOURCE_QUEUE, Parcel, park
 from transfer_steps import DEBTOR_ID, RECIPIENT_ID, SENDER_ID, finalize, prepare, rows
 
 ALWAYS_LISTED = [
@@ -227,6 +227,31 @@ def test_a_parked_balance_change_is_money_in_transit(ledger):
     ]
     assert found["money_in_transit"]["detail"].startswith("0 changes unsent, 0 queued, 1 parked")
     assert found["parked_messages"]["first_keys"][0].endswith(": PendingBalanceChange refused")
+
+
+def test_an_outbox_row_parked_without_a_message_is_money_in_transit(ledger):
+    # The flusher could not build the message of the root's change: it parked the
+    # row's columns as text, without a message type or body.
+    pay(ledger, DEBTOR_ID, RECIPIENT_ID, -30)
+    (row,) = rows(ledger, "DELETE FROM pending_balance_change_signal RETURNING *")
+    park(
+        ledger,
+        Parcel(
+            source_kind=SOURCE_OUTBOX,
+            source_name="pending_balance_changes",
+            routing_key="",
+            reason_code="unreadable",
+            reason="a column cannot be loaded",
+            row_data={column: None if value is None else str(value) for column, value in row.items()},
+            debtor_id=DEBTOR_ID,
+            creditor_id=row["creditor_id"],
+        ),
+    )
+    found = audit(ledger)
+    assert not_ok(ledger) == {"money_in_transit": "warning", "parked_messages": "warning"}
+    assert found["money_in_transit"]["first_keys"] == [
+        f"debtor {DEBTOR_ID}: 30 (unsent 0, queued 0, parked 30)"
+    ]
 
 
 @pytest.mark.parametrize(
