@@ -12,7 +12,10 @@ one transaction.
     PYSWPT_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2F \\
     .venv/bin/python benchmarks/consumer.py --messages 5000 --prefetch 1 100
 
-Only the consumer runs (no workers): the numbers are the intake alone.
+Only the consumer runs (no workers): the numbers are the intake alone. The
+run works in a RabbitMQ vhost of its own, made like a test session's (the
+management API or rabbitmqctl) and deleted at the end; the URL's vhost is only
+a template.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from psycopg import sql
 
 from pyswpt import schema, topology
 from pyswpt.sharding import binary_routing_key
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import vhosts  # noqa: E402  (tests/vhosts.py, shared with the test sessions)
 
 POLL_SECONDS = 0.01
 DRAIN_TIMEOUT_SECONDS = 600.0
@@ -192,13 +198,18 @@ def main() -> int:
     args = parser.parse_args()
     if not args.postgres_url or not args.rabbitmq_url:
         parser.error("set --postgres-url/--rabbitmq-url or PYSWPT_TEST_POSTGRES_URL/PYSWPT_TEST_RABBITMQ_URL")
+    try:
+        admin = vhosts.vhost_admin_for(args.rabbitmq_url, os.environ.get(vhosts.MANAGEMENT_URL_VARIABLE))
+    except vhosts.VhostAdminError as error:
+        parser.error(str(error))
 
     print(f"{'kind':<22} {'prefetch':>8} {'messages':>8} {'msg/s':>9}")
-    for kind in args.kind:
-        for prefetch in args.prefetch:
-            for _ in range(args.repeat):
-                rate = measure(args.postgres_url, args.rabbitmq_url, kind, prefetch, args.messages)
-                print(f"{kind:<22} {prefetch:>8} {args.messages:>8} {rate:>9.0f}", flush=True)
+    with vhosts.own_vhost(admin, args.rabbitmq_url, "pyswpt_bench") as rabbitmq_url:
+        for kind in args.kind:
+            for prefetch in args.prefetch:
+                for _ in range(args.repeat):
+                    rate = measure(args.postgres_url, rabbitmq_url, kind, prefetch, args.messages)
+                    print(f"{kind:<22} {prefetch:>8} {args.messages:>8} {rate:>9.0f}", flush=True)
     return 0
 
 

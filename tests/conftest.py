@@ -2,13 +2,15 @@
 
 Where a Docker engine answers, testcontainers starts throwaway servers.
 Otherwise the servers named by PYSWPT_TEST_POSTGRES_URL and
-PYSWPT_TEST_RABBITMQ_URL are used: the tests create their own database there
-(dropped at the end) and never touch the operator's one.
+PYSWPT_TEST_RABBITMQ_URL are used: each session creates its own database and
+its own RabbitMQ vhost there (both deleted at the end) and never touches the
+operator's ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import urllib.parse
 import uuid
@@ -18,6 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import vhosts
 from pyswpt import schema
 
 POSTGRES_HOWTO = (
@@ -27,7 +30,8 @@ POSTGRES_HOWTO = (
 )
 RABBITMQ_HOWTO = (
     "No RabbitMQ for the tests: start a Docker engine (testcontainers will run one), "
-    "or set PYSWPT_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2F."
+    "or set PYSWPT_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2F (the tests make "
+    "a vhost of their own there, with the management API or rabbitmqctl)."
 )
 
 
@@ -56,11 +60,22 @@ def postgres_server_url() -> Iterator[str]:
         yield container.get_connection_url()
 
 
+@dataclasses.dataclass(frozen=True)
+class RabbitmqServer:
+    url: str  # its vhost is only a template: every session makes its own
+    vhost_admin: vhosts.VhostAdmin
+
+
 @pytest.fixture(scope="session")
-def rabbitmq_url() -> Iterator[str]:
+def rabbitmq_server() -> Iterator[RabbitmqServer]:
+    """A RabbitMQ server, and the way to make vhosts on it."""
     url = os.environ.get("PYSWPT_TEST_RABBITMQ_URL")
     if url:
-        yield url
+        try:
+            admin = vhosts.vhost_admin_for(url, os.environ.get(vhosts.MANAGEMENT_URL_VARIABLE))
+        except vhosts.VhostAdminError as error:
+            pytest.fail(str(error), pytrace=False)
+        yield RabbitmqServer(url, admin)
         return
     if not docker_is_reachable():
         pytest.fail(RABBITMQ_HOWTO, pytrace=False)
@@ -68,7 +83,20 @@ def rabbitmq_url() -> Iterator[str]:
 
     with RabbitMqContainer("rabbitmq:3.13-alpine") as container:
         params = container.get_connection_params()
-        yield f"amqp://guest:guest@{params.host}:{params.port}/%2F"
+        yield RabbitmqServer(
+            f"amqp://guest:guest@{params.host}:{params.port}/%2F", vhosts.rabbitmqctl_in_container(container)
+        )
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(rabbitmq_server: RabbitmqServer) -> Iterator[str]:
+    """URL of a vhost made for this test session and deleted after it (whatever
+    happened), so that no other test node on the broker sees its messages."""
+    try:
+        with vhosts.own_vhost(rabbitmq_server.vhost_admin, rabbitmq_server.url, "pyswpt_test") as url:
+            yield url
+    except vhosts.VhostAdminError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 def with_database(url: str, dbname: str) -> str:

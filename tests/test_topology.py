@@ -1,10 +1,10 @@
 """The broker objects of spec 01 §3.7, checked on a real RabbitMQ.
 
-Exchanges are shared by every shard (and by parallel test runs), so tests only
-re-declare them; queues get names unique to the test and are deleted after.
-Exchanges and their bindings outlive a test run: on a long-lived broker a
-binding left by an earlier run hides the loss of that binding, so only a fresh
-broker or vhost (as in CI) proves that `subscribe` creates every one of them.
+Exchanges are shared by every shard (and by the tests of a session), so tests
+only re-declare them; queues get names unique to the test and are deleted after.
+Exchanges and their bindings outlive a test but not a session: each session
+works in a new, empty vhost of its own, so no binding left by an earlier run
+hides the loss of one that `subscribe` should create.
 """
 
 from __future__ import annotations
