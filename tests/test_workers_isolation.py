@@ -31,26 +31,28 @@ WORKER_SETTINGS = {
     "APP_PROCESS_TRANSFER_REQUESTS_WAIT": "0.2",
     "APP_PROCESS_FINALIZATION_REQUESTS_WAIT": "0.2",
 }
-# How the trigger makes the bad account fail: a refusal, or a statement
-# that outlasts the workers' statement_timeout (given through PGOPTIONS).
+# How the trigger makes the bad account fail: a refusal, or a statement that
+# outlasts the workers' statement_timeout (given in POSTGRES_URL, whose
+# options win over the connection factory's).
 FAILURES = {
     "refusal": (
         f"RAISE EXCEPTION 'account refused by the test' USING ERRCODE = 'check_violation', DETAIL = '{SECRET}';",
-        {},
+        "",
         "SQLSTATE 23514: account refused by the test",
     ),
     "timeout": (
         "PERFORM pg_sleep(30);",
-        {"PGOPTIONS": "-c statement_timeout=1000"},
+        "options=-c%20statement_timeout%3D1000",
         "SQLSTATE 57014: canceling statement due to statement timeout",
     ),
 }
 
 
 @pytest.fixture(params=FAILURES)
-def failing_account(request, conn) -> Iterator[tuple[Callable[[], None], dict[str, str], str]]:
+def failing_account(request, conn, database_url) -> Iterator[tuple[Callable[[], None], dict[str, str], str]]:
     """Processing the bad account fails until told to stop: (stop, settings, logged reason)."""
-    statement, settings, reason = FAILURES[request.param]
+    statement, url_query, reason = FAILURES[request.param]
+    settings = {"POSTGRES_URL": f"{database_url}?{url_query}"} if url_query else {}
     with failing_account_writes(conn, BAD_CREDITOR, statement) as stop_failing:
         yield stop_failing, settings, reason
 

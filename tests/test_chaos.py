@@ -1,0 +1,34 @@
+"""A short chaos run (benchmarks/chaos.py): faults and poison while transfers flow, then every check.
+
+The long run is on demand: `python benchmarks/chaos.py --transfers 10000`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import chaos  # noqa: E402
+
+SHORT_RUN = chaos.Settings(
+    transfers=300,
+    concurrency=20,
+    accounts=20,
+    fault_interval_seconds=1.0,
+    poison_every=25,  # at least twelve poison messages: every kind at least once
+    min_fault_rounds=1,  # every driver killed once, a forked worker, a backend, the broker connections
+    deadline_seconds=400.0,
+)
+
+
+def test_transfers_survive_faults_and_poison_exactly_once(postgres_server_url, rabbitmq_url, tmp_path):
+    report = chaos.run_chaos(postgres_server_url, rabbitmq_url, SHORT_RUN, tmp_path)
+    print(report.table())
+    assert report.ok, report.table()
+    killed = {what.removeprefix("SIGKILL ") for what in report.injected if what.startswith("SIGKILL ")}
+    assert set(chaos.DRIVERS) <= killed
+    poisoned = {what.removeprefix("poison: ") for what in report.injected if what.startswith("poison: ")}
+    assert poisoned == {poison.kind for poison in chaos.POISON}
+    assert report.injected.get("database backend terminated", 0) >= 1
