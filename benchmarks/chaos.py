@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -40,23 +39,25 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pika
 import psycopg
 
+from pyswpt.drivers.supervisor import PROGRAMS
 from pyswpt.sharding import Realm, u64_string
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import vhosts  # noqa: E402  (tests/vhosts.py, shared with the test sessions)
 from conftest import new_database  # noqa: E402
+from drivers import free_port, pyswpt_command  # noqa: E402
+from peers import OUTBOX_TABLES, WORK_TABLES  # noqa: E402
 
 UTC = dt.timezone.utc
 JSON = "application/json"
@@ -92,28 +93,9 @@ NODE_SETTINGS = {
     "APP_REGISTERED_BALANCE_CHANGES_SCAN_DAYS": "0.0001",
     "APP_LOG_LEVEL": "info",
 }
-WORK_TABLES = ("transfer_request", "finalization_request", "pending_balance_change")
-OUTBOX_TABLES = (
-    "rejected_transfer_signal",
-    "prepared_transfer_signal",
-    "finalized_transfer_signal",
-    "account_transfer_signal",
-    "account_update_signal",
-    "account_purge_signal",
-    "rejected_config_signal",
-    "pending_balance_change_signal",
-)
 STARTED = re.compile(r"Started (\S+) \(pid (\d+)\)")
-DRIVERS = (
-    "web",
-    "consumer",
-    "chores",
-    "flusher",
-    "workers",
-    "scan-accounts",
-    "scan-prepared-transfers",
-    "scan-registered-balance-changes",
-)
+# Every driver is killed once a round.
+DRIVERS = PROGRAMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,17 +115,6 @@ class Settings:
 def rabbitmqctl(*args: str) -> str:
     """Closing chosen connections has no AMQP equivalent: the run talks to the local broker."""
     return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True).stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def pyswpt_command() -> list[str]:
-    script = Path(sys.executable).with_name("pyswpt")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pyswpt.cli"]
 
 
 # --- the node -----------------------------------------------------------------------------
@@ -646,7 +617,10 @@ class Report:
         lines = ["| injected | count |", "|---|---|"]
         lines += [f"| {what} | {count} |" for what, count in sorted(self.injected.items())]
         lines += ["", "| verified | expected | actual | |", "|---|---|---|---|"]
-        lines += [f"| {check} | {expected} | {actual} | {'ok' if ok else 'FAILED'} |" for check, expected, actual, ok in self.verified]
+        lines += [
+            f"| {check} | {expected} | {actual} | {'ok' if ok else 'FAILED'} |"
+            for check, expected, actual, ok in self.verified
+        ]
         lines += ["", f"{self.transfers_per_second:.1f} transfers/s over {self.duration_seconds:.0f} s"]
         return "\n".join(lines)
 
@@ -654,9 +628,10 @@ class Report:
 def run_chaos(postgres_server_url: str, rabbitmq_server_url: str, settings: Settings, log_dir: Path) -> Report:
     realm = Realm.from_binding_key(REALM)
     admin = vhosts.vhost_admin_for(rabbitmq_server_url, os.environ.get(vhosts.MANAGEMENT_URL_VARIABLE))
-    with new_database(postgres_server_url, "pyswpt_chaos") as database_url, vhosts.own_vhost(
-        admin, rabbitmq_server_url, "pyswpt_chaos"
-    ) as broker_url:
+    with (
+        new_database(postgres_server_url, "pyswpt_chaos") as database_url,
+        vhosts.own_vhost(admin, rabbitmq_server_url, "pyswpt_chaos") as broker_url,
+    ):
         vhost = vhosts.vhost_of(broker_url)
         queue = f"chaos_{uuid.uuid4().hex[:8]}"
         node = Node(
@@ -694,9 +669,7 @@ def drive(
     coordinators.configure(0, negligible_amount=ROOT_NEGLIGIBLE_AMOUNT)
     for creditor in creditors:
         coordinators.configure(creditor)
-    wait_until(
-        lambda: accounts_present(node.database_url, debtor_id) >= len(creditors) + 1, "the accounts", 120
-    )
+    wait_until(lambda: accounts_present(node.database_url, debtor_id) >= len(creditors) + 1, "the accounts", 120)
     funding = [coordinators.start_request(0, creditor, FUND_AMOUNT, "issuing") for creditor in creditors]
     deadline = time.monotonic() + settings.deadline_seconds
     while not all(request.done for request in funding):
@@ -781,10 +754,24 @@ def verify(
 ) -> list[tuple[str, str, str, bool]]:
     rows: list[tuple[str, str, str, bool]] = []
     answered_once = [r for r in transfers if answered_one_way(r)]
-    rows.append(("requests answered one way only", str(len(transfers)), str(len(answered_once)), len(answered_once) == len(transfers)))
+    rows.append(
+        (
+            "requests answered one way only",
+            str(len(transfers)),
+            str(len(answered_once)),
+            len(answered_once) == len(transfers),
+        )
+    )
     committed = [r for r in transfers if r.state == "committed"]
     rejected = [r for r in transfers if r.state == "rejected"]
-    rows.append(("transfers committed + rejected", str(len(transfers)), f"{len(committed)} + {len(rejected)}", len(committed) + len(rejected) == len(transfers)))
+    rows.append(
+        (
+            "transfers committed + rejected",
+            str(len(transfers)),
+            f"{len(committed)} + {len(rejected)}",
+            len(committed) + len(rejected) == len(transfers),
+        )
+    )
     for answer, count in sorted(collections.Counter(a for r in rejected for a in r.answers).items()):
         rows.append((f"transfers {answer}", "any", str(count), True))
     extra = sum(len(r.extra_transfer_ids) for r in transfers)

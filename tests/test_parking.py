@@ -49,7 +49,9 @@ def install_fault(conn: psycopg.Connection, table: str, condition: str, raise_st
         $$
         """
     )
-    conn.execute(f"CREATE TRIGGER test_fault BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION public.test_fault()")
+    conn.execute(
+        f"CREATE TRIGGER test_fault BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION public.test_fault()"
+    )
 
 
 def parked(shard: Shard) -> list[dict]:
