@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+
+from pyswpt import logs
 
 LOG_SNIPPET = (
     "import logging; from pyswpt import config, logs; "
@@ -39,3 +42,16 @@ def test_text_format_names_time_level_logger_and_message():
 
 def test_default_level_hides_info():
     assert log_lines() == []
+
+
+def test_json_lines_carry_the_context_of_a_record_as_fields():
+    record = logging.LogRecord("pyswpt.applying", logging.ERROR, __file__, 1, "Rejected %s.", ("it",), None)
+    record.debtor_id, record.creditor_id, record.sqlstate, record.secret = 1, 2, "23514", "not a context field"
+    entry = json.loads(logs.JsonFormatter().format(record))
+    assert entry["message"] == "Rejected it."
+    assert (entry["debtor_id"], entry["creditor_id"], entry["sqlstate"]) == (1, 2, "23514")
+    assert "secret" not in entry
+
+
+def test_one_line_escapes_line_breaks_a_peer_could_send():
+    assert logs.one_line("Unknown message type: \"a\nFAKE:ERROR:x\r\"") == 'Unknown message type: "a\\nFAKE:ERROR:x\\r"'

@@ -297,6 +297,13 @@ def log_parked(item: SetAside) -> None:
         parcel.reason_code,
         parcel.reason,
         "it will be retried" if retried else "only an operator can help",
+        extra={
+            "table": parcel.source_name,
+            "debtor_id": parcel.debtor_id,
+            "creditor_id": parcel.creditor_id,
+            "message_type": parcel.message_type,
+            "reason_code": parcel.reason_code,
+        },
     )
 
 

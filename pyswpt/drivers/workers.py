@@ -213,6 +213,12 @@ def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping:
                 *key,
                 describe_error(error),
                 pause,
+                extra={
+                    "stage": stage.name,
+                    "debtor_id": key[0],
+                    "creditor_id": key[1],
+                    "sqlstate": getattr(error, "sqlstate", None),
+                },
             )
         else:
             backoff.succeeded(key)

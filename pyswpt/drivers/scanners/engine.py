@@ -296,6 +296,7 @@ def run_step_isolated(
                     group[0],
                     step.__name__,
                     describe_error(error),
+                    extra={"table": table_name, "sqlstate": error.sqlstate},
                 )
                 continue
             middle = len(group) // 2
