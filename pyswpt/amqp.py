@@ -11,6 +11,7 @@ import urllib.parse
 
 import pika
 import pika.channel
+import pika.exceptions
 import pika.spec
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ class Outcome(enum.Enum):
     CONFIRMED = "confirmed"
     RETURNED = "returned"  # mandatory and unroutable: the broker sent it back
     NACKED = "nacked"  # the broker could not take it (an internal error)
+
+
+# A lost or refused broker connection, or a batch whose confirms never came:
+# the broker's trouble, not the messages'. Retry on a new connection.
+CONNECTION_ERRORS = (pika.exceptions.AMQPError, ConnectionError, ConfirmsLost)
 
 
 def connection_parameters(url: str) -> pika.URLParameters:

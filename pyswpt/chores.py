@@ -9,6 +9,8 @@ conditions, so a chore sent twice is harmless.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 
 from pyswpt import amqp, wire
@@ -32,19 +34,42 @@ def chore_message(chore: Chore, chores_queue: str) -> amqp.OutgoingMessage:
 
 
 class ChoresPublisher:
-    """Publishes batches of chores to one chores queue; raises PublishError unless all were taken."""
+    """Publishes batches of chores to one chores queue; raises PublishError unless all were taken.
+
+    The broker connection is opened when needed: after the broker dropped it,
+    the next batch opens a new one, so a scanner outlives a broker restart.
+    """
 
     def __init__(self, broker_url: str, chores_queue: str):
+        self.broker_url = broker_url
         self.chores_queue = chores_queue
-        self._publisher = amqp.BatchPublisher(broker_url)
+        self._publisher: amqp.BatchPublisher | None = amqp.BatchPublisher(broker_url)
 
     def publish(self, chores: list[Chore]) -> None:
-        if chores:
+        if not chores:
+            return
+        if self._publisher is None:
+            self._publisher = amqp.BatchPublisher(self.broker_url)
+        try:
             self._publisher.publish([chore_message(chore, self.chores_queue) for chore in chores])
+        except amqp.CONNECTION_ERRORS:
+            self.close()
+            raise
 
     def keep_alive(self) -> None:
-        """Answer broker heartbeats; call it at least every few seconds while idle."""
-        self._publisher.keep_alive()
+        """Answer broker heartbeats; call it at least every few seconds while idle.
+
+        A connection found lost is dropped quietly: the next publish reconnects.
+        """
+        if self._publisher is None:
+            return
+        try:
+            self._publisher.keep_alive()
+        except amqp.CONNECTION_ERRORS:
+            self.close()
 
     def close(self) -> None:
-        self._publisher.close()
+        if self._publisher is not None:
+            publisher, self._publisher = self._publisher, None
+            with contextlib.suppress(*amqp.CONNECTION_ERRORS):
+                publisher.close()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import re
+import shutil
+import subprocess
+import urllib.parse
 import dataclasses
 import json
 import time
@@ -73,3 +77,31 @@ class Catcher:
     def assert_empty(self) -> None:
         method, _properties, _body = self.channel.basic_get(self.queue, auto_ack=False)
         assert method is None, "an unexpected message arrived"
+
+
+AMQP_PORT = 5672  # pika's default when the URL names none
+# Closing a connection from the broker's side needs the broker's own tool.
+CAN_CLOSE_BROKER_CONNECTIONS = shutil.which("rabbitmqctl") is not None and shutil.which("ss") is not None
+
+
+def broker_connection_of(pid: int, broker_url: str) -> str:
+    """The broker's process id of the AMQP connection that OS process `pid` opened to `broker_url`."""
+    broker_port = urllib.parse.urlsplit(broker_url).port or AMQP_PORT
+    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=True).stdout
+    ports = [
+        local.rsplit(":", 1)[1]
+        for local, peer, users in re.findall(r"\S+\s+\S+\s+\S+\s+(\S+)\s+(\S+)\s+(.*)", sockets)
+        if peer.endswith(f":{broker_port}") and f"pid={pid}," in users
+    ]
+    assert len(ports) == 1, f"expected one broker connection of pid {pid}, found {ports}"
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"], capture_output=True, text=True, check=True
+    ).stdout
+    [broker_pid] = [line.split("\t")[0] for line in listing.splitlines() if line.endswith(f"\t{ports[0]}")]
+    return broker_pid
+
+
+def close_broker_connection_of(pid: int, broker_url: str) -> None:
+    """Have the broker close the AMQP connection that OS process `pid` opened to `broker_url`."""
+    broker_connection = broker_connection_of(pid, broker_url)
+    subprocess.run(["rabbitmqctl", "-q", "close_connection", broker_connection, "test: broker went away"], check=True)

@@ -9,19 +9,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import re
-import shutil
 import subprocess
-import urllib.parse
 import uuid
 
 import pika
 import pytest
 
+from broker import CAN_CLOSE_BROKER_CONNECTIONS, close_broker_connection_of
 from drivers import driver_environment, running, wait_for
 from pyswpt import topology
 
-AMQP_PORT = 5672  # pika's default when the URL names none
 CONSUMER_SETTINGS = {"PROTOCOL_BROKER_PREFETCH_COUNT": "10", "APP_LOG_LEVEL": "info"}
 
 
@@ -84,25 +81,8 @@ def test_consumer_reconnects_after_losing_its_database_connection(conn, database
         assert conn.execute("SELECT count(*) FROM parked_message").fetchone()[0] == 0
 
 
-def broker_connection_of(pid: int, broker_url: str) -> str:
-    """The broker's process id of the AMQP connection that OS process `pid` opened to `broker_url`."""
-    broker_port = urllib.parse.urlsplit(broker_url).port or AMQP_PORT
-    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=True).stdout
-    ports = [
-        local.rsplit(":", 1)[1]
-        for local, peer, users in re.findall(r"\S+\s+\S+\s+\S+\s+(\S+)\s+(\S+)\s+(.*)", sockets)
-        if peer.endswith(f":{broker_port}") and f"pid={pid}," in users
-    ]
-    assert len(ports) == 1, f"expected one broker connection of pid {pid}, found {ports}"
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"], capture_output=True, text=True, check=True
-    ).stdout
-    [broker_pid] = [line.split("\t")[0] for line in listing.splitlines() if line.endswith(f"\t{ports[0]}")]
-    return broker_pid
-
-
 @pytest.mark.skipif(
-    shutil.which("rabbitmqctl") is None or shutil.which("ss") is None,
+    not CAN_CLOSE_BROKER_CONNECTIONS,
     reason="needs a local RabbitMQ (rabbitmqctl) to close a connection from the broker's side",
 )
 def test_consumer_reconnects_after_the_broker_closed_its_connection(conn, database_url, rabbitmq_url, queue, tmp_path):
@@ -117,10 +97,7 @@ def test_consumer_reconnects_after_the_broker_closed_its_connection(conn, databa
             subprocess.run(["pgrep", "-P", str(consumer.process.pid)], capture_output=True, text=True).stdout.split()[0]
         )
 
-        broker_connection = broker_connection_of(worker_pid, rabbitmq_url)
-        subprocess.run(
-            ["rabbitmqctl", "-q", "close_connection", broker_connection, "test: broker went away"], check=True
-        )
+        close_broker_connection_of(worker_pid, rabbitmq_url)
 
         configure_account(rabbitmq_url, queue, debtor_id, 2)
         wait_for(lambda: account_exists(conn, debtor_id, 2), "the account configured after the loss")

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from broker import CAN_CLOSE_BROKER_CONNECTIONS, close_broker_connection_of
 from drivers import driver_environment, running, wait_for
-from factories import STATUS_DELETED, failing_account_writes, insert_account
+from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, failing_account_writes, insert_account
 from pyswpt import db, topology
 from pyswpt.drivers.scanners import engine
 from pyswpt.drivers.scanners.accounts import AccountsScanner
@@ -56,9 +57,7 @@ def test_new_rhythm_when_the_table_size_leaves_0_8_to_1_25(row_estimate, changed
 
 
 def insert_accounts(conn: psycopg.Connection, count: int) -> set[tuple[int, int]]:
-    conn.execute(
-        "SELECT lock_or_create_account(7, g, now()) FROM generate_series(1, %s) AS g", (count,)
-    )
+    conn.execute("SELECT lock_or_create_account(7, g, now()) FROM generate_series(1, %s) AS g", (count,))
     return {(7, creditor_id) for creditor_id in range(1, count + 1)}
 
 
@@ -231,11 +230,13 @@ def test_scan_registered_balance_changes_cleans_the_archive(conn, database_url, 
     conn.execute("INSERT INTO registered_balance_change VALUES (1, 2, 3, '2000-01-01T00:00:00Z', true)")
     with scanner_process(
         ["run", "scan-registered-balance-changes", "--days", "0.00005"],
-        database_url, rabbitmq_url, chores_queue, tmp_path,
+        database_url,
+        rabbitmq_url,
+        chores_queue,
+        tmp_path,
         REMOVE_FROM_ARCHIVE_THRESHOLD_DATE="2010-01-01",
     ):
         wait_for(lambda: count(conn, "SELECT count(*) FROM registered_balance_change") == 0, "the cleanup")
-
 
 
 # Isolation (issue 8, observation 5) -------------------------------------------------------------
@@ -255,9 +256,12 @@ def test_scan_accounts_skips_a_row_its_step_fails_on_and_serves_the_others(
     creditors = set(range(1, 9))
     for creditor_id in creditors:
         insert_account(conn, 1, creditor_id, now=now - 8 * DAY)
-    with failing_account_writes(conn, REFUSED_CREDITOR, REFUSAL) as stop_failing, scanner_process(
-        ["run", "scan-accounts", "--hours", "0.001"], database_url, rabbitmq_url, chores_queue, tmp_path
-    ) as scanner:
+    with (
+        failing_account_writes(conn, REFUSED_CREDITOR, REFUSAL) as stop_failing,
+        scanner_process(
+            ["run", "scan-accounts", "--hours", "0.001"], database_url, rabbitmq_url, chores_queue, tmp_path
+        ) as scanner,
+    ):
         wait_for(lambda: heartbeat_creditors(conn) == creditors - {REFUSED_CREDITOR}, "the other heartbeats")
         wait_for(lambda: f"key (1, {REFUSED_CREDITOR})" in scanner.log(), "the skipped row in the log")
         scanner.assert_alive()
@@ -291,3 +295,32 @@ def test_scan_accounts_reconnects_after_losing_its_database_connection(
         wait_for(lambda: heartbeat_creditors(conn) == {1, 2}, "a heartbeat after the reconnection")
         scanner.assert_alive()
         assert "Scanning account failed (" in scanner.log()
+
+
+@pytest.mark.skipif(
+    not CAN_CLOSE_BROKER_CONNECTIONS,
+    reason="needs a local RabbitMQ (rabbitmqctl) to close a connection from the broker's side",
+)
+def test_scan_accounts_outlives_the_broker_closing_its_connection(
+    conn, database_url, rabbitmq_url, chores_queue, tmp_path
+):
+    insert_account(conn, 1, 2, config_flags=CONFIG_SCHEDULED_FOR_DELETION, principal=2)
+    with scanner_process(
+        ["run", "scan-accounts", "--hours", "0.001"],
+        database_url,
+        rabbitmq_url,
+        chores_queue,
+        tmp_path,
+        APP_DELETION_ATTEMPTS_MIN_DAYS="0",
+    ) as scanner:
+        wait_for(lambda: chores_waiting(rabbitmq_url, chores_queue) > 0, "a deletion chore")
+        close_broker_connection_of(scanner.process.pid, rabbitmq_url)
+        with topology.open_channel(rabbitmq_url) as channel:
+            channel.queue_purge(chores_queue)
+        wait_for(lambda: chores_waiting(rabbitmq_url, chores_queue) > 0, "a chore on a new connection", 30)
+        scanner.assert_alive()
+
+
+def chores_waiting(rabbitmq_url: str, queue: str) -> int:
+    with topology.open_channel(rabbitmq_url) as channel:
+        return channel.queue_declare(queue, passive=True).method.message_count

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
-import pika.exceptions
 import psycopg
 from psycopg import sql
 from psycopg.pq.abc import PGresult
@@ -42,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "pyswpt_outbox"
 
-# Broker failures; database ones are told apart by is_infrastructure_error.
-BROKER_ERRORS = (pika.exceptions.AMQPError, ConnectionError, amqp.ConfirmsLost)
 # Errors that the data of one row causes while it is loaded or encoded
 # (a timestamp past year 9999, a float JSON cannot carry, a missing value).
 ROW_ERRORS = (psycopg.DataError, ValueError, TypeError, OverflowError)
@@ -98,7 +95,7 @@ def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stoppi
 
 def is_lost_connection(error: Exception) -> bool:
     """A server or the network failed, not a row: nothing is parked, the burst rolls back."""
-    return isinstance(error, BROKER_ERRORS) or is_infrastructure_error(error)
+    return isinstance(error, amqp.CONNECTION_ERRORS) or is_infrastructure_error(error)
 
 
 def flush_rounds(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:

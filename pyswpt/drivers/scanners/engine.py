@@ -39,7 +39,7 @@ from typing import Protocol
 
 import psycopg
 
-from pyswpt import db, processes
+from pyswpt import amqp, db, processes
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
@@ -193,6 +193,8 @@ def scan_until_stopped(
 
     A database error that escapes a beat (rows' failures do not) closes the
     connection; the scan goes on where it was on a new one, after a backoff.
+    So does a broker error: the beat's transaction rolls back, and the
+    scanner's publisher reconnects when it next publishes.
     """
     reader: BlockReader | None = None
     backoff = Backoff()
@@ -203,7 +205,7 @@ def scan_until_stopped(
                     reader = start_reader(conn, scanner, pace)
                 while not stopping.is_set():
                     run_rhythm(conn, scanner, reader, pace, stopping, clock)
-        except psycopg.Error as error:
+        except (psycopg.Error, *amqp.CONNECTION_ERRORS) as error:
             pause = backoff.next_pause()
             logger.error(
                 "Scanning %s failed (%s); reconnecting in %.0f s.", scanner.table_name, describe_error(error), pause
@@ -247,7 +249,7 @@ def run_rhythm(
         if keys:
             try:
                 process_beat(conn, scanner, keys, clock())
-            except psycopg.Error:
+            except (psycopg.Error, *amqp.CONNECTION_ERRORS):
                 # Not the rows' fault (process_beat isolates those): they are taken again.
                 reader.put_back(keys)
                 raise
