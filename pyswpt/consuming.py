@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 # Upper bound of a batch when the prefetch count is 0 ("unlimited").
 MAX_BATCH_SIZE = 1000
-TRANSIENT_ERRORS = (psycopg.OperationalError, pika.exceptions.AMQPError, ConnectionError)
+TRANSIENT_ERRORS = (psycopg.OperationalError, *amqp.CONNECTION_ERRORS)
 
 
 @dataclasses.dataclass(frozen=True)
