@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 
 import pika
-import pika.exceptions
 import psycopg
 
 from pyswpt import amqp, db, processes
