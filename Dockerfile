@@ -7,6 +7,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 COPY pyswpt ./pyswpt
+COPY sql ./sql
 RUN pip install --no-cache-dir .
 
 FROM python:3.11-slim AS runtime
@@ -36,6 +37,7 @@ FROM runtime AS test
 USER 0
 COPY pyproject.toml README.md /src/
 COPY pyswpt /src/pyswpt
+COPY sql /src/sql
 RUN pip install --no-cache-dir "/src[test]"
 COPY tests ./tests
 COPY pyproject.toml ./

@@ -10,7 +10,19 @@ import yoyo
 
 logger = logging.getLogger(__name__)
 
-SQL_DIR = Path(os.environ.get("PYSWPT_SQL_DIR", Path(__file__).resolve().parent.parent / "sql"))
+
+def find_sql_dir() -> Path:
+    """PYSWPT_SQL_DIR if set; else the sql/ an installed package carries as
+    pyswpt/sql (see pyproject.toml); else the checkout's top-level sql/, which
+    a checkout or an editable install runs from."""
+    if override := os.environ.get("PYSWPT_SQL_DIR"):
+        return Path(override)
+    package_dir = Path(__file__).resolve().parent
+    installed = package_dir / "sql"
+    return installed if installed.is_dir() else package_dir.parent / "sql"
+
+
+SQL_DIR = find_sql_dir()
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 FUNCTIONS_DIR = SQL_DIR / "functions"
 
