@@ -16,13 +16,13 @@ from typing import Any, NamedTuple
 
 import pika
 
+from pyswpt.flags import CONFIG_SCHEDULED_FOR_DELETION
 from pyswpt.sharding import binary_routing_key, hex_routing_key
 
 CONTENT_TYPE = "application/json"
 APP_ID = "swpt_accounts"
 PERSISTENT_DELIVERY_MODE = 2
 ROOT_CREDITOR_ID = 0
-SCHEDULED_FOR_DELETION_FLAG = 1
 
 TO_CREDITORS_EXCHANGE = "to_creditors"
 TO_DEBTORS_EXCHANGE = "to_debtors"
@@ -181,7 +181,7 @@ def destination(message_type: str, fields: Mapping[str, Any]) -> Destination:
         if creditor_id == ROOT_CREDITOR_ID:
             # A decommissioned debtor may have no queue any more: its heartbeats
             # may be dropped silently.
-            scheduled_for_deletion = bool(fields.get("config_flags", 0) & SCHEDULED_FOR_DELETION_FLAG)
+            scheduled_for_deletion = bool(fields.get("config_flags", 0) & CONFIG_SCHEDULED_FOR_DELETION)
             mandatory = not (message_type == "AccountUpdate" and scheduled_for_deletion)
             return Destination(TO_DEBTORS_EXCHANGE, hex_routing_key(debtor_id), mandatory)
         return Destination(TO_CREDITORS_EXCHANGE, hex_routing_key(creditor_id), True)

@@ -15,6 +15,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+# Re-exported: tests import the flag bits (spec 02 §1.11) with the other factories.
+from pyswpt.flags import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, STATUS_OVERFLOWN  # noqa: F401
+
 UTC = dt.timezone.utc
 # T0, "never" (spec 01 §0.2).
 T0 = dt.datetime(1970, 1, 1, tzinfo=UTC)
@@ -22,11 +25,6 @@ T0 = dt.datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_NOW = dt.datetime(2024, 1, 15, 12, 0, tzinfo=UTC)
 EPOCH_DATE = dt.date(1970, 1, 1)
 TRANSFER_ID_DAY_SHIFT = 40
-
-# Bits of account.status_flags and account.config_flags (spec 02 §1.11).
-STATUS_DELETED = 1
-STATUS_OVERFLOWN = 2
-CONFIG_SCHEDULED_FOR_DELETION = 1
 
 
 def initial_transfer_id(creation_date: dt.date) -> int:

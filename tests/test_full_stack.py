@@ -46,6 +46,7 @@ from peers import (
 )
 from pyswpt import topology
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
+from pyswpt.flags import STATUS_DELETED
 from pyswpt.sharding import hex_routing_key, u64_string
 from test_supervisor import free_port, healthy, is_alive, started_pids
 
@@ -348,7 +349,7 @@ def test_a_day_of_a_currency_under_run_all(node):
                 "ts": deleted.fields["last_change_ts"],
             },
         )
-        assert shard.account(carol)["status_flags"] & 1 == 1  # deleted, its row kept
+        assert shard.account(carol)["status_flags"] & STATUS_DELETED  # deleted, its row kept
         assert (node.fetch(carol, "reachable"), node.fetch(carol, "config")) == (404, 200)
         assert (node.fetch(bob, "reachable"), node.fetch(0, "reachable")) == (204, 204)
 

@@ -21,7 +21,7 @@ BEGIN
         AND creditor_id = p_creditor_id
     FOR NO KEY UPDATE;
 
-    IF NOT FOUND OR v_account.status_flags & 1 <> 0 THEN
+    IF NOT FOUND OR account_is_deleted(v_account.status_flags) THEN
         RETURN NULL;
     END IF;
     RETURN v_account;
@@ -52,8 +52,8 @@ BEGIN
     IF NOT FOUND THEN
         v_account := emit_account_update(new_account(p_debtor_id, p_creditor_id, p_now), p_now);
         PERFORM insert_account(v_account);
-    ELSIF v_account.status_flags & 1 <> 0 THEN
-        v_account.status_flags := v_account.status_flags & ~1;
+    ELSIF account_is_deleted(v_account.status_flags) THEN
+        v_account.status_flags := without_deleted_flag(v_account.status_flags);
         v_account := touch_account(v_account, p_now);
         v_account := emit_account_update(v_account, p_now);
         PERFORM save_account(v_account);
@@ -247,7 +247,7 @@ BEGIN
         + p_interest_delta;
     p_account.principal := contain_principal(v_new_principal);
     IF p_account.principal <> v_new_principal THEN
-        p_account.status_flags := p_account.status_flags | 2;
+        p_account.status_flags := with_overflown_flag(p_account.status_flags);
     END IF;
     p_account := touch_account(p_account, p_now);
     p_account.pending_account_update := true;
@@ -327,7 +327,7 @@ BEGIN
     p_account.principal := 0;
     p_account.interest := 0.0;
     p_account.total_locked_amount := 0;
-    p_account.status_flags := p_account.status_flags | 1;
+    p_account.status_flags := with_deleted_flag(p_account.status_flags);
     p_account := touch_account(p_account, p_now);
     p_account := emit_account_update(p_account, p_now);
 END;

@@ -65,10 +65,10 @@ BEGIN
         -- announces the account with its configuration.
         v_account := new_account(p_debtor_id, p_creditor_id, p_now);
         v_needs_initialisation := p_creditor_id <> 0;
-    ELSIF v_account.status_flags & 1 <> 0 THEN
+    ELSIF account_is_deleted(v_account.status_flags) THEN
         -- Principal, interest and locks are already zero; creation date,
         -- numbers, rates and debtor info are kept.
-        v_account.status_flags := v_account.status_flags & ~1;
+        v_account.status_flags := without_deleted_flag(v_account.status_flags);
         v_needs_initialisation := p_creditor_id <> 0;
     END IF;
 

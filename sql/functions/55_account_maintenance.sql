@@ -159,7 +159,7 @@ RETURNS boolean
 LANGUAGE sql IMMUTABLE
 SET search_path = pyswpt, pg_temp
 AS $$
-    SELECT p_account.config_flags & 1 <> 0
+    SELECT config_is_scheduled_for_deletion(p_account.config_flags)
         AND p_account.pending_transfers_count = 0
         AND has_negligible_balance(p_account, p_now)
 $$;

@@ -2,8 +2,7 @@
 -- read-only: the web server calls nothing else. is_reachable_account is also
 -- the recipient check of the transfer intake for recipients in this shard.
 --
--- Flags read here (spec 02 §1.11): status_flags bit 0 = deleted,
--- config_flags bit 0 = scheduled for deletion.
+-- Flags are read through the named bits of 05_flags.sql (spec 02 §1.11).
 
 -- Whether an account may receive non-agent transfers (spec 02 B10): the root
 -- account (creditor 0) always, even when it has no row; any other account only
@@ -21,8 +20,8 @@ AS $$
             FROM account
             WHERE debtor_id = p_debtor_id
                 AND creditor_id = p_creditor_id
-                AND status_flags & 1 = 0
-                AND config_flags & 1 = 0
+                AND NOT account_is_deleted(status_flags)
+                AND NOT config_is_scheduled_for_deletion(config_flags)
         );
 $$;
 

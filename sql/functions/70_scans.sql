@@ -9,8 +9,7 @@
 -- returns how many rows it acted on. Settings come in as parameters in the
 -- configuration's units (days), the current time as p_now.
 --
--- Flags (spec 02 §1.11): status_flags bit 0 = deleted, config_flags bit 0 =
--- scheduled for deletion.
+-- Flags are read through the named bits of 05_flags.sql (spec 02 §1.11).
 
 -- Accounts scanner step 1 (spec 02 §4.4, spec 01 §4.3-4.4): after a shard
 -- split, delete the accounts that belong to the parent shard but not to this
@@ -82,7 +81,7 @@ BEGIN
         SELECT debtor_id, creditor_id
         FROM account
         WHERE (debtor_id, creditor_id) IN (SELECT * FROM unnest(p_debtor_ids, p_creditor_ids))
-            AND status_flags & 1 <> 0
+            AND account_is_deleted(status_flags)
             AND last_change_ts < v_changed_before
             AND creation_date < v_created_before
             AND is_in_realm(debtor_id, creditor_id, p_realm_mask, p_realm)
@@ -139,7 +138,7 @@ BEGIN
         SELECT *
         FROM account
         WHERE (debtor_id, creditor_id) IN (SELECT * FROM unnest(p_debtor_ids, p_creditor_ids))
-            AND status_flags & 1 = 0
+            AND NOT account_is_deleted(status_flags)
             AND (pending_account_update OR last_heartbeat_ts < v_heartbeat_before)
             AND is_in_realm(debtor_id, creditor_id, p_realm_mask, p_realm)
         ORDER BY debtor_id, creditor_id
@@ -190,7 +189,7 @@ AS $$
             a.debtor_id,
             a.creditor_id,
             (
-                a.config_flags & 1 <> 0
+                config_is_scheduled_for_deletion(a.config_flags)
                 AND a.last_deletion_attempt_ts
                     <= p_now - make_interval(secs => p_deletion_attempts_min_days * 86400.0)
                 AND has_negligible_balance(a, p_now)
@@ -204,7 +203,7 @@ AS $$
             ) AS needs_capitalization
         FROM account AS a
         WHERE (a.debtor_id, a.creditor_id) IN (SELECT * FROM unnest(p_debtor_ids, p_creditor_ids))
-            AND a.status_flags & 1 = 0
+            AND NOT account_is_deleted(a.status_flags)
     ) AS c
     WHERE c.needs_deletion_attempt OR c.needs_capitalization
     ORDER BY c.debtor_id, c.creditor_id
@@ -241,7 +240,7 @@ AS $$
         a.debtor_info_iri,
         a.debtor_info_content_type,
         a.debtor_info_sha256,
-        a.status_flags & 1 <> 0
+        account_is_deleted(a.status_flags)
     FROM account AS a
     WHERE (a.debtor_id, a.creditor_id) IN (SELECT * FROM unnest(p_debtor_ids, p_creditor_ids))
     ORDER BY a.debtor_id, a.creditor_id

@@ -106,7 +106,7 @@ SET search_path = pyswpt, pg_temp
 AS $$
     WITH amounts (debtor_id, principal, unsent, queued, parked, kind) AS (
         SELECT a.debtor_id, a.principal, 0, 0, 0,
-            CASE WHEN a.status_flags & 2 <> 0 THEN 'overflown' ELSE 'account' END
+            CASE WHEN account_is_overflown(a.status_flags) THEN 'overflown' ELSE 'account' END
         FROM account AS a
         UNION ALL
         SELECT s.debtor_id, 0, s.principal_delta, 0, 0, 'unsent'

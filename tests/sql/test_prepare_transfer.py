@@ -7,7 +7,7 @@ import datetime as dt
 import psycopg
 import pytest
 
-from factories import DEFAULT_NOW, STATUS_DELETED, T0, insert_account
+from factories import CONFIG_SCHEDULED_FOR_DELETION, DEFAULT_NOW, STATUS_DELETED, T0, insert_account
 from transfer_steps import (
     COMMIT_PERIOD_SECONDS,
     DAY,
@@ -72,7 +72,7 @@ def test_recipient_without_account_in_this_shard_is_unreachable(conn, sender):
 
 def test_recipient_scheduled_for_deletion_is_unreachable(conn):
     insert_account(conn, DEBTOR_ID, SENDER_ID, principal=1000)
-    insert_account(conn, DEBTOR_ID, RECIPIENT_ID, config_flags=1)
+    insert_account(conn, DEBTOR_ID, RECIPIENT_ID, config_flags=CONFIG_SCHEDULED_FOR_DELETION)
     assert enqueue_prepare(conn) is False
     assert rejections(conn) == [("RECIPIENT_IS_UNREACHABLE", 0)]
 
