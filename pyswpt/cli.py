@@ -14,6 +14,8 @@ from pyswpt import config as settings
 from pyswpt import logs, schema, sharding
 
 logger = logging.getLogger(__name__)
+# A setting that cannot work: like argparse, status 2.
+EXIT_BAD_SETTING = 2
 
 
 
@@ -113,6 +115,10 @@ def with_backoff(what: str, action: Callable[[], object]) -> None:
 
 def command_configure(config: settings.Config, args: argparse.Namespace) -> int:
     from pyswpt import topology
+
+    if problem := schema.missing_sql():
+        print(f"pyswpt configure: {problem}", file=sys.stderr)
+        return EXIT_BAD_SETTING
 
     with_backoff("Running database schema upgrade", lambda: schema.apply_migrations(config.postgres_url))
     with_backoff(
@@ -351,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = settings.load()
     except settings.ConfigError as error:
         print(f"pyswpt: configuration error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTING
     logs.configure_logging(config)
     return args.handler(config, args)
 

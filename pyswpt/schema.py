@@ -30,6 +30,13 @@ FUNCTIONS_DIR = SQL_DIR / "functions"
 FUNCTIONS_MIGRATION_ID = "9999_functions"
 
 
+def missing_sql() -> str | None:
+    """Why the migrations cannot be found, or None: yoyo reads an absent folder as "nothing to do"."""
+    if not any(MIGRATIONS_DIR.glob("*.sql")):
+        return f"no migrations in {MIGRATIONS_DIR}; set PYSWPT_SQL_DIR to the folder holding migrations/ and functions/"
+    return None
+
+
 def yoyo_url(postgres_url: str) -> str:
     """yoyo's name for PostgreSQL through psycopg 3."""
     scheme, sep, rest = postgres_url.partition("://")

@@ -266,3 +266,13 @@ def test_yoyo_apply_reinstalls_functions_every_time(fresh_database_url):
 
     assert succeeded(second), explain(second)
     assert_same_snapshot(before, snapshot(fresh_database_url))
+
+
+def test_configure_without_the_sql_folder_says_so_instead_of_applying_nothing(fresh_database_url, broker_environment):
+    result = run_configure(fresh_database_url, {**broker_environment, "PYSWPT_SQL_DIR": "/nonexistent/sql"})
+
+    assert result.returncode == 2, explain(result)
+    assert result.stderr.splitlines() == [
+        "pyswpt configure: no migrations in /nonexistent/sql/migrations;"
+        " set PYSWPT_SQL_DIR to the folder holding migrations/ and functions/"
+    ]
