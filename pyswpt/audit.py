@@ -17,16 +17,13 @@ import json
 
 import psycopg
 
-from pyswpt import db
+from pyswpt import db, queries
 from pyswpt.config import Config
 
 # Offending keys printed per check; the count says how many there are in all.
 MAX_KEYS_PER_CHECK = 5
 VIOLATION = "VIOLATION"
 
-AUDIT_LEDGER = (
-    "SELECT check_name, status, found_count, first_keys, detail FROM pyswpt.audit_ledger(%s, %s)"
-)
 NO_STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = 0"
 HEADERS = ("check", "status", "count", "first found")
 
@@ -50,7 +47,8 @@ def run_checks(conn: psycopg.Connection, holds_every_account: bool) -> list[Chec
         # The audit reads whole tables once: on a big shard that outlasts the drivers'
         # statement timeout. It is read-only; the lock timeout still bounds its waits.
         conn.execute(NO_STATEMENT_TIMEOUT)
-        found = conn.execute(AUDIT_LEDGER, (holds_every_account, MAX_KEYS_PER_CHECK)).fetchall()
+        params = {"holds_every_account": holds_every_account, "max_keys": MAX_KEYS_PER_CHECK}
+        found = conn.execute(queries.AUDIT_LEDGER, params).fetchall()
     return [CheckResult(*row) for row in found]
 
 

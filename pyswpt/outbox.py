@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pyswpt import queries
 from pyswpt.config import Config
 from pyswpt.sharding import u64_string
 
@@ -169,7 +170,7 @@ def pending_balance_change(row: Row, config: Config) -> Fields:
 @dataclasses.dataclass(frozen=True)
 class OutboxTable:
     name: str  # as in the flush_<name> commands and APP_FLUSH_<NAME>_BURST_COUNT
-    take_function: str  # SQL: take_<table>s(p_max_count)
+    take_query: str  # from pyswpt.queries: take and delete up to %(max_count)s rows
     to_fields: Callable[[Row, Config], Fields]
     creditor_column: str  # whose shard the row belongs to
     key_columns: tuple[str, ...]  # the primary key: names a row in logs, never its contents
@@ -181,38 +182,46 @@ SENT_SIGNAL_KEY = ("debtor_id", "sender_creditor_id", "signal_id")
 
 TABLES = (
     OutboxTable(
-        "rejected_transfers", "take_rejected_transfer_signals", rejected_transfer, "sender_creditor_id", SENT_SIGNAL_KEY
+        "rejected_transfers",
+        queries.TAKE_REJECTED_TRANSFER_SIGNALS,
+        rejected_transfer,
+        "sender_creditor_id",
+        SENT_SIGNAL_KEY,
     ),
     OutboxTable(
-        "prepared_transfers", "take_prepared_transfer_signals", prepared_transfer, "sender_creditor_id", SENT_SIGNAL_KEY
+        "prepared_transfers",
+        queries.TAKE_PREPARED_TRANSFER_SIGNALS,
+        prepared_transfer,
+        "sender_creditor_id",
+        SENT_SIGNAL_KEY,
     ),
     OutboxTable(
         "finalized_transfers",
-        "take_finalized_transfer_signals",
+        queries.TAKE_FINALIZED_TRANSFER_SIGNALS,
         finalized_transfer,
         "sender_creditor_id",
         ("debtor_id", "sender_creditor_id", "transfer_id"),
     ),
     OutboxTable(
         "account_transfers",
-        "take_account_transfer_signals",
+        queries.TAKE_ACCOUNT_TRANSFER_SIGNALS,
         account_transfer,
         "creditor_id",
         ("debtor_id", "creditor_id", "creation_date", "transfer_number"),
     ),
-    OutboxTable("account_updates", "take_account_update_signals", account_update, "creditor_id", SIGNAL_KEY),
+    OutboxTable("account_updates", queries.TAKE_ACCOUNT_UPDATE_SIGNALS, account_update, "creditor_id", SIGNAL_KEY),
     OutboxTable(
         "account_purges",
-        "take_account_purge_signals",
+        queries.TAKE_ACCOUNT_PURGE_SIGNALS,
         account_purge,
         "creditor_id",
         ("debtor_id", "creditor_id", "creation_date"),
     ),
-    OutboxTable("rejected_configs", "take_rejected_config_signals", rejected_config, "creditor_id", SIGNAL_KEY),
+    OutboxTable("rejected_configs", queries.TAKE_REJECTED_CONFIG_SIGNALS, rejected_config, "creditor_id", SIGNAL_KEY),
     # Addressed to the shard of its recipient, which is usually another shard.
     OutboxTable(
         "pending_balance_changes",
-        "take_pending_balance_change_signals",
+        queries.TAKE_PENDING_BALANCE_CHANGE_SIGNALS,
         pending_balance_change,
         "creditor_id",
         ("debtor_id", "other_creditor_id", "change_id"),

@@ -26,7 +26,7 @@ import pika
 import psycopg
 from psycopg.rows import dict_row
 
-from pyswpt import amqp, db, parking, wire
+from pyswpt import amqp, db, parking, queries, wire
 from pyswpt.config import Config
 from pyswpt.transactions import with_retries
 
@@ -44,10 +44,6 @@ REFUSAL_OF_OUTCOME = {
 BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-received-from"})
 BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
-LIST_PARKED = "SELECT * FROM pyswpt.list_parked_messages(%s, %s)"
-GET_PARKED = "SELECT * FROM pyswpt.get_parked_message(%s)"
-LOCK_PARKED = "SELECT * FROM pyswpt.lock_parked_messages(%s)"
-DISCARD_PARKED = "SELECT pyswpt.discard_parked_messages(%s) AS discarded_count"
 
 Row = dict[str, Any]
 # Acts on one batch of locked rows in the caller's transaction: returns the
@@ -101,7 +97,8 @@ def parked_rows(conn: psycopg.Connection, reason_code: str | None, source_name: 
     """Every parked message (no bodies) with this reason and source, page by page in id order."""
     after_id = 0
     while True:
-        page = with_retries(conn, lambda c: c.execute(LIST_PARKED, (after_id, LIST_PAGE_SIZE)).fetchall())
+        params = {"after_id": after_id, "max_count": LIST_PAGE_SIZE}
+        page = with_retries(conn, lambda c: c.execute(queries.LIST_PARKED_MESSAGES, params).fetchall())
         for row in page:
             if reason_code in (None, row["reason_code"]) and source_name in (None, row["source_name"]):
                 yield row
@@ -113,7 +110,8 @@ def parked_rows(conn: psycopg.Connection, reason_code: str | None, source_name: 
 def show_parked(config: Config, parked_id: int) -> int:
     """Print every column of one parked message; the body as text when it is UTF-8 JSON, else in hex."""
     with connect(config) as conn:
-        row = with_retries(conn, lambda c: c.execute(GET_PARKED, (parked_id,)).fetchone())
+        params = {"parked_id": parked_id}
+        row = with_retries(conn, lambda c: c.execute(queries.GET_PARKED_MESSAGE, params).fetchone())
     if row is None:
         print(f"parked message {parked_id}: not found", file=sys.stderr)
         return EXIT_SOME_LEFT
@@ -172,9 +170,10 @@ def act_on_parked(
         for start in range(0, len(chosen), ACTION_BATCH_SIZE):
             batch = chosen[start : start + ACTION_BATCH_SIZE]
             with conn.transaction():
-                rows = conn.execute(LOCK_PARKED, (batch,)).fetchall()
+                rows = conn.execute(queries.LOCK_PARKED_MESSAGES, {"parked_ids": batch}).fetchall()
                 done_ids, problems = action(rows)
-                discarded = conn.execute(DISCARD_PARKED, (done_ids,)).fetchone()["discarded_count"]
+                params = {"parked_ids": done_ids}
+                discarded = conn.execute(queries.DISCARD_PARKED_MESSAGES, params).fetchone()["discarded_count"]
                 assert discarded == len(done_ids), "locked rows cannot vanish before the commit"
             problems = missing(batch, rows) + problems
             for line in problems:

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pyswpt import queries
 from pyswpt.transactions import SqlCall
 
 MAX_PARKED_PER_REASON = 10_000
@@ -27,28 +28,6 @@ REASON_MAX_CHARS = 500
 
 SOURCE_QUEUE = "queue"
 SOURCE_OUTBOX = "outbox"
-
-PARK_MESSAGE = """
-    SELECT pyswpt.park_message(
-        p_source_kind => %(source_kind)s,
-        p_source_name => %(source_name)s,
-        p_exchange => %(exchange)s,
-        p_routing_key => %(routing_key)s,
-        p_message_type => %(message_type)s,
-        p_content_type => %(content_type)s,
-        p_headers => %(headers)s,
-        p_body => %(body)s,
-        p_row_data => %(row_data)s,
-        p_debtor_id => %(debtor_id)s,
-        p_creditor_id => %(creditor_id)s,
-        p_reason_code => %(reason_code)s,
-        p_reason => %(reason)s,
-        p_sqlstate => %(sqlstate)s,
-        p_attempts => %(attempts)s,
-        p_next_retry_at => %(next_retry_at)s,
-        p_max_per_reason => %(max_per_reason)s
-    )
-"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +55,7 @@ class Parcel:
 def park_call(parcel: Parcel) -> SqlCall:
     """The SQL call that parks `parcel`; its result is 'parked', 'parked_again' or 'over_cap'."""
     return SqlCall(
-        PARK_MESSAGE,
+        queries.PARK_MESSAGE,
         {
             "source_kind": parcel.source_kind,
             "source_name": parcel.source_name,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pyswpt import db
+from pyswpt import db, queries
 from pyswpt.config import Config
 from pyswpt.transactions import with_retries
 
@@ -21,11 +21,6 @@ logger = logging.getLogger(__name__)
 BLOCKS_PER_QUERY = 64
 FOREIGN_RECORD_FOUND = "At least one record has been found that does not belong to the shard."
 
-LIST_TABLES = "SELECT table_name, block_count FROM pyswpt.list_shard_content_tables()"
-FIND_RECORD_OUTSIDE_SHARD = (
-    "SELECT checked_count, foreign_debtor_id, foreign_creditor_id"
-    " FROM pyswpt.find_record_outside_shard(%s, %s, %s, %s, %s)"
-)
 
 
 def verify_shard_content(config: Config) -> int:
@@ -33,12 +28,18 @@ def verify_shard_content(config: Config) -> int:
     realm = config.realm
     rows_since_pause = 0
     with db.connect(config.postgres_url, application_name="pyswpt verify-shard-content") as conn:
-        tables = with_retries(conn, lambda c: c.execute(LIST_TABLES).fetchall())
+        tables = with_retries(conn, lambda c: c.execute(queries.LIST_SHARD_CONTENT_TABLES).fetchall())
         for table_name, block_count in tables:
             for first_block in range(0, block_count, BLOCKS_PER_QUERY):
-                params = (table_name, first_block, BLOCKS_PER_QUERY, realm.mask, realm.realm)
+                params = {
+                    "table_name": table_name,
+                    "first_block": first_block,
+                    "block_count": BLOCKS_PER_QUERY,
+                    "realm_mask": realm.mask,
+                    "realm": realm.realm,
+                }
                 checked, debtor_id, creditor_id = with_retries(
-                    conn, lambda c: c.execute(FIND_RECORD_OUTSIDE_SHARD, params).fetchone()
+                    conn, lambda c: c.execute(queries.FIND_RECORD_OUTSIDE_SHARD, params).fetchone()
                 )
                 if debtor_id is not None:
                     logger.error(

@@ -20,7 +20,7 @@ import threading
 
 import psycopg
 
-from pyswpt import applying, consuming, messages, processes
+from pyswpt import applying, consuming, messages, processes, queries
 from pyswpt.applying import Applied, Item, Refusal, WindowApplier
 from pyswpt.config import SECONDS_IN_DAY, Config
 from pyswpt.logs import one_line
@@ -29,10 +29,6 @@ from pyswpt.transactions import SqlCall
 
 logger = logging.getLogger(__name__)
 
-CHANGE_INTEREST_RATE = "SELECT pyswpt.change_interest_rate(%s, %s, %s, %s, %s)"
-UPDATE_DEBTOR_INFO = "SELECT pyswpt.update_debtor_info(%s, %s, %s, %s, %s, %s)"
-CAPITALIZE_INTEREST = "SELECT pyswpt.capitalize_interest(%s, %s, %s)"
-TRY_TO_DELETE_ACCOUNT = "SELECT pyswpt.try_to_delete_account(%s, %s)"
 
 
 def run(config: Config) -> int:
@@ -102,24 +98,38 @@ def decode(delivery: consuming.Delivery) -> messages.Chore:
 
 def sql_call(chore: messages.Chore, config: Config) -> SqlCall:
     """The one SQL function call that carries out a chore (spec 02 §2.7-§2.10)."""
-    key = (chore.debtor_id, chore.creditor_id)
+    key = {"debtor_id": chore.debtor_id, "creditor_id": chore.creditor_id}
     if isinstance(chore, ChangeInterestRate):
-        return SqlCall(CHANGE_INTEREST_RATE, (*key, chore.interest_rate, chore.ts, config.message_max_delay_seconds))
+        return SqlCall(
+            queries.CHANGE_INTEREST_RATE,
+            {
+                **key,
+                "interest_rate": chore.interest_rate,
+                "ts": chore.ts,
+                "message_max_delay_seconds": config.message_max_delay_seconds,
+            },
+        )
     if isinstance(chore, UpdateDebtorInfo):
         return SqlCall(
-            UPDATE_DEBTOR_INFO,
-            (
-                *key,
-                chore.debtor_info_iri or None,
-                chore.debtor_info_content_type or None,
-                bytes.fromhex(chore.debtor_info_sha256) if chore.debtor_info_sha256 else None,
-                chore.ts,
-            ),
+            queries.UPDATE_DEBTOR_INFO,
+            {
+                **key,
+                "iri": chore.debtor_info_iri or None,
+                "content_type": chore.debtor_info_content_type or None,
+                "sha256": bytes.fromhex(chore.debtor_info_sha256) if chore.debtor_info_sha256 else None,
+                "ts": chore.ts,
+            },
         )
     if isinstance(chore, CapitalizeInterest):
-        return SqlCall(CAPITALIZE_INTEREST, (*key, config.min_interest_capitalization_days * SECONDS_IN_DAY))
+        return SqlCall(
+            queries.CAPITALIZE_INTEREST,
+            {
+                **key,
+                "min_capitalization_interval_seconds": config.min_interest_capitalization_days * SECONDS_IN_DAY,
+            },
+        )
     if isinstance(chore, TryToDeleteAccount):
-        return SqlCall(TRY_TO_DELETE_ACCOUNT, key)
+        return SqlCall(queries.TRY_TO_DELETE_ACCOUNT, key)
     raise AssertionError(f"no SQL call for {type(chore).__name__}")
 
 

@@ -16,7 +16,7 @@ import threading
 
 import psycopg
 
-from pyswpt import applying, consuming, messages, processes
+from pyswpt import applying, consuming, messages, processes, queries
 from pyswpt.applying import Applied, Item, Refusal, WindowApplier
 from pyswpt.config import Config
 from pyswpt.fetch import FetchClient, FetchError
@@ -31,16 +31,6 @@ ROOT_CREDITOR_ID = 0
 # The top 24 bits of a creditor id name its creditors agent (spec 02 §0).
 CREDITOR_SUBNET_MASK = 0xFFFFFF0000000000
 
-CONFIGURE_ACCOUNT = "SELECT pyswpt.configure_account(%s, %s, %s, %s, %s, %s, %s, %s)"
-ENQUEUE_TRANSFER_REQUEST = (
-    "SELECT pyswpt.enqueue_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
-ENQUEUE_FINALIZATION_REQUEST = (
-    "SELECT pyswpt.enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
-REGISTER_BALANCE_CHANGE = "SELECT pyswpt.register_balance_change(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-INITIALIZE_ACCOUNT = "SELECT pyswpt.initialize_account(%s, %s, %s, %s)"
-LOCAL_ROOT_CONFIG = "SELECT pyswpt.get_account_config_data(%s, 0)"
 
 
 def run(config: Config) -> int:
@@ -123,68 +113,68 @@ class SmpBatchHandler:
         config = self.config
         if isinstance(message, ConfigureAccount):
             return SqlCall(
-                CONFIGURE_ACCOUNT,
-                (
-                    message.debtor_id,
-                    message.creditor_id,
-                    message.ts,
-                    message.seqnum,
-                    message.negligible_amount,
-                    message.config_flags,
-                    message.config_data,
-                    config.message_max_delay_seconds,
-                ),
+                queries.CONFIGURE_ACCOUNT,
+                {
+                    "debtor_id": message.debtor_id,
+                    "creditor_id": message.creditor_id,
+                    "ts": message.ts,
+                    "seqnum": message.seqnum,
+                    "negligible_amount": message.negligible_amount,
+                    "config_flags": message.config_flags,
+                    "config_data": message.config_data,
+                    "max_delay_seconds": config.message_max_delay_seconds,
+                },
             )
         if isinstance(message, PrepareTransfer):
             recipient = messages.parse_recipient(message.recipient)
             return SqlCall(
-                ENQUEUE_TRANSFER_REQUEST,
-                (
-                    message.debtor_id,
-                    message.creditor_id,
-                    message.coordinator_type,
-                    message.coordinator_id,
-                    message.coordinator_request_id,
-                    message.min_locked_amount,
-                    message.max_locked_amount,
-                    recipient,
-                    message.final_interest_rate_ts,
-                    message.max_commit_delay,
-                    message.ts,
-                    self.recipient_reachable(message, recipient),
-                ),
+                queries.ENQUEUE_TRANSFER_REQUEST,
+                {
+                    "debtor_id": message.debtor_id,
+                    "sender_creditor_id": message.creditor_id,
+                    "coordinator_type": message.coordinator_type,
+                    "coordinator_id": message.coordinator_id,
+                    "coordinator_request_id": message.coordinator_request_id,
+                    "min_locked_amount": message.min_locked_amount,
+                    "max_locked_amount": message.max_locked_amount,
+                    "recipient_creditor_id": recipient,
+                    "final_interest_rate_ts": message.final_interest_rate_ts,
+                    "max_commit_delay_seconds": message.max_commit_delay,
+                    "ts": message.ts,
+                    "recipient_reachable": self.recipient_reachable(message, recipient),
+                },
             )
         if isinstance(message, FinalizeTransfer):
             return SqlCall(
-                ENQUEUE_FINALIZATION_REQUEST,
-                (
-                    message.debtor_id,
-                    message.creditor_id,
-                    message.transfer_id,
-                    message.coordinator_type,
-                    message.coordinator_id,
-                    message.coordinator_request_id,
-                    message.committed_amount,
-                    message.transfer_note_format,
-                    message.transfer_note,
-                    message.ts,
-                ),
+                queries.ENQUEUE_FINALIZATION_REQUEST,
+                {
+                    "debtor_id": message.debtor_id,
+                    "sender_creditor_id": message.creditor_id,
+                    "transfer_id": message.transfer_id,
+                    "coordinator_type": message.coordinator_type,
+                    "coordinator_id": message.coordinator_id,
+                    "coordinator_request_id": message.coordinator_request_id,
+                    "committed_amount": message.committed_amount,
+                    "transfer_note_format": message.transfer_note_format,
+                    "transfer_note": message.transfer_note,
+                    "ts": message.ts,
+                },
             )
         if isinstance(message, PendingBalanceChange):
             return SqlCall(
-                REGISTER_BALANCE_CHANGE,
-                (
-                    message.debtor_id,
-                    message.other_creditor_id,
-                    message.change_id,
-                    message.creditor_id,
-                    message.coordinator_type,
-                    message.transfer_note_format,
-                    message.transfer_note,
-                    message.committed_at,
-                    message.principal_delta,
-                    config.remove_from_archive_threshold_date,
-                ),
+                queries.REGISTER_BALANCE_CHANGE,
+                {
+                    "debtor_id": message.debtor_id,
+                    "other_creditor_id": message.other_creditor_id,
+                    "change_id": message.change_id,
+                    "creditor_id": message.creditor_id,
+                    "coordinator_type": message.coordinator_type,
+                    "transfer_note_format": message.transfer_note_format,
+                    "transfer_note": message.transfer_note,
+                    "committed_at": message.committed_at,
+                    "principal_delta": message.principal_delta,
+                    "archive_threshold": config.remove_from_archive_threshold_date,
+                },
             )
         raise AssertionError(f"no SQL call for {type(message).__name__}")
 
@@ -232,14 +222,20 @@ class SmpBatchHandler:
         with_retries(
             conn,
             lambda c: c.execute(
-                INITIALIZE_ACCOUNT,
-                (message.debtor_id, message.creditor_id, config_data, self.config.message_max_delay_seconds),
+                queries.INITIALIZE_ACCOUNT,
+                {
+                    "debtor_id": message.debtor_id,
+                    "creditor_id": message.creditor_id,
+                    "root_config_data": config_data,
+                    "message_max_delay_seconds": self.config.message_max_delay_seconds,
+                },
             ),
         )
 
     def root_config_data(self, conn: psycopg.Connection, debtor_id: int) -> str | None:
         if self.config.realm.owns(debtor_id, ROOT_CREDITOR_ID):
-            return with_retries(conn, lambda c: c.execute(LOCAL_ROOT_CONFIG, (debtor_id,)).fetchone()[0])
+            params = {"debtor_id": debtor_id}
+            return with_retries(conn, lambda c: c.execute(queries.GET_ROOT_CONFIG_DATA, params).fetchone()[0])
         if self.fetch is None:
             logger.error("FETCH_API_URL is not set: debtor %d's root config cannot be fetched.", debtor_id)
             return None

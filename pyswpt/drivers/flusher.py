@@ -28,11 +28,10 @@ from typing import Any
 
 import pika
 import psycopg
-from psycopg import sql
 from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 
-from pyswpt import amqp, db, outbox, parking, processes, wire
+from pyswpt import amqp, db, outbox, parking, processes, queries, wire
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
@@ -63,9 +62,6 @@ REASON_OF_OUTCOME = {
     amqp.Outcome.NACKED: "the broker nacked it",
 }
 
-TAKE_DUE_PARKED_RETRIES = "SELECT * FROM pyswpt.take_due_parked_retries(%s, %s)"
-DISCARD_PARKED_MESSAGES = "SELECT pyswpt.discard_parked_messages(%s)"
-POSTPONE_PARKED_RETRY = "SELECT pyswpt.postpone_parked_retry(%s, %s, %s)"
 
 
 def run(config: Config, table_names: Sequence[str] | None = None) -> int:
@@ -310,9 +306,8 @@ def take_rows(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: in
     Rows are loaded one by one, so that one that Python cannot load (a
     timestamp past year 9999) is kept as text instead of failing the burst.
     """
-    query = sql.SQL("SELECT * FROM pyswpt.{}(%s)").format(sql.Identifier(table.take_function))
     with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(query, (max_count,))
+        cursor.execute(table.take_query, {"max_count": max_count})
         return [load_row(cursor, index) for index in range(cursor.pgresult.ntuples)]
 
 
@@ -360,18 +355,18 @@ def retry_parked_messages(
     postpone the others. Returns how many were delivered."""
     with conn.transaction():
         with conn.cursor(row_factory=dict_row) as cursor:
-            parked = cursor.execute(
-                TAKE_DUE_PARKED_RETRIES, ([table.name for table in tables], MAX_RETRIES_PER_ROUND)
-            ).fetchall()
+            params = {"source_names": [table.name for table in tables], "max_count": MAX_RETRIES_PER_ROUND}
+            parked = cursor.execute(queries.TAKE_DUE_PARKED_RETRIES, params).fetchall()
         if not parked:
             return 0
         outcomes = publisher.publish_each([message_of_parked(row) for row in parked])
         delivered = [row["parked_id"] for row, outcome in zip(parked, outcomes) if outcome is amqp.Outcome.CONFIRMED]
-        conn.execute(DISCARD_PARKED_MESSAGES, (delivered,))
+        conn.execute(queries.DISCARD_PARKED_MESSAGES, {"parked_ids": delivered})
         for row, outcome in zip(parked, outcomes):
             if outcome is not amqp.Outcome.CONFIRMED:
                 reason = f"retry {row['attempts']}: {REASON_OF_OUTCOME[outcome]}"
-                conn.execute(POSTPONE_PARKED_RETRY, (row["parked_id"], reason, MAX_RETRY_PAUSE_SECONDS))
+                params = {"parked_id": row["parked_id"], "reason": reason, "max_pause_seconds": MAX_RETRY_PAUSE_SECONDS}
+                conn.execute(queries.POSTPONE_PARKED_RETRY, params)
     logger.info(
         "Retried %d parked outgoing messages: %d delivered, %d postponed.",
         len(parked),

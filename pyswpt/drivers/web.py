@@ -36,7 +36,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pyswpt import db, logs, processes, sharding
+from pyswpt import db, logs, processes, queries, sharding
 from pyswpt import config as settings
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,6 @@ ALLOWED_METHODS = "OPTIONS, HEAD, GET"
 HEALTHY_TEXT = "I am healthy"
 # Account ids in paths are u64 strings: no sign, no leading zeros, at most 20 digits.
 U64_PATH_REGEX = "0|[1-9][0-9]{0,19}"
-
-IS_REACHABLE_SQL = "SELECT pyswpt.is_reachable_account(%s, %s)"
-GET_CONFIG_DATA_SQL = "SELECT pyswpt.get_account_config_data(%s, %s)"
 
 
 class U64Convertor(Convertor[int]):
@@ -156,13 +153,13 @@ class FetchApi:
     async def reachable(self, request: Request) -> Response:
         if request.method == "OPTIONS":
             return options_response()
-        is_reachable = await self.read(IS_REACHABLE_SQL, self.owned_pair(request))
+        is_reachable = await self.read(queries.IS_REACHABLE_ACCOUNT, self.owned_pair(request))
         return account_response(204 if is_reachable else 404)
 
     async def config(self, request: Request) -> Response:
         if request.method == "OPTIONS":
             return options_response()
-        config_data = await self.read(GET_CONFIG_DATA_SQL, self.owned_pair(request))
+        config_data = await self.read(queries.GET_ACCOUNT_CONFIG_DATA, self.owned_pair(request))
         if config_data is None:
             return account_response(404)
         return account_response(200, config_data)
@@ -200,7 +197,8 @@ class FetchApi:
 
     def read_blocking(self, statement: str, pair: tuple[int, int]) -> Any:
         with self.pool.connection() as conn:
-            row = conn.execute(statement, pair).fetchone()
+            debtor_id, creditor_id = pair
+            row = conn.execute(statement, {"debtor_id": debtor_id, "creditor_id": creditor_id}).fetchone()
         assert row is not None, "a scalar function returns one row"
         return row[0]
 

@@ -27,9 +27,8 @@ import time
 from collections.abc import Callable
 
 import psycopg
-from psycopg import sql
 
-from pyswpt import db
+from pyswpt import db, queries
 from pyswpt.config import Config
 from pyswpt.processes import join_threads, stop_event_on_signals
 from pyswpt.backoff import Backoff
@@ -58,7 +57,7 @@ class ForeignAccountError(Exception):
 class Stage:
     name: str  # as in the process_<name> commands
     table: str  # the queue table whose NOTIFY wakes this stage
-    list_function: str
+    list_query: str  # from pyswpt.queries: the accounts with queued work, at most %(max_count)s
     threads: int
     wait_seconds: float
     max_count: int
@@ -67,23 +66,28 @@ class Stage:
 
 def stages(config: Config) -> list[Stage]:
     def process_transfer_requests(conn: psycopg.Connection, key: Key) -> object:
-        return conn.execute(
-            "SELECT pyswpt.process_transfer_requests(%s, %s, %s)", (*key, config.commit_period_seconds)
-        )
+        debtor_id, creditor_id = key
+        params = {
+            "debtor_id": debtor_id,
+            "sender_creditor_id": creditor_id,
+            "commit_period_seconds": config.commit_period_seconds,
+        }
+        return conn.execute(queries.PROCESS_TRANSFER_REQUESTS, params)
 
     def process_finalization_requests(conn: psycopg.Connection, key: Key) -> object:
-        return conn.execute(
-            "SELECT pyswpt.process_finalization_requests(%s, %s, %s)", (*key, ignore_all(config, key))
-        )
+        debtor_id, creditor_id = key
+        params = {"debtor_id": debtor_id, "sender_creditor_id": creditor_id, "ignore_all": ignore_all(config, key)}
+        return conn.execute(queries.PROCESS_FINALIZATION_REQUESTS, params)
 
     def process_balance_changes(conn: psycopg.Connection, key: Key) -> object:
-        return conn.execute("SELECT pyswpt.process_balance_changes(%s, %s)", key)
+        debtor_id, creditor_id = key
+        return conn.execute(queries.PROCESS_BALANCE_CHANGES, {"debtor_id": debtor_id, "creditor_id": creditor_id})
 
     return [
         Stage(
             "transfer_requests",
             "transfer_request",
-            "list_transfer_request_senders",
+            queries.LIST_TRANSFER_REQUEST_SENDERS,
             config.process_transfer_requests_threads,
             config.process_transfer_requests_wait_seconds,
             config.process_transfer_requests_max_count,
@@ -92,7 +96,7 @@ def stages(config: Config) -> list[Stage]:
         Stage(
             "finalization_requests",
             "finalization_request",
-            "list_finalization_request_senders",
+            queries.LIST_FINALIZATION_REQUEST_SENDERS,
             config.process_finalization_requests_threads,
             config.process_finalization_requests_wait_seconds,
             config.process_finalization_requests_max_count,
@@ -101,7 +105,7 @@ def stages(config: Config) -> list[Stage]:
         Stage(
             "balance_changes",
             "pending_balance_change",
-            "list_accounts_with_pending_balance_changes",
+            queries.LIST_ACCOUNTS_WITH_PENDING_BALANCE_CHANGES,
             config.process_balance_changes_threads,
             config.process_balance_changes_wait_seconds,
             config.process_balance_changes_max_count,
@@ -257,7 +261,6 @@ def list_keys(listener: psycopg.Connection, stage: Stage, waiting: set[Key]) -> 
     The list functions return accounts in no particular order: asking for as
     many more as there are waiting accounts keeps those from crowding out the others.
     """
-    query = sql.SQL("SELECT debtor_id, creditor_id FROM pyswpt.{}(%s)").format(sql.Identifier(stage.list_function))
     limit = min(stage.max_count + len(waiting), MAX_SQL_INTEGER)
-    rows = listener.execute(query, (limit,)).fetchall()
+    rows = listener.execute(stage.list_query, {"max_count": limit}).fetchall()
     return [key for key in map(tuple, rows) if key not in waiting][: stage.max_count]

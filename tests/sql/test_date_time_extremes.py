@@ -16,7 +16,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.rows import dict_row
 
 from balance_steps import WHOLE_REALM, process_changes, register_change
@@ -59,8 +58,7 @@ def flushed_bodies(conn: psycopg.Connection) -> str:
     bodies = []
     with conn.cursor(row_factory=dict_row) as cursor:
         for table in outbox.TABLES:
-            query = sql.SQL("SELECT * FROM pyswpt.{}(%s)").format(sql.Identifier(table.take_function))
-            for row in cursor.execute(query, (1000,)).fetchall():
+            for row in cursor.execute(table.take_query, {"max_count": 1000}).fetchall():
                 bodies.append(wire.smp_body(table.to_fields(row, CONFIG)).decode())
     return "\n".join(bodies)
 

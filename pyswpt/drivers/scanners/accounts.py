@@ -24,6 +24,7 @@ import logging
 
 import psycopg
 
+from pyswpt import queries
 from pyswpt.chores import ChoresPublisher
 from pyswpt.config import Config
 from pyswpt.drivers.scanners import engine
@@ -38,26 +39,10 @@ ROOT_CREDITOR_ID = 0
 # Concurrent fetch API requests of one beat, at most (and APP_FETCH_CONNECTIONS).
 MAX_FETCH_THREADS = 32
 
-DELETE_PARENT_SHARD_ACCOUNTS = "SELECT pyswpt.delete_parent_shard_accounts(%s, %s, %s, %s, %s, %s)"
-PURGE_DELETED_ACCOUNTS = "SELECT pyswpt.purge_deleted_accounts(%s, %s, %s, %s, %s, %s, %s)"
-SEND_ACCOUNT_HEARTBEATS = "SELECT pyswpt.send_account_heartbeats(%s, %s, %s, %s, %s, %s, %s)"
-SELECT_ACCOUNT_CHORES = (
-    "SELECT debtor_id, creditor_id, needs_deletion_attempt, needs_capitalization"
-    " FROM pyswpt.select_account_chores(%s, %s, %s, %s, %s, %s)"
-)
-LOCAL_ROOT_CONFIGS = (
-    "SELECT debtor_id, pyswpt.get_account_config_data(debtor_id, 0) FROM unnest(%s::bigint[]) AS debtor_id"
-)
-SELECT_DEBTOR_SETTINGS_CHORES = (
-    "SELECT debtor_id, creditor_id, interest_rate, needs_debtor_info_update,"
-    " debtor_info_iri, debtor_info_content_type, debtor_info_sha256"
-    " FROM pyswpt.select_debtor_settings_chores(%s, %s, %s, %s, %s, %s)"
-)
-
 
 class AccountsScanner:
     table_name = "account"
-    read_keys_query = "SELECT debtor_id, creditor_id FROM pyswpt.read_account_keys(%s, %s)"
+    read_keys_query = queries.READ_ACCOUNT_KEYS
 
     def __init__(self, config: Config, publisher: ChoresPublisher, fetch: FetchClient | None):
         self.config = config
@@ -80,52 +65,59 @@ class AccountsScanner:
         """Step 1 (with DELETE_PARENT_SHARD_RECORDS); a removal, not a clock matter: `now` is not used."""
         realm = self.config.realm
         debtor_ids, creditor_ids = key_columns(keys)
-        params = (debtor_ids, creditor_ids, realm.mask, realm.realm, realm.parent_mask, realm.parent_realm)
-        return self.call(conn, DELETE_PARENT_SHARD_ACCOUNTS, params)
+        params = {
+            "debtor_ids": debtor_ids,
+            "creditor_ids": creditor_ids,
+            "realm_mask": realm.mask,
+            "realm": realm.realm,
+            "parent_realm_mask": realm.parent_mask,
+            "parent_realm": realm.parent_realm,
+        }
+        return self.call(conn, queries.DELETE_PARENT_SHARD_ACCOUNTS, params)
 
     def purge_deleted_accounts(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
         """Step 2: AccountPurge for accounts deleted long ago."""
         config = self.config
         debtor_ids, creditor_ids = key_columns(keys)
-        params = (
-            debtor_ids,
-            creditor_ids,
-            config.intranet_extreme_delay_days,
-            config.prepared_transfer_max_delay_days,
-            config.realm.mask,
-            config.realm.realm,
-            now,
-        )
-        return self.call(conn, PURGE_DELETED_ACCOUNTS, params)
+        params = {
+            "debtor_ids": debtor_ids,
+            "creditor_ids": creditor_ids,
+            "intranet_extreme_delay_days": config.intranet_extreme_delay_days,
+            "prepared_transfer_max_delay_days": config.prepared_transfer_max_delay_days,
+            "realm_mask": config.realm.mask,
+            "realm": config.realm.realm,
+            "now": now,
+        }
+        return self.call(conn, queries.PURGE_DELETED_ACCOUNTS, params)
 
     def send_heartbeats(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
         """Step 3: heartbeats and pending AccountUpdates."""
         config = self.config
         debtor_ids, creditor_ids = key_columns(keys)
-        params = (
-            debtor_ids,
-            creditor_ids,
-            config.account_heartbeat_days,
-            config.message_max_delay_days,
-            config.realm.mask,
-            config.realm.realm,
-            now,
-        )
-        return self.call(conn, SEND_ACCOUNT_HEARTBEATS, params)
+        params = {
+            "debtor_ids": debtor_ids,
+            "creditor_ids": creditor_ids,
+            "account_heartbeat_days": config.account_heartbeat_days,
+            "message_max_delay_days": config.message_max_delay_days,
+            "realm_mask": config.realm.mask,
+            "realm": config.realm.realm,
+            "now": now,
+        }
+        return self.call(conn, queries.SEND_ACCOUNT_HEARTBEATS, params)
 
     def publish_account_chores(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> None:
         """Steps 4 and 5: deletion attempts, then capitalizations, one batch each."""
         config = self.config
         debtor_ids, creditor_ids = key_columns(keys)
-        params = (
-            debtor_ids,
-            creditor_ids,
-            config.deletion_attempts_min_days,
-            config.min_interest_capitalization_days,
-            config.max_interest_to_principal_ratio,
-            now,
-        )
-        rows = with_retries(conn, lambda c: c.execute(SELECT_ACCOUNT_CHORES, params).fetchall())
+        params = {
+            "debtor_ids": debtor_ids,
+            "creditor_ids": creditor_ids,
+            "deletion_attempts_min_days": config.deletion_attempts_min_days,
+            "min_interest_capitalization_days": config.min_interest_capitalization_days,
+            "max_interest_to_principal_ratio": config.max_interest_to_principal_ratio,
+            "now": now,
+        }
+        rows = with_retries(conn, lambda c: c.execute(queries.SELECT_ACCOUNT_CHORES, params).fetchall())
         self.publisher.publish([TryToDeleteAccount(d, c) for d, c, deletion, _ in rows if deletion])
         self.publisher.publish([CapitalizeInterest(d, c) for d, c, _, capitalization in rows if capitalization])
 
@@ -138,15 +130,15 @@ class AccountsScanner:
         if not debtors:
             return
         root_configs = self.root_configs(conn, debtors)
-        params = (
-            debtor_ids,
-            creditor_ids,
-            list(root_configs),
-            list(root_configs.values()),
-            self.config.message_max_delay_days,
-            now,
-        )
-        rows = with_retries(conn, lambda c: c.execute(SELECT_DEBTOR_SETTINGS_CHORES, params).fetchall())
+        params = {
+            "debtor_ids": debtor_ids,
+            "creditor_ids": creditor_ids,
+            "root_debtor_ids": list(root_configs),
+            "root_config_data": list(root_configs.values()),
+            "message_max_delay_days": self.config.message_max_delay_days,
+            "now": now,
+        }
+        rows = with_retries(conn, lambda c: c.execute(queries.SELECT_DEBTOR_SETTINGS_CHORES, params).fetchall())
         chores: list[ChangeInterestRate | UpdateDebtorInfo] = []
         for debtor_id, creditor_id, interest_rate, needs_info_update, iri, content_type, sha256 in rows:
             if interest_rate is not None:
@@ -171,7 +163,8 @@ class AccountsScanner:
         remote = [d for d in debtor_ids if not realm.owns(d, ROOT_CREDITOR_ID)]
         configs: dict[int, str | None] = {}
         if local:
-            configs.update(with_retries(conn, lambda c: c.execute(LOCAL_ROOT_CONFIGS, (local,)).fetchall()))
+            params = {"debtor_ids": local}
+            configs.update(with_retries(conn, lambda c: c.execute(queries.GET_ROOT_CONFIGS_DATA, params).fetchall()))
         if remote:
             configs.update(zip(remote, self._fetch_pool.map(self.fetch_root_config, remote)))
         return {debtor_id: data for debtor_id, data in configs.items() if data is not None}
@@ -189,7 +182,7 @@ class AccountsScanner:
             logger.exception("Caught error while making a fetch request.")
             return None
 
-    def call(self, conn: psycopg.Connection, query: str, params: tuple) -> int:
+    def call(self, conn: psycopg.Connection, query: str, params: dict[str, object]) -> int:
         return with_retries(conn, lambda c: c.execute(query, params).fetchone()[0])
 
     def keep_alive(self) -> None:

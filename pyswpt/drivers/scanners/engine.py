@@ -39,7 +39,7 @@ from typing import Protocol
 
 import psycopg
 
-from pyswpt import amqp, db, processes
+from pyswpt import amqp, db, processes, queries
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
@@ -63,8 +63,6 @@ MAX_FAST_FORWARD_FACTOR = 8
 # PostgreSQL's MaxHeapTuplesPerPage for 8 kB blocks.
 MAX_ROWS_PER_BLOCK = 291
 
-TABLE_SIZE = "SELECT block_count, row_estimate FROM pyswpt.get_scanned_table_size(%s)"
-
 Key = tuple
 # One step of a scanner: does its work on the keys in one transaction of its own.
 Step = Callable[[psycopg.Connection, list[Key], dt.datetime], object]
@@ -74,7 +72,7 @@ class TableScanner(Protocol):
     """What a scanner tells the engine: its table, how to read keys, what to do with them."""
 
     table_name: str  # accepted by pyswpt.get_scanned_table_size
-    read_keys_query: str  # SELECT the keys of the blocks [%s, %s + %s)
+    read_keys_query: str  # SELECT the keys of the blocks [%(first_block)s, %(first_block)s + %(block_count)s)
 
     def steps(self) -> list[Step]:
         """The steps to run on each beat's keys, in order."""
@@ -119,7 +117,8 @@ def has_size_changed(rhythm: Rhythm, row_estimate: float, beats_between_checks: 
 
 def table_size(conn: psycopg.Connection, table_name: str) -> tuple[int, float]:
     """(heap blocks, planner row estimate) of a scanned table."""
-    return with_retries(conn, lambda c: c.execute(TABLE_SIZE, (table_name,)).fetchone())
+    params = {"table_name": table_name}
+    return with_retries(conn, lambda c: c.execute(queries.GET_SCANNED_TABLE_SIZE, params).fetchone())
 
 
 class BlockReader:
@@ -168,7 +167,8 @@ class BlockReader:
 
     def read(self, conn: psycopg.Connection, first_block: int, block_count: int) -> list[Key]:
         query = self.scanner.read_keys_query
-        return with_retries(conn, lambda c: [tuple(row) for row in c.execute(query, (first_block, block_count))])
+        params = {"first_block": first_block, "block_count": block_count}
+        return with_retries(conn, lambda c: [tuple(row) for row in c.execute(query, params)])
 
 
 def run_scanner(scanner: TableScanner, pace: Pace, postgres_url: str) -> int:

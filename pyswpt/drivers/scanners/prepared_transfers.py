@@ -11,18 +11,15 @@ import datetime as dt
 
 import psycopg
 
+from pyswpt import queries
 from pyswpt.config import SECONDS_IN_DAY, Config
 from pyswpt.drivers.scanners import engine
 from pyswpt.transactions import with_retries
 
-SEND_REMINDERS = "SELECT pyswpt.send_prepared_transfer_reminders(%s, %s, %s, %s, %s, %s, %s, %s)"
-
 
 class PreparedTransfersScanner:
     table_name = "prepared_transfer"
-    read_keys_query = (
-        "SELECT debtor_id, sender_creditor_id, transfer_id FROM pyswpt.read_prepared_transfer_keys(%s, %s)"
-    )
+    read_keys_query = queries.READ_PREPARED_TRANSFER_KEYS
 
     def __init__(self, config: Config):
         self.config = config
@@ -35,17 +32,17 @@ class PreparedTransfersScanner:
         config = self.config
         realm = config.realm
         debtor_ids, sender_creditor_ids, transfer_ids = (list(column) for column in zip(*keys))
-        params = (
-            debtor_ids,
-            sender_creditor_ids,
-            transfer_ids,
-            config.prepared_transfer_remainder_days,
-            config.message_max_delay_days,
-            realm.mask,
-            realm.realm,
-            now,
-        )
-        return with_retries(conn, lambda c: c.execute(SEND_REMINDERS, params).fetchone()[0])
+        params = {
+            "debtor_ids": debtor_ids,
+            "sender_creditor_ids": sender_creditor_ids,
+            "transfer_ids": transfer_ids,
+            "prepared_transfer_remainder_days": config.prepared_transfer_remainder_days,
+            "message_max_delay_days": config.message_max_delay_days,
+            "realm_mask": realm.mask,
+            "realm": realm.realm,
+            "now": now,
+        }
+        return with_retries(conn, lambda c: c.execute(queries.SEND_PREPARED_TRANSFER_REMINDERS, params).fetchone()[0])
 
     def keep_alive(self) -> None:
         pass

@@ -11,18 +11,15 @@ import datetime as dt
 
 import psycopg
 
+from pyswpt import queries
 from pyswpt.config import SECONDS_IN_DAY, Config
 from pyswpt.drivers.scanners import engine
 from pyswpt.transactions import with_retries
 
-DELETE_APPLIED_CHANGES = "SELECT pyswpt.delete_applied_balance_changes(%s, %s, %s, %s)"
-
 
 class RegisteredBalanceChangesScanner:
     table_name = "registered_balance_change"
-    read_keys_query = (
-        "SELECT debtor_id, other_creditor_id, change_id FROM pyswpt.read_registered_balance_change_keys(%s, %s)"
-    )
+    read_keys_query = queries.READ_REGISTERED_BALANCE_CHANGE_KEYS
 
     def __init__(self, config: Config):
         self.config = config
@@ -34,8 +31,13 @@ class RegisteredBalanceChangesScanner:
         """Delete the old applied changes among `keys`; return how many. The threshold is a
         setting, not a clock reading, so `now` is not used."""
         debtor_ids, other_creditor_ids, change_ids = (list(column) for column in zip(*keys))
-        params = (debtor_ids, other_creditor_ids, change_ids, self.config.remove_from_archive_threshold_date)
-        return with_retries(conn, lambda c: c.execute(DELETE_APPLIED_CHANGES, params).fetchone()[0])
+        params = {
+            "debtor_ids": debtor_ids,
+            "other_creditor_ids": other_creditor_ids,
+            "change_ids": change_ids,
+            "archive_threshold": self.config.remove_from_archive_threshold_date,
+        }
+        return with_retries(conn, lambda c: c.execute(queries.DELETE_APPLIED_BALANCE_CHANGES, params).fetchone()[0])
 
     def keep_alive(self) -> None:
         pass
