@@ -73,6 +73,18 @@ def park(conn: psycopg.Connection, **fields: Any) -> int:
     return conn.execute("SELECT max(parked_id) FROM parked_message").fetchone()[0]
 
 
+def park_unroutable(conn: psycopg.Connection) -> int:
+    """Park an outgoing AccountUpdate that the broker returns: nothing is bound to to_debtors with its key."""
+    return park(
+        conn,
+        source_kind=parking.SOURCE_OUTBOX,
+        source_name="flush_account_updates",
+        exchange="to_debtors",
+        routing_key="ff.ff.ff.ff.ff.ff.ff.f0",
+        message_type="AccountUpdate",
+    )
+
+
 def parked_ids(conn: psycopg.Connection) -> list[int]:
     return [parked_id for (parked_id,) in conn.execute("SELECT parked_id FROM parked_message ORDER BY 1")]
 
@@ -214,15 +226,7 @@ def test_a_row_without_body_is_not_replayed_and_kept(conn, database_url, rabbitm
 
 
 def test_an_unroutable_replay_keeps_the_row_and_says_so(conn, database_url, rabbitmq_url):
-    # No queue is bound to to_debtors with this key: the broker returns the message.
-    parked_id = park(
-        conn,
-        source_kind=parking.SOURCE_OUTBOX,
-        source_name="flush_account_updates",
-        exchange="to_debtors",
-        routing_key="ff.ff.ff.ff.ff.ff.ff.f0",
-        message_type="AccountUpdate",
-    )
+    parked_id = park_unroutable(conn)
     result = parked(["replay", str(parked_id)], database_url, rabbitmq_url)
     assert result.returncode == 1
     assert f"parked message {parked_id}: the broker did not take it" in result.stderr
@@ -232,14 +236,7 @@ def test_an_unroutable_replay_keeps_the_row_and_says_so(conn, database_url, rabb
 
 def test_an_unroutable_replay_keeps_only_its_own_row(conn, database_url, rabbitmq_url):
     routable = park(conn)
-    unroutable = park(
-        conn,
-        source_kind=parking.SOURCE_OUTBOX,
-        source_name="flush_account_updates",
-        exchange="to_debtors",
-        routing_key="ff.ff.ff.ff.ff.ff.ff.f0",
-        message_type="AccountUpdate",
-    )
+    unroutable = park_unroutable(conn)
     with catching_queue(rabbitmq_url, [("accounts_in", BALANCE_CHANGE_KEY)]) as catcher:
         result = parked(["replay", str(routable), str(unroutable)], database_url, rabbitmq_url)
         catcher.collect(1)

@@ -162,7 +162,6 @@ $$;
 -- Parked outgoing messages of the given outbox tables whose retry is due, locked
 -- for the flusher's transaction. Consumed messages (source_kind 'queue') are
 -- never republished by a flusher, and a flusher retries only the tables it flushes.
-DROP FUNCTION IF EXISTS take_due_parked_retries(integer, timestamptz);
 CREATE OR REPLACE FUNCTION take_due_parked_retries(
     p_source_names text[],
     p_max_count integer,
