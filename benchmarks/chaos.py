@@ -94,6 +94,8 @@ NODE_SETTINGS = {
     "APP_LOG_LEVEL": "info",
 }
 STARTED = re.compile(r"Started (\S+) \(pid (\d+)\)")
+# A fault whose target is not running is tried again this often in its round.
+MAX_TRIES_PER_FAULT = 10
 # Every driver is killed once a round.
 DRIVERS = PROGRAMS
 
@@ -206,15 +208,24 @@ class Faults(threading.Thread):
         actions = [functools.partial(self.kill_driver, program) for program in DRIVERS]
         actions += [self.kill_a_forked_worker, self.terminate_a_backend, self.close_broker_connections]
         while not self.stopping.is_set():
-            random.shuffle(actions)
-            for action in actions:
-                if self.stopping.wait(self.interval_seconds * random.uniform(0.5, 1.5)):
-                    return
-                try:
-                    action()
-                except (OSError, subprocess.CalledProcessError, psycopg.Error) as error:
-                    self.injected[f"fault not injected ({type(error).__name__})"] += 1
+            due = random.sample(actions, len(actions))
+            # A target that is not running now (a driver being restarted) is tried
+            # again later in the round, so that a round injects every kind of fault.
+            for _attempt in range(MAX_TRIES_PER_FAULT):
+                due = [action for action in due if not self.inject(action)]
+                if not due or self.stopping.is_set():
+                    break
             self.rounds += 1
+
+    def inject(self, action: Callable[[], bool]) -> bool:
+        """Wait, then try `action`; True if the fault was injected, False if it is to be tried again."""
+        if self.stopping.wait(self.interval_seconds * random.uniform(0.5, 1.5)):
+            return True
+        try:
+            return action()
+        except (OSError, subprocess.CalledProcessError, psycopg.Error) as error:
+            self.injected[f"fault not injected ({type(error).__name__})"] += 1
+            return True
 
     def children(self) -> dict[int, tuple[int, str]]:
         """The node's processes but `run all`: pid -> (parent pid, command line)."""
@@ -224,24 +235,27 @@ class Faults(threading.Thread):
                 tree[pid] = (parent_of(pid), cmdline)
         return tree
 
-    def kill_driver(self, program: str) -> None:
+    def kill_driver(self, program: str) -> bool:
         supervisor = self.node.process.pid
         for pid, (parent, cmdline) in self.children().items():
             if parent == supervisor and cmdline.split()[-1:] == [program]:
                 os.kill(pid, signal.SIGKILL)
                 self.injected[f"SIGKILL {program}"] += 1
-                return
+                return True
+        return False
 
-    def kill_a_forked_worker(self) -> None:
+    def kill_a_forked_worker(self) -> bool:
         supervisor = self.node.process.pid
         forked = [pid for pid, (parent, _cmdline) in self.children().items() if parent != supervisor]
-        if forked:
-            pid = random.choice(forked)
-            program = self.children().get(pid, (0, "?"))[1].split()[-1]
-            os.kill(pid, signal.SIGKILL)
-            self.injected[f"SIGKILL a worker forked by {program}"] += 1
+        if not forked:
+            return False
+        pid = random.choice(forked)
+        program = self.children().get(pid, (0, "?"))[1].split()[-1]
+        os.kill(pid, signal.SIGKILL)
+        self.injected[f"SIGKILL a worker forked by {program}"] += 1
+        return True
 
-    def terminate_a_backend(self) -> None:
+    def terminate_a_backend(self) -> bool:
         with psycopg.connect(self.node.database_url, autocommit=True) as conn:
             terminated = conn.execute(
                 """
@@ -255,8 +269,9 @@ class Faults(threading.Thread):
                 """
             ).fetchone()[0]
         self.injected["database backend terminated"] += terminated
+        return terminated > 0
 
-    def close_broker_connections(self) -> None:
+    def close_broker_connections(self) -> bool:
         """Close the node's broker connections (not the coordinators')."""
         listing = rabbitmqctl("list_connections", "-p", self.node.vhost, "pid", "client_properties")
         closed = 0
@@ -267,6 +282,7 @@ class Faults(threading.Thread):
             subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "chaos"], capture_output=True)
             closed += 1
         self.injected["broker connection closed"] += closed
+        return closed > 0
 
 
 def parent_of(pid: int) -> int:
