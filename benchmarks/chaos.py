@@ -59,7 +59,7 @@ from conftest import new_database  # noqa: E402
 from drivers import free_port, pyswpt_command  # noqa: E402
 from peers import OUTBOX_TABLES, WORK_TABLES  # noqa: E402
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 JSON = "application/json"
 T_INFINITY = "9999-12-31T23:59:59+00:00"
 REALM = "0.#"

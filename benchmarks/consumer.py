@@ -128,7 +128,7 @@ MESSAGE_FACTORIES: dict[str, Callable[[int, int, str], dict]] = {
 
 def publish(rabbitmq_url: str, queue: str, kind: str, debtor_id: int, count: int) -> None:
     """Pre-publish `count` persistent messages, confirmed by the broker."""
-    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    now = dt.datetime.now(dt.UTC).isoformat()
     properties = pika.BasicProperties(content_type="application/json", type=kind, delivery_mode=2)
     with topology.open_channel(rabbitmq_url) as channel:
         channel.confirm_delivery()

@@ -137,9 +137,7 @@ def empty_queues_and_outbox(url: str) -> None:
             "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
             " WHERE schemaname = 'pyswpt' AND tablename <> 'account'"
         ).fetchall()
-        conn.execute(
-            sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.SQL(name) for (name,) in tables))
-        )
+        conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.SQL(name) for (name,) in tables)))
         conn.execute("VACUUM ANALYZE")
 
 
@@ -149,15 +147,26 @@ def one_round(
     """`batch` payments of one sender, each step one transaction for the whole batch
     (as the consumer applies a prefetch window and a worker serves a whole queue).
     Returns the number of retried transactions."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     request_ids = list(range(first_request_id, first_request_id + batch))
 
     def intake(c: psycopg.Connection) -> None:
         for request_id in request_ids:
             c.execute(
                 "SELECT enqueue_transfer_request(%s, %s, 'direct', %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s)",
-                (DEBTOR_ID, sender_id, sender_id, request_id, AMOUNT, AMOUNT, recipient_id, now,
-                 MAX_COMMIT_DELAY_SECONDS, now, now),
+                (
+                    DEBTOR_ID,
+                    sender_id,
+                    sender_id,
+                    request_id,
+                    AMOUNT,
+                    AMOUNT,
+                    recipient_id,
+                    now,
+                    MAX_COMMIT_DELAY_SECONDS,
+                    now,
+                    now,
+                ),
             )
 
     def prepare(c: psycopg.Connection) -> None:
@@ -183,8 +192,17 @@ def one_round(
         for transfer_id, coordinator_type, coordinator_id, coordinator_request_id in prepared:
             c.execute(
                 "SELECT enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, '', '', %s, %s)",
-                (DEBTOR_ID, sender_id, transfer_id, coordinator_type, coordinator_id, coordinator_request_id,
-                 AMOUNT, now, now),
+                (
+                    DEBTOR_ID,
+                    sender_id,
+                    transfer_id,
+                    coordinator_type,
+                    coordinator_id,
+                    coordinator_request_id,
+                    AMOUNT,
+                    now,
+                    now,
+                ),
             )
 
     def finalize(c: psycopg.Connection) -> None:
@@ -203,8 +221,16 @@ def one_round(
         for change_id, creditor_id, coordinator_type, committed_at, principal_delta in changes:
             c.execute(
                 "SELECT register_balance_change(%s, %s, %s, %s, %s, '', '', %s, %s, %s)",
-                (DEBTOR_ID, sender_id, change_id, creditor_id, coordinator_type, committed_at, principal_delta,
-                 dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)),
+                (
+                    DEBTOR_ID,
+                    sender_id,
+                    change_id,
+                    creditor_id,
+                    coordinator_type,
+                    committed_at,
+                    principal_delta,
+                    dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+                ),
             )
 
     def apply_credit(c: psycopg.Connection) -> None:
@@ -288,7 +314,7 @@ def main() -> None:
     try:
         schema.apply_migrations(url)
         credit = not args.no_credit and has_balance_change_functions(url)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         senders = [FIRST_SENDER_ID + n for n in range(max(CONNECTION_COUNTS) * SENDERS_PER_CONNECTION)]
         create_accounts(url, senders, SENDER_PRINCIPAL, now)
         create_accounts(url, [MERCHANT_ID] + [FIRST_SPREAD_RECIPIENT_ID + s for s in senders], 0, now)
@@ -305,7 +331,9 @@ def main() -> None:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
     steps = "prepare + finalize + credit" if credit else "prepare + finalize"
-    print(f"two-phase transfers ({steps}), about {args.pairs} pairs per run, synchronous_commit={args.synchronous_commit}")
+    print(
+        f"two-phase transfers ({steps}), about {args.pairs} pairs per run, synchronous_commit={args.synchronous_commit}"
+    )
     print(f"{'scenario':<8} {'conns':>5} {'batch':>5} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'retries':>8}")
     for r in results:
         print(

@@ -103,7 +103,7 @@ class BatchPublisher:
         nacked = outcomes.count(Outcome.NACKED)
         if nacked:
             raise PublishError(f"received nack for {nacked} of {len(messages)} messages")
-        returned = [m for m, outcome in zip(messages, outcomes) if outcome is Outcome.RETURNED]
+        returned = [m for m, outcome in zip(messages, outcomes, strict=True) if outcome is Outcome.RETURNED]
         if returned:
             described = ", ".join(
                 f"{m.properties.type} to {m.exchange!r} with key {m.routing_key!r}" for m in returned[:5]

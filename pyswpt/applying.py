@@ -125,7 +125,7 @@ class WindowApplier:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
         rows = with_retries(conn, lambda c: execute_calls(c, calls))
         results: list[Result] = []
-        for item, row in zip(items, rows):
+        for item, row in zip(items, rows, strict=True):
             if item.call is None:
                 self.log_parked(item, item.refusal, row[0])
                 results.append(PARKED)
@@ -140,7 +140,7 @@ class WindowApplier:
         # Decided last, so that every neighbour of the window had its chance to pass.
         return [
             self.park_or_requeue(conn, item, result) if isinstance(result, psycopg.Error) else result
-            for item, result in zip(items, results)
+            for item, result in zip(items, results, strict=True)
         ]
 
     def apply_alone(self, conn: psycopg.Connection, item: Item) -> Result | psycopg.Error:

@@ -55,12 +55,11 @@ def run_checks(conn: psycopg.Connection, holds_every_account: bool) -> list[Chec
 def format_table(results: list[CheckResult]) -> str:
     """A plain text table, one line per check; then what each check that is not ok checks."""
     lines = [
-        (result.check_name, result.status, str(result.found_count), "; ".join(result.first_keys))
-        for result in results
+        (result.check_name, result.status, str(result.found_count), "; ".join(result.first_keys)) for result in results
     ]
     widths = [max(len(row[column]) for row in [HEADERS, *lines]) for column in range(len(HEADERS) - 1)]
     table = [
-        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]).rstrip()
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
         for row in [HEADERS, *lines]
     ]
     details = [f"{result.check_name}: {result.detail}" for result in results if result.status != "ok"]

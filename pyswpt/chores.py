@@ -10,7 +10,6 @@ conditions, so a chore sent twice is harmless.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 
 from pyswpt import amqp, wire

@@ -18,7 +18,6 @@ logger = logging.getLogger(__name__)
 EXIT_BAD_SETTING = 2
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Option:
     """A command-line option of a driver that overrides one setting."""
@@ -55,9 +54,7 @@ def broker_options(prefix: str, what: str) -> tuple[Option, ...]:
 DRIVERS = {
     "all": Driver("supervisor", "every driver of one node, restarted when one dies"),
     "web": Driver("web", "the fetch API"),
-    "consumer": Driver(
-        "consumer", "consume SMP messages", broker_options("protocol_broker", "SMP")
-    ),
+    "consumer": Driver("consumer", "consume SMP messages", broker_options("protocol_broker", "SMP")),
     "chores": Driver("chores", "consume chore messages", broker_options("chores_broker", "chores")),
     "flusher": Driver(
         "flusher",
@@ -184,17 +181,13 @@ def command_delete_queue(config: settings.Config, args: argparse.Namespace) -> i
     from pyswpt import topology
 
     show_broker_steps()
-    topology.delete_queue(
-        args.url or config.protocol_broker_url, args.queue or config.protocol_broker_queue
-    )
+    topology.delete_queue(args.url or config.protocol_broker_url, args.queue or config.protocol_broker_queue)
     return 0
 
 
 def binding_key(text: str) -> str:
     if not sharding.BINDING_KEY_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a shard binding key: expected e.g. '#', '0.#', '1.0.#'"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard binding key: expected e.g. '#', '0.#', '1.0.#'")
     return text
 
 
@@ -219,12 +212,8 @@ def add_broker_commands(commands: argparse._SubParsersAction) -> None:
             type=binding_key,
             help="accounts_in binding key (default: PROTOCOL_BROKER_QUEUE_ROUTING_KEY)",
         )
-    unsubscribe.add_argument(
-        "-U", "--chores-url", help="chores broker URL (default: CHORES_BROKER_URL)"
-    )
-    unsubscribe.add_argument(
-        "-Q", "--chores-queue", help="chores queue (default: CHORES_BROKER_QUEUE)"
-    )
+    unsubscribe.add_argument("-U", "--chores-url", help="chores broker URL (default: CHORES_BROKER_URL)")
+    unsubscribe.add_argument("-Q", "--chores-queue", help="chores queue (default: CHORES_BROKER_QUEUE)")
     subscribe.set_defaults(handler=command_subscribe)
     unsubscribe.set_defaults(handler=command_unsubscribe)
     delete_queue.set_defaults(handler=command_delete_queue)
@@ -261,7 +250,10 @@ def add_run_commands(commands: argparse._SubParsersAction) -> None:
         if driver.names_keyword:
             # Not `choices=`: argparse refuses an empty `nargs="*"` list against choices.
             parser.add_argument(
-                "names", nargs="*", type=one_of(driver.name_choices), metavar="NAME",
+                "names",
+                nargs="*",
+                type=one_of(driver.name_choices),
+                metavar="NAME",
                 help=f"any of: {', '.join(driver.name_choices)}",
             )
         parser.set_defaults(handler=command_run)
@@ -333,18 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "configure", help="apply migrations and functions, create the chores queue (idempotent)"
     ).set_defaults(handler=command_configure)
-    commands.add_parser(
-        "await-migrations", help="wait until every schema migration has been applied"
-    ).set_defaults(handler=command_await_migrations)
+    commands.add_parser("await-migrations", help="wait until every schema migration has been applied").set_defaults(
+        handler=command_await_migrations
+    )
     add_broker_commands(commands)
     commands.add_parser(
         "verify-shard-content",
         help="exit 1 if any record belongs to another shard (after a split), else 0",
     ).set_defaults(handler=command_verify_shard_content)
     add_parked_commands(commands)
-    audit = commands.add_parser(
-        "audit", help="check the ledger's invariants; exit 1 on any violation, else 0"
-    )
+    audit = commands.add_parser("audit", help="check the ledger's invariants; exit 1 on any violation, else 0")
     audit.add_argument("--json", action="store_true", help="print the checks as JSON")
     audit.set_defaults(handler=command_audit)
     add_run_commands(commands)

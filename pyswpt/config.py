@@ -174,11 +174,9 @@ class _Reader:
         try:
             value = dt.datetime.fromisoformat(text.strip())
         except ValueError:
-            raise ConfigError(
-                f"{name}={text!r} is not valid: expected an ISO 8601 date or date-time"
-            ) from None
+            raise ConfigError(f"{name}={text!r} is not valid: expected an ISO 8601 date or date-time") from None
         if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
         return value
 
 
@@ -212,46 +210,29 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         chores_broker_prefetch_size=env.integer("CHORES_BROKER_PREFETCH_SIZE", 0, minimum=0),
         flush_processes=env.integer("FLUSH_PROCESSES", 1, minimum=0),
         flush_period_seconds=env.number("FLUSH_PERIOD", 2.0, positive=True),
-        process_transfer_requests_threads=env.integer(
-            "PROCESS_TRANSFER_REQUESTS_THREADS", 1, minimum=1
-        ),
-        process_finalization_requests_threads=env.integer(
-            "PROCESS_FINALIZATION_REQUESTS_THREADS", 1, minimum=1
-        ),
+        process_transfer_requests_threads=env.integer("PROCESS_TRANSFER_REQUESTS_THREADS", 1, minimum=1),
+        process_finalization_requests_threads=env.integer("PROCESS_FINALIZATION_REQUESTS_THREADS", 1, minimum=1),
         process_balance_changes_threads=env.integer("PROCESS_BALANCE_CHANGES_THREADS", 1, minimum=1),
         delete_parent_shard_records=env.boolean("DELETE_PARENT_SHARD_RECORDS", "false"),
-        remove_from_archive_threshold_date=env.threshold_date(
-            "REMOVE_FROM_ARCHIVE_THRESHOLD_DATE", "1970-01-01"
-        ),
+        remove_from_archive_threshold_date=env.threshold_date("REMOVE_FROM_ARCHIVE_THRESHOLD_DATE", "1970-01-01"),
         setup_rabbitmq_bindings=env.string("SETUP_RABBITMQ_BINDINGS") == "yes",
         log_level=env.choice("APP_LOG_LEVEL", "warning", LOG_LEVELS),
         log_format=env.choice("APP_LOG_FORMAT", "text", LOG_FORMATS),
         associated_loggers=tuple(env.string("APP_ASSOCIATED_LOGGERS").split()),
         process_balance_changes_wait_seconds=env.number("APP_PROCESS_BALANCE_CHANGES_WAIT", 2.0),
-        process_balance_changes_max_count=env.integer(
-            "APP_PROCESS_BALANCE_CHANGES_MAX_COUNT", 50000, minimum=1
-        ),
+        process_balance_changes_max_count=env.integer("APP_PROCESS_BALANCE_CHANGES_MAX_COUNT", 50000, minimum=1),
         process_transfer_requests_wait_seconds=env.number("APP_PROCESS_TRANSFER_REQUESTS_WAIT", 2.0),
-        process_transfer_requests_max_count=env.integer(
-            "APP_PROCESS_TRANSFER_REQUESTS_MAX_COUNT", 50000, minimum=1
-        ),
-        process_finalization_requests_wait_seconds=env.number(
-            "APP_PROCESS_FINALIZATION_REQUESTS_WAIT", 2.0
-        ),
+        process_transfer_requests_max_count=env.integer("APP_PROCESS_TRANSFER_REQUESTS_MAX_COUNT", 50000, minimum=1),
+        process_finalization_requests_wait_seconds=env.number("APP_PROCESS_FINALIZATION_REQUESTS_WAIT", 2.0),
         process_finalization_requests_max_count=env.integer(
             "APP_PROCESS_FINALIZATION_REQUESTS_MAX_COUNT", 50000, minimum=1
         ),
         flush_burst_counts={
-            name: env.integer(f"APP_FLUSH_{name.upper()}_BURST_COUNT", 5000, minimum=1)
-            for name in OUTBOX_TYPES
+            name: env.integer(f"APP_FLUSH_{name.upper()}_BURST_COUNT", 5000, minimum=1) for name in OUTBOX_TYPES
         },
         accounts_scan_hours=env.number("APP_ACCOUNTS_SCAN_HOURS", 8.0, positive=True),
-        accounts_scan_blocks_per_query=env.integer(
-            "APP_ACCOUNTS_SCAN_BLOCKS_PER_QUERY", 40, minimum=1
-        ),
-        accounts_scan_beat_milliseconds=env.integer(
-            "APP_ACCOUNTS_SCAN_BEAT_MILLISECS", 100, minimum=1
-        ),
+        accounts_scan_blocks_per_query=env.integer("APP_ACCOUNTS_SCAN_BLOCKS_PER_QUERY", 40, minimum=1),
+        accounts_scan_beat_milliseconds=env.integer("APP_ACCOUNTS_SCAN_BEAT_MILLISECS", 100, minimum=1),
         prepared_transfers_scan_days=env.number("APP_PREPARED_TRANSFERS_SCAN_DAYS", 1.0, positive=True),
         prepared_transfers_scan_blocks_per_query=env.integer(
             "APP_PREPARED_TRANSFERS_SCAN_BLOCKS_PER_QUERY", 40, minimum=1
@@ -259,9 +240,7 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         prepared_transfers_scan_beat_milliseconds=env.integer(
             "APP_PREPARED_TRANSFERS_SCAN_BEAT_MILLISECS", 100, minimum=1
         ),
-        registered_balance_changes_scan_days=env.number(
-            "APP_REGISTERED_BALANCE_CHANGES_SCAN_DAYS", 7.0, positive=True
-        ),
+        registered_balance_changes_scan_days=env.number("APP_REGISTERED_BALANCE_CHANGES_SCAN_DAYS", 7.0, positive=True),
         registered_balance_changes_scan_blocks_per_query=env.integer(
             "APP_REGISTERED_BALANCE_CHANGES_SCAN_BLOCKS_PER_QUERY", 40, minimum=1
         ),
@@ -283,7 +262,7 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         verify_shard_yield_per=env.integer("APP_VERIFY_SHARD_YIELD_PER", 10000, minimum=1),
         verify_shard_sleep_seconds=env.number("APP_VERIFY_SHARD_SLEEP_SECONDS", 0.005),
     )
-    check_sanity(config, now or dt.datetime.now(dt.timezone.utc))
+    check_sanity(config, now or dt.datetime.now(dt.UTC))
     return config
 
 

@@ -20,7 +20,7 @@ import math
 import re
 import struct
 from collections.abc import Mapping
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from pyswpt.sharding import MAX_INT64, MIN_INT64, i64_from_u64
 
@@ -52,9 +52,7 @@ DATETIME_PATTERN = re.compile(
 )
 # What Python's datetime can carry, hence the flusher and the fetch API: a
 # date-time outside this range once in UTC is refused (see parse_datetime).
-DATETIME_RANGE_ERROR = (
-    f"Must be between {dt.datetime.min.isoformat()}Z and {dt.datetime.max.isoformat()}Z in UTC."
-)
+DATETIME_RANGE_ERROR = f"Must be between {dt.datetime.min.isoformat()}Z and {dt.datetime.max.isoformat()}Z in UTC."
 
 CONTENT_TYPE_JSON = "application/json"
 INVALID_JSON_REASON = "The message does not contain a valid JSON document."
@@ -146,7 +144,7 @@ class _DateTime:
             raise _FieldError(DATETIME_RANGE_ERROR) from error
 
 
-_Rule = Union[_Int, _Float, _Text, _DateTime]
+_Rule = _Int | _Float | _Text | _DateTime
 
 
 def _check_range(number: float, min_value: float | None, max_value: float | None) -> None:
@@ -240,12 +238,12 @@ def parse_datetime(value: Any) -> dt.datetime:
     numbers = {name: int(text) for name, text in parts.items() if text is not None}
     if fraction is not None:
         numbers["microsecond"] = int(fraction.ljust(6, "0"))
-    return dt.datetime(**numbers, tzinfo=_parse_zone(zone)).astimezone(dt.timezone.utc)
+    return dt.datetime(**numbers, tzinfo=_parse_zone(zone)).astimezone(dt.UTC)
 
 
 def _parse_zone(zone: str | None) -> dt.tzinfo:
     if zone is None or zone == "Z":
-        return dt.timezone.utc
+        return dt.UTC
     # "+HH", "+HHMM" or "+HH:MM"; minutes are not range-checked beyond what
     # `timezone` allows (strictly less than a day), as in the reference.
     minutes = 60 * int(zone[1:3]) + (int(zone[-2:]) if len(zone) > 3 else 0)
@@ -390,9 +388,9 @@ class TryToDeleteAccount:
     creditor_id: int = _rule(_I64)
 
 
-SmpMessage = Union[ConfigureAccount, PrepareTransfer, FinalizeTransfer, PendingBalanceChange]
-Chore = Union[ChangeInterestRate, UpdateDebtorInfo, CapitalizeInterest, TryToDeleteAccount]
-Message = Union[SmpMessage, Chore]
+SmpMessage = ConfigureAccount | PrepareTransfer | FinalizeTransfer | PendingBalanceChange
+Chore = ChangeInterestRate | UpdateDebtorInfo | CapitalizeInterest | TryToDeleteAccount
+Message = SmpMessage | Chore
 Kinds = Mapping[str, type]
 
 # What each consumer accepts, by AMQP `type` property.

@@ -98,7 +98,7 @@ def parked_rows(conn: psycopg.Connection, reason_code: str | None, source_name: 
     after_id = 0
     while True:
         params = {"after_id": after_id, "max_count": LIST_PAGE_SIZE}
-        page = with_retries(conn, lambda c: c.execute(queries.LIST_PARKED_MESSAGES, params).fetchall())
+        page = with_retries(conn, lambda c, params=params: c.execute(queries.LIST_PARKED_MESSAGES, params).fetchall())
         for row in page:
             if reason_code in (None, row["reason_code"]) and source_name in (None, row["source_name"]):
                 yield row

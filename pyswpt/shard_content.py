@@ -22,7 +22,6 @@ BLOCKS_PER_QUERY = 64
 FOREIGN_RECORD_FOUND = "At least one record has been found that does not belong to the shard."
 
 
-
 def verify_shard_content(config: Config) -> int:
     """0 when every checked record belongs to this shard; 1 (and an error line) at the first that does not."""
     realm = config.realm
@@ -39,7 +38,7 @@ def verify_shard_content(config: Config) -> int:
                     "realm": realm.realm,
                 }
                 checked, debtor_id, creditor_id = with_retries(
-                    conn, lambda c: c.execute(queries.FIND_RECORD_OUTSIDE_SHARD, params).fetchone()
+                    conn, lambda c, params=params: c.execute(queries.FIND_RECORD_OUTSIDE_SHARD, params).fetchone()
                 )
                 if debtor_id is not None:
                     logger.error(

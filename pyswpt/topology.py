@@ -50,7 +50,6 @@ NOT_FOUND = 404
 DELETE_QUEUE_POLL_SECONDS = 3.0
 
 
-
 def dead_letter_queue_name(queue: str) -> str:
     return queue + DEAD_LETTER_SUFFIX
 
@@ -111,9 +110,7 @@ def subscribe(url: str, queue: str, routing_key: str) -> None:
                 coordinator_type,
             )
         dead_letter_queue = dead_letter_queue_name(queue)
-        channel.queue_declare(
-            dead_letter_queue, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
-        )
+        channel.queue_declare(dead_letter_queue, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
         logger.info('Declared "%s" dead-letter queue.', dead_letter_queue)
         channel.queue_declare(queue, durable=True, arguments=main_queue_arguments(queue))
         logger.info('Declared "%s" queue.', queue)
@@ -138,9 +135,7 @@ def unsubscribe(url: str, queue: str, routing_key: str, chores_url: str, chores_
             # The queue or the exchange is already gone, and the binding with it.
             logger.info('No "%s" queue or "%s" exchange to unbind.', queue, ACCOUNTS_IN)
         else:
-            logger.info(
-                'Unbound "%s" from "%s" (binding key "%s").', queue, ACCOUNTS_IN, routing_key
-            )
+            logger.info('Unbound "%s" from "%s" (binding key "%s").', queue, ACCOUNTS_IN, routing_key)
     with open_channel(chores_url) as channel:
         # Deleting a missing queue succeeds, so this is idempotent too.
         channel.queue_delete(chores_queue)

@@ -95,7 +95,7 @@ def format_datetime(value: dt.datetime) -> str:
     """ISO 8601 in UTC: `T`, microseconds only when non-zero, `+00:00` (never `Z`)."""
     if value.utcoffset() is None:
         raise ValueError(f"naive datetime {value!r}: the instant is unknown")
-    return value.astimezone(dt.timezone.utc).isoformat()
+    return value.astimezone(dt.UTC).isoformat()
 
 
 def float32_rounded(value: float) -> float:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import re
 import shutil
 import subprocess
-import urllib.parse
-import dataclasses
-import json
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from typing import Any

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+import vhosts
 from psycopg import sql
 
-import vhosts
 from pyswpt import schema
 
 POSTGRES_HOWTO = (

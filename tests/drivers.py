@@ -89,9 +89,7 @@ def running(args: list[str], environ: dict[str, str], log_dir: Path) -> Iterator
     """`pyswpt *args` in the background, stopped with SIGTERM when the block ends."""
     log_path = log_dir / f"{'-'.join(args)}-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [*pyswpt_command(), *args], env=environ, stdout=log_file, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen([*pyswpt_command(), *args], env=environ, stdout=log_file, stderr=subprocess.STDOUT)
     started = Running(process, log_path)
     try:
         yield started
@@ -107,13 +105,16 @@ def node_environment(database_url, rabbitmq_url):
     topology.subscribe(rabbitmq_url, queue, "#")
     topology.declare_chores_queue(rabbitmq_url, chores_queue)
     port = free_port()
-    yield port, driver_environment(
-        database_url,
-        rabbitmq_url,
-        PROTOCOL_BROKER_QUEUE=queue,
-        CHORES_BROKER_QUEUE=chores_queue,
-        WEBSERVER_PORT=str(port),
-        FETCH_API_URL=f"http://127.0.0.1:{port}",
+    yield (
+        port,
+        driver_environment(
+            database_url,
+            rabbitmq_url,
+            PROTOCOL_BROKER_QUEUE=queue,
+            CHORES_BROKER_QUEUE=chores_queue,
+            WEBSERVER_PORT=str(port),
+            FETCH_API_URL=f"http://127.0.0.1:{port}",
+        ),
     )
     with topology.open_channel(rabbitmq_url) as channel:
         for name in (queue, topology.dead_letter_queue_name(queue), chores_queue):

@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 # Re-exported: tests import the flag bits (spec 02 §1.11) with the other factories.
 from pyswpt.flags import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, STATUS_OVERFLOWN  # noqa: F401
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 # T0, "never" (spec 01 §0.2).
 T0 = dt.datetime(1970, 1, 1, tzinfo=UTC)
 # The instant rows are created at unless a test passes its own `now`.

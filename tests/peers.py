@@ -37,15 +37,15 @@ from typing import Any
 import pika
 import psycopg
 import pytest
+from broker import Received
+from drivers import Running, driver_environment, pyswpt_command, running, wait_for
 from pika.adapters.blocking_connection import BlockingChannel
 from psycopg.rows import dict_row
 
-from broker import Received
-from drivers import Running, driver_environment, pyswpt_command, running, wait_for
 from pyswpt import topology
 from pyswpt.sharding import binary_routing_key, hex_routing_key, u64_string
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 JSON = "application/json"
 T0 = "1970-01-01T00:00:00+00:00"
 T_INFINITY = "9999-12-31T23:59:59+00:00"
@@ -142,8 +142,7 @@ def assert_fields(actual: dict[str, Any], expected: dict[str, Any]) -> None:
     mismatched = {
         name: (actual[name], value)
         for name, value in expected.items()
-        if actual[name] != value
-        or (type(value) in (int, float, str, bool) and type(actual[name]) is not type(value))
+        if actual[name] != value or (type(value) in (int, float, str, bool) and type(actual[name]) is not type(value))
     }
     assert mismatched == {}, f"(actual, expected) by field: {mismatched}"
 
@@ -244,7 +243,7 @@ class Inbox:
         if not self.relaxed:
             messages = self.take(len(matches), timeout_seconds)
             found = pair_up(messages, matches)
-            unmatched = [match for match, message in zip(matches, found) if message is None]
+            unmatched = [match for match, message in zip(matches, found, strict=True) if message is None]
             assert unmatched == [], f"{unmatched} not among {[m.fields for m in messages]}"
             return found
         deadline = time.monotonic() + timeout_seconds
@@ -256,7 +255,7 @@ class Inbox:
                     self.kept.remove(message)
                 return found
             if time.monotonic() > deadline:
-                missing = [match for match, message in zip(matches, found) if message is None]
+                missing = [match for match, message in zip(matches, found, strict=True) if message is None]
                 pytest.fail(f"timed out after {timeout_seconds} s waiting for {missing}")
             self.channel.connection.sleep(POLL_SECONDS)
 

@@ -8,6 +8,7 @@ import subprocess
 
 from drivers import driver_environment, pyswpt_command
 from factories import DEFAULT_NOW
+
 from pyswpt.parking import SOURCE_QUEUE, Parcel, park
 
 DEBTOR_ID = -2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from drivers import running, wait_for
+
 from pyswpt import schema
 
 WAITING_LINE = "Awaiting database migrations to be applied..."

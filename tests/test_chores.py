@@ -18,15 +18,15 @@ from typing import Any
 import pika
 import psycopg
 import pytest
-from psycopg.rows import dict_row
-
 from drivers import Running, driver_environment, running, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, insert_account
+from psycopg.rows import dict_row
+
 from pyswpt import amqp, topology
 from pyswpt.chores import ChoresPublisher
 from pyswpt.messages import CapitalizeInterest, ChangeInterestRate, Chore, TryToDeleteAccount, UpdateDebtorInfo
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 DAY = dt.timedelta(days=1)
 DEBTOR = -2
 CREDITOR = 1099511627778
@@ -182,15 +182,26 @@ def test_chore_for_an_account_of_another_shard_is_acked_and_ignored(
 @pytest.mark.parametrize(
     ("body", "content_type", "message_type", "logged"),
     [
-        (b'{"type": "TryToDeleteAccount", "debtor_id": 1, "creditor_id": 2}', "text/plain", "TryToDeleteAccount",
-         'Unknown message content type: "text/plain"'),
-        (b'{"type": "TryToDeleteAccount", "debtor_id": 1, "creditor_id": 2}', "application/json", "Unknown",
-         'Unknown message type: "Unknown"'),
-        (b"{not json", "application/json", "TryToDeleteAccount",
-         "The message does not contain a valid JSON document."),
-        (b'{"type": "UpdateDebtorInfo", "debtor_id": 1, "creditor_id": 2, "debtor_info_iri": "",'
-         b' "debtor_info_content_type": "", "debtor_info_sha256": "XYZ", "ts": "2024-01-01T00:00:00Z"}',
-         "application/json", "UpdateDebtorInfo", "Message validation error: {'debtor_info_sha256'"),
+        (
+            b'{"type": "TryToDeleteAccount", "debtor_id": 1, "creditor_id": 2}',
+            "text/plain",
+            "TryToDeleteAccount",
+            'Unknown message content type: "text/plain"',
+        ),
+        (
+            b'{"type": "TryToDeleteAccount", "debtor_id": 1, "creditor_id": 2}',
+            "application/json",
+            "Unknown",
+            'Unknown message type: "Unknown"',
+        ),
+        (b"{not json", "application/json", "TryToDeleteAccount", "The message does not contain a valid JSON document."),
+        (
+            b'{"type": "UpdateDebtorInfo", "debtor_id": 1, "creditor_id": 2, "debtor_info_iri": "",'
+            b' "debtor_info_content_type": "", "debtor_info_sha256": "XYZ", "ts": "2024-01-01T00:00:00Z"}',
+            "application/json",
+            "UpdateDebtorInfo",
+            "Message validation error: {'debtor_info_sha256'",
+        ),
     ],
     ids=["content-type", "type", "json", "schema"],
 )

@@ -11,7 +11,7 @@ import pytest
 
 from pyswpt import config
 
-NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def load(**environ: str) -> config.Config:
@@ -31,7 +31,7 @@ def test_defaults_are_the_reference_defaults():
     assert settings.flush_burst_counts["account_updates"] == 5000
     assert settings.commit_period_seconds == 7776000
     assert settings.message_max_delay_seconds == 604800
-    assert settings.remove_from_archive_threshold_date == dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    assert settings.remove_from_archive_threshold_date == dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     assert settings.delete_parent_shard_records is False
     assert settings.setup_rabbitmq_bindings is False
 
@@ -77,9 +77,7 @@ def test_setup_bindings_needs_exactly_yes():
 
 def test_threshold_date_without_zone_is_utc():
     settings = load(REMOVE_FROM_ARCHIVE_THRESHOLD_DATE="2022-07-30T18:59:59")
-    assert settings.remove_from_archive_threshold_date == dt.datetime(
-        2022, 7, 30, 18, 59, 59, tzinfo=dt.timezone.utc
-    )
+    assert settings.remove_from_archive_threshold_date == dt.datetime(2022, 7, 30, 18, 59, 59, tzinfo=dt.UTC)
 
 
 @pytest.mark.parametrize(

@@ -159,9 +159,7 @@ def assert_same_snapshot(before: dict[str, list[tuple]], after: dict[str, list[t
 
 def function_names_in_files() -> set[str]:
     """Names of the functions that sql/functions/ defines, whichever they are today."""
-    pattern = re.compile(
-        r"CREATE\s+OR\s+REPLACE\s+(?:FUNCTION|PROCEDURE)\s+(?:pyswpt\.)?(\w+)\s*\(", re.IGNORECASE
-    )
+    pattern = re.compile(r"CREATE\s+OR\s+REPLACE\s+(?:FUNCTION|PROCEDURE)\s+(?:pyswpt\.)?(\w+)\s*\(", re.IGNORECASE)
     return {
         name.lower()
         for path in FUNCTIONS_DIR.glob("*.sql")
@@ -172,8 +170,7 @@ def function_names_in_files() -> set[str]:
 def installed_function_names(database_url: str) -> set[str]:
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = 'pyswpt'"
+            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pyswpt'"
         ).fetchall()
     return {name for (name,) in rows}
 
@@ -189,9 +186,7 @@ def test_configure_on_a_new_database_reports_each_step_done(fresh_database_url, 
     assert done == DONE_LINES, explain(result)
 
 
-def test_configure_again_reports_each_step_done_and_changes_nothing(
-    fresh_database_url, broker_environment
-):
+def test_configure_again_reports_each_step_done_and_changes_nothing(fresh_database_url, broker_environment):
     first = run_configure(fresh_database_url, broker_environment)
     assert succeeded(first), explain(first)
     before = snapshot(fresh_database_url)

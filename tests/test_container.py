@@ -45,9 +45,7 @@ REFERENCE_COMMANDS = [
 
 def entrypoint(*args: str) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        ["sh", str(ENTRYPOINT), *args], env=environ, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run(["sh", str(ENTRYPOINT), *args], env=environ, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("command", REFERENCE_COMMANDS)

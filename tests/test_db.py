@@ -56,7 +56,7 @@ def test_t_infinity_loads_whatever_the_server_time_zone(fresh_database_url):
     # East of UTC, 9999-12-31T23:59:59Z is in year 10000, which a Python datetime cannot hold.
     dbname = urllib.parse.urlsplit(fresh_database_url).path.lstrip("/")
     with psycopg.connect(fresh_database_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{dbname}" SET TimeZone = \'Europe/Berlin\'')
+        admin.execute(f"ALTER DATABASE \"{dbname}\" SET TimeZone = 'Europe/Berlin'")
     with db.connect(fresh_database_url) as conn:
         moment = conn.execute("SELECT '9999-12-31T23:59:59+00:00'::timestamptz").fetchone()[0]
     assert (moment.year, moment.utcoffset().total_seconds()) == (9999, 0)

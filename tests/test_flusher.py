@@ -6,13 +6,13 @@ import datetime as dt
 
 import psycopg
 import pytest
-
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, running, wait_for
+
 from pyswpt import amqp, config, db, outbox, sharding, topology
 from pyswpt.drivers import flusher
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NOW = dt.datetime(2024, 5, 20, 10, 15, 30, 123456, tzinfo=UTC)
 DEBTOR = -2
 CREDITOR = 1099511627778
@@ -56,9 +56,7 @@ def flush(database_url, publisher, table_name: str, cfg: config.Config) -> int:
         return flusher.flush_table(flush_conn, publisher, outbox.TABLES_BY_NAME[table_name], cfg)
 
 
-def test_account_update_goes_to_the_creditor_with_exact_properties(
-    conn, database_url, rabbitmq_url, publisher
-):
+def test_account_update_goes_to_the_creditor_with_exact_properties(conn, database_url, rabbitmq_url, publisher):
     create_account(conn, DEBTOR, CREDITOR)
     cfg = settings(database_url, rabbitmq_url)
     with catching_queue(rabbitmq_url, [("to_creditors", sharding.hex_routing_key(CREDITOR))]) as catcher:

@@ -13,13 +13,13 @@ import re
 
 import psycopg
 import pytest
-
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, running, wait_for
+
 from pyswpt import amqp, config, outbox, sharding
 from pyswpt.drivers import flusher
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NOW = dt.datetime(2024, 5, 20, 10, 15, 30, 123456, tzinfo=UTC)
 DEBTOR = -2
 SENDER = 1099511627778
@@ -48,9 +48,7 @@ def settings(database_url: str, rabbitmq_url: str) -> config.Config:
 
 
 def flusher_environment(database_url: str, rabbitmq_url: str) -> dict[str, str]:
-    return driver_environment(
-        database_url, rabbitmq_url, FLUSH_PERIOD=str(FLUSH_PERIOD_SECONDS), FLUSH_PROCESSES="1"
-    )
+    return driver_environment(database_url, rabbitmq_url, FLUSH_PERIOD=str(FLUSH_PERIOD_SECONDS), FLUSH_PROCESSES="1")
 
 
 def insert_rejected_transfer(
@@ -105,7 +103,11 @@ def test_unroutable_row_is_parked_and_its_neighbours_arrive_exactly_once(conn, d
 
     assert sorted(m.fields["coordinator_request_id"] for m in received) == [1, 3]
     [row] = parked_rows(conn)
-    assert (row["source_kind"], row["source_name"], row["reason_code"]) == ("outbox", "rejected_transfers", "unroutable")
+    assert (row["source_kind"], row["source_name"], row["reason_code"]) == (
+        "outbox",
+        "rejected_transfers",
+        "unroutable",
+    )
     assert (row["exchange"], row["message_type"], row["debtor_id"], row["creditor_id"]) == (
         "to_coordinators",
         "RejectedTransfer",
@@ -216,4 +218,3 @@ def test_every_outbox_table_names_its_rows_by_their_primary_key(conn):
             (re.search(r"pyswpt\.(\w+)\(", table.take_query)[1],),
         ).fetchone()[0]
         assert tuple(primary_key) == table.key_columns, table.name
-

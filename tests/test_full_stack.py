@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from broker import declare_smp_exchanges
 from drivers import wait_for
 from peers import (
@@ -44,11 +43,12 @@ from peers import (
     process_group,
     random_id,
 )
+from test_supervisor import free_port, healthy, is_alive, started_pids
+
 from pyswpt import topology
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 from pyswpt.flags import STATUS_DELETED
 from pyswpt.sharding import hex_routing_key, u64_string
-from test_supervisor import free_port, healthy, is_alive, started_pids
 
 SECONDS_IN_DAY = 86400
 # Heartbeats, reminders and the too-old limit of a new account's config: ~2.6 s.
@@ -373,7 +373,9 @@ def test_a_day_of_a_currency_under_run_all(node):
         # Heartbeats keep coming for living accounts, none for the deleted one.
         quiet_until = moment(deleted.fields["ts"]) + dt.timedelta(seconds=HEARTBEAT_SECONDS + 2 * SCAN_PASS_SECONDS)
         for creditor in (0, alice, bob):
-            wait_for(lambda: has_heartbeat(shard, creditor, quiet_until), f"a heartbeat of {creditor}", 15)
+            wait_for(
+                lambda creditor=creditor: has_heartbeat(shard, creditor, quiet_until), f"a heartbeat of {creditor}", 15
+            )
         assert account_updates(shard, carol)[-1] == deleted.fields
 
     assert shard.inbox.all_received(Like("RejectedTransfer")) == []
@@ -384,7 +386,9 @@ def test_a_day_of_a_currency_under_run_all(node):
     carol_transfers = assert_transfer_numbers_without_gaps(shard, carol)
     assert [t["acquired_amount"] for t in bob_transfers] == [1000, 500]
     assert [t["acquired_amount"] for t in carol_transfers] == [500, -500]
-    assert [(t["coordinator_type"], t["acquired_amount"]) for t in alice_transfers[:1]] == [("issuing", LARGE_PRINCIPAL)]
+    assert [(t["coordinator_type"], t["acquired_amount"]) for t in alice_transfers[:1]] == [
+        ("issuing", LARGE_PRINCIPAL)
+    ]
 
     # Every unit of interest alice got, the root account paid; nothing else was paid.
     interest_paid = [t["acquired_amount"] for t in alice_transfers if t["coordinator_type"] == "interest"]

@@ -54,4 +54,4 @@ def test_json_lines_carry_the_context_of_a_record_as_fields():
 
 
 def test_one_line_escapes_line_breaks_a_peer_could_send():
-    assert logs.one_line("Unknown message type: \"a\nFAKE:ERROR:x\r\"") == 'Unknown message type: "a\\nFAKE:ERROR:x\\r"'
+    assert logs.one_line('Unknown message type: "a\nFAKE:ERROR:x\r"') == 'Unknown message type: "a\\nFAKE:ERROR:x\\r"'

@@ -20,7 +20,7 @@ from pyswpt.messages import (
 )
 
 JSON = "application/json"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 MIN_INT64 = -(2**63)
 MAX_INT64 = 2**63 - 1
 SHA256_UPPER = "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F"
@@ -178,7 +178,9 @@ def test_message_type_not_handled_by_the_smp_consumer_is_rejected(message_type: 
     assert str(caught.value) == f'Unknown message type: "{message_type}"'
 
 
-@pytest.mark.parametrize("message_type", ["ConfigureAccount", "PrepareTransfer", "FinalizeTransfer", "PendingBalanceChange"])
+@pytest.mark.parametrize(
+    "message_type", ["ConfigureAccount", "PrepareTransfer", "FinalizeTransfer", "PendingBalanceChange"]
+)
 def test_smp_message_type_is_rejected_by_the_chores_consumer(message_type: str) -> None:
     body = json.dumps(VALID[message_type]).encode()
     with pytest.raises(InvalidMessage, match=f'^Unknown message type: "{message_type}"$'):
@@ -204,7 +206,9 @@ def test_json_document_that_is_not_an_object_fails_validation(body: bytes) -> No
 
 
 def test_json_type_different_from_amqp_type_fails_validation() -> None:
-    assert rejection("ConfigureAccount", type="PrepareTransfer") == "Message validation error: {'type': ['Invalid type.']}"
+    assert (
+        rejection("ConfigureAccount", type="PrepareTransfer") == "Message validation error: {'type': ['Invalid type.']}"
+    )
 
 
 @pytest.mark.parametrize("value", [..., None, 1])
@@ -251,7 +255,9 @@ def test_integer_field_accepts_floats_truncated_and_numeric_strings(value: Any, 
 
 @pytest.mark.parametrize("value", [True, False, "5.9", "0x10", "", "five", [1], {"n": 1}, "NaN"])
 def test_integer_field_rejects_booleans_and_non_integers(value: Any) -> None:
-    assert rejection("ConfigureAccount", seqnum=value) == "Message validation error: {'seqnum': ['Not a valid integer.']}"
+    assert (
+        rejection("ConfigureAccount", seqnum=value) == "Message validation error: {'seqnum': ['Not a valid integer.']}"
+    )
 
 
 def test_integer_field_rejects_nan_and_infinity() -> None:
@@ -443,7 +449,9 @@ def test_debtor_info_iri_is_at_most_200_characters(value: str, accepted: bool) -
         assert field_rejected("UpdateDebtorInfo", "debtor_info_iri", value)
 
 
-@pytest.mark.parametrize(("value", "accepted"), [("x" * 100, True), ("", True), ("x" * 101, False), ("téxt/html", False)])
+@pytest.mark.parametrize(
+    ("value", "accepted"), [("x" * 100, True), ("", True), ("x" * 101, False), ("téxt/html", False)]
+)
 def test_debtor_info_content_type_is_at_most_100_ascii_characters(value: str, accepted: bool) -> None:
     if accepted:
         assert decode("UpdateDebtorInfo", debtor_info_content_type=value).debtor_info_content_type == value
@@ -481,10 +489,21 @@ def test_recipient_with_nul_is_accepted_and_unreachable() -> None:
 @pytest.mark.parametrize("message_type", ["FinalizeTransfer", "PendingBalanceChange"])
 @pytest.mark.parametrize(
     ("value", "accepted"),
-    [("", True), ("abc.-XYZ", True), ("12345678", True), ("abc\n", True), ("123456789", False), ("a b", False),
-     ("abc\n\n", False), ("\nabc", False), ("ü", False)],
+    [
+        ("", True),
+        ("abc.-XYZ", True),
+        ("12345678", True),
+        ("abc\n", True),
+        ("123456789", False),
+        ("a b", False),
+        ("abc\n\n", False),
+        ("\nabc", False),
+        ("ü", False),
+    ],
 )
-def test_transfer_note_format_matches_the_pattern_with_python_dollar(message_type: str, value: str, accepted: bool) -> None:
+def test_transfer_note_format_matches_the_pattern_with_python_dollar(
+    message_type: str, value: str, accepted: bool
+) -> None:
     if accepted:
         assert decode(message_type, transfer_note_format=value).transfer_note_format == value
     else:
@@ -493,8 +512,16 @@ def test_transfer_note_format_matches_the_pattern_with_python_dollar(message_typ
 
 @pytest.mark.parametrize(
     ("value", "accepted"),
-    [("", True), (SHA256_UPPER, True), (SHA256_UPPER.lower(), True), (SHA256_UPPER + "\n", True), ("\n", True),
-     (SHA256_UPPER[:-1] + "f", False), (SHA256_UPPER[:-1], False), (SHA256_UPPER + "0", False)],
+    [
+        ("", True),
+        (SHA256_UPPER, True),
+        (SHA256_UPPER.lower(), True),
+        (SHA256_UPPER + "\n", True),
+        ("\n", True),
+        (SHA256_UPPER[:-1] + "f", False),
+        (SHA256_UPPER[:-1], False),
+        (SHA256_UPPER + "0", False),
+    ],
 )
 def test_debtor_info_sha256_is_empty_or_64_hex_digits_in_one_case(value: str, accepted: bool) -> None:
     if accepted:

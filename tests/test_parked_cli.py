@@ -9,9 +9,9 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, pyswpt_command
+
 from pyswpt import parking, sharding, topology
 
 QUEUE = "swpt_accounts"
@@ -144,9 +144,7 @@ def test_discard_forgets_the_named_messages_and_names_each_unknown_id(conn, data
     result = parked(["discard", str(first), "777", "778"], database_url, rabbitmq_url)
     assert result.returncode == 1
     assert result.stdout == "Discarded 1 parked messages.\n"
-    assert [line.split(":")[0] for line in result.stderr.splitlines()] == [
-        "parked message 777", "parked message 778"
-    ]
+    assert [line.split(":")[0] for line in result.stderr.splitlines()] == ["parked message 777", "parked message 778"]
     assert parked_ids(conn) == [second]
 
 
@@ -159,9 +157,7 @@ def test_discard_all_with_reason_keeps_other_reasons(conn, database_url, rabbitm
     assert parked_ids(conn) == [invalid]
 
 
-def test_replayed_balance_change_reaches_accounts_in_unchanged_and_its_row_is_gone(
-    conn, database_url, rabbitmq_url
-):
+def test_replayed_balance_change_reaches_accounts_in_unchanged_and_its_row_is_gone(conn, database_url, rabbitmq_url):
     parked_id = park(conn)
     with catching_queue(rabbitmq_url, [("accounts_in", BALANCE_CHANGE_KEY)]) as catcher:
         result = parked(["replay", str(parked_id)], database_url, rabbitmq_url)

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
-
 from broker import declare_smp_exchanges
 from drivers import wait_for
 from peers import WAIT_SECONDS, Shard, open_shard, random_id
+from psycopg.rows import dict_row
+
 from pyswpt.applying import MAX_DELIVERY_ATTEMPTS
 
 

@@ -17,7 +17,6 @@ import signal
 import pika
 import psycopg
 import pytest
-
 from drivers import (  # noqa: F401 (node_environment is a fixture)
     children,
     descendants,
@@ -28,6 +27,7 @@ from drivers import (  # noqa: F401 (node_environment is a fixture)
     started_pids,
     wait_for,
 )
+
 from pyswpt import topology
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 
@@ -135,7 +135,7 @@ def publish_configure_account(rabbitmq_url: str, queue: str) -> None:
         "config_data": "",
         "config_flags": 0,
         "seqnum": 1,
-        "ts": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "ts": dt.datetime.now(dt.UTC).isoformat(),
     }
     properties = pika.BasicProperties(content_type="application/json", type="ConfigureAccount", delivery_mode=2)
     with topology.open_channel(rabbitmq_url) as channel:

@@ -14,9 +14,9 @@ import uuid
 
 import pika
 import pytest
-
 from broker import CAN_CLOSE_BROKER_CONNECTIONS, close_broker_connection_of
 from drivers import driver_environment, running, wait_for
+
 from pyswpt import topology
 
 CONSUMER_SETTINGS = {"PROTOCOL_BROKER_PREFETCH_COUNT": "10", "APP_LOG_LEVEL": "info"}
@@ -42,7 +42,7 @@ def configure_account(rabbitmq_url: str, queue: str, debtor_id: int, creditor_id
         "config_data": "",
         "config_flags": 0,
         "seqnum": 1,
-        "ts": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "ts": dt.datetime.now(dt.UTC).isoformat(),
     }
     with topology.open_channel(rabbitmq_url) as channel:
         channel.basic_publish(

@@ -14,15 +14,15 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-
 from broker import CAN_CLOSE_BROKER_CONNECTIONS, close_broker_connection_of
 from drivers import driver_environment, running, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, failing_account_writes, insert_account
+
 from pyswpt import db, topology
 from pyswpt.drivers.scanners import engine
 from pyswpt.drivers.scanners.accounts import AccountsScanner
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 DAY = dt.timedelta(days=1)
 HOUR_SECONDS = 3600.0
 ACCOUNT_TABLE = types.SimpleNamespace(table_name="account", read_keys_query=AccountsScanner.read_keys_query)

@@ -21,8 +21,6 @@ import httpx
 import pika
 import psycopg
 import pytest
-from psycopg.rows import dict_row
-
 from drivers import driver_environment, free_port, pyswpt_command, wait_for
 from factories import (
     CONFIG_SCHEDULED_FOR_DELETION,
@@ -32,6 +30,8 @@ from factories import (
     failing_account_writes,
     insert_account,
 )
+from psycopg.rows import dict_row
+
 from pyswpt import config, db, topology
 from pyswpt.chores import ChoresPublisher
 from pyswpt.drivers.scanners import accounts, engine, prepared_transfers, registered_balance_changes
@@ -39,7 +39,7 @@ from pyswpt.drivers.scanners import accounts, engine, prepared_transfers, regist
 NOW = DEFAULT_NOW
 DAY = dt.timedelta(days=1)
 SECOND = dt.timedelta(seconds=1)
-LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 DEBTOR = -2
 CREDITOR = 1099511627778
 SHA256 = "AB" * 32
@@ -84,9 +84,7 @@ def accounts_scanner(
     database_url: str, rabbitmq_url: str, chores_queue: str, **environ: str
 ) -> Iterator[accounts.AccountsScanner]:
     cfg = settings(database_url, rabbitmq_url, chores_queue, **environ)
-    scanner = accounts.AccountsScanner(
-        cfg, ChoresPublisher(rabbitmq_url, chores_queue), accounts.fetch_client(cfg)
-    )
+    scanner = accounts.AccountsScanner(cfg, ChoresPublisher(rabbitmq_url, chores_queue), accounts.fetch_client(cfg))
     try:
         yield scanner
     finally:
@@ -97,9 +95,10 @@ def scan_accounts(
     database_url: str, rabbitmq_url: str, chores_queue: str, keys: list[tuple[int, int]], now=NOW, **environ: str
 ) -> list[tuple[pika.BasicProperties, bytes]]:
     """One accounts-scanner beat over `keys` at `now`; the chores it published."""
-    with accounts_scanner(database_url, rabbitmq_url, chores_queue, **environ) as scanner, db.connect(
-        database_url
-    ) as conn:
+    with (
+        accounts_scanner(database_url, rabbitmq_url, chores_queue, **environ) as scanner,
+        db.connect(database_url) as conn,
+    ):
         engine.process_beat(conn, scanner, keys, now)
     return published_chores(rabbitmq_url, chores_queue)
 
@@ -134,8 +133,12 @@ def test_account_silent_for_longer_than_the_heartbeat_interval_gets_an_account_u
 def test_heartbeat_interval_comes_from_app_account_heartbeat_days(conn, database_url, rabbitmq_url, chores_queue):
     insert_account(conn, DEBTOR, CREDITOR, now=NOW - 7 * DAY - SECOND)
     scan_accounts(
-        database_url, rabbitmq_url, chores_queue, [(DEBTOR, CREDITOR)],
-        APP_ACCOUNT_HEARTBEAT_DAYS="8", APP_MESSAGE_MAX_DELAY_DAYS="7",
+        database_url,
+        rabbitmq_url,
+        chores_queue,
+        [(DEBTOR, CREDITOR)],
+        APP_ACCOUNT_HEARTBEAT_DAYS="8",
+        APP_MESSAGE_MAX_DELAY_DAYS="7",
     )
     assert outbox(conn, "account_update_signal") == []
 
@@ -193,8 +196,12 @@ def test_parent_shard_accounts_are_deleted_when_delete_parent_shard_records_is_o
     insert_account(conn, *PARENT_ONLY)
     insert_account(conn, *OWNED_BY_0_1)
     scan_accounts(
-        database_url, rabbitmq_url, chores_queue, [PARENT_ONLY, OWNED_BY_0_1],
-        PROTOCOL_BROKER_QUEUE_ROUTING_KEY="0.1.#", DELETE_PARENT_SHARD_RECORDS="true",
+        database_url,
+        rabbitmq_url,
+        chores_queue,
+        [PARENT_ONLY, OWNED_BY_0_1],
+        PROTOCOL_BROKER_QUEUE_ROUTING_KEY="0.1.#",
+        DELETE_PARENT_SHARD_RECORDS="true",
     )
     assert account(conn, *PARENT_ONLY) is None
     assert account(conn, *OWNED_BY_0_1) is not None
@@ -205,9 +212,7 @@ def test_parent_shard_accounts_are_kept_when_delete_parent_shard_records_is_off(
     conn, database_url, rabbitmq_url, chores_queue
 ):
     insert_account(conn, *PARENT_ONLY)
-    scan_accounts(
-        database_url, rabbitmq_url, chores_queue, [PARENT_ONLY], PROTOCOL_BROKER_QUEUE_ROUTING_KEY="0.1.#"
-    )
+    scan_accounts(database_url, rabbitmq_url, chores_queue, [PARENT_ONLY], PROTOCOL_BROKER_QUEUE_ROUTING_KEY="0.1.#")
     assert account(conn, *PARENT_ONLY) is not None
 
 
@@ -295,9 +300,7 @@ def test_empty_info_strings_count_as_absent(conn, database_url, rabbitmq_url, ch
     assert scan_accounts(database_url, rabbitmq_url, chores_queue, [(DEBTOR, CREDITOR)]) == []
 
 
-def test_rate_changes_at_most_once_per_message_max_delay_plus_one_day(
-    conn, database_url, rabbitmq_url, chores_queue
-):
+def test_rate_changes_at_most_once_per_message_max_delay_plus_one_day(conn, database_url, rabbitmq_url, chores_queue):
     insert_root_account(conn, DEBTOR, json.dumps({"rate": 2.5}))
     insert_account(conn, DEBTOR, CREDITOR, last_interest_rate_change_ts=NOW - 8 * DAY + SECOND)
     assert scan_accounts(database_url, rabbitmq_url, chores_queue, [(DEBTOR, CREDITOR)]) == []
@@ -341,8 +344,12 @@ def test_rate_and_info_chores_follow_a_root_config_of_another_shard(
     insert_account(conn, 0, CREDITOR)
     with fetch_api(database_url, rabbitmq_url, tmp_path) as base_url:
         published = scan_accounts(
-            database_url, rabbitmq_url, chores_queue, [(0, CREDITOR)],
-            PROTOCOL_BROKER_QUEUE_ROUTING_KEY="1.#", FETCH_API_URL=base_url,
+            database_url,
+            rabbitmq_url,
+            chores_queue,
+            [(0, CREDITOR)],
+            PROTOCOL_BROKER_QUEUE_ROUTING_KEY="1.#",
+            FETCH_API_URL=base_url,
         )
     assert [(properties.type, json.loads(body)["debtor_id"]) for properties, body in published] == [
         ("ChangeInterestRate", 0),
@@ -383,7 +390,7 @@ def test_reminder_interval_comes_from_app_prepared_transfer_remainder_days(conn,
 
 
 def test_archive_cleanup_forgets_applied_changes_older_than_the_threshold_date(conn, database_url, rabbitmq_url):
-    threshold = dt.datetime(2023, 1, 1, tzinfo=dt.timezone.utc)
+    threshold = dt.datetime(2023, 1, 1, tzinfo=dt.UTC)
     for change_id, committed_at, is_applied in [
         (1, threshold - SECOND, True),
         (2, threshold - SECOND, False),
@@ -400,7 +407,6 @@ def test_archive_cleanup_forgets_applied_changes_older_than_the_threshold_date(c
     with db.connect(database_url) as scan_conn:
         assert scanner.delete_applied_changes(scan_conn, keys, NOW) == 1
     assert [r["change_id"] for r in rows(conn, "SELECT change_id FROM registered_balance_change ORDER BY 1")] == [2, 3]
-
 
 
 # Isolation (issue 8, observation 5) -------------------------------------------------------------

@@ -116,7 +116,9 @@ def test_invalid_binding_key_is_refused(binding_key: str) -> None:
 
 
 @pytest.mark.parametrize(("debtor_id", "creditor_id", "k", "matches"), MATCH_VECTORS)
-def test_shard_key_is_the_first_32_bits_of_the_pair_hash(debtor_id: int, creditor_id: int, k: int, matches: str) -> None:
+def test_shard_key_is_the_first_32_bits_of_the_pair_hash(
+    debtor_id: int, creditor_id: int, k: int, matches: str
+) -> None:
     assert sharding.shard_key(debtor_id, creditor_id) == k
 
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from broker import Received, declare_smp_exchanges
 from conftest import new_database
 from drivers import Running, wait_for
@@ -50,9 +49,10 @@ from peers import (
     random_id,
     wire_time,
 )
+from test_web import web_server
+
 from pyswpt import schema, topology
 from pyswpt.sharding import Realm, binary_routing_key, hex_routing_key, u64_string
-from test_web import web_server
 
 # Before RabbitMQ 3.12 a message dead-lettered into a stream is dropped.
 STREAM_DEAD_LETTERING_SINCE = (3, 12)
@@ -116,7 +116,13 @@ def test_new_account_takes_the_interest_rate_of_its_debtor(shard):
         created, "to_creditors", hex_routing_key(creditor), account_update_fields(shard, creditor, config, since)
     )
     expected = account_update_fields(
-        shard, creditor, config, since, interest_rate=2.5, last_change_seqnum=2, last_interest_rate_change_ts=Recent(since)
+        shard,
+        creditor,
+        config,
+        since,
+        interest_rate=2.5,
+        last_change_seqnum=2,
+        last_interest_rate_change_ts=Recent(since),
     )
     assert_smp_message(initialised, "to_creditors", hex_routing_key(creditor), expected)
     shard.settle()
@@ -216,7 +222,9 @@ def prepared_transfer_fields(
         "ts": Recent(since),
         "demurrage_rate": -50.0,
         # min(prepared_at + commit_period, ts + max_commit_delay): the latter here.
-        "deadline": wire_time(dt.datetime.fromisoformat(request["ts"]) + dt.timedelta(seconds=MAX_COMMIT_DELAY_SECONDS)),
+        "deadline": wire_time(
+            dt.datetime.fromisoformat(request["ts"]) + dt.timedelta(seconds=MAX_COMMIT_DELAY_SECONDS)
+        ),
         "final_interest_rate_ts": request["final_interest_rate_ts"],
     }
 
@@ -785,7 +793,8 @@ def test_killed_consumer_loses_nothing_and_applies_nothing_twice(shard):
     # in the middle of its transaction: that is where it gets killed.
     with psycopg.connect(shard.database_url) as blocker:
         blocker.execute(
-            "INSERT INTO pyswpt.registered_balance_change (debtor_id, other_creditor_id, change_id, committed_at, is_applied)"
+            "INSERT INTO pyswpt.registered_balance_change"
+            " (debtor_id, other_creditor_id, change_id, committed_at, is_applied)"
             " VALUES (%s, %s, %s, now(), false)",
             (shard.debtor_id, other, blocked_change_id),
         )

@@ -19,8 +19,8 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from drivers import wait_for
+
 from pyswpt import config as settings
 from pyswpt import consuming, processes, topology
 from pyswpt.drivers import workers
@@ -93,7 +93,7 @@ def test_consumer_threads_stop_when_a_consumer_thread_takes_the_sigterm(
 
     def consume() -> None:
         consuming.consume_in_threads(
-            queue_settings, database_url, 2, lambda: (lambda _conn, _batch: consuming.BatchOutcome()), stopping
+            queue_settings, database_url, 2, lambda: lambda _conn, _batch: consuming.BatchOutcome(), stopping
         )
 
     try:

@@ -8,6 +8,7 @@ import time
 
 # tests/test_full_stack.py imports free_port, healthy, is_alive and started_pids from here.
 from drivers import free_port, healthy, is_alive, node_environment, running, started_pids, wait_for  # noqa: F401
+
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 
 

@@ -26,6 +26,7 @@ WAIT_SECONDS = 10.0
 NOT_FOUND = 404
 PRECONDITION_FAILED = 406
 
+
 # The reference's argument table of the SMP queue, written out literally so
 # that a change in pyswpt.topology cannot silently change what is tested.
 def reference_main_queue_arguments(queue: str) -> dict[str, str]:
@@ -69,9 +70,7 @@ def new_queue_name(rabbitmq_url: str) -> Iterator[Callable[[str], str]]:
             channel.queue_delete(topology.dead_letter_queue_name(name))
 
 
-def reply_code_of(
-    connection: pika.BlockingConnection, action: Callable[[BlockingChannel], object]
-) -> int:
+def reply_code_of(connection: pika.BlockingConnection, action: Callable[[BlockingChannel], object]) -> int:
     """Run a broker call on its own channel; the AMQP reply code (200 when it succeeded)."""
     channel = connection.channel()
     try:
@@ -84,9 +83,7 @@ def reply_code_of(
 
 def redeclare_code(connection: pika.BlockingConnection, queue: str, arguments: dict) -> int:
     """Reply code of declaring the durable queue again with these arguments."""
-    return reply_code_of(
-        connection, lambda ch: ch.queue_declare(queue, durable=True, arguments=arguments)
-    )
+    return reply_code_of(connection, lambda ch: ch.queue_declare(queue, durable=True, arguments=arguments))
 
 
 def confirming_channel(connection: pika.BlockingConnection) -> BlockingChannel:
@@ -144,9 +141,7 @@ def message_count(connection: pika.BlockingConnection, queue: str) -> int:
     return count
 
 
-def declare_bound_test_queue(
-    connection: pika.BlockingConnection, queue: str, exchange: str, routing_key: str
-) -> None:
+def declare_bound_test_queue(connection: pika.BlockingConnection, queue: str, exchange: str, routing_key: str) -> None:
     channel = connection.channel()
     channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
     channel.queue_bind(queue, exchange, routing_key=routing_key)
@@ -175,16 +170,10 @@ def test_subscribe_declares_durable_exchanges_of_the_reference_types(
 ):
     topology.subscribe(rabbitmq_url, new_queue_name("exchanges"), "#")
 
-    same = reply_code_of(
-        connection, lambda ch: ch.exchange_declare(exchange, exchange_type, durable=True)
-    )
+    same = reply_code_of(connection, lambda ch: ch.exchange_declare(exchange, exchange_type, durable=True))
     # A passive declare does not compare types, so an active one is the check.
-    other_type = reply_code_of(
-        connection, lambda ch: ch.exchange_declare(exchange, "fanout", durable=True)
-    )
-    not_durable = reply_code_of(
-        connection, lambda ch: ch.exchange_declare(exchange, exchange_type, durable=False)
-    )
+    other_type = reply_code_of(connection, lambda ch: ch.exchange_declare(exchange, "fanout", durable=True))
+    not_durable = reply_code_of(connection, lambda ch: ch.exchange_declare(exchange, exchange_type, durable=False))
     assert (same, other_type, not_durable) == (200, PRECONDITION_FAILED, PRECONDITION_FAILED)
 
 
@@ -241,9 +230,7 @@ def test_subscribe_twice_is_harmless_and_routes_once(rabbitmq_url, connection, n
 # --- routing --------------------------------------------------------------------
 
 
-def test_accounts_in_routes_a_matching_binary_key_to_the_shard_queue(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_accounts_in_routes_a_matching_binary_key_to_the_shard_queue(rabbitmq_url, connection, new_queue_name):
     queue = new_queue_name("routing")
     topology.subscribe(rabbitmq_url, queue, "0.#")
 
@@ -252,9 +239,7 @@ def test_accounts_in_routes_a_matching_binary_key_to_the_shard_queue(
     assert next_body(channel, queue) == b"(123, 456)"
 
 
-def test_accounts_in_does_not_route_another_shards_key_to_the_shard_queue(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_accounts_in_does_not_route_another_shards_key_to_the_shard_queue(rabbitmq_url, connection, new_queue_name):
     queue = new_queue_name("routing")
     topology.subscribe(rabbitmq_url, queue, "0.#")
 
@@ -281,9 +266,7 @@ def test_to_coordinators_forwards_creditor_side_coordinators_to_to_creditors(
     assert_not_routed_before(channel, debtors, b"marker")
 
 
-def test_to_coordinators_forwards_issuing_coordinators_to_to_debtors(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_to_coordinators_forwards_issuing_coordinators_to_to_debtors(rabbitmq_url, connection, new_queue_name):
     topology.subscribe(rabbitmq_url, new_queue_name("smp"), "#")
     routing_key = sharding.hex_routing_key(random_id())
     creditors = new_queue_name("creditors")
@@ -316,9 +299,7 @@ def broker_version(connection: pika.BlockingConnection) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
-def test_rejected_message_is_dead_lettered_to_the_xq_stream(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_rejected_message_is_dead_lettered_to_the_xq_stream(rabbitmq_url, connection, new_queue_name):
     if broker_version(connection) < STREAM_DEAD_LETTERING_SINCE:
         pytest.skip(
             f"RabbitMQ {broker_version(connection)} silently drops messages dead-lettered into a "
@@ -335,9 +316,7 @@ def test_rejected_message_is_dead_lettered_to_the_xq_stream(
     # A stream is read by a consumer with a prefetch limit, from an offset.
     reader = connection.channel()
     reader.basic_qos(prefetch_count=10)
-    messages = reader.consume(
-        f"{queue}.XQ", arguments={"x-stream-offset": "first"}, inactivity_timeout=WAIT_SECONDS
-    )
+    messages = reader.consume(f"{queue}.XQ", arguments={"x-stream-offset": "first"}, inactivity_timeout=WAIT_SECONDS)
     _method, _properties, body = next(messages)
     reader.cancel()
     assert body == b"malformed"
@@ -346,9 +325,7 @@ def test_rejected_message_is_dead_lettered_to_the_xq_stream(
 # --- chores queue, unsubscribe, delete_queue -------------------------------------
 
 
-def test_chores_queue_is_quorum_without_dead_letter_settings(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_chores_queue_is_quorum_without_dead_letter_settings(rabbitmq_url, connection, new_queue_name):
     chores = new_queue_name("chores")
     topology.declare_chores_queue(rabbitmq_url, chores)
     topology.declare_chores_queue(rabbitmq_url, chores)
@@ -358,9 +335,7 @@ def test_chores_queue_is_quorum_without_dead_letter_settings(
     assert (same, dead_lettered) == (200, PRECONDITION_FAILED)
 
 
-def test_unsubscribe_deletes_the_chores_queue_and_keeps_the_smp_queue(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_unsubscribe_deletes_the_chores_queue_and_keeps_the_smp_queue(rabbitmq_url, connection, new_queue_name):
     queue = new_queue_name("retired")
     chores = new_queue_name("retired_chores")
     topology.subscribe(rabbitmq_url, queue, "0.#")
@@ -394,9 +369,7 @@ def test_unsubscribe_twice_is_harmless(rabbitmq_url, new_queue_name):
     topology.unsubscribe(rabbitmq_url, queue, "0.#", rabbitmq_url, chores)
 
 
-def test_delete_queue_keeps_a_queue_that_still_has_messages(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_delete_queue_keeps_a_queue_that_still_has_messages(rabbitmq_url, connection, new_queue_name):
     queue = new_queue_name("draining")
     topology.subscribe(rabbitmq_url, queue, "0.#")
     publish(confirming_channel(connection), "", queue, b"unprocessed")
@@ -407,9 +380,7 @@ def test_delete_queue_keeps_a_queue_that_still_has_messages(
     assert message_count(connection, queue) == 1
 
 
-def test_delete_queue_waits_until_the_queue_is_empty_then_deletes_it(
-    rabbitmq_url, connection, new_queue_name
-):
+def test_delete_queue_waits_until_the_queue_is_empty_then_deletes_it(rabbitmq_url, connection, new_queue_name):
     queue = new_queue_name("draining")
     topology.subscribe(rabbitmq_url, queue, "0.#")
     channel = confirming_channel(connection)

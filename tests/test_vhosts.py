@@ -11,10 +11,10 @@ import uuid
 
 import pika
 import pytest
-
 import vhosts
 from broker import catching_queue, declare_smp_exchanges
 from drivers import free_port
+
 from pyswpt import sharding, topology
 
 

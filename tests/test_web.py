@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-
 from drivers import free_port, pyswpt_command, spawned_children, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, insert_account
+
 from pyswpt.drivers.web import CONCURRENCY_LIMIT, REQUEST_HEAD_TIMEOUT_SECONDS
 
 STARTUP_DEADLINE_SECONDS = 30.0
@@ -103,9 +103,7 @@ def server(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def shard_1_server(
-    migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WebServer]:
+def shard_1_server(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
     """A server for the shard `1.#`: half of the pairs are not its own."""
     with web_server(
         migrated_database_url, tmp_path_factory.mktemp("web"), PROTOCOL_BROKER_QUEUE_ROUTING_KEY="1.#"
@@ -340,9 +338,11 @@ def test_database_error_is_500_and_the_worker_keeps_serving(fresh_database_url, 
 def test_database_reads_are_limited_to_webserver_threads(database_url, tmp_path):
     threads = 2
     requests = 6
-    with web_server(database_url, tmp_path, WEBSERVER_THREADS=str(threads)) as limited, psycopg.connect(
-        database_url
-    ) as locker, psycopg.connect(database_url, autocommit=True) as observer:
+    with (
+        web_server(database_url, tmp_path, WEBSERVER_THREADS=str(threads)) as limited,
+        psycopg.connect(database_url) as locker,
+        psycopg.connect(database_url, autocommit=True) as observer,
+    ):
         # Every read blocks behind this lock, so concurrent reads pile up in PostgreSQL.
         locker.execute("LOCK TABLE pyswpt.account IN ACCESS EXCLUSIVE MODE")
 
@@ -454,9 +454,7 @@ def test_two_worker_processes_serve(database_url, conn, tmp_path):
 
 def test_access_log_is_written_at_debug_level(database_url, tmp_path):
     with web_server(database_url, tmp_path, APP_LOG_LEVEL="debug") as debug:
-        debug.get(
-            "/accounts/healthz", headers={"User-Agent": "pyswpt-test", "X-Forwarded-For": "203.0.113.7"}
-        )
+        debug.get("/accounts/healthz", headers={"User-Agent": "pyswpt-test", "X-Forwarded-For": "203.0.113.7"})
         wait_for(
             lambda: any(
                 line.startswith("203.0.113.7 - - [")

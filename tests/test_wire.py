@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pyswpt import wire
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 DEBTOR = -2
 CREDITOR = 1099511627778
 OTHER_CREDITOR = 1099511627781
@@ -154,19 +154,22 @@ def _account_update(**overrides: object) -> dict[str, object]:
 
 
 def test_account_update_example_with_non_ascii_iri_written_raw() -> None:
-    assert wire.smp_body(_account_update()) == (
-        '{"type":"AccountUpdate","debtor_id":-2,"creditor_id":1099511627778,'
-        '"last_change_ts":"2024-05-20T10:15:30.123456+00:00","last_change_seqnum":5,"principal":1000,'
-        '"interest":12.5,"interest_rate":2.5,"transfer_note_max_bytes":500,"demurrage_rate":-50.0,'
-        '"last_interest_rate_change_ts":"2024-05-19T10:15:31.500000+00:00","last_transfer_number":2,'
-        '"last_transfer_committed_at":"2024-05-20T10:15:30.123456+00:00",'
-        '"last_config_ts":"2024-05-19T10:15:30.123456+00:00","last_config_seqnum":1,'
-        '"creation_date":"2024-05-19","negligible_amount":0.0,"config_data":"","config_flags":0,'
-        '"ts":"2024-05-20T10:15:30.123456+00:00","ttl":604800,"commit_period":7776000,'
-        '"account_id":"1099511627778","debtor_info_iri":"https://example.com/debtors/ü",'
-        '"debtor_info_content_type":"text/html",'
-        '"debtor_info_sha256":"000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F"}'
-    ).encode("utf-8")
+    assert (
+        wire.smp_body(_account_update())
+        == (
+            '{"type":"AccountUpdate","debtor_id":-2,"creditor_id":1099511627778,'
+            '"last_change_ts":"2024-05-20T10:15:30.123456+00:00","last_change_seqnum":5,"principal":1000,'
+            '"interest":12.5,"interest_rate":2.5,"transfer_note_max_bytes":500,"demurrage_rate":-50.0,'
+            '"last_interest_rate_change_ts":"2024-05-19T10:15:31.500000+00:00","last_transfer_number":2,'
+            '"last_transfer_committed_at":"2024-05-20T10:15:30.123456+00:00",'
+            '"last_config_ts":"2024-05-19T10:15:30.123456+00:00","last_config_seqnum":1,'
+            '"creation_date":"2024-05-19","negligible_amount":0.0,"config_data":"","config_flags":0,'
+            '"ts":"2024-05-20T10:15:30.123456+00:00","ttl":604800,"commit_period":7776000,'
+            '"account_id":"1099511627778","debtor_info_iri":"https://example.com/debtors/ü",'
+            '"debtor_info_content_type":"text/html",'
+            '"debtor_info_sha256":"000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F"}'
+        ).encode()
+    )
 
 
 def test_root_account_update_example_with_escaped_config_data_and_no_debtor_info() -> None:
@@ -234,14 +237,17 @@ def test_account_transfer_example_with_non_ascii_note() -> None:
         "recipient": "1099511627781",
         "ts": T_PLUS_5MIN,
     }
-    assert wire.smp_body(fields) == (
-        '{"type":"AccountTransfer","debtor_id":-2,"creditor_id":1099511627778,'
-        '"creation_date":"2024-05-19","transfer_number":3,"coordinator_type":"direct",'
-        '"committed_at":"2024-05-20T10:20:30.123456+00:00","acquired_amount":-900,'
-        '"transfer_note_format":"","transfer_note":"Hello, Мир","principal":100,'
-        '"previous_transfer_number":2,"sender":"1099511627778","recipient":"1099511627781",'
-        '"ts":"2024-05-20T10:20:30.123456+00:00"}'
-    ).encode("utf-8")
+    assert (
+        wire.smp_body(fields)
+        == (
+            '{"type":"AccountTransfer","debtor_id":-2,"creditor_id":1099511627778,'
+            '"creation_date":"2024-05-19","transfer_number":3,"coordinator_type":"direct",'
+            '"committed_at":"2024-05-20T10:20:30.123456+00:00","acquired_amount":-900,'
+            '"transfer_note_format":"","transfer_note":"Hello, Мир","principal":100,'
+            '"previous_transfer_number":2,"sender":"1099511627778","recipient":"1099511627781",'
+            '"ts":"2024-05-20T10:20:30.123456+00:00"}'
+        ).encode()
+    )
 
 
 def test_account_transfer_example_of_interest_payment() -> None:
@@ -287,12 +293,15 @@ def _pending_balance_change() -> dict[str, object]:
 
 
 def test_pending_balance_change_example() -> None:
-    assert wire.smp_body(_pending_balance_change()) == (
-        '{"type":"PendingBalanceChange","debtor_id":-2,"creditor_id":1099511627781,"change_id":77,'
-        '"coordinator_type":"direct","transfer_note_format":"","transfer_note":"Hello, Мир",'
-        '"committed_at":"2024-05-20T10:20:30.123456+00:00","principal_delta":900,'
-        '"other_creditor_id":1099511627778}'
-    ).encode("utf-8")
+    assert (
+        wire.smp_body(_pending_balance_change())
+        == (
+            '{"type":"PendingBalanceChange","debtor_id":-2,"creditor_id":1099511627781,"change_id":77,'
+            '"coordinator_type":"direct","transfer_note_format":"","transfer_note":"Hello, Мир",'
+            '"committed_at":"2024-05-20T10:20:30.123456+00:00","principal_delta":900,'
+            '"other_creditor_id":1099511627778}'
+        ).encode()
+    )
 
 
 # --- spec 01 §2.1: numbers ----------------------------------------------------------
@@ -447,15 +456,26 @@ def test_smp_properties_of_a_transfer_reply_carry_coordinator_headers() -> None:
 def test_smp_properties_set_nothing_else() -> None:
     properties = wire.smp_properties("AccountPurge", {"debtor_id": DEBTOR, "creditor_id": CREDITOR})
     unset = (
-        "message_id", "timestamp", "priority", "expiration", "correlation_id",
-        "content_encoding", "reply_to", "user_id", "cluster_id",
+        "message_id",
+        "timestamp",
+        "priority",
+        "expiration",
+        "correlation_id",
+        "content_encoding",
+        "reply_to",
+        "user_id",
+        "cluster_id",
     )
     assert all(getattr(properties, name) is None for name in unset)
 
 
 def test_pending_balance_change_gets_no_coordinator_headers_despite_its_coordinator_type() -> None:
     properties = wire.smp_properties("PendingBalanceChange", _pending_balance_change())
-    assert properties.headers == {"message-type": "PendingBalanceChange", "debtor-id": DEBTOR, "creditor-id": OTHER_CREDITOR}
+    assert properties.headers == {
+        "message-type": "PendingBalanceChange",
+        "debtor-id": DEBTOR,
+        "creditor-id": OTHER_CREDITOR,
+    }
 
 
 def test_smp_properties_refuse_a_body_of_another_type() -> None:

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 import psycopg
 import psycopg.errors
 import pytest
-
 from drivers import Running, driver_environment, running, wait_for
 from factories import T0, failing_account_writes
+
 from pyswpt.transactions import is_infrastructure_error
 
 DEBTOR = 1
@@ -65,7 +65,7 @@ def register_change(conn: psycopg.Connection, creditor_id: int, change_id: int) 
 
 
 def enqueue_transfer_request(conn: psycopg.Connection, sender_creditor_id: int) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     conn.execute(
         "SELECT enqueue_transfer_request(%s, %s, 'direct', %s, 1, 0, 100, 1234, %s, 3600, %s, true, %s)",
         (DEBTOR, sender_creditor_id, sender_creditor_id, T0, now, now),

@@ -179,9 +179,7 @@ class Rabbitmqctl:
 
 
 def run_local_rabbitmqctl(args: list[str]) -> tuple[int, str]:
-    done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT_SECONDS
-    )
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT_SECONDS)
     return done.returncode, done.stdout + done.stderr
 
 

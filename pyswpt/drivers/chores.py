@@ -30,7 +30,6 @@ from pyswpt.transactions import SqlCall
 logger = logging.getLogger(__name__)
 
 
-
 def run(config: Config) -> int:
     return processes.run_worker_processes(config.chores_broker_processes, consume, config)
 
@@ -63,7 +62,7 @@ class ChoresBatchHandler:
                 outcome.acked.append(delivery.delivery_tag)
             else:
                 items.append(item)
-        for item, result in zip(items, self.applier.apply(conn, items)):
+        for item, result in zip(items, self.applier.apply(conn, items), strict=True):
             tag = item.delivery.delivery_tag
             if isinstance(result, Applied):
                 outcome.acked.append(tag)

@@ -32,7 +32,6 @@ ROOT_CREDITOR_ID = 0
 CREDITOR_SUBNET_MASK = 0xFFFFFF0000000000
 
 
-
 def run(config: Config) -> int:
     return processes.run_worker_processes(config.protocol_broker_processes, consume, config)
 
@@ -70,7 +69,7 @@ class SmpBatchHandler:
         decoded = [self.item(delivery) for delivery in deliveries]
         results = self.applier.apply(conn, [item for item, _message in decoded])
         new_accounts = []
-        for (item, message), result in zip(decoded, results):
+        for (item, message), result in zip(decoded, results, strict=True):
             tag = item.delivery.delivery_tag
             if isinstance(result, Applied):
                 outcome.acked.append(tag)
@@ -207,8 +206,7 @@ class SmpBatchHandler:
             self.initialize(conn, message)
         except psycopg.Error as error:
             logger.error(
-                "Could not give the new account (%d, %d) its debtor's settings (%s); "
-                "the accounts scanner will.",
+                "Could not give the new account (%d, %d) its debtor's settings (%s); the accounts scanner will.",
                 message.debtor_id,
                 message.creditor_id,
                 describe_error(error),

@@ -63,7 +63,6 @@ REASON_OF_OUTCOME = {
 }
 
 
-
 def run(config: Config, table_names: Sequence[str] | None = None) -> int:
     tables = [outbox.TABLES_BY_NAME[name] for name in table_names] if table_names else list(outbox.TABLES)
     return processes.run_worker_processes(config.flush_processes, flush_until_stopped, config, tables)
@@ -203,8 +202,8 @@ def publish_rows(
             continue
         outgoing.append((row, message))
     outcomes = publisher.publish_each([message for _row, message in outgoing])
-    retry_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
-    for (row, message), outcome in zip(outgoing, outcomes):
+    retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
+    for (row, message), outcome in zip(outgoing, outcomes, strict=True):
         if outcome is not amqp.Outcome.CONFIRMED:
             reason_code, reason = REASON_CODE_OF_OUTCOME[outcome], REASON_OF_OUTCOME[outcome]
             set_aside.append(set_aside_row(row, table, reason_code, reason, message, retry_at))
@@ -360,9 +359,11 @@ def retry_parked_messages(
         if not parked:
             return 0
         outcomes = publisher.publish_each([message_of_parked(row) for row in parked])
-        delivered = [row["parked_id"] for row, outcome in zip(parked, outcomes) if outcome is amqp.Outcome.CONFIRMED]
+        delivered = [
+            row["parked_id"] for row, outcome in zip(parked, outcomes, strict=True) if outcome is amqp.Outcome.CONFIRMED
+        ]
         conn.execute(queries.DISCARD_PARKED_MESSAGES, {"parked_ids": delivered})
-        for row, outcome in zip(parked, outcomes):
+        for row, outcome in zip(parked, outcomes, strict=True):
             if outcome is not amqp.Outcome.CONFIRMED:
                 reason = f"retry {row['attempts']}: {REASON_OF_OUTCOME[outcome]}"
                 params = {"parked_id": row["parked_id"], "reason": reason, "max_pause_seconds": MAX_RETRY_PAUSE_SECONDS}

@@ -162,4 +162,3 @@ def stop_all(children: list[Child]) -> None:
         if group_is_running(child.group):
             child.kill_group()
     logger.info("All drivers stopped.")
-

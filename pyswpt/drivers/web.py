@@ -36,8 +36,8 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pyswpt import db, logs, processes, queries, sharding
 from pyswpt import config as settings
+from pyswpt import db, logs, processes, queries, sharding
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(f"{__name__}.access")
@@ -181,9 +181,7 @@ class FetchApi:
     async def read(self, statement: str, pair: tuple[int, int]) -> Any:
         """One value from a read-only SQL function, in a worker thread, WEBSERVER_THREADS at most."""
         try:
-            return await anyio.to_thread.run_sync(
-                self.read_blocking, statement, pair, limiter=self.limiter
-            )
+            return await anyio.to_thread.run_sync(self.read_blocking, statement, pair, limiter=self.limiter)
         except psycopg.Error as error:
             # Pool timeouts are psycopg errors too. One line per request, no
             # traceback: during an outage every request fails the same way.

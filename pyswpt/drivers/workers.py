@@ -29,9 +29,9 @@ from collections.abc import Callable
 import psycopg
 
 from pyswpt import db, queries
+from pyswpt.backoff import Backoff
 from pyswpt.config import Config
 from pyswpt.processes import join_threads, stop_event_on_signals
-from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
 logger = logging.getLogger(__name__)
@@ -242,9 +242,7 @@ def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping:
             conn.close()
 
 
-def process_round(
-    pool: concurrent.futures.ThreadPoolExecutor, process: Callable[[Key], None], keys: list[Key]
-) -> None:
+def process_round(pool: concurrent.futures.ThreadPoolExecutor, process: Callable[[Key], None], keys: list[Key]) -> None:
     """Process every account in the pool; on an infrastructure error, raise it and start no other."""
     futures = [pool.submit(process, key) for key in keys]
     try:

@@ -10,9 +10,8 @@ import datetime as dt
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
-
 from factories import DEFAULT_NOW, T0
+from psycopg.rows import dict_row
 
 MAX_INT64 = 2**63 - 1
 MIN_INT64 = -(2**63)
@@ -93,9 +92,7 @@ def register_change(
     )
 
 
-def process_changes(
-    conn: psycopg.Connection, debtor_id: int, creditor_id: int, now: dt.datetime = DEFAULT_NOW
-) -> int:
+def process_changes(conn: psycopg.Connection, debtor_id: int, creditor_id: int, now: dt.datetime = DEFAULT_NOW) -> int:
     return value(conn, "SELECT process_balance_changes(%s, %s, %s)", (debtor_id, creditor_id, now))
 
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from balance_steps import deliver_pending_balance_changes, pay
 from factories import STATUS_OVERFLOWN
-from pyswpt.parking import SOURCE_OUTBOX, SOURCE_QUEUE, Parcel, park
 from transfer_steps import DEBTOR_ID, RECIPIENT_ID, SENDER_ID, finalize, prepare, rows
+
+from pyswpt.parking import SOURCE_OUTBOX, SOURCE_QUEUE, Parcel, park
 
 ALWAYS_LISTED = [
     "locked_amounts",
@@ -76,10 +76,18 @@ def park_balance_change(conn: psycopg.Connection, body: bytes, *, routing_key: s
 def balance_change_body(principal_delta: int) -> bytes:
     """The root's side of a payment by RECIPIENT_ID, as the consumer received it."""
     return json.dumps(
-        {"type": "PendingBalanceChange", "debtor_id": DEBTOR_ID, "creditor_id": 0,
-         "change_id": 99, "other_creditor_id": RECIPIENT_ID, "principal_delta": principal_delta,
-         "coordinator_type": "test", "committed_at": "2024-01-15T12:00:00+00:00",
-         "transfer_note_format": "", "transfer_note": ""}
+        {
+            "type": "PendingBalanceChange",
+            "debtor_id": DEBTOR_ID,
+            "creditor_id": 0,
+            "change_id": 99,
+            "other_creditor_id": RECIPIENT_ID,
+            "principal_delta": principal_delta,
+            "coordinator_type": "test",
+            "committed_at": "2024-01-15T12:00:00+00:00",
+            "transfer_note_format": "",
+            "transfer_note": "",
+        }
     ).encode()
 
 
@@ -99,15 +107,12 @@ def test_money_in_the_outbox_is_in_transit_not_a_violation(ledger):
     found = audit(ledger)
     assert not_ok(ledger) == {"money_in_transit": "info"}
     assert found["money_in_transit"]["found_count"] == 1
-    assert found["money_in_transit"]["first_keys"] == [
-        f"debtor {DEBTOR_ID}: -50 (unsent -50, queued 0, parked 0)"
-    ]
+    assert found["money_in_transit"]["first_keys"] == [f"debtor {DEBTOR_ID}: -50 (unsent -50, queued 0, parked 0)"]
 
 
 def test_wrong_total_locked_amount_is_found(ledger):
     ledger.execute(
-        "UPDATE account SET total_locked_amount = total_locked_amount + 1"
-        " WHERE debtor_id = %s AND creditor_id = %s",
+        "UPDATE account SET total_locked_amount = total_locked_amount + 1 WHERE debtor_id = %s AND creditor_id = %s",
         (DEBTOR_ID, SENDER_ID),
     )
     found = audit(ledger)
@@ -222,9 +227,7 @@ def test_a_parked_balance_change_is_money_in_transit(ledger):
     park_balance_change(ledger, balance_change_body(30))
     found = audit(ledger)
     assert not_ok(ledger) == {"money_in_transit": "warning", "parked_messages": "warning"}
-    assert found["money_in_transit"]["first_keys"] == [
-        f"debtor {DEBTOR_ID}: 30 (unsent 0, queued 0, parked 30)"
-    ]
+    assert found["money_in_transit"]["first_keys"] == [f"debtor {DEBTOR_ID}: 30 (unsent 0, queued 0, parked 30)"]
     assert found["money_in_transit"]["detail"].startswith("0 changes unsent, 0 queued, 1 parked")
     assert found["parked_messages"]["first_keys"][0].endswith(": PendingBalanceChange refused")
 
@@ -249,9 +252,7 @@ def test_an_outbox_row_parked_without_a_message_is_money_in_transit(ledger):
     )
     found = audit(ledger)
     assert not_ok(ledger) == {"money_in_transit": "warning", "parked_messages": "warning"}
-    assert found["money_in_transit"]["first_keys"] == [
-        f"debtor {DEBTOR_ID}: 30 (unsent 0, queued 0, parked 30)"
-    ]
+    assert found["money_in_transit"]["first_keys"] == [f"debtor {DEBTOR_ID}: 30 (unsent 0, queued 0, parked 30)"]
 
 
 @pytest.mark.parametrize(

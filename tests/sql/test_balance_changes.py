@@ -9,7 +9,6 @@ import time
 
 import psycopg
 import pytest
-
 from balance_steps import (
     DAY,
     MAX_INT32,
@@ -31,6 +30,7 @@ from factories import (
     STATUS_OVERFLOWN,
     insert_account,
 )
+
 from pyswpt import db
 
 NOW = DEFAULT_NOW
@@ -111,9 +111,7 @@ def test_concurrent_twin_registration_is_a_serialization_failure(database_url):
 def wait_until_blocked(observer: psycopg.Connection, pid: int) -> None:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while time.monotonic() < deadline:
-        waiting = observer.execute(
-            "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)
-        ).fetchone()[0]
+        waiting = observer.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)).fetchone()[0]
         if waiting:
             return
         time.sleep(0.01)
@@ -285,9 +283,7 @@ def test_edge_27_incoming_change_resurrects_a_deleted_account(conn):
     assert revived["creation_date"] == (NOW - 10 * DAY).date()
     [update] = signals(conn, "account_update_signal")
     assert (update["last_change_seqnum"], update["last_change_ts"]) == (4, NOW)
-    assert value(
-        conn, "SELECT (lock_existing_account(%s, %s)).creditor_id", (DEBTOR_ID, CREDITOR_ID)
-    ) == CREDITOR_ID
+    assert value(conn, "SELECT (lock_existing_account(%s, %s)).creditor_id", (DEBTOR_ID, CREDITOR_ID)) == CREDITOR_ID
 
 
 def test_batch_takes_changes_in_commit_order(conn):
@@ -388,4 +384,3 @@ def test_conservation_principals_sum_to_zero_after_payments_reach_the_root(conn)
     assert value(conn, "SELECT sum(principal) FROM account WHERE debtor_id = %s", (DEBTOR_ID,)) != 0
     deliver_pending_balance_changes(conn)
     assert value(conn, "SELECT sum(principal) FROM account WHERE debtor_id = %s", (DEBTOR_ID,)) == 0
-

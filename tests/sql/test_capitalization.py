@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from balance_steps import DAY, account, deliver_pending_balance_changes, signals, value
 from factories import DEFAULT_NOW, STATUS_DELETED, T0, insert_account
 
@@ -24,8 +23,14 @@ def capitalize(conn, creditor_id=CREDITOR_ID, *, now=NOW, min_interval_seconds=M
 def insert_example_1_account(conn, rate, **overrides):
     """Principal 5000, interest 100, unchanged for 365 days (spec 02 §3.10 example 1)."""
     insert_account(
-        conn, DEBTOR_ID, CREDITOR_ID, now=NOW - 365 * DAY, principal=5000, interest=100.0,
-        interest_rate=rate, **overrides,
+        conn,
+        DEBTOR_ID,
+        CREDITOR_ID,
+        now=NOW - 365 * DAY,
+        principal=5000,
+        interest=100.0,
+        interest_rate=rate,
+        **overrides,
     )
 
 

@@ -16,11 +16,11 @@ import threading
 import time
 
 import psycopg
-
 from factories import insert_account
+from transfer_steps import DEBTOR_ID, SENDER_ID, rows, value
+
 from pyswpt import db
 from pyswpt.transactions import with_retries
-from transfer_steps import DEBTOR_ID, SENDER_ID, rows, value
 
 WAIT_TIMEOUT_SECONDS = 10.0
 POLL_INTERVAL_SECONDS = 0.01
@@ -38,9 +38,7 @@ def wait_until_waiting_for_a_lock(observer: psycopg.Connection, backend_pid: int
     raise AssertionError(f"backend {backend_pid} never waited for a lock")
 
 
-def test_a_transfer_numbered_after_waiting_for_the_account_is_not_dated_before_the_previous_one(
-    conn, database_url
-):
+def test_a_transfer_numbered_after_waiting_for_the_account_is_not_dated_before_the_previous_one(conn, database_url):
     insert_account(conn, DEBTOR_ID, SENDER_ID)
     began = threading.Event()
     lock_taken = threading.Event()

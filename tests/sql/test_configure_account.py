@@ -7,8 +7,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
-
 from factories import (
     CONFIG_SCHEDULED_FOR_DELETION,
     DEFAULT_NOW,
@@ -18,6 +16,7 @@ from factories import (
     initial_transfer_id,
     insert_account,
 )
+from psycopg.rows import dict_row
 
 DEBTOR_ID = -2
 CREDITOR_ID = 1099511627778
@@ -66,9 +65,7 @@ def fetch_rows(conn: psycopg.Connection, query: str, params: tuple = ()) -> list
 
 
 def account(conn: psycopg.Connection, creditor_id: int = CREDITOR_ID) -> dict[str, Any] | None:
-    rows = fetch_rows(
-        conn, "SELECT * FROM account WHERE debtor_id = %s AND creditor_id = %s", (DEBTOR_ID, creditor_id)
-    )
+    rows = fetch_rows(conn, "SELECT * FROM account WHERE debtor_id = %s AND creditor_id = %s", (DEBTOR_ID, creditor_id))
     return rows[0] if rows else None
 
 
@@ -237,9 +234,7 @@ def test_old_config_for_existing_account_is_applied(conn):
 
 
 def test_invalid_config_is_rejected_echoing_the_message(conn):
-    applied = configure(
-        conn, ts=NOW - DAY, seqnum=123, negligible_amount=-10.0, config_flags=0x1FFF, config_data="xxx"
-    )
+    applied = configure(conn, ts=NOW - DAY, seqnum=123, negligible_amount=-10.0, config_flags=0x1FFF, config_data="xxx")
     assert applied is False
     rejections = rejected_configs(conn)
     assert len(rejections) == 1
@@ -339,9 +334,7 @@ def test_newer_config_without_the_bit_makes_the_account_reachable_again(conn):
 
 
 def test_applied_config_increments_the_seqnum_once_and_announces_it(conn):
-    insert_account(
-        conn, DEBTOR_ID, CREDITOR_ID, now=NOW - DAY, last_change_seqnum=41, pending_account_update=True
-    )
+    insert_account(conn, DEBTOR_ID, CREDITOR_ID, now=NOW - DAY, last_change_seqnum=41, pending_account_update=True)
     assert configure(conn, negligible_amount=5.0) is False
     row = account(conn)
     assert (row["last_change_seqnum"], row["last_change_ts"]) == (42, NOW)

@@ -16,11 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
-
 from balance_steps import WHOLE_REALM, process_changes, register_change
 from factories import DEFAULT_NOW, insert_account
-from pyswpt import config, messages, outbox, wire
+from psycopg.rows import dict_row
 from transfer_steps import (
     DEBTOR_ID,
     MAX_INT32,
@@ -33,6 +31,8 @@ from transfer_steps import (
     process_finalizations,
     process_prepares,
 )
+
+from pyswpt import config, messages, outbox, wire
 
 CONFIG = config.load({}, now=DEFAULT_NOW)
 LATEST = "9999-12-31T23:59:59.999999Z"

@@ -7,9 +7,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
-
 from factories import DEFAULT_NOW, STATUS_DELETED, T0, insert_account
+from psycopg.rows import dict_row
 
 DEBTOR_ID = -2
 CREDITOR_ID = 1099511627778
@@ -86,9 +85,7 @@ def single_precision(conn: psycopg.Connection, value: float) -> float:
     return conn.execute("SELECT %s::float8::real::float8", (value,)).fetchone()[0]
 
 
-def arrange_account(
-    conn: psycopg.Connection, creditor_id: int = CREDITOR_ID, **overrides: Any
-) -> dict[str, Any]:
+def arrange_account(conn: psycopg.Connection, creditor_id: int = CREDITOR_ID, **overrides: Any) -> dict[str, Any]:
     return insert_account(conn, DEBTOR_ID, creditor_id, now=NOW - 30 * DAY, **overrides)
 
 
@@ -151,9 +148,7 @@ def test_rate_change_once_the_interval_has_passed_applies(conn):
     assert account(conn)["interest_rate"] == 1.0
 
 
-@pytest.mark.parametrize(
-    ("requested", "stored"), [(1e9, 100.0), (-99.9999999999, -50.0), (float("inf"), 100.0)]
-)
+@pytest.mark.parametrize(("requested", "stored"), [(1e9, 100.0), (-99.9999999999, -50.0), (float("inf"), 100.0)])
 def test_rate_is_clamped_to_the_allowed_range(conn, requested, stored):
     arrange_account(conn)
     change_rate(conn, requested)
@@ -277,9 +272,7 @@ def test_repeated_debtor_info_update_emits_nothing(conn):
     ],
 )
 def test_debtor_info_update_with_any_field_changed_applies(conn, changed):
-    arrange_account(
-        conn, debtor_info_iri=IRI, debtor_info_content_type=CONTENT_TYPE, debtor_info_sha256=SHA256
-    )
+    arrange_account(conn, debtor_info_iri=IRI, debtor_info_content_type=CONTENT_TYPE, debtor_info_sha256=SHA256)
     update_info(conn, **changed)
     assert len(account_updates(conn)) == 1
 
@@ -300,9 +293,7 @@ def test_debtor_info_update_keeps_the_interest_accrued_so_far(conn):
     # A fix of spec 02 §2.8: moving last_change_ts without folding the accrued
     # interest into the interest column would lose a year of 10 % here.
     year_ago = NOW - dt.timedelta(seconds=SECONDS_IN_YEAR)
-    insert_account(
-        conn, DEBTOR_ID, CREDITOR_ID, now=year_ago, principal=1000, interest_rate=10.0, interest=3.0
-    )
+    insert_account(conn, DEBTOR_ID, CREDITOR_ID, now=year_ago, principal=1000, interest_rate=10.0, interest=3.0)
     update_info(conn)
     row = account(conn)
     assert row["last_change_ts"] == NOW
@@ -325,8 +316,7 @@ def test_initialisation_sets_rate_then_debtor_info(conn):
     arrange_account(conn, last_change_seqnum=1)
     initialize(
         conn,
-        '{"rate": 2.5, "info": {"iri": "' + IRI + '", "contentType": "text/html",'
-        ' "sha256": "' + sha256_hex + '"}}',
+        '{"rate": 2.5, "info": {"iri": "' + IRI + '", "contentType": "text/html", "sha256": "' + sha256_hex + '"}}',
     )
     updates = account_updates(conn)
     assert [(u["last_change_seqnum"], u["interest_rate"], u["debtor_info_iri"]) for u in updates] == [

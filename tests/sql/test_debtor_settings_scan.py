@@ -6,9 +6,8 @@ import datetime as dt
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
-
 from factories import DEFAULT_NOW, insert_account
+from psycopg.rows import dict_row
 
 DEBTOR_ID = -2
 CREDITOR_ID = 1099511627778

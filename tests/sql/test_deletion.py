@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from balance_steps import DAY, account, process_changes, register_change, signals, value
 from factories import CONFIG_SCHEDULED_FOR_DELETION, DEFAULT_NOW, STATUS_DELETED, T0, insert_account
 
@@ -42,8 +41,14 @@ def test_edge_23_negative_balance_is_negligible(conn):
 
 def test_edge_24_remaining_principal_goes_back_to_root_and_interest_is_dropped(conn):
     insert_account(
-        conn, DEBTOR_ID, CREDITOR_ID, config_flags=SCHEDULED, principal=2, interest=-1.0,
-        negligible_amount=2.0, last_change_seqnum=5,
+        conn,
+        DEBTOR_ID,
+        CREDITOR_ID,
+        config_flags=SCHEDULED,
+        principal=2,
+        interest=-1.0,
+        negligible_amount=2.0,
+        last_change_seqnum=5,
     )
     assert try_to_delete(conn) is True
     [change] = signals(conn, "pending_balance_change_signal")
@@ -98,7 +103,12 @@ def test_account_with_prepared_transfers_is_not_deleted(conn):
 )
 def test_balance_must_not_exceed_the_negligible_amount_or_two(conn, principal, interest, negligible, deleted):
     insert_account(
-        conn, DEBTOR_ID, CREDITOR_ID, config_flags=SCHEDULED, principal=principal, interest=interest,
+        conn,
+        DEBTOR_ID,
+        CREDITOR_ID,
+        config_flags=SCHEDULED,
+        principal=principal,
+        interest=interest,
         negligible_amount=negligible,
     )
     assert try_to_delete(conn) is deleted
@@ -106,8 +116,14 @@ def test_balance_must_not_exceed_the_negligible_amount_or_two(conn, principal, i
 
 def test_accrued_interest_counts_against_deletion(conn):
     insert_account(
-        conn, DEBTOR_ID, CREDITOR_ID, now=NOW - 365 * DAY, config_flags=SCHEDULED, principal=100,
-        negligible_amount=105.0, interest_rate=10.0,
+        conn,
+        DEBTOR_ID,
+        CREDITOR_ID,
+        now=NOW - 365 * DAY,
+        config_flags=SCHEDULED,
+        principal=100,
+        negligible_amount=105.0,
+        interest_rate=10.0,
     )
     assert try_to_delete(conn) is False
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, STATUS_OVERFLOWN, insert_account
 
 DEBTOR_ID = -2

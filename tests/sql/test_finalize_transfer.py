@@ -8,7 +8,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from factories import DEFAULT_NOW, STATUS_DELETED, insert_account
 from transfer_steps import (
     DAY,
@@ -50,7 +49,18 @@ def status(
     """calc_finalization_status of a transfer prepared at DEFAULT_NOW with demurrage -50."""
     return conn.execute(
         "SELECT calc_finalization_status(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (committed, expendable, locked, DEFAULT_NOW, deadline, final_interest_rate_ts, -50.0, sender, rate_change_ts, now),
+        (
+            committed,
+            expendable,
+            locked,
+            DEFAULT_NOW,
+            deadline,
+            final_interest_rate_ts,
+            -50.0,
+            sender,
+            rate_change_ts,
+            now,
+        ),
     ).fetchone()[0]
 
 
@@ -78,39 +88,96 @@ def prepared_with(conn: psycopg.Connection, principal: int, locked: int, **reque
 
 STATUS_TABLE = [
     # edge case 45 (lock 1000, prepared at DEFAULT_NOW, final_interest_rate_ts = prepared_at)
-    ("rate changed one minute later", dict(committed=1000, expendable=0, rate_change_ts=DEFAULT_NOW + dt.timedelta(minutes=1)), "NEWER_INTEREST_RATE"),
+    (
+        "rate changed one minute later",
+        dict(committed=1000, expendable=0, rate_change_ts=DEFAULT_NOW + dt.timedelta(minutes=1)),
+        "NEWER_INTEREST_RATE",
+    ),
     ("rate changed at the same instant", dict(committed=1000, expendable=0), "OK"),
     ("20000 days later", dict(committed=1000, expendable=0, now=DEFAULT_NOW + 20000 * DAY), "TIMEOUT"),
     ("10 days before preparation", dict(committed=1000, expendable=-50000, now=DEFAULT_NOW - 10 * DAY), "OK"),
     ("10 days later, within the demurrage", dict(committed=980, expendable=-50000, now=DEFAULT_NOW + 10 * DAY), "OK"),
     ("E = -1 at the same instant", dict(committed=1000, expendable=-1), "OK"),
-    ("E = -1 one second later", dict(committed=1000, expendable=-1, now=DEFAULT_NOW + SECOND), "INSUFFICIENT_AVAILABLE_AMOUNT"),
+    (
+        "E = -1 one second later",
+        dict(committed=1000, expendable=-1, now=DEFAULT_NOW + SECOND),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
     # example 4 (10 days after preparation: factor 0.98120160, reserved path up to 981)
-    ("999 with E = -5", dict(committed=999, expendable=-5, now=DEFAULT_NOW + 10 * DAY), "INSUFFICIENT_AVAILABLE_AMOUNT"),
+    (
+        "999 with E = -5",
+        dict(committed=999, expendable=-5, now=DEFAULT_NOW + 10 * DAY),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
     ("995 with E = -5", dict(committed=995, expendable=-5, now=DEFAULT_NOW + 10 * DAY), "OK"),
-    ("995 with E = -50000", dict(committed=995, expendable=-50000, now=DEFAULT_NOW + 10 * DAY), "INSUFFICIENT_AVAILABLE_AMOUNT"),
+    (
+        "995 with E = -50000",
+        dict(committed=995, expendable=-50000, now=DEFAULT_NOW + 10 * DAY),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
     ("981 with E = -50000", dict(committed=981, expendable=-50000, now=DEFAULT_NOW + 10 * DAY), "OK"),
-    ("982 with E = -50000", dict(committed=982, expendable=-50000, now=DEFAULT_NOW + 10 * DAY), "INSUFFICIENT_AVAILABLE_AMOUNT"),
-    ("1000 with E = -50000, normal sender", dict(committed=1000, expendable=-50000, now=DEFAULT_NOW + 10 * DAY), "INSUFFICIENT_AVAILABLE_AMOUNT"),
-    ("1000 with E = -50000, root sender", dict(committed=1000, expendable=-50000, now=DEFAULT_NOW + 10 * DAY, sender=0), "OK"),
+    (
+        "982 with E = -50000",
+        dict(committed=982, expendable=-50000, now=DEFAULT_NOW + 10 * DAY),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
+    (
+        "1000 with E = -50000, normal sender",
+        dict(committed=1000, expendable=-50000, now=DEFAULT_NOW + 10 * DAY),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
+    (
+        "1000 with E = -50000, root sender",
+        dict(committed=1000, expendable=-50000, now=DEFAULT_NOW + 10 * DAY, sender=0),
+        "OK",
+    ),
     ("1000 with E = 0, expendable path", dict(committed=1000, expendable=0, now=DEFAULT_NOW + 10 * DAY), "OK"),
     ("1001 with E = 0, root sender", dict(committed=1001, expendable=0, sender=0), "INSUFFICIENT_AVAILABLE_AMOUNT"),
     # demurrage after 30 days (0.94465830) and 90 days (0.84299351)
     ("944 after 30 days", dict(committed=944, expendable=-50000, now=DEFAULT_NOW + 30 * DAY), "OK"),
-    ("945 after 30 days", dict(committed=945, expendable=-50000, now=DEFAULT_NOW + 30 * DAY), "INSUFFICIENT_AVAILABLE_AMOUNT"),
+    (
+        "945 after 30 days",
+        dict(committed=945, expendable=-50000, now=DEFAULT_NOW + 30 * DAY),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
     ("842 after 90 days", dict(committed=842, expendable=-50000, now=DEFAULT_NOW + 90 * DAY), "OK"),
-    ("843 after 90 days", dict(committed=843, expendable=-50000, now=DEFAULT_NOW + 90 * DAY), "INSUFFICIENT_AVAILABLE_AMOUNT"),
+    (
+        "843 after 90 days",
+        dict(committed=843, expendable=-50000, now=DEFAULT_NOW + 90 * DAY),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
     # the order of the rules
     ("dismissal after the deadline", dict(committed=0, expendable=-50000, now=FAR_DEADLINE + DAY), "OK"),
     ("dismissal under a newer rate", dict(committed=0, expendable=0, rate_change_ts=DEFAULT_NOW + DAY), "OK"),
     ("at the deadline", dict(committed=1000, expendable=0, now=FAR_DEADLINE), "OK"),
-    ("one microsecond after the deadline", dict(committed=1000, expendable=0, now=FAR_DEADLINE + dt.timedelta(microseconds=1)), "TIMEOUT"),
-    ("timeout before newer rate", dict(committed=1, expendable=0, now=FAR_DEADLINE + DAY, rate_change_ts=DEFAULT_NOW + DAY), "TIMEOUT"),
-    ("newer rate before insufficient", dict(committed=10**6, expendable=0, rate_change_ts=DEFAULT_NOW + DAY), "NEWER_INTEREST_RATE"),
+    (
+        "one microsecond after the deadline",
+        dict(committed=1000, expendable=0, now=FAR_DEADLINE + dt.timedelta(microseconds=1)),
+        "TIMEOUT",
+    ),
+    (
+        "timeout before newer rate",
+        dict(committed=1, expendable=0, now=FAR_DEADLINE + DAY, rate_change_ts=DEFAULT_NOW + DAY),
+        "TIMEOUT",
+    ),
+    (
+        "newer rate before insufficient",
+        dict(committed=10**6, expendable=0, rate_change_ts=DEFAULT_NOW + DAY),
+        "NEWER_INTEREST_RATE",
+    ),
     ("huge commit", dict(committed=MAX_INT64, expendable=0), "INSUFFICIENT_AVAILABLE_AMOUNT"),
     # exact arithmetic above 2^63 and an exp() that would underflow
     ("expendable above 2^63", dict(committed=MAX_INT64, expendable=MAX_INT64), "OK"),
-    ("8000 years of demurrage", dict(committed=1, expendable=-50000, deadline=dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc), now=dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc)), "INSUFFICIENT_AVAILABLE_AMOUNT"),
+    (
+        "8000 years of demurrage",
+        dict(
+            committed=1,
+            expendable=-50000,
+            deadline=dt.datetime(9999, 12, 31, tzinfo=dt.UTC),
+            now=dt.datetime(9999, 1, 1, tzinfo=dt.UTC),
+        ),
+        "INSUFFICIENT_AVAILABLE_AMOUNT",
+    ),
 ]
 
 
@@ -243,7 +310,9 @@ def test_commit_marks_the_sender_changed_without_an_account_update(conn, recipie
 def test_root_issues_money_within_its_lock(conn, recipient):
     # Edge case 39.
     insert_account(conn, DEBTOR_ID, 0, negligible_amount=1e30)
-    transfer = prepare(conn, sender=0, coordinator_type="issuing", coordinator_id=DEBTOR_ID, min_locked=200, max_locked=200)
+    transfer = prepare(
+        conn, sender=0, coordinator_type="issuing", coordinator_id=DEBTOR_ID, min_locked=200, max_locked=200
+    )
     finalized = finalize(conn, transfer, 200)
     assert (finalized["status_code"], finalized["committed_amount"]) == ("OK", 200)
     assert account(conn, 0)["principal"] == -200
@@ -391,7 +460,9 @@ def test_two_commits_in_one_batch_report_the_starting_principal_minus_each_amoun
     )
     assert [row["principal_delta"] for row in signals(conn, "pending_balance_change_signal")] == [60, 30]
     deliver_balance_changes(conn)
-    received = [row["principal"] for row in signals(conn, "account_transfer_signal") if row["creditor_id"] == RECIPIENT_ID]
+    received = [
+        row["principal"] for row in signals(conn, "account_transfer_signal") if row["creditor_id"] == RECIPIENT_ID
+    ]
     assert received == [60, 90]
 
 
@@ -477,7 +548,8 @@ def test_ignore_all_deletes_the_requests_without_finalizing(conn, recipient):
 def test_requests_of_a_deleted_sender_are_deleted_without_messages(conn, recipient):
     transfer = prepared_with(conn, 100, 100)
     conn.execute(
-        "UPDATE account SET status_flags = %s, total_locked_amount = 0, pending_transfers_count = 0 WHERE creditor_id = %s",
+        "UPDATE account SET status_flags = %s, total_locked_amount = 0, pending_transfers_count = 0"
+        " WHERE creditor_id = %s",
         (STATUS_DELETED, SENDER_ID),
     )
     conn.execute("DELETE FROM prepared_transfer")
@@ -498,7 +570,7 @@ def test_several_transfers_finalize_in_one_batch_with_running_totals(conn, recip
         enqueue_prepare(conn, min_locked=100, max_locked=100, request_id=request_id)
     process_prepares(conn)
     transfers = signals(conn, "prepared_transfer_signal")
-    for transfer, amount in zip(transfers, (0, 100, 50, 100, 0)):
+    for transfer, amount in zip(transfers, (0, 100, 50, 100, 0), strict=True):
         enqueue_finalize(conn, transfer, amount)
     assert process_finalizations(conn) == 5
     finalized = signals(conn, "finalized_transfer_signal")

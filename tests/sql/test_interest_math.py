@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-
 from balance_steps import DAY, MAX_INT32, MAX_INT64, MIN_INT32, MIN_INT64, YEAR, value
 from factories import DEFAULT_NOW, insert_account
 
@@ -107,9 +106,7 @@ def test_example_1_available_amount(conn, rate, interest, locked, expected):
 
 def test_root_available_amount_ignores_interest(conn):
     insert_account(conn, DEBTOR_ID, 0, principal=500, interest=100.0)
-    assert value(
-        conn, "SELECT calc_available_amount(a, %s) FROM account AS a WHERE creditor_id = 0", (NOW,)
-    ) == 500
+    assert value(conn, "SELECT calc_available_amount(a, %s) FROM account AS a WHERE creditor_id = 0", (NOW,)) == 500
 
 
 def test_example_3_due_interest_across_a_rate_change(conn):
@@ -148,9 +145,7 @@ def test_containment_clamps_into_plus_minus_max_int64(conn, raw, contained):
     assert value(conn, "SELECT contain_principal(%s::numeric)", (raw,)) == contained
 
 
-@pytest.mark.parametrize(
-    ("seqnum", "following"), [(0, 1), (-1, 0), (MAX_INT32, MIN_INT32), (MIN_INT32, MIN_INT32 + 1)]
-)
+@pytest.mark.parametrize(("seqnum", "following"), [(0, 1), (-1, 0), (MAX_INT32, MIN_INT32), (MIN_INT32, MIN_INT32 + 1)])
 def test_seqnum_increment_wraps_at_32_bits(conn, seqnum, following):
     assert value(conn, "SELECT wrap_increment_seqnum(%s)", (seqnum,)) == following
 
@@ -176,4 +171,3 @@ def test_example_7_first_transfer_id_of_an_account_created_on_2024_05_20(conn):
     days = value(conn, "SELECT days_since_epoch(DATE '2024-05-20')")
     assert days == 19863
     assert days << 40 == 21839599462514688
-

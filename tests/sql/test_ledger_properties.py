@@ -37,20 +37,20 @@ queued work, like the workers.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import sys
-from collections.abc import Callable
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, STATUS_OVERFLOWN, T0, UTC, initial_transfer_id
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from psycopg import sql
 from psycopg.rows import dict_row
-
-from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, STATUS_OVERFLOWN, T0, UTC, initial_transfer_id
 
 DEBTOR_ID = 0x1234_5678_9ABC
 ROOT_ID = 0
@@ -147,9 +147,7 @@ def empty_ledger(conn: psycopg.Connection) -> None:
     tables costs tens of milliseconds per example. Children before parents (FKs).
     """
     conn.execute(
-        sql.SQL(" ").join(
-            sql.SQL("DELETE FROM {};").format(sql.Identifier("pyswpt", table)) for table in LEDGER_TABLES
-        )
+        sql.SQL(" ").join(sql.SQL("DELETE FROM {};").format(sql.Identifier("pyswpt", table)) for table in LEDGER_TABLES)
     )
 
 
@@ -514,7 +512,10 @@ class LedgerMachine(RuleBasedStateMachine):
             (DEBTOR_ID, creditor_id, rate, self.now, MESSAGE_MAX_DELAY_SECONDS, self.now),
         )
 
-    @rule(creditor_id=st.sampled_from(CREDITORS), interval_seconds=st.sampled_from((0, MIN_CAPITALIZATION_INTERVAL_SECONDS)))
+    @rule(
+        creditor_id=st.sampled_from(CREDITORS),
+        interval_seconds=st.sampled_from((0, MIN_CAPITALIZATION_INTERVAL_SECONDS)),
+    )
     def capitalize(self, creditor_id: int, interval_seconds: int) -> None:
         """CapitalizeInterest chore (§2.9); a direct call may pass a zero interval."""
         self.conn.execute(
@@ -654,17 +655,18 @@ class LedgerMachine(RuleBasedStateMachine):
     def every_prepared_transfer_has_at_most_one_outcome(self) -> None:
         """§5.6: a prepared transfer is either still pending or finalized once, never lost."""
         prepared = {
-            (row[0], row[1]) for row in self.conn.execute(
+            (row[0], row[1])
+            for row in self.conn.execute(
                 "SELECT sender_creditor_id, transfer_id FROM prepared_transfer_signal"
             ).fetchall()
         }
         pending = {
-            (row[0], row[1]) for row in self.conn.execute(
-                "SELECT sender_creditor_id, transfer_id FROM prepared_transfer"
-            ).fetchall()
+            (row[0], row[1])
+            for row in self.conn.execute("SELECT sender_creditor_id, transfer_id FROM prepared_transfer").fetchall()
         }
         finalized = {
-            (row[0], row[1]) for row in self.conn.execute(
+            (row[0], row[1])
+            for row in self.conn.execute(
                 "SELECT sender_creditor_id, transfer_id FROM finalized_transfer_signal"
             ).fetchall()
         }
@@ -706,7 +708,7 @@ class LedgerMachine(RuleBasedStateMachine):
         ):
             chains.setdefault((row["creditor_id"], row["creation_date"]), []).append(row)
         for chain in chains.values():
-            for earlier, later in zip(chain, chain[1:]):
+            for earlier, later in itertools.pairwise(chain):
                 assert later["inserted_at"] >= earlier["inserted_at"], (later, earlier)
             latest_committed_at = T0
             for row in chain:

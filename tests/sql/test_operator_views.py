@@ -12,10 +12,8 @@ import datetime as dt
 import math
 
 import pytest
-
 from balance_steps import process_changes, register_change
 from factories import CONFIG_SCHEDULED_FOR_DELETION, DEFAULT_NOW, insert_account
-from pyswpt import schema
 from transfer_steps import (
     COMMIT_PERIOD_SECONDS,
     DEBTOR_ID,
@@ -27,6 +25,8 @@ from transfer_steps import (
     prepare,
     rows,
 )
+
+from pyswpt import schema
 
 LATER = DEFAULT_NOW + dt.timedelta(hours=3)
 OUTBOX_MESSAGE_TYPES = {

@@ -8,10 +8,9 @@ import datetime as dt
 from typing import Any
 
 import psycopg
+from factories import DEFAULT_NOW
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-
-from factories import DEFAULT_NOW
 
 LATER = DEFAULT_NOW + dt.timedelta(minutes=5)
 QUEUE = "swpt_accounts"
@@ -112,7 +111,11 @@ def test_same_body_with_another_routing_key_or_source_is_another_message(conn):
 
 def test_past_the_cap_only_the_overflow_counts(conn):
     assert park_distinct(conn, SMALL_CAP + 2, max_per_reason=SMALL_CAP) == [
-        "parked", "parked", "parked", "over_cap", "over_cap"
+        "parked",
+        "parked",
+        "parked",
+        "over_cap",
+        "over_cap",
     ]
     assert len(parked_rows(conn)) == SMALL_CAP
     assert overflow(conn) == {(QUEUE, "invalid"): 2}
@@ -161,9 +164,21 @@ def test_the_view_shows_what_and_why_without_the_body(conn):
     with conn.cursor(row_factory=dict_row) as cursor:
         [row] = cursor.execute("SELECT * FROM parked_messages").fetchall()
     assert list(row) == [
-        "parked_id", "source_kind", "source_name", "message_type", "debtor_id", "creditor_id",
-        "reason_code", "reason", "sqlstate", "attempts", "first_seen_at", "last_seen_at",
-        "next_retry_at", "routing_key", "body_bytes",
+        "parked_id",
+        "source_kind",
+        "source_name",
+        "message_type",
+        "debtor_id",
+        "creditor_id",
+        "reason_code",
+        "reason",
+        "sqlstate",
+        "attempts",
+        "first_seen_at",
+        "last_seen_at",
+        "next_retry_at",
+        "routing_key",
+        "body_bytes",
     ]
     assert row["body_bytes"] == len(b'{"n":1}')
     assert (row["reason_code"], row["sqlstate"], row["debtor_id"]) == ("invalid", "23514", -2)

@@ -6,7 +6,6 @@ import datetime as dt
 
 import psycopg
 import pytest
-
 from factories import CONFIG_SCHEDULED_FOR_DELETION, DEFAULT_NOW, STATUS_DELETED, T0, insert_account
 from transfer_steps import (
     COMMIT_PERIOD_SECONDS,
@@ -120,7 +119,7 @@ def test_request_deadline_is_message_ts_plus_max_commit_delay(conn, sender):
 
 
 def test_deadline_past_year_9999_is_capped_instead_of_raising(conn, sender):
-    ts = dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.timezone.utc)
+    ts = dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.UTC)
     assert enqueue_prepare(conn, ts=ts, max_commit_delay_seconds=MAX_INT32) is True
     [request] = queued_requests(conn)
     assert request["deadline"] == T_INFINITY
@@ -177,7 +176,9 @@ def test_recipient_same_as_sender_is_rejected_with_current_total(conn):
 
 def test_too_many_pending_transfers_is_rejected_with_current_total(conn):
     # Edge case 31.
-    insert_account(conn, DEBTOR_ID, SENDER_ID, principal=1000, pending_transfers_count=MAX_INT32, total_locked_amount=77)
+    insert_account(
+        conn, DEBTOR_ID, SENDER_ID, principal=1000, pending_transfers_count=MAX_INT32, total_locked_amount=77
+    )
     prepare(conn, recipient=0, min_locked=1, max_locked=1)
     assert rejections(conn) == [("TOO_MANY_TRANSFERS", 77)]
     assert account(conn, SENDER_ID)["pending_transfers_count"] == MAX_INT32
@@ -329,7 +330,7 @@ def test_existing_locks_reduce_the_available_amount(conn, sender):
 
 def test_transfer_ids_start_from_the_creation_day_shifted_by_40_bits(conn):
     # Example 7 of spec 02 §3.10: created 2024-05-20 (day 19863).
-    created = dt.datetime(2024, 5, 20, 10, tzinfo=dt.timezone.utc)
+    created = dt.datetime(2024, 5, 20, 10, tzinfo=dt.UTC)
     insert_account(conn, DEBTOR_ID, SENDER_ID, now=created, principal=10)
     assert account(conn, SENDER_ID)["last_transfer_id"] == 21839599462514688
     first = prepare(conn, recipient=0, request_id=1, now=created)
@@ -399,20 +400,44 @@ def test_preparation_changes_no_seqnum_and_sends_no_account_update(conn):
 def test_root_issuing_limit_bounds_what_the_root_can_lock(conn):
     # Example 6 of spec 02 §3.10.
     insert_account(conn, DEBTOR_ID, 0, negligible_amount=1e30, config_data='{"limit": 100}')
-    prepare(conn, sender=0, reachable=True, coordinator_type="issuing", coordinator_id=DEBTOR_ID, min_locked=200, max_locked=200)
+    prepare(
+        conn,
+        sender=0,
+        reachable=True,
+        coordinator_type="issuing",
+        coordinator_id=DEBTOR_ID,
+        min_locked=200,
+        max_locked=200,
+    )
     assert rejections(conn) == [("INSUFFICIENT_AVAILABLE_AMOUNT", 0)]
 
 
 def test_root_negligible_amount_bounds_what_the_root_can_lock(conn):
     insert_account(conn, DEBTOR_ID, 0, negligible_amount=100.0)
-    prepare(conn, sender=0, reachable=True, coordinator_type="issuing", coordinator_id=DEBTOR_ID, min_locked=200, max_locked=200)
+    prepare(
+        conn,
+        sender=0,
+        reachable=True,
+        coordinator_type="issuing",
+        coordinator_id=DEBTOR_ID,
+        min_locked=200,
+        max_locked=200,
+    )
     assert rejections(conn) == [("INSUFFICIENT_AVAILABLE_AMOUNT", 0)]
     assert prepare(conn, sender=0, reachable=True, min_locked=100, max_locked=200, request_id=2)["locked_amount"] == 100
 
 
 def test_root_with_huge_negligible_amount_and_no_limit_can_issue(conn):
     insert_account(conn, DEBTOR_ID, 0, negligible_amount=1e30)
-    prepared = prepare(conn, sender=0, reachable=True, coordinator_type="issuing", coordinator_id=DEBTOR_ID, min_locked=200, max_locked=200)
+    prepared = prepare(
+        conn,
+        sender=0,
+        reachable=True,
+        coordinator_type="issuing",
+        coordinator_id=DEBTOR_ID,
+        min_locked=200,
+        max_locked=200,
+    )
     assert prepared["locked_amount"] == 200
 
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-
 from balance_steps import DAY, WHOLE_REALM, account, rows, signals, value
 from factories import (
     CONFIG_SCHEDULED_FOR_DELETION,
@@ -20,7 +19,7 @@ from factories import (
 )
 
 NOW = DEFAULT_NOW
-OLD = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+OLD = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 SCHEDULED = CONFIG_SCHEDULED_FOR_DELETION
 
 # Settings at the reference's defaults (spec 02 §0).
@@ -46,7 +45,7 @@ PAIR_IN_NEITHER = (1, 2)  # in 1.#: neither 0.1.# nor 0.#
 
 
 def key_arrays(*pairs: tuple[int, ...]) -> list[list[int]]:
-    return [list(column) for column in zip(*pairs)] if pairs else [[], []]
+    return [list(column) for column in zip(*pairs, strict=True)] if pairs else [[], []]
 
 
 @contextlib.contextmanager
@@ -325,19 +324,29 @@ def test_root_and_deleted_accounts_need_no_capitalization(conn):
 def test_debtor_settings_are_read_for_existing_keys(conn):
     sha256 = bytes(range(32))
     insert_account(
-        conn, 1, 2, interest_rate=3.567, last_interest_rate_change_ts=NOW - DAY, debtor_info_iri="https://x/",
-        debtor_info_content_type="text/plain", debtor_info_sha256=sha256,
+        conn,
+        1,
+        2,
+        interest_rate=3.567,
+        last_interest_rate_change_ts=NOW - DAY,
+        debtor_info_iri="https://x/",
+        debtor_info_content_type="text/plain",
+        debtor_info_sha256=sha256,
     )
     insert_account(conn, 1, 3, status_flags=STATUS_DELETED)
     found = rows(
-        conn, "SELECT * FROM get_account_debtor_settings(%s::bigint[], %s::bigint[])", key_arrays((1, 2), (1, 3), (1, 4))
+        conn,
+        "SELECT * FROM get_account_debtor_settings(%s::bigint[], %s::bigint[])",
+        key_arrays((1, 2), (1, 3), (1, 4)),
     )
     assert [(f["creditor_id"], f["is_deleted"]) for f in found] == [(2, False), (3, True)]
     first = found[0]
     assert first["interest_rate"] == pytest.approx(3.567, rel=1e-7)
     assert first["last_interest_rate_change_ts"] == NOW - DAY
     assert (first["debtor_info_iri"], first["debtor_info_content_type"], first["debtor_info_sha256"]) == (
-        "https://x/", "text/plain", sha256,
+        "https://x/",
+        "text/plain",
+        sha256,
     )
 
 
@@ -368,7 +377,7 @@ def insert_prepared_transfer(conn, debtor_id=1, sender_creditor_id=2, *, transfe
 
 
 def remind(conn, *keys, realm=WHOLE_REALM, now=NOW):
-    arrays = [list(column) for column in zip(*keys)] if keys else [[], [], []]
+    arrays = [list(column) for column in zip(*keys, strict=True)] if keys else [[], [], []]
     return value(
         conn,
         "SELECT send_prepared_transfer_reminders(%s::bigint[], %s::bigint[], %s::bigint[], %s, %s, %s, %s, %s)",
@@ -404,7 +413,8 @@ def test_reminders_repeat_every_7_days(conn):
     remind(conn, (1, 2, 1))
     assert remind(conn, (1, 2, 1), now=NOW + 7 * DAY + dt.timedelta(seconds=1)) == 1
     assert [s["inserted_at"] for s in signals(conn, "prepared_transfer_signal")] == [
-        NOW, NOW + 7 * DAY + dt.timedelta(seconds=1),
+        NOW,
+        NOW + 7 * DAY + dt.timedelta(seconds=1),
     ]
 
 

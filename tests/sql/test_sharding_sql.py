@@ -42,7 +42,7 @@ def test_shard_key_is_first_four_bytes_of_md5_unsigned(conn, debtor_id, creditor
 
 @pytest.mark.parametrize(("debtor_id", "creditor_id", "_", "matches"), VECTORS)
 def test_realm_and_parent_realm_matches_follow_the_spec_vectors(conn, debtor_id, creditor_id, _, matches):
-    for binding_key, expected in zip(BINDING_KEYS, matches.split()):
+    for binding_key, expected in zip(BINDING_KEYS, matches.split(), strict=True):
         realm = Realm.from_binding_key(binding_key)
         in_realm = sql_is_in_realm(conn, debtor_id, creditor_id, realm.mask, realm.realm)
         in_parent = sql_is_in_realm(conn, debtor_id, creditor_id, realm.parent_mask, realm.parent_realm)

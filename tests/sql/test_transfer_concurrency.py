@@ -15,9 +15,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-
 from factories import DEFAULT_NOW, insert_account
-from pyswpt import db
 from transfer_steps import (
     COMMIT_PERIOD_SECONDS,
     DEBTOR_ID,
@@ -32,6 +30,8 @@ from transfer_steps import (
     rows,
     signals,
 )
+
+from pyswpt import db
 
 T = TypeVar("T")
 
@@ -206,12 +206,14 @@ def pay_repeatedly(database_url: str, thread: int) -> list[str]:
             request_id = thread * 1000 + number
             _, retried = with_retries(
                 conn,
-                lambda c: enqueue_prepare(c, min_locked=LOCKED, max_locked=LOCKED, request_id=request_id),
+                lambda c, request_id=request_id: enqueue_prepare(
+                    c, min_locked=LOCKED, max_locked=LOCKED, request_id=request_id
+                ),
             )
             failures += retried
             failures += with_retries(conn, process_prepares_sql)[1]
             transfer = wait_for_prepared_transfer(conn, request_id)
-            failures += with_retries(conn, lambda c: enqueue_finalize(c, transfer, COMMITTED))[1]
+            failures += with_retries(conn, lambda c, transfer=transfer: enqueue_finalize(c, transfer, COMMITTED))[1]
             failures += with_retries(conn, process_finalizations_sql)[1]
     return failures
 

@@ -11,9 +11,8 @@ import datetime as dt
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
-
 from factories import DEFAULT_NOW, T0
+from psycopg.rows import dict_row
 
 DEBTOR_ID = -2
 SENDER_ID = 1099511627778
@@ -27,7 +26,7 @@ COMMIT_PERIOD_SECONDS = 90 * SECONDS_IN_DAY
 # A request's own deadline far beyond the commit period.
 LONG_COMMIT_DELAY_SECONDS = 1_000 * SECONDS_IN_DAY
 # T∞ of spec 01 §0.2.
-T_INFINITY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+T_INFINITY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 
 SIGNAL_ORDER = {
     "rejected_transfer_signal": "signal_id",
@@ -227,7 +226,8 @@ def deliver_balance_changes(conn: psycopg.Connection, *, now: dt.datetime = DEFA
             ),
         )
         conn.execute(
-            "DELETE FROM pending_balance_change_signal WHERE debtor_id = %s AND other_creditor_id = %s AND change_id = %s",
+            "DELETE FROM pending_balance_change_signal"
+            " WHERE debtor_id = %s AND other_creditor_id = %s AND change_id = %s",
             (change["debtor_id"], change["other_creditor_id"], change["change_id"]),
         )
     for debtor_id, creditor_id in sorted({(c["debtor_id"], c["creditor_id"]) for c in changes}):

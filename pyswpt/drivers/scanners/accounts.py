@@ -59,9 +59,7 @@ class AccountsScanner:
             steps.insert(0, self.delete_parent_shard_accounts)
         return [*steps, self.publish_account_chores, self.publish_debtor_settings_chores]
 
-    def delete_parent_shard_accounts(
-        self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime
-    ) -> int:
+    def delete_parent_shard_accounts(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
         """Step 1 (with DELETE_PARENT_SHARD_RECORDS); a removal, not a clock matter: `now` is not used."""
         realm = self.config.realm
         debtor_ids, creditor_ids = key_columns(keys)
@@ -126,7 +124,7 @@ class AccountsScanner:
     ) -> None:
         """Step 6: rate and debtor-info chores from the debtors' root configs, one batch."""
         debtor_ids, creditor_ids = key_columns(keys)
-        debtors = sorted({d for d, c in zip(debtor_ids, creditor_ids) if c != ROOT_CREDITOR_ID})
+        debtors = sorted({d for d, c in zip(debtor_ids, creditor_ids, strict=True) if c != ROOT_CREDITOR_ID})
         if not debtors:
             return
         root_configs = self.root_configs(conn, debtors)
@@ -166,7 +164,7 @@ class AccountsScanner:
             params = {"debtor_ids": local}
             configs.update(with_retries(conn, lambda c: c.execute(queries.GET_ROOT_CONFIGS_DATA, params).fetchall()))
         if remote:
-            configs.update(zip(remote, self._fetch_pool.map(self.fetch_root_config, remote)))
+            configs.update(zip(remote, self._fetch_pool.map(self.fetch_root_config, remote), strict=True))
         return {debtor_id: data for debtor_id, data in configs.items() if data is not None}
 
     def fetch_root_config(self, debtor_id: int) -> str | None:

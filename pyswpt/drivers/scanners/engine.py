@@ -187,7 +187,7 @@ def scan_until_stopped(
     pace: Pace,
     postgres_url: str,
     stopping: threading.Event,
-    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> None:
     """Pass over the table again and again until `stopping` is set (checked every beat).
 
@@ -273,9 +273,7 @@ def process_beat(conn: psycopg.Connection, scanner: TableScanner, keys: list[Key
         run_step_isolated(conn, scanner.table_name, step, keys, now)
 
 
-def run_step_isolated(
-    conn: psycopg.Connection, table_name: str, step: Step, keys: list[Key], now: dt.datetime
-) -> None:
+def run_step_isolated(conn: psycopg.Connection, table_name: str, step: Step, keys: list[Key], now: dt.datetime) -> None:
     """Run `step` on `keys`; when the database refuses it (not an infrastructure error),
     on each half in turn, down to the single keys to blame, which are logged and skipped.
 

@@ -31,7 +31,7 @@ class PreparedTransfersScanner:
         """Send the due reminders among `keys`; return how many were sent."""
         config = self.config
         realm = config.realm
-        debtor_ids, sender_creditor_ids, transfer_ids = (list(column) for column in zip(*keys))
+        debtor_ids, sender_creditor_ids, transfer_ids = (list(column) for column in zip(*keys, strict=True))
         params = {
             "debtor_ids": debtor_ids,
             "sender_creditor_ids": sender_creditor_ids,

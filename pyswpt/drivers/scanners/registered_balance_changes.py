@@ -30,7 +30,7 @@ class RegisteredBalanceChangesScanner:
     def delete_applied_changes(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
         """Delete the old applied changes among `keys`; return how many. The threshold is a
         setting, not a clock reading, so `now` is not used."""
-        debtor_ids, other_creditor_ids, change_ids = (list(column) for column in zip(*keys))
+        debtor_ids, other_creditor_ids, change_ids = (list(column) for column in zip(*keys, strict=True))
         params = {
             "debtor_ids": debtor_ids,
             "other_creditor_ids": other_creditor_ids,
