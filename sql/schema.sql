@@ -80,10 +80,12 @@ COMMENT ON COLUMN pyswpt.account.last_config_ts IS 'ts of the latest applied Con
 COMMENT ON COLUMN pyswpt.account.last_config_seqnum IS 'seqnum of the latest applied ConfigureAccount.';
 COMMENT ON COLUMN pyswpt.account.last_transfer_number IS 'Number of the latest AccountTransfer of this incarnation.';
 COMMENT ON COLUMN pyswpt.account.config_flags IS 'From the latest config; bit 0 = scheduled for deletion.';
-COMMENT ON COLUMN pyswpt.account.config_data IS 'From the latest config; non-empty only for root accounts (RootConfigData).';
+COMMENT ON COLUMN pyswpt.account.config_data IS
+    'From the latest config; non-empty only for root accounts (RootConfigData).';
 COMMENT ON COLUMN pyswpt.account.debtor_info_iri IS 'Copied from the root account''s config; NULL = none.';
 COMMENT ON COLUMN pyswpt.account.status_flags IS 'Bit 0 = deleted, bit 1 = principal overflow was contained.';
-COMMENT ON COLUMN pyswpt.account.total_locked_amount IS 'Sum of locked_amount of the account''s prepared transfers, capped at 2^63-1.';
+COMMENT ON COLUMN pyswpt.account.total_locked_amount IS
+    'Sum of locked_amount of the account''s prepared transfers, capped at 2^63-1.';
 COMMENT ON COLUMN pyswpt.account.pending_transfers_count IS 'Number of the account''s prepared transfers.';
 COMMENT ON COLUMN pyswpt.account.last_transfer_id IS
     'Last issued transfer_id; starts at days(creation_date) << 40 so ids never repeat across incarnations.';
@@ -355,12 +357,16 @@ CREATE TABLE pyswpt.pending_balance_change_signal (
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
 
 COMMENT ON TABLE pyswpt.rejected_transfer_signal IS 'Outbox: RejectedTransfer to to_coordinators.';
-COMMENT ON TABLE pyswpt.prepared_transfer_signal IS 'Outbox: PreparedTransfer (first message and reminders) to to_coordinators.';
+COMMENT ON TABLE pyswpt.prepared_transfer_signal IS
+    'Outbox: PreparedTransfer (first message and reminders) to to_coordinators.';
 COMMENT ON TABLE pyswpt.finalized_transfer_signal IS 'Outbox: FinalizedTransfer to to_coordinators.';
 COMMENT ON TABLE pyswpt.account_transfer_signal IS 'Outbox: AccountTransfer to to_creditors.';
-COMMENT ON TABLE pyswpt.account_update_signal IS 'Outbox: AccountUpdate to to_creditors, or to_debtors for root accounts.';
-COMMENT ON TABLE pyswpt.account_purge_signal IS 'Outbox: AccountPurge to to_creditors, or to_debtors for root accounts.';
-COMMENT ON TABLE pyswpt.rejected_config_signal IS 'Outbox: RejectedConfig to to_creditors, or to_debtors for root accounts.';
+COMMENT ON TABLE pyswpt.account_update_signal IS
+    'Outbox: AccountUpdate to to_creditors, or to_debtors for root accounts.';
+COMMENT ON TABLE pyswpt.account_purge_signal IS
+    'Outbox: AccountPurge to to_creditors, or to_debtors for root accounts.';
+COMMENT ON TABLE pyswpt.rejected_config_signal IS
+    'Outbox: RejectedConfig to to_creditors, or to_debtors for root accounts.';
 COMMENT ON TABLE pyswpt.pending_balance_change_signal IS
     'Outbox: PendingBalanceChange to accounts_in, addressed to the shard of (debtor_id, creditor_id). '
     'change_id comes from this table''s sequence, so it is unique per emitting shard.';
