@@ -99,7 +99,7 @@ def connect(url: str, synchronous_commit: str) -> psycopg.Connection:
     """A driver's connection (pyswpt.db: REPEATABLE READ, the drivers' timeouts)."""
     conn = db.connect(url, application_name="pyswpt benchmark")
     conn.execute("SELECT set_config('synchronous_commit', %s, false)", (synchronous_commit,))
-    conn.execute("SET search_path = pyswpt")
+    conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
     conn.commit()
     return conn
 
@@ -107,7 +107,7 @@ def connect(url: str, synchronous_commit: str) -> psycopg.Connection:
 def has_balance_change_functions(url: str) -> bool:
     with psycopg.connect(url) as conn:
         found = conn.execute(
-            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'pyswpt'::regnamespace"
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'pyswpt_api'::regnamespace"
             " AND proname IN ('register_balance_change', 'process_balance_changes')"
         ).fetchone()[0]
     return found == 2
@@ -115,7 +115,7 @@ def has_balance_change_functions(url: str) -> bool:
 
 def create_accounts(url: str, creditor_ids: list[int], principal: int, now: dt.datetime) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET search_path = pyswpt")
+        conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         conn.execute(
             """
             INSERT INTO account

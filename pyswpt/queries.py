@@ -1,4 +1,4 @@
-"""Every SQL statement the Python side runs against the pyswpt functions.
+"""Every SQL statement the Python side runs: calls of the pyswpt_api functions.
 
 One list, so that a reader sees the whole contract between the drivers and
 the database in one place (like procrastinate's queries.sql). Each statement
@@ -7,14 +7,16 @@ run with a dict whose keys are the argument names without `p_`: two bigints
 given in the wrong order cannot pass unnoticed, and PostgreSQL itself checks
 every argument name. tests/sql/test_queries.py prepares each statement
 against the installed functions. No statement is built at run time: a table
-or stage with its own function has its own statement here.
+or stage with its own function has its own statement here. The API schema
+pyswpt_api holds these functions and the operator views; the tables (pyswpt)
+and the helpers (pyswpt_private) are no part of the contract.
 """
 
 # SMP messages (the consumer) ------------------------------------------------------------------
 
 # Create or update an account from a ConfigureAccount; says whether the account is new.
 CONFIGURE_ACCOUNT = """
-    SELECT pyswpt.configure_account(
+    SELECT pyswpt_api.configure_account(
         p_debtor_id => %(debtor_id)s,
         p_creditor_id => %(creditor_id)s,
         p_ts => %(ts)s,
@@ -28,7 +30,7 @@ CONFIGURE_ACCOUNT = """
 
 # Queue a PrepareTransfer for the transfer_requests stage.
 ENQUEUE_TRANSFER_REQUEST = """
-    SELECT pyswpt.enqueue_transfer_request(
+    SELECT pyswpt_api.enqueue_transfer_request(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_coordinator_type => %(coordinator_type)s,
@@ -46,7 +48,7 @@ ENQUEUE_TRANSFER_REQUEST = """
 
 # Queue a FinalizeTransfer for the finalization_requests stage.
 ENQUEUE_FINALIZATION_REQUEST = """
-    SELECT pyswpt.enqueue_finalization_request(
+    SELECT pyswpt_api.enqueue_finalization_request(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_transfer_id => %(transfer_id)s,
@@ -62,7 +64,7 @@ ENQUEUE_FINALIZATION_REQUEST = """
 
 # Register a PendingBalanceChange once, for the balance_changes stage.
 REGISTER_BALANCE_CHANGE = """
-    SELECT pyswpt.register_balance_change(
+    SELECT pyswpt_api.register_balance_change(
         p_debtor_id => %(debtor_id)s,
         p_other_creditor_id => %(other_creditor_id)s,
         p_change_id => %(change_id)s,
@@ -78,7 +80,7 @@ REGISTER_BALANCE_CHANGE = """
 
 # Give a new account its debtor's interest rate and info, from the root config_data.
 INITIALIZE_ACCOUNT = """
-    SELECT pyswpt.initialize_account(
+    SELECT pyswpt_api.initialize_account(
         p_debtor_id => %(debtor_id)s,
         p_creditor_id => %(creditor_id)s,
         p_root_config_data => %(root_config_data)s,
@@ -88,14 +90,14 @@ INITIALIZE_ACCOUNT = """
 
 # The config_data of a debtor's root account in this shard (NULL if it has none).
 GET_ROOT_CONFIG_DATA = """
-    SELECT pyswpt.get_account_config_data(p_debtor_id => %(debtor_id)s, p_creditor_id => 0)
+    SELECT pyswpt_api.get_account_config_data(p_debtor_id => %(debtor_id)s, p_creditor_id => 0)
 """
 
 # Chores (the chores consumer) -----------------------------------------------------------------
 
 # Apply a ChangeInterestRate chore.
 CHANGE_INTEREST_RATE = """
-    SELECT pyswpt.change_interest_rate(
+    SELECT pyswpt_api.change_interest_rate(
         p_debtor_id => %(debtor_id)s,
         p_creditor_id => %(creditor_id)s,
         p_interest_rate => %(interest_rate)s,
@@ -106,7 +108,7 @@ CHANGE_INTEREST_RATE = """
 
 # Apply an UpdateDebtorInfo chore.
 UPDATE_DEBTOR_INFO = """
-    SELECT pyswpt.update_debtor_info(
+    SELECT pyswpt_api.update_debtor_info(
         p_debtor_id => %(debtor_id)s,
         p_creditor_id => %(creditor_id)s,
         p_iri => %(iri)s,
@@ -118,7 +120,7 @@ UPDATE_DEBTOR_INFO = """
 
 # Apply a CapitalizeInterest chore.
 CAPITALIZE_INTEREST = """
-    SELECT pyswpt.capitalize_interest(
+    SELECT pyswpt_api.capitalize_interest(
         p_debtor_id => %(debtor_id)s,
         p_creditor_id => %(creditor_id)s,
         p_min_capitalization_interval_seconds => %(min_capitalization_interval_seconds)s
@@ -127,7 +129,7 @@ CAPITALIZE_INTEREST = """
 
 # Apply a TryToDeleteAccount chore.
 TRY_TO_DELETE_ACCOUNT = """
-    SELECT pyswpt.try_to_delete_account(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
+    SELECT pyswpt_api.try_to_delete_account(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
 """
 
 # Work queues (the process_* stages) -----------------------------------------------------------
@@ -135,24 +137,24 @@ TRY_TO_DELETE_ACCOUNT = """
 # Senders with queued transfer requests, at most max_count.
 LIST_TRANSFER_REQUEST_SENDERS = """
     SELECT debtor_id, creditor_id
-    FROM pyswpt.list_transfer_request_senders(p_max_count => %(max_count)s)
+    FROM pyswpt_api.list_transfer_request_senders(p_max_count => %(max_count)s)
 """
 
 # Senders with queued finalization requests, at most max_count.
 LIST_FINALIZATION_REQUEST_SENDERS = """
     SELECT debtor_id, creditor_id
-    FROM pyswpt.list_finalization_request_senders(p_max_count => %(max_count)s)
+    FROM pyswpt_api.list_finalization_request_senders(p_max_count => %(max_count)s)
 """
 
 # Accounts with pending balance changes, at most max_count.
 LIST_ACCOUNTS_WITH_PENDING_BALANCE_CHANGES = """
     SELECT debtor_id, creditor_id
-    FROM pyswpt.list_accounts_with_pending_balance_changes(p_max_count => %(max_count)s)
+    FROM pyswpt_api.list_accounts_with_pending_balance_changes(p_max_count => %(max_count)s)
 """
 
 # Prepare (or reject) one sender's queued transfer requests.
 PROCESS_TRANSFER_REQUESTS = """
-    SELECT pyswpt.process_transfer_requests(
+    SELECT pyswpt_api.process_transfer_requests(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_commit_period_seconds => %(commit_period_seconds)s
@@ -161,7 +163,7 @@ PROCESS_TRANSFER_REQUESTS = """
 
 # Finalize one sender's queued finalization requests (or drop them all).
 PROCESS_FINALIZATION_REQUESTS = """
-    SELECT pyswpt.process_finalization_requests(
+    SELECT pyswpt_api.process_finalization_requests(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_ignore_all => %(ignore_all)s
@@ -170,48 +172,48 @@ PROCESS_FINALIZATION_REQUESTS = """
 
 # Apply one account's pending balance changes.
 PROCESS_BALANCE_CHANGES = """
-    SELECT pyswpt.process_balance_changes(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
+    SELECT pyswpt_api.process_balance_changes(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
 """
 
 # Outbox (the flushers): take and delete up to max_count rows of one outbox table -------------
 
 TAKE_REJECTED_TRANSFER_SIGNALS = """
-    SELECT * FROM pyswpt.take_rejected_transfer_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_rejected_transfer_signals(p_max_count => %(max_count)s)
 """
 
 TAKE_PREPARED_TRANSFER_SIGNALS = """
-    SELECT * FROM pyswpt.take_prepared_transfer_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_prepared_transfer_signals(p_max_count => %(max_count)s)
 """
 
 TAKE_FINALIZED_TRANSFER_SIGNALS = """
-    SELECT * FROM pyswpt.take_finalized_transfer_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_finalized_transfer_signals(p_max_count => %(max_count)s)
 """
 
 TAKE_ACCOUNT_TRANSFER_SIGNALS = """
-    SELECT * FROM pyswpt.take_account_transfer_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_account_transfer_signals(p_max_count => %(max_count)s)
 """
 
 TAKE_ACCOUNT_UPDATE_SIGNALS = """
-    SELECT * FROM pyswpt.take_account_update_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_account_update_signals(p_max_count => %(max_count)s)
 """
 
 TAKE_ACCOUNT_PURGE_SIGNALS = """
-    SELECT * FROM pyswpt.take_account_purge_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_account_purge_signals(p_max_count => %(max_count)s)
 """
 
 TAKE_REJECTED_CONFIG_SIGNALS = """
-    SELECT * FROM pyswpt.take_rejected_config_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_rejected_config_signals(p_max_count => %(max_count)s)
 """
 
 TAKE_PENDING_BALANCE_CHANGE_SIGNALS = """
-    SELECT * FROM pyswpt.take_pending_balance_change_signals(p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_pending_balance_change_signals(p_max_count => %(max_count)s)
 """
 
 # Parked messages (parking, the flushers' retries, `pyswpt parked`) ---------------------------
 
 # Park one message; says 'parked', 'parked_again' or 'over_cap'.
 PARK_MESSAGE = """
-    SELECT pyswpt.park_message(
+    SELECT pyswpt_api.park_message(
         p_source_kind => %(source_kind)s,
         p_source_name => %(source_name)s,
         p_exchange => %(exchange)s,
@@ -234,12 +236,12 @@ PARK_MESSAGE = """
 
 # Lock and return the parked outgoing messages of these sources that are due for a retry.
 TAKE_DUE_PARKED_RETRIES = """
-    SELECT * FROM pyswpt.take_due_parked_retries(p_source_names => %(source_names)s, p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.take_due_parked_retries(p_source_names => %(source_names)s, p_max_count => %(max_count)s)
 """
 
 # Schedule the next retry of a parked message that failed again.
 POSTPONE_PARKED_RETRY = """
-    SELECT pyswpt.postpone_parked_retry(
+    SELECT pyswpt_api.postpone_parked_retry(
         p_parked_id => %(parked_id)s,
         p_reason => %(reason)s,
         p_max_pause_seconds => %(max_pause_seconds)s
@@ -248,59 +250,59 @@ POSTPONE_PARKED_RETRY = """
 
 # Forget parked messages; says how many there were.
 DISCARD_PARKED_MESSAGES = """
-    SELECT pyswpt.discard_parked_messages(p_parked_ids => %(parked_ids)s) AS discarded_count
+    SELECT pyswpt_api.discard_parked_messages(p_parked_ids => %(parked_ids)s) AS discarded_count
 """
 
 # One page of parked messages (no bodies), in id order after after_id.
 LIST_PARKED_MESSAGES = """
-    SELECT * FROM pyswpt.list_parked_messages(p_after_id => %(after_id)s, p_max_count => %(max_count)s)
+    SELECT * FROM pyswpt_api.list_parked_messages(p_after_id => %(after_id)s, p_max_count => %(max_count)s)
 """
 
 # Every column of one parked message.
 GET_PARKED_MESSAGE = """
-    SELECT * FROM pyswpt.get_parked_message(p_parked_id => %(parked_id)s)
+    SELECT * FROM pyswpt_api.get_parked_message(p_parked_id => %(parked_id)s)
 """
 
 # Lock the parked messages that still exist among parked_ids.
 LOCK_PARKED_MESSAGES = """
-    SELECT * FROM pyswpt.lock_parked_messages(p_parked_ids => %(parked_ids)s)
+    SELECT * FROM pyswpt_api.lock_parked_messages(p_parked_ids => %(parked_ids)s)
 """
 
 # Fetch API (the web server) -------------------------------------------------------------------
 
 # Whether an account exists for the protocol.
 IS_REACHABLE_ACCOUNT = """
-    SELECT pyswpt.is_reachable_account(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
+    SELECT pyswpt_api.is_reachable_account(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
 """
 
 # An account's config_data (NULL if it is not reachable).
 GET_ACCOUNT_CONFIG_DATA = """
-    SELECT pyswpt.get_account_config_data(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
+    SELECT pyswpt_api.get_account_config_data(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
 """
 
 # Scanners -------------------------------------------------------------------------------------
 
 # Heap blocks and planner row estimate of a scanned table.
 GET_SCANNED_TABLE_SIZE = """
-    SELECT block_count, row_estimate FROM pyswpt.get_scanned_table_size(p_table_name => %(table_name)s)
+    SELECT block_count, row_estimate FROM pyswpt_api.get_scanned_table_size(p_table_name => %(table_name)s)
 """
 
 # The account keys in heap blocks [first_block, first_block + block_count).
 READ_ACCOUNT_KEYS = """
     SELECT debtor_id, creditor_id
-    FROM pyswpt.read_account_keys(p_first_block => %(first_block)s, p_block_count => %(block_count)s)
+    FROM pyswpt_api.read_account_keys(p_first_block => %(first_block)s, p_block_count => %(block_count)s)
 """
 
 # The prepared transfer keys in heap blocks [first_block, first_block + block_count).
 READ_PREPARED_TRANSFER_KEYS = """
     SELECT debtor_id, sender_creditor_id, transfer_id
-    FROM pyswpt.read_prepared_transfer_keys(p_first_block => %(first_block)s, p_block_count => %(block_count)s)
+    FROM pyswpt_api.read_prepared_transfer_keys(p_first_block => %(first_block)s, p_block_count => %(block_count)s)
 """
 
 # The registered balance change keys in heap blocks [first_block, first_block + block_count).
 READ_REGISTERED_BALANCE_CHANGE_KEYS = """
     SELECT debtor_id, other_creditor_id, change_id
-    FROM pyswpt.read_registered_balance_change_keys(
+    FROM pyswpt_api.read_registered_balance_change_keys(
         p_first_block => %(first_block)s,
         p_block_count => %(block_count)s
     )
@@ -308,7 +310,7 @@ READ_REGISTERED_BALANCE_CHANGE_KEYS = """
 
 # Accounts scanner step 1: delete the accounts among the keys that went to the other half of a split.
 DELETE_PARENT_SHARD_ACCOUNTS = """
-    SELECT pyswpt.delete_parent_shard_accounts(
+    SELECT pyswpt_api.delete_parent_shard_accounts(
         p_debtor_ids => %(debtor_ids)s,
         p_creditor_ids => %(creditor_ids)s,
         p_realm_mask => %(realm_mask)s,
@@ -320,7 +322,7 @@ DELETE_PARENT_SHARD_ACCOUNTS = """
 
 # Accounts scanner step 2: purge the accounts among the keys deleted long ago (AccountPurge).
 PURGE_DELETED_ACCOUNTS = """
-    SELECT pyswpt.purge_deleted_accounts(
+    SELECT pyswpt_api.purge_deleted_accounts(
         p_debtor_ids => %(debtor_ids)s,
         p_creditor_ids => %(creditor_ids)s,
         p_intranet_extreme_delay_days => %(intranet_extreme_delay_days)s,
@@ -333,7 +335,7 @@ PURGE_DELETED_ACCOUNTS = """
 
 # Accounts scanner step 3: heartbeats and pending AccountUpdates for the keys.
 SEND_ACCOUNT_HEARTBEATS = """
-    SELECT pyswpt.send_account_heartbeats(
+    SELECT pyswpt_api.send_account_heartbeats(
         p_debtor_ids => %(debtor_ids)s,
         p_creditor_ids => %(creditor_ids)s,
         p_account_heartbeat_days => %(account_heartbeat_days)s,
@@ -347,7 +349,7 @@ SEND_ACCOUNT_HEARTBEATS = """
 # Accounts scanner steps 4 and 5: which of the keys need a deletion attempt or a capitalization.
 SELECT_ACCOUNT_CHORES = """
     SELECT debtor_id, creditor_id, needs_deletion_attempt, needs_capitalization
-    FROM pyswpt.select_account_chores(
+    FROM pyswpt_api.select_account_chores(
         p_debtor_ids => %(debtor_ids)s,
         p_creditor_ids => %(creditor_ids)s,
         p_deletion_attempts_min_days => %(deletion_attempts_min_days)s,
@@ -359,7 +361,7 @@ SELECT_ACCOUNT_CHORES = """
 
 # Accounts scanner step 6: the root config_data of those of debtor_ids whose root account is here.
 GET_ROOT_CONFIGS_DATA = """
-    SELECT debtor_id, pyswpt.get_account_config_data(p_debtor_id => debtor_id, p_creditor_id => 0)
+    SELECT debtor_id, pyswpt_api.get_account_config_data(p_debtor_id => debtor_id, p_creditor_id => 0)
     FROM unnest(%(debtor_ids)s::bigint[]) AS debtor_id
 """
 
@@ -373,7 +375,7 @@ SELECT_DEBTOR_SETTINGS_CHORES = """
         debtor_info_iri,
         debtor_info_content_type,
         debtor_info_sha256
-    FROM pyswpt.select_debtor_settings_chores(
+    FROM pyswpt_api.select_debtor_settings_chores(
         p_debtor_ids => %(debtor_ids)s,
         p_creditor_ids => %(creditor_ids)s,
         p_root_debtor_ids => %(root_debtor_ids)s,
@@ -385,7 +387,7 @@ SELECT_DEBTOR_SETTINGS_CHORES = """
 
 # Prepared transfers scanner: re-send the due PreparedTransfer reminders among the keys.
 SEND_PREPARED_TRANSFER_REMINDERS = """
-    SELECT pyswpt.send_prepared_transfer_reminders(
+    SELECT pyswpt_api.send_prepared_transfer_reminders(
         p_debtor_ids => %(debtor_ids)s,
         p_sender_creditor_ids => %(sender_creditor_ids)s,
         p_transfer_ids => %(transfer_ids)s,
@@ -399,7 +401,7 @@ SEND_PREPARED_TRANSFER_REMINDERS = """
 
 # Registered balance changes scanner: forget the applied changes among the keys older than the threshold.
 DELETE_APPLIED_BALANCE_CHANGES = """
-    SELECT pyswpt.delete_applied_balance_changes(
+    SELECT pyswpt_api.delete_applied_balance_changes(
         p_debtor_ids => %(debtor_ids)s,
         p_other_creditor_ids => %(other_creditor_ids)s,
         p_change_ids => %(change_ids)s,
@@ -411,13 +413,13 @@ DELETE_APPLIED_BALANCE_CHANGES = """
 
 # verify-shard-content: the checked tables and their sizes in heap blocks.
 LIST_SHARD_CONTENT_TABLES = """
-    SELECT table_name, block_count FROM pyswpt.list_shard_content_tables()
+    SELECT table_name, block_count FROM pyswpt_api.list_shard_content_tables()
 """
 
 # verify-shard-content: the first record outside the shard in one block range of a table, if any.
 FIND_RECORD_OUTSIDE_SHARD = """
     SELECT checked_count, foreign_debtor_id, foreign_creditor_id
-    FROM pyswpt.find_record_outside_shard(
+    FROM pyswpt_api.find_record_outside_shard(
         p_table_name => %(table_name)s,
         p_first_block => %(first_block)s,
         p_block_count => %(block_count)s,
@@ -429,5 +431,5 @@ FIND_RECORD_OUTSIDE_SHARD = """
 # audit: every ledger check, with what it found.
 AUDIT_LEDGER = """
     SELECT check_name, status, found_count, first_keys, detail
-    FROM pyswpt.audit_ledger(p_holds_every_account => %(holds_every_account)s, p_max_keys => %(max_keys)s)
+    FROM pyswpt_api.audit_ledger(p_holds_every_account => %(holds_every_account)s, p_max_keys => %(max_keys)s)
 """

@@ -29,6 +29,16 @@ FUNCTIONS_DIR = SQL_DIR / "functions"
 # Re-applied on every run by design (see sql/migrations/9999_functions.py).
 FUNCTIONS_MIGRATION_ID = "9999_functions"
 
+# The schemas of sql/migrations/9999_functions.py: the API (entry points and
+# views) and the helpers; the tables and their trigger functions are in pyswpt.
+API_SCHEMA = "pyswpt_api"
+PRIVATE_SCHEMA = "pyswpt_private"
+DATA_SCHEMA = "pyswpt"
+
+# For sessions of the owner that call entry points and helpers by their bare
+# names and read the tables (the tests and the benchmarks).
+OWNER_SEARCH_PATH = f"{API_SCHEMA}, {PRIVATE_SCHEMA}, {DATA_SCHEMA}"
+
 
 def missing_sql() -> str | None:
     """Why the migrations cannot be found, or None: yoyo reads an absent folder as "nothing to do"."""

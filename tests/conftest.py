@@ -159,5 +159,5 @@ def database_url(migrated_database_url: str) -> str:
 def conn(database_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to an empty, migrated database."""
     with contextlib.closing(psycopg.connect(database_url, autocommit=True)) as connection:
-        connection.execute("SET search_path = pyswpt")
+        connection.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         yield connection

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yoyo
 from psycopg import sql
 
 from pyswpt import schema, topology
@@ -35,51 +37,65 @@ DONE_LINES = [
 # tests publish to `accounts_in` while it exists.
 TEST_BINDING_KEY = "1.0.1.1.0.1.#"
 
+# The data schema and the two schemas 9999_functions re-creates on every run.
+SCHEMAS = "('pyswpt', 'pyswpt_api', 'pyswpt_private')"
 # What an upgrade could change, each as rows in a fixed order.
 SNAPSHOT_QUERIES = {
-    "relations": """
-        SELECT c.relname, c.relkind::text
+    "relations": f"""
+        SELECT n.nspname, c.relname, c.relkind::text
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'pyswpt'
-        ORDER BY 1
+        WHERE n.nspname IN {SCHEMAS}
+        ORDER BY 1, 2
     """,
-    "columns": """
-        SELECT table_name, column_name, data_type, is_nullable, column_default
+    "columns": f"""
+        SELECT table_schema, table_name, column_name, data_type, is_nullable, column_default
         FROM information_schema.columns
-        WHERE table_schema = 'pyswpt'
-        ORDER BY table_name, ordinal_position
+        WHERE table_schema IN {SCHEMAS}
+        ORDER BY table_schema, table_name, ordinal_position
     """,
-    "constraints": """
+    "constraints": f"""
         SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
         FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
-        WHERE n.nspname = 'pyswpt'
+        WHERE n.nspname IN {SCHEMAS}
         ORDER BY 1, 2
     """,
-    "indexes": """
+    "indexes": f"""
         SELECT tablename, indexname, indexdef
         FROM pg_indexes
-        WHERE schemaname = 'pyswpt'
+        WHERE schemaname IN {SCHEMAS}
         ORDER BY 1, 2
     """,
-    "triggers": """
+    "triggers": f"""
         SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid)
         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'pyswpt' AND NOT t.tgisinternal
+        WHERE n.nspname IN {SCHEMAS} AND NOT t.tgisinternal
         ORDER BY 1, 2
     """,
-    "types": """
-        SELECT t.typname, t.typtype::text,
+    "types": f"""
+        SELECT n.nspname, t.typname, t.typtype::text,
             (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
              FROM pg_enum e WHERE e.enumtypid = t.oid)
         FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-        WHERE n.nspname = 'pyswpt'
-        ORDER BY 1
+        WHERE n.nspname IN {SCHEMAS}
+        ORDER BY 1, 2
     """,
-    "functions": """
+    "functions": f"""
         SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE n.nspname = 'pyswpt' AND p.prokind IN ('f', 'p')
+        WHERE n.nspname IN {SCHEMAS} AND p.prokind IN ('f', 'p')
+        ORDER BY 1
+    """,
+    "privileges": f"""
+        SELECT p.oid::regprocedure::text, p.proacl::text
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname IN {SCHEMAS}
+        UNION ALL
+        SELECT c.oid::regclass::text, c.relacl::text
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname IN {SCHEMAS}
+        UNION ALL
+        SELECT nspname, nspacl::text FROM pg_namespace WHERE nspname IN {SCHEMAS}
         ORDER BY 1
     """,
     "migrations": """
@@ -157,20 +173,25 @@ def assert_same_snapshot(before: dict[str, list[tuple]], after: dict[str, list[t
         assert after[name] == before[name], f"{name} changed on the second run"
 
 
-def function_names_in_files() -> set[str]:
-    """Names of the functions that sql/functions/ defines, whichever they are today."""
-    pattern = re.compile(r"CREATE\s+OR\s+REPLACE\s+(?:FUNCTION|PROCEDURE)\s+(?:pyswpt\.)?(\w+)\s*\(", re.IGNORECASE)
+def function_names_in_files(functions_dir: Path = FUNCTIONS_DIR) -> set[str]:
+    """Qualified names of the functions that sql/functions/ defines, whichever they are today."""
+    pattern = re.compile(r"CREATE\s+FUNCTION\s+(pyswpt_api|pyswpt_private)\.(\w+)\s*\(", re.IGNORECASE)
     return {
-        name.lower()
-        for path in FUNCTIONS_DIR.glob("*.sql")
-        for name in pattern.findall(path.read_text(encoding="utf-8"))
+        f"{schema}.{name}".lower()
+        for path in functions_dir.glob("*.sql")
+        for schema, name in pattern.findall(path.read_text(encoding="utf-8"))
     }
 
 
 def installed_function_names(database_url: str) -> set[str]:
+    """Qualified names of the functions in the two schemas that 9999_functions re-creates."""
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pyswpt'"
+            """
+            SELECT n.nspname || '.' || p.proname
+            FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+            WHERE n.nspname IN ('pyswpt_api', 'pyswpt_private')
+            """
         ).fetchall()
     return {name for (name,) in rows}
 
@@ -198,11 +219,11 @@ def test_configure_again_reports_each_step_done_and_changes_nothing(fresh_databa
     assert_same_snapshot(before, snapshot(fresh_database_url))
 
 
-def test_configure_installs_every_function_of_sql_functions(fresh_database_url, broker_environment):
+def test_configure_installs_exactly_the_functions_of_sql_functions(fresh_database_url, broker_environment):
     result = run_configure(fresh_database_url, broker_environment)
 
     assert succeeded(result), explain(result)
-    assert function_names_in_files() <= installed_function_names(fresh_database_url)
+    assert function_names_in_files() == installed_function_names(fresh_database_url)
 
 
 @pytest.mark.parametrize(
@@ -224,6 +245,101 @@ def test_configure_with_a_bad_setting_prints_one_line_naming_it(
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_configure_drops_a_function_removed_from_sql_functions_and_changes_one_without_drop(
+    fresh_database_url, broker_environment, tmp_path
+):
+    sql_copy = tmp_path / "sql"
+    shutil.copytree(REPOSITORY / "sql", sql_copy)
+    extra_file = sql_copy / "functions" / "99_test_extra.sql"
+    environment = {**broker_environment, "PYSWPT_SQL_DIR": str(sql_copy)}
+
+    extra_file.write_text(extra_function("p_old", "integer"))
+    first = run_configure(fresh_database_url, environment)
+    assert succeeded(first), explain(first)
+    assert extra_function_signature(fresh_database_url) == ("p_old integer", "integer")
+
+    # CREATE OR REPLACE refuses both a renamed parameter and another return type.
+    extra_file.write_text(extra_function("p_new", "bigint"))
+    second = run_configure(fresh_database_url, environment)
+    assert succeeded(second), explain(second)
+    assert extra_function_signature(fresh_database_url) == ("p_new integer", "bigint")
+
+    extra_file.unlink()
+    third = run_configure(fresh_database_url, environment)
+    assert succeeded(third), explain(third)
+    assert extra_function_signature(fresh_database_url) is None
+    assert installed_function_names(fresh_database_url) == function_names_in_files(sql_copy / "functions")
+
+
+def test_configure_upgrades_a_database_of_the_old_layout_in_one_run(fresh_database_url, broker_environment, tmp_path):
+    install_old_layout(fresh_database_url, tmp_path)
+    assert len(data_schema_functions_and_views(fresh_database_url)) > 50
+
+    result = run_configure(fresh_database_url, broker_environment)
+
+    assert succeeded(result), explain(result)
+    assert data_schema_functions_and_views(fresh_database_url) == []
+    assert installed_function_names(fresh_database_url) == function_names_in_files()
+    with psycopg.connect(fresh_database_url) as conn:
+        call = "SELECT pyswpt_api.is_reachable_account(p_debtor_id => 1, p_creditor_id => 2)"
+        assert conn.execute(call).fetchone()[0] is False
+        assert conn.execute("SELECT count(*) FROM pyswpt_api.accounts").fetchone()[0] == 0
+
+
+def extra_function(parameter: str, return_type: str) -> str:
+    return (
+        f"CREATE FUNCTION pyswpt_private.test_extra({parameter} integer) RETURNS {return_type}\n"
+        f"LANGUAGE sql IMMUTABLE RETURN {parameter} + 1;\n"
+    )
+
+
+def extra_function_signature(database_url: str) -> tuple[str, str] | None:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            """
+            SELECT pg_get_function_arguments(oid), prorettype::regtype::text
+            FROM pg_proc
+            WHERE proname = 'test_extra' AND pronamespace = 'pyswpt_private'::regnamespace
+            """
+        ).fetchone()
+
+
+# The migrations of the releases whose functions and views all lived in pyswpt.
+OLD_LAYOUT_MIGRATIONS = ("0001_schema", "0003_prepared_transfer_requests", "0005_notifications", "0006_parked_messages")
+NEW_LAYOUT_SCHEMAS = re.compile(r"\bpyswpt_(?:api|private)\.")
+
+
+def install_old_layout(database_url: str, tmp_path: Path) -> None:
+    """The database as those releases left it: their migrations applied, and the
+    functions and views of sql/functions/ installed into pyswpt, as they did."""
+    migrations_dir = tmp_path / "old_migrations"
+    migrations_dir.mkdir()
+    for migration_id in OLD_LAYOUT_MIGRATIONS:
+        for path in (REPOSITORY / "sql" / "migrations").glob(f"{migration_id}.*"):
+            shutil.copy(path, migrations_dir)
+    backend = yoyo.get_backend(schema.yoyo_url(database_url))
+    with backend.lock():
+        backend.apply_migrations(backend.to_apply(yoyo.read_migrations(str(migrations_dir))))
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET search_path = pyswpt, pg_temp")
+        for path in sorted(FUNCTIONS_DIR.glob("*.sql")):
+            conn.execute(NEW_LAYOUT_SCHEMAS.sub("pyswpt.", path.read_text(encoding="utf-8")))
+
+
+def data_schema_functions_and_views(database_url: str) -> list[str]:
+    """What pyswpt holds besides tables, sequences, indexes and trigger functions."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            """
+            SELECT proname FROM pg_proc
+            WHERE pronamespace = 'pyswpt'::regnamespace AND prorettype <> 'trigger'::regtype
+            UNION ALL
+            SELECT viewname FROM pg_views WHERE schemaname = 'pyswpt'
+            """
+        ).fetchall()
+    return [name for (name,) in rows]
+
+
 # --- yoyo apply ----------------------------------------------------------------------
 
 
@@ -236,7 +352,7 @@ def test_yoyo_apply_again_changes_nothing(fresh_database_url):
 
     assert succeeded(second), explain(second)
     assert_same_snapshot(before, snapshot(fresh_database_url))
-    assert function_names_in_files() <= installed_function_names(fresh_database_url)
+    assert function_names_in_files() == installed_function_names(fresh_database_url)
 
 
 def test_yoyo_apply_reinstalls_functions_every_time(fresh_database_url):
@@ -245,11 +361,7 @@ def test_yoyo_apply_reinstalls_functions_every_time(fresh_database_url):
     assert succeeded(first), explain(first)
     before = snapshot(fresh_database_url)
     from_files = function_names_in_files()
-    signatures = [
-        signature
-        for signature, _definition in before["functions"]
-        if signature.removeprefix("pyswpt.").split("(")[0] in from_files
-    ]
+    signatures = [signature for signature, _definition in before["functions"] if signature.split("(")[0] in from_files]
     if not signatures:
         pytest.skip("sql/functions/ defines no function yet")
     signature = signatures[0]

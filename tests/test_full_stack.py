@@ -206,7 +206,7 @@ def is_applied(shard: Shard, other_creditor_id: int, change_id: int) -> bool:
 def accrued_interest_amount(shard: Shard, creditor_id: int) -> int:
     """floor(balance - principal) now: what a capitalization would pay (spec 02 §2.9)."""
     return shard.count(
-        "SELECT pyswpt.calc_accrued_interest_amount(a, now()) FROM account AS a"
+        "SELECT pyswpt_private.calc_accrued_interest_amount(a, now()) FROM account AS a"
         " WHERE debtor_id = %s AND creditor_id = %s",
         shard.debtor_id,
         creditor_id,

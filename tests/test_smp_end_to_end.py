@@ -843,7 +843,7 @@ def other_shard_url(postgres_server_url) -> Iterator[str]:
 def configure_in(database_url: str, debtor_id: int, creditor_id: int, config_data: str = "") -> None:
     with psycopg.connect(database_url, autocommit=True) as other:
         other.execute(
-            "SELECT pyswpt.configure_account(%s, %s, now(), 1, 0.0, 0, %s, 604800)",
+            "SELECT pyswpt_api.configure_account(%s, %s, now(), 1, 0.0, 0, %s, 604800)",
             (debtor_id, creditor_id, config_data),
         )
 

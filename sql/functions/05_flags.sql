@@ -8,7 +8,7 @@
 -- calls them.
 
 -- status_flags bit 0 (1), deleted: the account is logically gone.
-CREATE OR REPLACE FUNCTION account_is_deleted(p_status_flags integer)
+CREATE FUNCTION pyswpt_private.account_is_deleted(p_status_flags integer)
 RETURNS boolean
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
@@ -16,7 +16,7 @@ RETURN p_status_flags & 1 <> 0;
 
 -- status_flags bit 1 (2), overflown: a principal update had to be contained
 -- (spec 02 §3.6). Sticky and informational only.
-CREATE OR REPLACE FUNCTION account_is_overflown(p_status_flags integer)
+CREATE FUNCTION pyswpt_private.account_is_overflown(p_status_flags integer)
 RETURNS boolean
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
@@ -24,14 +24,14 @@ RETURN p_status_flags & 2 <> 0;
 
 -- config_flags bit 0 (1), scheduled for deletion: set by the owner through
 -- ConfigureAccount; the other config bits are stored and echoed, never read.
-CREATE OR REPLACE FUNCTION config_is_scheduled_for_deletion(p_config_flags integer)
+CREATE FUNCTION pyswpt_private.config_is_scheduled_for_deletion(p_config_flags integer)
 RETURNS boolean
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
 RETURN p_config_flags & 1 <> 0;
 
 -- status_flags with the deleted bit set: deletion of an account (spec 02 §2.10).
-CREATE OR REPLACE FUNCTION with_deleted_flag(p_status_flags integer)
+CREATE FUNCTION pyswpt_private.with_deleted_flag(p_status_flags integer)
 RETURNS integer
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
@@ -39,14 +39,14 @@ RETURN p_status_flags | 1;
 
 -- status_flags with the deleted bit cleared: resurrection of an account by
 -- ConfigureAccount or a balance change; the overflown bit is kept.
-CREATE OR REPLACE FUNCTION without_deleted_flag(p_status_flags integer)
+CREATE FUNCTION pyswpt_private.without_deleted_flag(p_status_flags integer)
 RETURNS integer
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
 RETURN p_status_flags & ~1;
 
 -- status_flags with the overflown bit set: a contained principal update.
-CREATE OR REPLACE FUNCTION with_overflown_flag(p_status_flags integer)
+CREATE FUNCTION pyswpt_private.with_overflown_flag(p_status_flags integer)
 RETURNS integer
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE

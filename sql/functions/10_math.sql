@@ -2,10 +2,10 @@
 -- interest growth, current balance and due interest. Pure functions only.
 
 -- contain(x) of spec 02 §3.6: clamps an exact amount into bigint, never MIN_INT64.
-CREATE OR REPLACE FUNCTION contain_principal(p_value numeric)
+CREATE FUNCTION pyswpt_private.contain_principal(p_value numeric)
 RETURNS bigint
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT CASE
         WHEN p_value <= -9223372036854775808 THEN -9223372036854775807
@@ -15,38 +15,38 @@ AS $$
 $$;
 
 -- wrap_increment of spec 02 §3.9: the next 32-bit sequence number.
-CREATE OR REPLACE FUNCTION wrap_increment_seqnum(p_seqnum integer)
+CREATE FUNCTION pyswpt_private.wrap_increment_seqnum(p_seqnum integer)
 RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT CASE WHEN p_seqnum = 2147483647 THEN -2147483648 ELSE p_seqnum + 1 END
 $$;
 
 -- later(a, b) of spec 02 §3.9: a follows b in 32-bit wrap-around order.
-CREATE OR REPLACE FUNCTION is_later_seqnum(p_a integer, p_b integer)
+CREATE FUNCTION pyswpt_private.is_later_seqnum(p_a integer, p_b integer)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT (((p_a::bigint - p_b::bigint) % 4294967296 + 4294967296) % 4294967296)
         BETWEEN 1 AND 2147483647
 $$;
 
 -- calc_k of spec 02 §3.2: per-second growth constant of an annual rate in percent.
-CREATE OR REPLACE FUNCTION calc_k(p_interest_rate double precision)
+CREATE FUNCTION pyswpt_private.calc_k(p_interest_rate double precision)
 RETURNS double precision
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT ln(1.0 + p_interest_rate / 100.0) / 31557600.0
 $$;
 
 -- Seconds from p_start to p_end (negative when p_end is earlier), microsecond resolution.
-CREATE OR REPLACE FUNCTION seconds_between(p_start timestamptz, p_end timestamptz)
+CREATE FUNCTION pyswpt_private.seconds_between(p_start timestamptz, p_end timestamptz)
 RETURNS double precision
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT EXTRACT(EPOCH FROM (p_end - p_start))::double precision
 $$;
@@ -55,7 +55,7 @@ $$;
 -- Root accounts hold exactly their principal; non-positive balances do not grow.
 -- Principal and interest are clamped to ±4.999e23 and the result capped at 9.999e23,
 -- as the reference's PL/pgSQL does, so that numeric(32,8) cannot overflow.
-CREATE OR REPLACE FUNCTION calc_current_balance(
+CREATE FUNCTION pyswpt_private.calc_current_balance(
     p_creditor_id bigint,
     p_principal bigint,
     p_interest double precision,
@@ -65,7 +65,7 @@ CREATE OR REPLACE FUNCTION calc_current_balance(
 )
 RETURNS numeric
 LANGUAGE plpgsql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_balance numeric(32, 8);
@@ -87,7 +87,7 @@ $$;
 
 -- due_interest of spec 02 §3.4: interest an amount earns from p_due_ts to p_now,
 -- across at most one rate change (previous rate before p_rate_change_ts, current after).
-CREATE OR REPLACE FUNCTION calc_due_interest(
+CREATE FUNCTION pyswpt_private.calc_due_interest(
     p_amount bigint,
     p_due_ts timestamptz,
     p_previous_interest_rate real,
@@ -97,7 +97,7 @@ CREATE OR REPLACE FUNCTION calc_due_interest(
 )
 RETURNS double precision
 LANGUAGE plpgsql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_end timestamptz := greatest(p_due_ts, p_now);
@@ -116,10 +116,10 @@ END;
 $$;
 
 -- Days from 1970-01-01 to a date; transfer ids of an incarnation start at this << 40.
-CREATE OR REPLACE FUNCTION days_since_epoch(p_date date)
+CREATE FUNCTION pyswpt_private.days_since_epoch(p_date date)
 RETURNS bigint
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT (p_date - DATE '1970-01-01')::bigint
 $$;

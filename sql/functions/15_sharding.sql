@@ -4,11 +4,11 @@
 
 -- The shard key K of spec 01 §4.1: the first 4 bytes of
 -- md5(be8(debtor_id) || be8(creditor_id)), read as an unsigned big-endian number.
-CREATE OR REPLACE FUNCTION calc_shard_key(p_debtor_id bigint, p_creditor_id bigint)
+CREATE FUNCTION pyswpt_private.calc_shard_key(p_debtor_id bigint, p_creditor_id bigint)
 RETURNS bigint
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     -- int8send gives the 8-byte big-endian two's complement form; a bit(32)
     -- casts to bigint as an unsigned number.
@@ -17,7 +17,7 @@ $$;
 
 -- Whether the account (p_debtor_id, p_creditor_id) matches a realm of spec 01 §4.1:
 -- K & realm_mask = realm. Also answers for the parent realm when given its mask.
-CREATE OR REPLACE FUNCTION is_in_realm(
+CREATE FUNCTION pyswpt_private.is_in_realm(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_realm_mask bigint,
@@ -26,7 +26,7 @@ CREATE OR REPLACE FUNCTION is_in_realm(
 RETURNS boolean
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT calc_shard_key(p_debtor_id, p_creditor_id) & p_realm_mask = p_realm
 $$;

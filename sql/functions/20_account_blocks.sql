@@ -6,10 +6,10 @@
 -- transaction keeps the hot rows HOT and the WAL small.
 
 -- Lock an account that exists for the protocol: NULL if missing or deleted.
-CREATE OR REPLACE FUNCTION lock_existing_account(p_debtor_id bigint, p_creditor_id bigint)
+CREATE FUNCTION pyswpt_private.lock_existing_account(p_debtor_id bigint, p_creditor_id bigint)
 RETURNS account
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -30,14 +30,14 @@ $$;
 
 -- B4: lock the account, creating or resurrecting it as an incoming change requires.
 -- Creation and resurrection are announced at once by an AccountUpdate.
-CREATE OR REPLACE FUNCTION lock_or_create_account(
+CREATE FUNCTION pyswpt_private.lock_or_create_account(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_now timestamptz
 )
 RETURNS account
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -63,10 +63,10 @@ END;
 $$;
 
 -- Initial values of a new account row (spec 02 §1.2).
-CREATE OR REPLACE FUNCTION new_account(p_debtor_id bigint, p_creditor_id bigint, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.new_account(p_debtor_id bigint, p_creditor_id bigint, p_now timestamptz)
 RETURNS account
 LANGUAGE plpgsql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_never CONSTANT timestamptz := TIMESTAMPTZ '1970-01-01 00:00:00+00';
@@ -103,10 +103,10 @@ $$;
 
 -- Insert a new account row. A concurrent twin means this transaction read a stale
 -- snapshot: report a serialization failure so that the caller's retry sees the twin.
-CREATE OR REPLACE FUNCTION insert_account(p_account account)
+CREATE FUNCTION pyswpt_private.insert_account(p_account account)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO account
@@ -127,10 +127,10 @@ $$;
 -- PL/pgSQL rather than SQL: its UPDATE plan is cached for the session, where a SQL
 -- function (never inlined, because of SET search_path) re-plans it on every call
 -- (measured: 0.30 ms -> 0.09 ms per call).
-CREATE OR REPLACE FUNCTION save_account(p_account account)
+CREATE FUNCTION pyswpt_private.save_account(p_account account)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     UPDATE account
@@ -158,9 +158,9 @@ END;
 $$;
 
 -- A meaningful change: next seqnum, and last_change_ts moves forward (never back).
-CREATE OR REPLACE FUNCTION touch_account(INOUT p_account account, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.touch_account(INOUT p_account account, p_now timestamptz)
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     p_account.last_change_seqnum := wrap_increment_seqnum(p_account.last_change_seqnum);
@@ -170,13 +170,13 @@ $$;
 
 -- B1: announce the account's state now. The message's ts is last_change_ts
 -- (spec 01 §1.6, AccountUpdate); heartbeats pass a later p_ts.
-CREATE OR REPLACE FUNCTION emit_account_update(
+CREATE FUNCTION pyswpt_private.emit_account_update(
     INOUT p_account account,
     p_now timestamptz,
     p_ts timestamptz DEFAULT NULL
 )
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     p_account.last_heartbeat_ts := p_now;
@@ -231,14 +231,14 @@ $$;
 -- B2: change the principal (exactly, then contained) and add to the interest,
 -- folding the interest accrued until p_now into the interest column first.
 -- Sets pending_account_update instead of announcing the change at once.
-CREATE OR REPLACE FUNCTION apply_account_change(
+CREATE FUNCTION pyswpt_private.apply_account_change(
     INOUT p_account account,
     p_principal_delta numeric,
     p_interest_delta double precision,
     p_now timestamptz
 )
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_new_principal numeric := p_account.principal::numeric + p_principal_delta;
@@ -257,7 +257,7 @@ $$;
 -- B3: report a principal change to the account's owner with the next transfer
 -- number. Root accounts and negligible incoming amounts are not reported; the
 -- negligibility test is in single precision, as the reference's PL/pgSQL does.
-CREATE OR REPLACE FUNCTION emit_account_transfer(
+CREATE FUNCTION pyswpt_private.emit_account_transfer(
     INOUT p_account account,
     p_coordinator_type text,
     p_other_creditor_id bigint,
@@ -269,7 +269,7 @@ CREATE OR REPLACE FUNCTION emit_account_transfer(
     p_now timestamptz
 )
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     ASSERT p_acquired_amount <> 0, 'an account transfer must move a non-zero amount';
@@ -319,9 +319,9 @@ END;
 $$;
 
 -- B5: mark the account deleted; its principal, interest and locks are gone.
-CREATE OR REPLACE FUNCTION mark_account_deleted(INOUT p_account account, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.mark_account_deleted(INOUT p_account account, p_now timestamptz)
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     p_account.principal := 0;
@@ -336,7 +336,7 @@ $$;
 -- B6: a payment between the debtor and a non-root account (interest, deletion).
 -- The account changes now; the root account's counterpart travels as a
 -- PendingBalanceChange, because the root account may live in another shard.
-CREATE OR REPLACE FUNCTION make_debtor_payment(
+CREATE FUNCTION pyswpt_private.make_debtor_payment(
     INOUT p_account account,
     p_coordinator_type text,
     p_amount bigint,
@@ -345,7 +345,7 @@ CREATE OR REPLACE FUNCTION make_debtor_payment(
     p_transfer_note text DEFAULT ''
 )
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     ASSERT p_amount > -9223372036854775808, 'a debtor payment must be within ±(2^63-1)';
@@ -386,7 +386,7 @@ $$;
 
 -- Outbox row for a principal change of (p_debtor_id, p_creditor_id), paid by or to
 -- p_other_creditor_id; the flusher routes it to the shard that owns the account.
-CREATE OR REPLACE FUNCTION emit_pending_balance_change(
+CREATE FUNCTION pyswpt_private.emit_pending_balance_change(
     p_debtor_id bigint,
     p_other_creditor_id bigint,
     p_creditor_id bigint,
@@ -399,7 +399,7 @@ CREATE OR REPLACE FUNCTION emit_pending_balance_change(
 )
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     INSERT INTO pending_balance_change_signal (
         debtor_id,
@@ -426,10 +426,10 @@ AS $$
 $$;
 
 -- current_balance (spec 02 §3.3) of an account row.
-CREATE OR REPLACE FUNCTION calc_account_balance(p_account account, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.calc_account_balance(p_account account, p_now timestamptz)
 RETURNS numeric
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT calc_current_balance(
         p_account.creditor_id,
@@ -442,10 +442,10 @@ AS $$
 $$;
 
 -- B8: what the account can still lock: floor(balance) minus current locks, contained.
-CREATE OR REPLACE FUNCTION calc_available_amount(p_account account, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.calc_available_amount(p_account account, p_now timestamptz)
 RETURNS bigint
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT contain_principal(floor(calc_account_balance(p_account, p_now)) - p_account.total_locked_amount)
 $$;
@@ -453,10 +453,10 @@ $$;
 -- B7: how negative the balance may go. Zero for creditors; a root account may issue
 -- down to -min(issuing limit, negligible amount). The negligible amount is rounded
 -- to an integer (capped at 9.999e23 first), as the reference's PL/pgSQL does.
-CREATE OR REPLACE FUNCTION calc_min_balance(p_account account)
+CREATE FUNCTION pyswpt_private.calc_min_balance(p_account account)
 RETURNS bigint
 LANGUAGE plpgsql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_issuing_limit bigint;

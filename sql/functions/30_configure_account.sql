@@ -7,7 +7,7 @@
 -- Returns needs_initialisation: true when a non-root account was created or
 -- resurrected, so that the caller fetches the root config and initialises the
 -- rate and debtor info (spec 02 §2.3, see initialize_account).
-CREATE OR REPLACE FUNCTION configure_account(
+CREATE FUNCTION pyswpt_api.configure_account(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_ts timestamptz,
@@ -20,7 +20,8 @@ CREATE OR REPLACE FUNCTION configure_account(
 )
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -96,7 +97,7 @@ $$;
 -- properties are rejected at both levels, `type` is optional but exact, numeric
 -- strings are accepted, a fractional limit is truncated, an empty IRI is accepted,
 -- and duplicate keys resolve to the last value.
-CREATE OR REPLACE FUNCTION parse_root_config(
+CREATE FUNCTION pyswpt_private.parse_root_config(
     p_config_data text,
     OUT is_valid boolean,
     OUT interest_rate_target double precision,
@@ -106,7 +107,7 @@ CREATE OR REPLACE FUNCTION parse_root_config(
     OUT info_content_type text
 )
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_document json;
@@ -190,7 +191,7 @@ $$;
 
 -- Whether (p_ts, p_seqnum) follows the last applied config: a later ts, or the
 -- same ts (exactly) and a later seqnum in 32-bit wrap-around order (spec 02 §3.9).
-CREATE OR REPLACE FUNCTION is_later_config(
+CREATE FUNCTION pyswpt_private.is_later_config(
     p_ts timestamptz,
     p_seqnum integer,
     p_last_config_ts timestamptz,
@@ -198,7 +199,7 @@ CREATE OR REPLACE FUNCTION is_later_config(
 )
 RETURNS boolean
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT p_ts > p_last_config_ts
         OR (p_ts = p_last_config_ts AND is_later_seqnum(p_seqnum, p_last_config_seqnum))
@@ -207,14 +208,14 @@ $$;
 -- Validity of a configuration (spec 02 §2.2 step 4): a non-negative negligible
 -- amount, and config_data empty, or valid RootConfigData on a root account.
 -- NaN is refused explicitly because PostgreSQL orders it above every number.
-CREATE OR REPLACE FUNCTION is_valid_account_config(
+CREATE FUNCTION pyswpt_private.is_valid_account_config(
     p_creditor_id bigint,
     p_negligible_amount double precision,
     p_config_data text
 )
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT coalesce(
         p_negligible_amount >= 0.0
@@ -229,7 +230,7 @@ $$;
 
 -- Outbox row for RejectedConfig (spec 01 §1.6): echoes the message, with the
 -- negligible amount rounded to single precision as the reference stores it.
-CREATE OR REPLACE FUNCTION emit_rejected_config(
+CREATE FUNCTION pyswpt_private.emit_rejected_config(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_config_ts timestamptz,
@@ -241,7 +242,7 @@ CREATE OR REPLACE FUNCTION emit_rejected_config(
 )
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     INSERT INTO rejected_config_signal (
         debtor_id,
@@ -269,10 +270,10 @@ $$;
 
 -- Store the configuration columns of a locked account, which save_account leaves
 -- alone so that a root account's out-of-line config_data is rewritten only here.
-CREATE OR REPLACE FUNCTION save_account_config(p_account account)
+CREATE FUNCTION pyswpt_private.save_account_config(p_account account)
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     UPDATE account
     SET
@@ -286,10 +287,10 @@ AS $$
 $$;
 
 -- Whether every key of a JSON object is one of p_allowed.
-CREATE OR REPLACE FUNCTION json_keys_are_among(p_object json, p_allowed text[])
+CREATE FUNCTION pyswpt_private.json_keys_are_among(p_object json, p_allowed text[])
 RETURNS boolean
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT NOT EXISTS (
         SELECT 1
@@ -300,20 +301,20 @@ $$;
 
 -- Whether an optional `type` property is absent or exactly the expected string
 -- (no version suffix, no null).
-CREATE OR REPLACE FUNCTION json_string_is_absent_or(p_value json, p_expected text)
+CREATE FUNCTION pyswpt_private.json_string_is_absent_or(p_value json, p_expected text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT p_value IS NULL
         OR (json_typeof(p_value) = 'string' AND (p_value #>> '{}') = p_expected)
 $$;
 
 -- Whether a property is a JSON string; an absent one passes only if optional.
-CREATE OR REPLACE FUNCTION json_is_string(p_value json, p_is_optional boolean)
+CREATE FUNCTION pyswpt_private.json_is_string(p_value json, p_is_optional boolean)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT CASE
         WHEN p_value IS NULL THEN p_is_optional
@@ -325,10 +326,10 @@ $$;
 -- rounded to double precision; NULL when absent. Anything else (booleans,
 -- null, other strings) and non-finite values raise invalid_text_representation
 -- or numeric_value_out_of_range, which the caller treats as "invalid".
-CREATE OR REPLACE FUNCTION json_to_float(p_value json)
+CREATE FUNCTION pyswpt_private.json_to_float(p_value json)
 RETURNS double precision
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_exact numeric := json_to_numeric(p_value, true);
@@ -348,10 +349,10 @@ $$;
 -- exactly, a JSON float rounded to double then truncated toward zero, or a
 -- decimal integer string; NULL when absent. Values beyond bigint raise
 -- numeric_value_out_of_range, which the caller treats as "invalid".
-CREATE OR REPLACE FUNCTION json_to_lenient_integer(p_value json)
+CREATE FUNCTION pyswpt_private.json_to_lenient_integer(p_value json)
 RETURNS bigint
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_exact numeric := json_to_numeric(p_value, false);
@@ -374,10 +375,10 @@ $$;
 -- Python's float() (p_float_syntax) or int() accepts: surrounding whitespace,
 -- a sign, and underscores between digits. NULL when absent; anything else
 -- raises invalid_text_representation.
-CREATE OR REPLACE FUNCTION json_to_numeric(p_value json, p_float_syntax boolean)
+CREATE FUNCTION pyswpt_private.json_to_numeric(p_value json, p_float_syntax boolean)
 RETURNS numeric
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     c_digits CONSTANT text := '[0-9](_?[0-9])*';

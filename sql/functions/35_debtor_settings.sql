@@ -5,7 +5,7 @@
 -- ChangeInterestRate (spec 02 §2.7): move the account to a new rate, at most once
 -- per p_message_max_delay_seconds + 1 day, so that every client hears of each
 -- rate before the next one. Stale requests (ts older than a day) are ignored.
-CREATE OR REPLACE FUNCTION change_interest_rate(
+CREATE FUNCTION pyswpt_api.change_interest_rate(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_interest_rate double precision,
@@ -15,7 +15,8 @@ CREATE OR REPLACE FUNCTION change_interest_rate(
 )
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     c_seconds_in_day CONSTANT double precision := 86400.0;
@@ -56,7 +57,7 @@ $$;
 -- UpdateDebtorInfo (spec 02 §2.8): store the debtor info triple if it differs.
 -- NULL means absent; the chores driver maps the message's '' to NULL, the
 -- initialisation passes the root config's values as they are (as the reference).
-CREATE OR REPLACE FUNCTION update_debtor_info(
+CREATE FUNCTION pyswpt_api.update_debtor_info(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_iri text,
@@ -67,7 +68,8 @@ CREATE OR REPLACE FUNCTION update_debtor_info(
 )
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -104,7 +106,7 @@ $$;
 -- one). The rate change and the debtor-info update run here in the caller's one
 -- transaction instead of the reference's two: each emits its own AccountUpdate
 -- all the same, and a failure rolls back both so that a retry redoes both.
-CREATE OR REPLACE FUNCTION initialize_account(
+CREATE FUNCTION pyswpt_api.initialize_account(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_root_config_data text,
@@ -113,7 +115,8 @@ CREATE OR REPLACE FUNCTION initialize_account(
 )
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_config record;
@@ -124,7 +127,7 @@ BEGIN
     IF NOT v_config.is_valid THEN
         RETURN;
     END IF;
-    PERFORM change_interest_rate(
+    PERFORM pyswpt_api.change_interest_rate(
         p_debtor_id,
         p_creditor_id,
         v_config.interest_rate_target,
@@ -132,7 +135,7 @@ BEGIN
         p_message_max_delay_seconds,
         p_now
     );
-    PERFORM update_debtor_info(
+    PERFORM pyswpt_api.update_debtor_info(
         p_debtor_id,
         p_creditor_id,
         v_config.info_iri,
@@ -145,10 +148,10 @@ END;
 $$;
 
 -- Store the debtor-info columns of a locked account (save_account leaves them alone).
-CREATE OR REPLACE FUNCTION save_account_debtor_info(p_account account)
+CREATE FUNCTION pyswpt_private.save_account_debtor_info(p_account account)
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     UPDATE account
     SET
@@ -165,10 +168,10 @@ $$;
 -- cast would raise underflow (an endless redelivery of the chore in the
 -- reference). The accounts scanner compares stored rates with this too, so it
 -- never asks for a change that change_interest_rate would not make.
-CREATE OR REPLACE FUNCTION interest_rate_as_stored(p_interest_rate double precision)
+CREATE FUNCTION pyswpt_private.interest_rate_as_stored(p_interest_rate double precision)
 RETURNS real
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT CASE
         WHEN abs(p_interest_rate) < 1e-40 THEN 0.0

@@ -18,7 +18,7 @@
 -- NULL means the recipient lives in this shard and B10 decides here. An unreachable
 -- recipient is rejected before the sender is looked at. Takes no account lock.
 -- Returns true when the request was queued, false when it was rejected at once.
-CREATE OR REPLACE FUNCTION enqueue_transfer_request(
+CREATE FUNCTION pyswpt_api.enqueue_transfer_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_coordinator_type text,
@@ -36,14 +36,15 @@ CREATE OR REPLACE FUNCTION enqueue_transfer_request(
 RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     -- T∞ of spec 01 §0.2: the latest instant an SMP date-time can express.
     c_latest_deadline CONSTANT timestamptz := TIMESTAMPTZ '9999-12-31 23:59:59+00';
 BEGIN
     IF p_recipient_creditor_id IS NULL
-        OR NOT coalesce(p_recipient_reachable, is_reachable_account(p_debtor_id, p_recipient_creditor_id))
+        OR NOT coalesce(p_recipient_reachable, pyswpt_api.is_reachable_account(p_debtor_id, p_recipient_creditor_id))
     THEN
         PERFORM reject_transfer(
             p_debtor_id,
@@ -95,7 +96,7 @@ $$;
 -- allows any order, a fixed one makes outcomes reproducible. The account is stored
 -- once, only if something was prepared: no seqnum change and no AccountUpdate.
 -- Returns the number of requests handled (0: nothing was queued or all are taken).
-CREATE OR REPLACE FUNCTION process_transfer_requests(
+CREATE FUNCTION pyswpt_api.process_transfer_requests(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_commit_period_seconds integer,
@@ -104,7 +105,8 @@ CREATE OR REPLACE FUNCTION process_transfer_requests(
 RETURNS integer
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_requests transfer_request[];
@@ -175,11 +177,11 @@ $$;
 
 -- Whether two creditor ids belong to the same creditors agent (spec 02 §2.4, check 2):
 -- equal top 24 bits (CREDITOR_SUBNET_MASK), and not the all-zero prefix.
-CREATE OR REPLACE FUNCTION is_same_creditors_agent(p_creditor_id bigint, p_other_creditor_id bigint)
+CREATE FUNCTION pyswpt_private.is_same_creditors_agent(p_creditor_id bigint, p_other_creditor_id bigint)
 RETURNS boolean
 LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     -- -1099511627776 is 0xffffff0000000000 as a signed 64-bit number.
@@ -190,7 +192,7 @@ $$;
 
 -- amount_to_lock of spec 02 §2.4 step 3, PL variant: the whole available amount
 -- above the minimum balance is contained, then clamped into [0, max_locked_amount].
-CREATE OR REPLACE FUNCTION calc_amount_to_lock(
+CREATE FUNCTION pyswpt_private.calc_amount_to_lock(
     p_floor_balance numeric,
     p_total_locked_amount bigint,
     p_min_balance bigint,
@@ -199,7 +201,7 @@ CREATE OR REPLACE FUNCTION calc_amount_to_lock(
 RETURNS bigint
 LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     RETURN greatest(
@@ -213,7 +215,7 @@ $$;
 -- in the spec's order, or 'OK'. p_account is all NULLs when the sender was not found.
 -- The insufficiency check is last, so that a retried smaller request cannot fail
 -- for another reason.
-CREATE OR REPLACE FUNCTION calc_preparation_status(
+CREATE FUNCTION pyswpt_private.calc_preparation_status(
     p_account account,
     p_request transfer_request,
     p_amount_to_lock bigint
@@ -221,7 +223,7 @@ CREATE OR REPLACE FUNCTION calc_preparation_status(
 RETURNS text
 LANGUAGE plpgsql
 IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     RETURN CASE
@@ -246,11 +248,11 @@ $$;
 -- Take (delete and return) the queued requests of one sender that no other
 -- transaction holds, oldest first. A batch is bounded; what is left stays queued
 -- for the next call.
-CREATE OR REPLACE FUNCTION take_transfer_requests(p_debtor_id bigint, p_sender_creditor_id bigint)
+CREATE FUNCTION pyswpt_private.take_transfer_requests(p_debtor_id bigint, p_sender_creditor_id bigint)
 RETURNS transfer_request[]
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     c_max_requests_per_batch CONSTANT integer := 10000;
@@ -284,7 +286,7 @@ $$;
 
 -- Lock an amount for one request (spec 02 §2.4 step 4): the next transfer id, a
 -- prepared_transfer row and its PreparedTransfer message. The caller stores the account.
-CREATE OR REPLACE FUNCTION prepare_transfer(
+CREATE FUNCTION pyswpt_private.prepare_transfer(
     INOUT p_account account,
     p_request transfer_request,
     p_amount_to_lock bigint,
@@ -293,7 +295,7 @@ CREATE OR REPLACE FUNCTION prepare_transfer(
 )
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_deadline timestamptz := least(p_now + make_interval(secs => p_commit_period_seconds), p_request.deadline);
@@ -345,11 +347,11 @@ END;
 $$;
 
 -- The prepared transfer that answers the same coordinator request of the same sender.
-CREATE OR REPLACE FUNCTION find_prepared_transfer(p_request transfer_request)
+CREATE FUNCTION pyswpt_private.find_prepared_transfer(p_request transfer_request)
 RETURNS prepared_transfer
 LANGUAGE plpgsql
 STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_transfer prepared_transfer;
@@ -367,11 +369,11 @@ END;
 $$;
 
 -- Emit a PreparedTransfer (spec 01 §1.6) for a prepared transfer; its ts is p_inserted_at.
-CREATE OR REPLACE FUNCTION emit_prepared_transfer(p_transfer prepared_transfer, p_inserted_at timestamptz)
+CREATE FUNCTION pyswpt_private.emit_prepared_transfer(p_transfer prepared_transfer, p_inserted_at timestamptz)
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO prepared_transfer_signal (
@@ -408,7 +410,7 @@ END;
 $$;
 
 -- Emit one RejectedTransfer (spec 01 §1.6); its ts is the moment of the rejection.
-CREATE OR REPLACE FUNCTION reject_transfer(
+CREATE FUNCTION pyswpt_private.reject_transfer(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_coordinator_type text,
@@ -421,7 +423,7 @@ CREATE OR REPLACE FUNCTION reject_transfer(
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO rejected_transfer_signal (

@@ -15,7 +15,7 @@
 -- queued for the same transfer wins and the new one is dropped (a redelivery is
 -- harmless; the quirk of a wrong request hiding a right one is the reference's).
 -- Returns true when the request was queued. Takes no account lock.
-CREATE OR REPLACE FUNCTION enqueue_finalization_request(
+CREATE FUNCTION pyswpt_api.enqueue_finalization_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_transfer_id bigint,
@@ -31,7 +31,8 @@ CREATE OR REPLACE FUNCTION enqueue_finalization_request(
 RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO finalization_request (
@@ -70,7 +71,7 @@ $$;
 -- missing sender, or any request when p_ignore_all (parent-shard cleanup, spec 01
 -- §4.3) is only deleted. The committed amounts leave the principal in one B2.
 -- Returns the number of requests handled.
-CREATE OR REPLACE FUNCTION process_finalization_requests(
+CREATE FUNCTION pyswpt_api.process_finalization_requests(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_ignore_all boolean,
@@ -79,7 +80,8 @@ CREATE OR REPLACE FUNCTION process_finalization_requests(
 RETURNS integer
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_requests finalization_request[];
@@ -161,7 +163,7 @@ $$;
 -- always succeeds; a commit needs the deadline, an unchanged interest rate, and
 -- either the expendable amount above the lock or a lock that survives the worst
 -- demurrage since preparation (a root sender's lock suffers none).
-CREATE OR REPLACE FUNCTION calc_finalization_status(
+CREATE FUNCTION pyswpt_private.calc_finalization_status(
     p_committed_amount bigint,
     p_expendable_amount numeric,
     p_locked_amount bigint,
@@ -176,7 +178,7 @@ CREATE OR REPLACE FUNCTION calc_finalization_status(
 RETURNS text
 LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     RETURN CASE
@@ -212,7 +214,7 @@ $$;
 -- other transaction holds, each paired with its six-field-matching prepared transfer
 -- (a NULL element when there is none), in transfer-id order. Only the request rows
 -- are locked. A batch is bounded; what is left stays queued for the next call.
-CREATE OR REPLACE FUNCTION take_finalization_requests(
+CREATE FUNCTION pyswpt_private.take_finalization_requests(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     OUT requests finalization_request[],
@@ -220,7 +222,7 @@ CREATE OR REPLACE FUNCTION take_finalization_requests(
 )
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     c_max_requests_per_batch CONSTANT integer := 10000;
@@ -260,7 +262,7 @@ $$;
 -- the recipient's PendingBalanceChange. The sender's principal_after is the
 -- principal before the batch minus this amount (quirk of spec 02 §2.5, example 5).
 -- The caller applies the principal change and stores the account.
-CREATE OR REPLACE FUNCTION finalize_prepared_transfer(
+CREATE FUNCTION pyswpt_private.finalize_prepared_transfer(
     INOUT p_account account,
     p_transfer prepared_transfer,
     p_request finalization_request,
@@ -271,7 +273,7 @@ CREATE OR REPLACE FUNCTION finalize_prepared_transfer(
 )
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     ASSERT p_committed_amount >= 0, 'a committed amount is never negative';

@@ -3,10 +3,11 @@
 -- then runs the account's batch processor once per key.
 
 -- Senders with queued PrepareTransfer requests.
-CREATE OR REPLACE FUNCTION list_transfer_request_senders(p_max_count integer)
+CREATE FUNCTION pyswpt_api.list_transfer_request_senders(p_max_count integer)
 RETURNS TABLE (debtor_id bigint, creditor_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT DISTINCT r.debtor_id, r.sender_creditor_id
     FROM transfer_request AS r
@@ -14,10 +15,11 @@ AS $$
 $$;
 
 -- Senders with queued FinalizeTransfer requests.
-CREATE OR REPLACE FUNCTION list_finalization_request_senders(p_max_count integer)
+CREATE FUNCTION pyswpt_api.list_finalization_request_senders(p_max_count integer)
 RETURNS TABLE (debtor_id bigint, creditor_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT DISTINCT r.debtor_id, r.sender_creditor_id
     FROM finalization_request AS r
@@ -25,10 +27,11 @@ AS $$
 $$;
 
 -- Accounts with registered balance changes not applied yet.
-CREATE OR REPLACE FUNCTION list_accounts_with_pending_balance_changes(p_max_count integer)
+CREATE FUNCTION pyswpt_api.list_accounts_with_pending_balance_changes(p_max_count integer)
 RETURNS TABLE (debtor_id bigint, creditor_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT DISTINCT c.debtor_id, c.creditor_id
     FROM pending_balance_change AS c

@@ -5,7 +5,7 @@
 -- Intake of one PendingBalanceChange (spec 02 §2.6 intake, spec 01 §1.5):
 -- true when it was archived and queued, false when it was dropped as too old
 -- (committed before the archive threshold) or as an already archived duplicate.
-CREATE OR REPLACE FUNCTION register_balance_change(
+CREATE FUNCTION pyswpt_api.register_balance_change(
     p_debtor_id bigint,
     p_other_creditor_id bigint,
     p_change_id bigint,
@@ -19,7 +19,8 @@ CREATE OR REPLACE FUNCTION register_balance_change(
 )
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     -- Older than the threshold: the archive may have forgotten that it was applied.
@@ -80,14 +81,15 @@ $$;
 -- amount earned since it was committed, and change the balance once (B2).
 -- Returns how many changes were applied; a batch takes at most 10000 of them,
 -- the rest are left for the next call. Changes are applied in commit order.
-CREATE OR REPLACE FUNCTION process_balance_changes(
+CREATE FUNCTION pyswpt_api.process_balance_changes(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_now timestamptz DEFAULT now()
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     -- Bounds the work (and the lock time of a hot root account) of one transaction.
@@ -136,14 +138,14 @@ $$;
 -- Lock, dequeue and mark applied (in the archive) up to p_max_count queued
 -- changes of one account, skipping changes another transaction holds; NULL
 -- when there are none. Sorted by commit time, so that transfer numbers follow it.
-CREATE OR REPLACE FUNCTION take_pending_balance_changes(
+CREATE FUNCTION pyswpt_private.take_pending_balance_changes(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_max_count integer
 )
 RETURNS pending_balance_change[]
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_changes pending_balance_change[];

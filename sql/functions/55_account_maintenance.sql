@@ -8,7 +8,7 @@
 -- integer, into principal paid by the debtor (B6, coordinator type `interest`),
 -- at most once per p_min_capitalization_interval_seconds. Returns the amount
 -- capitalized; 0 when nothing changed (missing, too soon, or nothing accrued).
-CREATE OR REPLACE FUNCTION capitalize_interest(
+CREATE FUNCTION pyswpt_api.capitalize_interest(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_min_capitalization_interval_seconds double precision,
@@ -16,7 +16,8 @@ CREATE OR REPLACE FUNCTION capitalize_interest(
 )
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -51,14 +52,15 @@ $$;
 -- (B6, coordinator type `delete`); accrued interest is dropped. Returns
 -- whether the account was deleted. Every attempt on an existing account is
 -- recorded in last_deletion_attempt_ts, successful or not.
-CREATE OR REPLACE FUNCTION try_to_delete_account(
+CREATE FUNCTION pyswpt_api.try_to_delete_account(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_now timestamptz DEFAULT now()
 )
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -85,7 +87,7 @@ $$;
 -- Direct debtor payment (spec 02 §2.16): B4 then B6. Not reachable from any
 -- message; for tests and internal tools. The `direct` and `agent` coordinator
 -- types belong to real transfers between accounts and are refused.
-CREATE OR REPLACE FUNCTION make_direct_debtor_payment(
+CREATE FUNCTION pyswpt_private.make_direct_debtor_payment(
     p_coordinator_type text,
     p_debtor_id bigint,
     p_creditor_id bigint,
@@ -96,7 +98,7 @@ CREATE OR REPLACE FUNCTION make_direct_debtor_payment(
 )
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -128,20 +130,20 @@ $$;
 
 -- contain(floor(current_balance - principal)) of spec 02 §2.9 and §3.8: the
 -- accrued interest as a whole amount, floored (so -409.67 gives -410).
-CREATE OR REPLACE FUNCTION calc_accrued_interest_amount(p_account account, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.calc_accrued_interest_amount(p_account account, p_now timestamptz)
 RETURNS bigint
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT contain_principal(floor(calc_account_balance(p_account, p_now) - p_account.principal))
 $$;
 
 -- The balance condition shared by the deletion attempt and the scanner's
 -- TryToDeleteAccount chore (spec 02 §2.10, §4.4 step 4).
-CREATE OR REPLACE FUNCTION has_negligible_balance(p_account account, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.has_negligible_balance(p_account account, p_now timestamptz)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT CASE
         WHEN p_account.creditor_id = 0 THEN p_account.principal = 0
@@ -154,10 +156,10 @@ $$;
 -- deletion, no prepared transfers, and a negligible balance. Any balance up to
 -- 2.0 counts as negligible, so every negative balance does; a root account
 -- needs a principal of exactly 0, since its balance is what it has issued.
-CREATE OR REPLACE FUNCTION is_deletable_account(p_account account, p_now timestamptz)
+CREATE FUNCTION pyswpt_private.is_deletable_account(p_account account, p_now timestamptz)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT config_is_scheduled_for_deletion(p_account.config_flags)
         AND p_account.pending_transfers_count = 0

@@ -7,12 +7,13 @@
 -- Whether an account may receive non-agent transfers (spec 02 B10): the root
 -- account (creditor 0) always, even when it has no row; any other account only
 -- when its row exists, is not deleted and is not scheduled for deletion.
-CREATE OR REPLACE FUNCTION is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)
+CREATE FUNCTION pyswpt_api.is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)
 RETURNS boolean
 LANGUAGE sql
 STABLE
 PARALLEL SAFE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT p_creditor_id = 0
         OR EXISTS (
@@ -27,12 +28,13 @@ $$;
 
 -- The stored config_data of an account, deleted or not (spec 02 §2.15, a
 -- quirk of the reference kept on purpose); NULL when there is no row.
-CREATE OR REPLACE FUNCTION get_account_config_data(p_debtor_id bigint, p_creditor_id bigint)
+CREATE FUNCTION pyswpt_api.get_account_config_data(p_debtor_id bigint, p_creditor_id bigint)
 RETURNS text
 LANGUAGE sql
 STABLE
 PARALLEL SAFE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT config_data
     FROM account

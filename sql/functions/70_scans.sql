@@ -15,7 +15,7 @@
 -- split, delete the accounts that belong to the parent shard but not to this
 -- one, without any message (their prepared transfers go with them). Used only
 -- when DELETE_PARENT_SHARD_RECORDS is on.
-CREATE OR REPLACE FUNCTION delete_parent_shard_accounts(
+CREATE FUNCTION pyswpt_api.delete_parent_shard_accounts(
     p_debtor_ids bigint[],
     p_creditor_ids bigint[],
     p_realm_mask bigint,
@@ -25,7 +25,8 @@ CREATE OR REPLACE FUNCTION delete_parent_shard_accounts(
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_count integer;
@@ -56,7 +57,7 @@ $$;
 -- message about them can still be under way) and created before the date of
 -- now - 3 days (so a re-created account always gets a later creation date),
 -- and emit AccountPurge for each.
-CREATE OR REPLACE FUNCTION purge_deleted_accounts(
+CREATE FUNCTION pyswpt_api.purge_deleted_accounts(
     p_debtor_ids bigint[],
     p_creditor_ids bigint[],
     p_intranet_extreme_delay_days double precision,
@@ -67,7 +68,8 @@ CREATE OR REPLACE FUNCTION purge_deleted_accounts(
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_purge_delay_days CONSTANT double precision :=
@@ -112,7 +114,7 @@ $$;
 -- max(ACCOUNT_HEARTBEAT_DAYS, MESSAGE_MAX_DELAY_DAYS). The message carries the
 -- stored state with ts = max(now, last_change_ts); seqnum, last_change_ts and
 -- interest stay as they are. Deleted accounts get no heartbeats.
-CREATE OR REPLACE FUNCTION send_account_heartbeats(
+CREATE FUNCTION pyswpt_api.send_account_heartbeats(
     p_debtor_ids bigint[],
     p_creditor_ids bigint[],
     p_account_heartbeat_days double precision,
@@ -123,7 +125,8 @@ CREATE OR REPLACE FUNCTION send_account_heartbeats(
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_heartbeat_before CONSTANT timestamptz := p_now - make_interval(
@@ -166,7 +169,7 @@ $$;
 --  * capitalization: non-root, not deleted, not capitalized within
 --    MIN_INTEREST_CAPITALIZATION_DAYS, and |floor(accrued interest)| /
 --    (1 + |principal|) above MAX_INTEREST_TO_PRINCIPAL_RATIO (spec 02 §3.8).
-CREATE OR REPLACE FUNCTION select_account_chores(
+CREATE FUNCTION pyswpt_api.select_account_chores(
     p_debtor_ids bigint[],
     p_creditor_ids bigint[],
     p_deletion_attempts_min_days double precision,
@@ -181,7 +184,8 @@ RETURNS TABLE (
     needs_capitalization boolean
 )
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT c.debtor_id, c.creditor_id, c.needs_deletion_attempt, c.needs_capitalization
     FROM (
@@ -215,7 +219,7 @@ $$;
 -- only reads the stored side, for every given account that has a row.
 -- interest_rate is single precision: compare it with the target rounded to
 -- single precision, or a target such as 3.567 never compares equal (§2.7).
-CREATE OR REPLACE FUNCTION get_account_debtor_settings(
+CREATE FUNCTION pyswpt_private.get_account_debtor_settings(
     p_debtor_ids bigint[],
     p_creditor_ids bigint[]
 )
@@ -230,7 +234,7 @@ RETURNS TABLE (
     is_deleted boolean
 )
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT
         a.debtor_id,
@@ -251,7 +255,7 @@ $$;
 -- the last R, R = max(PREPARED_TRANSFER_REMAINDER_DAYS, MESSAGE_MAX_DELAY_DAYS).
 -- The reminder repeats the original fields with ts = max(now, prepared_at).
 -- Nothing expires: the lock stays until a FinalizeTransfer arrives.
-CREATE OR REPLACE FUNCTION send_prepared_transfer_reminders(
+CREATE FUNCTION pyswpt_api.send_prepared_transfer_reminders(
     p_debtor_ids bigint[],
     p_sender_creditor_ids bigint[],
     p_transfer_ids bigint[],
@@ -263,7 +267,8 @@ CREATE OR REPLACE FUNCTION send_prepared_transfer_reminders(
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_remind_before CONSTANT timestamptz := p_now - make_interval(
@@ -305,7 +310,7 @@ $$;
 -- committed before REMOVE_FROM_ARCHIVE_THRESHOLD_DATE. The intake refuses
 -- changes that old, so forgetting them cannot let one be applied twice.
 -- Unapplied changes stay whatever their age: their queued rows need them.
-CREATE OR REPLACE FUNCTION delete_applied_balance_changes(
+CREATE FUNCTION pyswpt_api.delete_applied_balance_changes(
     p_debtor_ids bigint[],
     p_other_creditor_ids bigint[],
     p_change_ids bigint[],
@@ -313,7 +318,8 @@ CREATE OR REPLACE FUNCTION delete_applied_balance_changes(
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_count integer;
@@ -332,10 +338,10 @@ END;
 $$;
 
 -- The first tuple id of a heap block, the bound of a TID range scan.
-CREATE OR REPLACE FUNCTION block_start_tid(p_block bigint)
+CREATE FUNCTION pyswpt_private.block_start_tid(p_block bigint)
 RETURNS tid
 LANGUAGE sql IMMUTABLE STRICT
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT format('(%s,0)', least(p_block, 4294967295))::tid
 $$;
@@ -343,10 +349,11 @@ $$;
 -- The keys of the account rows stored in heap blocks [p_first_block,
 -- p_first_block + p_block_count) (spec 02 §4.3 reader). No locks; the steps
 -- above re-check every key they are given.
-CREATE OR REPLACE FUNCTION read_account_keys(p_first_block bigint, p_block_count integer)
+CREATE FUNCTION pyswpt_api.read_account_keys(p_first_block bigint, p_block_count integer)
 RETURNS TABLE (debtor_id bigint, creditor_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT a.debtor_id, a.creditor_id
     FROM account AS a
@@ -355,10 +362,11 @@ AS $$
 $$;
 
 -- The keys of the prepared transfers stored in the given heap blocks (spec 02 §4.3).
-CREATE OR REPLACE FUNCTION read_prepared_transfer_keys(p_first_block bigint, p_block_count integer)
+CREATE FUNCTION pyswpt_api.read_prepared_transfer_keys(p_first_block bigint, p_block_count integer)
 RETURNS TABLE (debtor_id bigint, sender_creditor_id bigint, transfer_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT t.debtor_id, t.sender_creditor_id, t.transfer_id
     FROM prepared_transfer AS t
@@ -367,10 +375,11 @@ AS $$
 $$;
 
 -- The keys of the archived balance changes stored in the given heap blocks (spec 02 §4.3).
-CREATE OR REPLACE FUNCTION read_registered_balance_change_keys(p_first_block bigint, p_block_count integer)
+CREATE FUNCTION pyswpt_api.read_registered_balance_change_keys(p_first_block bigint, p_block_count integer)
 RETURNS TABLE (debtor_id bigint, other_creditor_id bigint, change_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT r.debtor_id, r.other_creditor_id, r.change_id
     FROM registered_balance_change AS r
@@ -382,13 +391,14 @@ $$;
 -- rhythm (spec 02 §4.3): heap blocks now, and the planner's row estimate
 -- (reltuples; negative when never analysed, which the rhythm treats as 0).
 -- Only the three scanned tables are accepted.
-CREATE OR REPLACE FUNCTION get_scanned_table_size(
+CREATE FUNCTION pyswpt_api.get_scanned_table_size(
     p_table_name text,
     OUT block_count bigint,
     OUT row_estimate double precision
 )
 LANGUAGE plpgsql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_table regclass;

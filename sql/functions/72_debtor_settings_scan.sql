@@ -22,7 +22,7 @@
 --    from the config's. '' counts as absent on both sides: the chore maps ''
 --    to absent anyway, so an '' in the config no longer sends a no-op chore
 --    on every pass (a quirk of the reference, spec 02 §4.4).
-CREATE OR REPLACE FUNCTION select_debtor_settings_chores(
+CREATE FUNCTION pyswpt_api.select_debtor_settings_chores(
     p_debtor_ids bigint[],
     p_creditor_ids bigint[],
     p_root_debtor_ids bigint[],
@@ -40,7 +40,8 @@ RETURNS TABLE (
     debtor_info_sha256 bytea
 )
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH root_config AS (
         SELECT DISTINCT ON (r.debtor_id)

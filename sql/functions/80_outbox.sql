@@ -7,10 +7,11 @@
 -- One function per table because each returns its table's own row type.
 
 -- Up to p_max_count rejected_transfer_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_rejected_transfer_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_rejected_transfer_signals(p_max_count integer)
 RETURNS SETOF rejected_transfer_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM rejected_transfer_signal
     WHERE (debtor_id, sender_creditor_id, signal_id) IN (
@@ -23,10 +24,11 @@ AS $$
 $$;
 
 -- Up to p_max_count prepared_transfer_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_prepared_transfer_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_prepared_transfer_signals(p_max_count integer)
 RETURNS SETOF prepared_transfer_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM prepared_transfer_signal
     WHERE (debtor_id, sender_creditor_id, signal_id) IN (
@@ -39,10 +41,11 @@ AS $$
 $$;
 
 -- Up to p_max_count finalized_transfer_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_finalized_transfer_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_finalized_transfer_signals(p_max_count integer)
 RETURNS SETOF finalized_transfer_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM finalized_transfer_signal
     WHERE (debtor_id, sender_creditor_id, transfer_id) IN (
@@ -55,10 +58,11 @@ AS $$
 $$;
 
 -- Up to p_max_count account_transfer_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_account_transfer_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_account_transfer_signals(p_max_count integer)
 RETURNS SETOF account_transfer_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM account_transfer_signal
     WHERE (debtor_id, creditor_id, creation_date, transfer_number) IN (
@@ -71,10 +75,11 @@ AS $$
 $$;
 
 -- Up to p_max_count account_update_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_account_update_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_account_update_signals(p_max_count integer)
 RETURNS SETOF account_update_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM account_update_signal
     WHERE (debtor_id, creditor_id, signal_id) IN (
@@ -87,10 +92,11 @@ AS $$
 $$;
 
 -- Up to p_max_count account_purge_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_account_purge_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_account_purge_signals(p_max_count integer)
 RETURNS SETOF account_purge_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM account_purge_signal
     WHERE (debtor_id, creditor_id, creation_date) IN (
@@ -103,10 +109,11 @@ AS $$
 $$;
 
 -- Up to p_max_count rejected_config_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_rejected_config_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_rejected_config_signals(p_max_count integer)
 RETURNS SETOF rejected_config_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM rejected_config_signal
     WHERE (debtor_id, creditor_id, signal_id) IN (
@@ -119,10 +126,11 @@ AS $$
 $$;
 
 -- Up to p_max_count pending_balance_change_signal rows, removed in the caller's transaction.
-CREATE OR REPLACE FUNCTION take_pending_balance_change_signals(p_max_count integer)
+CREATE FUNCTION pyswpt_api.take_pending_balance_change_signals(p_max_count integer)
 RETURNS SETOF pending_balance_change_signal
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     DELETE FROM pending_balance_change_signal
     WHERE (debtor_id, other_creditor_id, change_id) IN (

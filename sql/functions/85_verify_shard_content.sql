@@ -18,10 +18,11 @@
 -- reference: their rows go with their account.
 
 -- The checked tables in checking order, with their current size in heap blocks.
-CREATE OR REPLACE FUNCTION list_shard_content_tables()
+CREATE FUNCTION pyswpt_api.list_shard_content_tables()
 RETURNS TABLE (table_name text, block_count bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT
         t.name,
@@ -46,7 +47,7 @@ $$;
 -- One step of the check: the rows of one table stored in heap blocks
 -- [p_first_block, p_first_block + p_block_count). Returns how many rows were
 -- checked and the pair of one row outside the realm (NULLs when all belong).
-CREATE OR REPLACE FUNCTION find_record_outside_shard(
+CREATE FUNCTION pyswpt_api.find_record_outside_shard(
     p_table_name text,
     p_first_block bigint,
     p_block_count integer,
@@ -57,10 +58,11 @@ CREATE OR REPLACE FUNCTION find_record_outside_shard(
     OUT foreign_creditor_id bigint
 )
 LANGUAGE plpgsql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM list_shard_content_tables() AS t WHERE t.table_name = p_table_name) THEN
+    IF NOT EXISTS (SELECT 1 FROM pyswpt_api.list_shard_content_tables() AS t WHERE t.table_name = p_table_name) THEN
         RAISE EXCEPTION 'table % is not checked by verify-shard-content', p_table_name
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -76,10 +78,10 @@ $$;
 -- The account pair of every row of one checked table in a heap block range.
 -- Each branch runs only for its own table: the condition on p_table_name is
 -- decided once per execution, before any row is read.
-CREATE OR REPLACE FUNCTION shard_keys_in_blocks(p_table_name text, p_first_block bigint, p_block_count integer)
+CREATE FUNCTION pyswpt_private.shard_keys_in_blocks(p_table_name text, p_first_block bigint, p_block_count integer)
 RETURNS TABLE (debtor_id bigint, creditor_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT t.debtor_id, t.creditor_id
     FROM account AS t

@@ -3,7 +3,7 @@
 -- The drivers park; operators list, replay and discard through `pyswpt parked`.
 
 -- Parked messages for operators: what, whose, why, since when; not the bodies.
-CREATE OR REPLACE VIEW parked_messages AS
+CREATE VIEW pyswpt_api.parked_messages AS
 SELECT
     parked_id,
     source_kind,
@@ -22,13 +22,13 @@ SELECT
     octet_length(body) AS body_bytes
 FROM parked_message;
 
-COMMENT ON VIEW parked_messages IS
+COMMENT ON VIEW pyswpt_api.parked_messages IS
     'Parked messages without their bodies; pyswpt parked show ID prints one whole.';
 
 -- Park one message, or count it when its source and reason reached the cap.
 -- The same message parked again (a redelivery after a crash) updates its row.
 -- Returns 'parked', 'parked_again' or 'over_cap'.
-CREATE OR REPLACE FUNCTION park_message(
+CREATE FUNCTION pyswpt_api.park_message(
     p_source_kind text,
     p_source_name text,
     p_exchange text,
@@ -50,7 +50,8 @@ CREATE OR REPLACE FUNCTION park_message(
 )
 RETURNS text
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_fingerprint bytea := sha256(
@@ -108,23 +109,25 @@ END;
 $$;
 
 -- Parked messages after p_after_id, oldest first, for listing (no bodies).
-CREATE OR REPLACE FUNCTION list_parked_messages(p_after_id bigint, p_max_count integer)
-RETURNS SETOF parked_messages
+CREATE FUNCTION pyswpt_api.list_parked_messages(p_after_id bigint, p_max_count integer)
+RETURNS SETOF pyswpt_api.parked_messages
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT *
-    FROM parked_messages
+    FROM pyswpt_api.parked_messages
     WHERE parked_id > p_after_id
     ORDER BY parked_id
     LIMIT p_max_count
 $$;
 
 -- One parked message, whole.
-CREATE OR REPLACE FUNCTION get_parked_message(p_parked_id bigint)
+CREATE FUNCTION pyswpt_api.get_parked_message(p_parked_id bigint)
 RETURNS SETOF parked_message
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT *
     FROM parked_message
@@ -133,10 +136,11 @@ $$;
 
 -- The parked messages to replay, locked in the caller's transaction, which
 -- publishes them and then discards them (discard_parked_messages) before it commits.
-CREATE OR REPLACE FUNCTION lock_parked_messages(p_parked_ids bigint[])
+CREATE FUNCTION pyswpt_api.lock_parked_messages(p_parked_ids bigint[])
 RETURNS SETOF parked_message
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT *
     FROM parked_message
@@ -146,10 +150,11 @@ AS $$
 $$;
 
 -- Forget parked messages; returns how many were there.
-CREATE OR REPLACE FUNCTION discard_parked_messages(p_parked_ids bigint[])
+CREATE FUNCTION pyswpt_api.discard_parked_messages(p_parked_ids bigint[])
 RETURNS integer
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH discarded AS (
         DELETE FROM parked_message
@@ -162,14 +167,15 @@ $$;
 -- Parked outgoing messages of the given outbox tables whose retry is due, locked
 -- for the flusher's transaction. Consumed messages (source_kind 'queue') are
 -- never republished by a flusher, and a flusher retries only the tables it flushes.
-CREATE OR REPLACE FUNCTION take_due_parked_retries(
+CREATE FUNCTION pyswpt_api.take_due_parked_retries(
     p_source_names text[],
     p_max_count integer,
     p_now timestamptz DEFAULT now()
 )
 RETURNS SETOF parked_message
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT *
     FROM parked_message
@@ -183,7 +189,7 @@ AS $$
 $$;
 
 -- A retry failed again: try later, twice as long after each failure, at most p_max_pause_seconds.
-CREATE OR REPLACE FUNCTION postpone_parked_retry(
+CREATE FUNCTION pyswpt_api.postpone_parked_retry(
     p_parked_id bigint,
     p_reason text,
     p_max_pause_seconds double precision,
@@ -191,7 +197,8 @@ CREATE OR REPLACE FUNCTION postpone_parked_retry(
 )
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     UPDATE parked_message
     SET

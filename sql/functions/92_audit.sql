@@ -33,7 +33,7 @@
 -- when they are created, so each helper must exist before its caller.
 
 -- 'VIOLATION' when a check found anything, else 'ok'.
-CREATE OR REPLACE FUNCTION violation_status(p_found_count bigint)
+CREATE FUNCTION pyswpt_private.violation_status(p_found_count bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE
 RETURN CASE WHEN p_found_count > 0 THEN 'VIOLATION' ELSE 'ok' END;
@@ -41,14 +41,14 @@ RETURN CASE WHEN p_found_count > 0 THEN 'VIOLATION' ELSE 'ok' END;
 -- debtor_id and principal_delta of one parked PendingBalanceChange; NULLs when
 -- the body is not UTF-8 JSON or a field is not an integer. A peer's garbage
 -- must not stop the audit, so the error is caught for this message alone.
-CREATE OR REPLACE FUNCTION read_parked_balance_change(
+CREATE FUNCTION pyswpt_private.read_parked_balance_change(
     p_body bytea,
     p_row_data jsonb,
     OUT debtor_id bigint,
     OUT principal_delta bigint
 )
 LANGUAGE plpgsql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_fields jsonb := p_row_data;
@@ -71,10 +71,10 @@ $$;
 -- the JSON body, or from the columns of an outbox row the flusher could not
 -- turn into a message (parked from `pending_balance_changes` without a type or
 -- body). NULL principal_delta: the debtor or the amount cannot be read.
-CREATE OR REPLACE FUNCTION parked_balance_changes()
+CREATE FUNCTION pyswpt_private.parked_balance_changes()
 RETURNS TABLE (parked_id bigint, debtor_id bigint, principal_delta bigint)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT
         m.parked_id,
@@ -89,7 +89,7 @@ $$;
 -- Per debtor: the principals held here, and the changes in transit seen here
 -- (unsent outbox rows, queued changes, readable parked messages), as sums and
 -- counts. Sums are numeric, so that no sum of bigints overflows.
-CREATE OR REPLACE FUNCTION debtor_balances()
+CREATE FUNCTION pyswpt_api.debtor_balances()
 RETURNS TABLE (
     debtor_id bigint,
     principal_sum numeric,
@@ -102,7 +102,8 @@ RETURNS TABLE (
     overflown_account_count bigint
 )
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH amounts (debtor_id, principal, unsent, queued, parked, kind) AS (
         SELECT a.debtor_id, a.principal, 0, 0, 0,
@@ -138,10 +139,10 @@ $$;
 -- Offending rows are kept in materialized CTEs, which spill to disk, and only
 -- the first p_max_keys of them are formatted: a badly broken shard cannot
 -- exhaust the backend's memory.
-CREATE OR REPLACE FUNCTION audit_account_locks(p_max_keys integer)
+CREATE FUNCTION pyswpt_private.audit_account_locks(p_max_keys integer)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH wrong AS MATERIALIZED (
         SELECT
@@ -195,10 +196,10 @@ AS $$
 $$;
 
 -- §5.3: every AccountTransfer still in the outbox follows the number before it.
-CREATE OR REPLACE FUNCTION audit_transfer_number_links(p_max_keys integer)
+CREATE FUNCTION pyswpt_private.audit_transfer_number_links(p_max_keys integer)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH wrong AS MATERIALIZED (
         SELECT debtor_id, creditor_id, creation_date, transfer_number, previous_transfer_number
@@ -222,10 +223,10 @@ AS $$
 $$;
 
 -- §5.3: no unsent AccountTransfer was numbered beyond what its account issued.
-CREATE OR REPLACE FUNCTION audit_transfer_numbers_issued(p_max_keys integer)
+CREATE FUNCTION pyswpt_private.audit_transfer_numbers_issued(p_max_keys integer)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH wrong AS MATERIALIZED (
         SELECT
@@ -267,10 +268,10 @@ $$;
 
 -- §1.6, §2.6: a change is queued exactly while its archive row is unapplied
 -- (the foreign key already ties every queued change to an archive row).
-CREATE OR REPLACE FUNCTION audit_balance_change_archive(p_max_keys integer)
+CREATE FUNCTION pyswpt_private.audit_balance_change_archive(p_max_keys integer)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH wrong AS MATERIALIZED (
         SELECT r.debtor_id, r.other_creditor_id, r.change_id, r.is_applied
@@ -296,10 +297,10 @@ $$;
 
 -- §5.1: conservation per debtor, the money in transit, and the parked
 -- PendingBalanceChanges whose amount cannot be read (not counted in transit).
-CREATE OR REPLACE FUNCTION audit_money(p_holds_every_account boolean, p_max_keys integer)
+CREATE FUNCTION pyswpt_private.audit_money(p_holds_every_account boolean, p_max_keys integer)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH balances AS MATERIALIZED (
         SELECT
@@ -308,7 +309,7 @@ AS $$
             b.unsent_count + b.queued_count + b.parked_count AS change_count,
             -- A contained overflow (status bit 1) has lost money on purpose (§3.6).
             p_holds_every_account AND b.overflown_account_count = 0 AS must_balance
-        FROM debtor_balances() AS b
+        FROM pyswpt_api.debtor_balances() AS b
     ),
     unbalanced AS MATERIALIZED (
         SELECT * FROM balances WHERE principal_sum + in_transit <> 0
@@ -367,10 +368,10 @@ AS $$
 $$;
 
 -- Parked messages of any kind wait for an operator: a warning, not a violation.
-CREATE OR REPLACE FUNCTION audit_parked_messages(p_max_keys integer)
+CREATE FUNCTION pyswpt_private.audit_parked_messages(p_max_keys integer)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     WITH counts AS (
         SELECT
@@ -393,10 +394,11 @@ AS $$
 $$;
 
 -- Every check, one row each, in a fixed order.
-CREATE OR REPLACE FUNCTION audit_ledger(p_holds_every_account boolean, p_max_keys integer DEFAULT 5)
+CREATE FUNCTION pyswpt_api.audit_ledger(p_holds_every_account boolean, p_max_keys integer DEFAULT 5)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
     SELECT * FROM audit_account_locks(p_max_keys)
     UNION ALL

@@ -3,13 +3,13 @@
 -- the drivers reads them; parked messages have their own view
 -- (parked_messages, 90_parked_messages.sql).
 --
--- Views are re-created on every apply with CREATE OR REPLACE, which may only
--- append columns. A change that renames, retypes or removes a column needs a
--- `DROP VIEW IF EXISTS name;` line above the view: the apply fails loudly
--- until it gets one.
+-- The views live in pyswpt_api, which every apply drops and re-creates whole
+-- (sql/migrations/9999_functions.py): a column may be renamed, retyped or
+-- removed here without a DROP VIEW. They read the tables with the rights of
+-- their owner; the helpers they call (pyswpt_private) run with the reader's.
 
 -- Accounts with decoded flags and what they can still lock (spec 02 §1.2, §1.11, B8).
-CREATE OR REPLACE VIEW accounts AS
+CREATE VIEW pyswpt_api.accounts AS
 SELECT
     a.debtor_id,
     a.creditor_id,
@@ -51,27 +51,27 @@ SELECT
     a.pending_account_update
 FROM account AS a;
 
-COMMENT ON VIEW accounts IS
+COMMENT ON VIEW pyswpt_api.accounts IS
     'Accounts with decoded flags, balance with accrued interest, available and locked amounts, '
     'pending counts and ages, all as of now(). Filter by debtor_id and creditor_id: '
     'a whole-table SELECT computes every balance.';
-COMMENT ON COLUMN accounts.balance IS
+COMMENT ON COLUMN pyswpt_api.accounts.balance IS
     'principal + interest accrued up to now() (spec 02 §3.3); a root account''s is its principal.';
-COMMENT ON COLUMN accounts.available_amount IS
+COMMENT ON COLUMN pyswpt_api.accounts.available_amount IS
     'floor(balance) - total_locked_amount, contained in bigint: what the account can still lock.';
-COMMENT ON COLUMN accounts.oldest_prepared_transfer_age IS
+COMMENT ON COLUMN pyswpt_api.accounts.oldest_prepared_transfer_age IS
     'How long ago the oldest of the account''s prepared transfers was prepared; NULL = none.';
-COMMENT ON COLUMN accounts.pending_balance_changes_count IS
+COMMENT ON COLUMN pyswpt_api.accounts.pending_balance_changes_count IS
     'Registered balance changes not yet applied to this account.';
-COMMENT ON COLUMN accounts.is_overflown IS
+COMMENT ON COLUMN pyswpt_api.accounts.is_overflown IS
     'A principal update had to be contained (spec 02 §3.6); sticky, informational only.';
-COMMENT ON COLUMN accounts.config_flags IS
+COMMENT ON COLUMN pyswpt_api.accounts.config_flags IS
     'Raw flags of the latest config: bit 0 is is_scheduled_for_deletion, other bits are only echoed.';
-COMMENT ON COLUMN accounts.last_transfer_age IS
+COMMENT ON COLUMN pyswpt_api.accounts.last_transfer_age IS
     'Time since the latest committed transfer; NULL = none was ever committed.';
 
 -- Prepared transfers with their age and what is left until their deadline (spec 02 §2.4).
-CREATE OR REPLACE VIEW prepared_transfers AS
+CREATE VIEW pyswpt_api.prepared_transfers AS
 SELECT
     pt.debtor_id,
     pt.sender_creditor_id,
@@ -90,14 +90,14 @@ SELECT
     pt.last_reminder_ts
 FROM prepared_transfer AS pt;
 
-COMMENT ON VIEW prepared_transfers IS
+COMMENT ON VIEW pyswpt_api.prepared_transfers IS
     'Amounts locked on sender accounts, waiting for a FinalizeTransfer, with ages as of now().';
-COMMENT ON COLUMN prepared_transfers.time_to_deadline IS
+COMMENT ON COLUMN pyswpt_api.prepared_transfers.time_to_deadline IS
     'deadline - now(); negative once the deadline passed: a commit then finalizes with TIMEOUT. '
     'Nothing expires the transfer; the coordinator must still finalize it.';
 
 -- Messages written to the outbox and not yet confirmed by the broker, per message type.
-CREATE OR REPLACE VIEW outbox_backlog AS
+CREATE VIEW pyswpt_api.outbox_backlog AS
 SELECT 'RejectedTransfer' AS message_type, 'rejected_transfer_signal' AS outbox_table,
     count(*) AS row_count, min(inserted_at) AS oldest_inserted_at, now() - min(inserted_at) AS oldest_age
 FROM rejected_transfer_signal
@@ -130,15 +130,15 @@ SELECT 'PendingBalanceChange', 'pending_balance_change_signal',
     count(*), min(inserted_at), now() - min(inserted_at)
 FROM pending_balance_change_signal;
 
-COMMENT ON VIEW outbox_backlog IS
+COMMENT ON VIEW pyswpt_api.outbox_backlog IS
     'One row per outgoing message type: rows the flusher has not sent yet and the oldest one''s age. '
     'Each row is a count(*) and min(inserted_at) over a whole outbox table (no index on inserted_at): '
     'cheap while the flusher keeps up, a sequential scan of the backlog when it does not. '
     'Messages the flusher parked are in parked_messages, not here.';
-COMMENT ON COLUMN outbox_backlog.oldest_age IS 'now() - oldest_inserted_at; NULL when the table is empty.';
+COMMENT ON COLUMN pyswpt_api.outbox_backlog.oldest_age IS 'now() - oldest_inserted_at; NULL when the table is empty.';
 
 -- Queued requests per stage of the request workers (spec 02 §4.2).
-CREATE OR REPLACE VIEW work_queues AS
+CREATE VIEW pyswpt_api.work_queues AS
 SELECT 'transfer_request' AS stage,
     count(*) AS row_count,
     count(DISTINCT (debtor_id, sender_creditor_id)) AS account_count,
@@ -160,13 +160,13 @@ SELECT 'pending_balance_change',
     now() - min(committed_at)
 FROM pending_balance_change;
 
-COMMENT ON VIEW work_queues IS
+COMMENT ON VIEW pyswpt_api.work_queues IS
     'Queued requests per worker stage: rows, distinct accounts with work, and the oldest request''s '
     'timestamp. A count over each whole queue table: fine for an operator, not for a poll loop.';
-COMMENT ON COLUMN work_queues.account_count IS
+COMMENT ON COLUMN pyswpt_api.work_queues.account_count IS
     'Distinct accounts (sender accounts for transfers and finalizations) the stage has work for.';
-COMMENT ON COLUMN work_queues.oldest_ts IS
+COMMENT ON COLUMN pyswpt_api.work_queues.oldest_ts IS
     'transfer_request: always NULL, the table records no time of arrival. '
     'finalization_request: the oldest FinalizeTransfer ts, set by the coordinator. '
     'pending_balance_change: the oldest committed_at, set by the sender''s shard.';
-COMMENT ON COLUMN work_queues.oldest_age IS 'now() - oldest_ts.';
+COMMENT ON COLUMN pyswpt_api.work_queues.oldest_age IS 'now() - oldest_ts.';

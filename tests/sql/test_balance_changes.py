@@ -31,7 +31,7 @@ from factories import (
     insert_account,
 )
 
-from pyswpt import db
+from pyswpt import db, schema
 
 NOW = DEFAULT_NOW
 DEBTOR_ID = 1
@@ -94,7 +94,7 @@ def test_same_change_id_from_another_sender_is_a_different_change(conn):
 
 def test_concurrent_twin_registration_is_a_serialization_failure(database_url):
     intake = (
-        "SET search_path = pyswpt; "
+        f"SET search_path = {schema.OWNER_SEARCH_PATH}; "
         "SELECT register_balance_change(1, 777, 1, 1, 'direct', '', '', now(), 100, '1970-01-01Z')"
     )
     with db.connect(database_url) as first, db.connect(database_url) as second:

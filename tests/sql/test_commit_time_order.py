@@ -26,7 +26,7 @@ WAIT_TIMEOUT_SECONDS = 10.0
 POLL_INTERVAL_SECONDS = 0.01
 # The smallest call that locks an account and numbers a transfer at now(), as
 # a consumer window's capitalize_interest or a worker's finalization does.
-PAY = "SELECT pyswpt.make_direct_debtor_payment('payment', %s, %s, %s)"
+PAY = "SELECT pyswpt_private.make_direct_debtor_payment('payment', %s, %s, %s)"
 
 
 def wait_until_waiting_for_a_lock(observer: psycopg.Connection, backend_pid: int) -> None:

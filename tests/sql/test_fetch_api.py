@@ -86,7 +86,7 @@ def test_config_data_of_missing_account_is_null(conn):
 def test_fetch_api_functions_are_stable(conn, name, arguments):
     volatility = conn.execute(
         "SELECT provolatile FROM pg_proc WHERE oid = %s::regprocedure",
-        (f"pyswpt.{name}({arguments})",),
+        (f"pyswpt_api.{name}({arguments})",),
     ).fetchone()[0]
     assert volatility == "s"
 

@@ -69,7 +69,7 @@ def test_flag_functions_are_inlinable_sql_standard_bodies(conn):
         SELECT p.proname, l.lanname, p.prosqlbody IS NOT NULL, p.provolatile, p.prosecdef, p.proconfig
         FROM pg_proc AS p
         JOIN pg_language AS l ON l.oid = p.prolang
-        WHERE p.pronamespace = 'pyswpt'::regnamespace
+        WHERE p.pronamespace = 'pyswpt_private'::regnamespace
             AND p.proname = ANY(%s)
         ORDER BY p.proname
         """,

@@ -12,6 +12,8 @@ from factories import DEFAULT_NOW
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from pyswpt import schema
+
 LATER = DEFAULT_NOW + dt.timedelta(minutes=5)
 QUEUE = "swpt_accounts"
 OTHER_QUEUE = "swpt_accounts_other"
@@ -197,7 +199,7 @@ def test_get_returns_the_whole_row_or_nothing(conn):
 def other_transaction(database_url: str):
     with psycopg.connect(database_url) as other:
         with other.transaction():
-            other.execute("SET LOCAL search_path = pyswpt")
+            other.execute(f"SET LOCAL search_path = {schema.OWNER_SEARCH_PATH}")
             yield other
 
 

@@ -22,10 +22,12 @@ QUERIES_FILE = PACKAGE_DIR / "queries.py"
 STATEMENTS = {name: value for name, value in vars(queries).items() if name.isupper() and isinstance(value, str)}
 
 PLACEHOLDER = re.compile(r"%\((\w+)\)s")
-# A function of the pyswpt schema called in a string: `pyswpt.name(` or a formatted `pyswpt.{}(`.
-PYSWPT_CALL = re.compile(r"pyswpt\.(?:\w+|\{\})\s*\(")
-# A pyswpt call whose first argument is not in named notation (`p_name => …`).
-POSITIONAL_CALL = re.compile(r"pyswpt\.\w+\((?!\s*(?:p_\w+\s*=>|\)))")
+# A function of a pyswpt schema called in a string: `pyswpt_api.name(` or a formatted `pyswpt_api.{}(`.
+PYSWPT_CALL = re.compile(r"pyswpt(?:_api|_private)?\.(?:\w+|\{\})\s*\(")
+# An API call whose first argument is not in named notation (`p_name => …`).
+POSITIONAL_CALL = re.compile(r"pyswpt_api\.\w+\((?!\s*(?:p_\w+\s*=>|\)))")
+# A call of the API schema: the only functions a statement may call.
+API_CALL = re.compile(r"pyswpt_api\.\w+\s*\(")
 
 
 def numbered(statement: str) -> str:
@@ -42,7 +44,8 @@ def python_sources() -> dict[pathlib.Path, str]:
 def test_the_list_holds_statements():
     assert len(STATEMENTS) >= 30
     for name, statement in STATEMENTS.items():
-        assert PYSWPT_CALL.search(statement), name
+        assert API_CALL.search(statement), name
+        assert len(PYSWPT_CALL.findall(statement)) == len(API_CALL.findall(statement)), name
 
 
 @pytest.mark.parametrize("name", sorted(STATEMENTS))

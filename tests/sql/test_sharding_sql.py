@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyswpt import schema
 from pyswpt.sharding import MAX_INT64, MIN_INT64, Realm, shard_key
 
 # (debtor_id, creditor_id, K, {binding key: (matches realm, matches parent)}) of spec 01 §4.2.
@@ -54,7 +55,7 @@ def test_realm_and_parent_realm_matches_follow_the_spec_vectors(conn, debtor_id,
 def test_shard_key_agrees_with_python_for_any_pair(migrated_database_url, debtor_id, creditor_id):
     # Hypothesis re-runs the body, so it opens its own connection (read-only queries).
     with psycopg.connect(migrated_database_url, autocommit=True) as conn:
-        conn.execute("SET search_path = pyswpt")
+        conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         assert sql_shard_key(conn, debtor_id, creditor_id) == shard_key(debtor_id, creditor_id)
 
 
@@ -65,7 +66,7 @@ def test_is_in_realm_agrees_with_python_for_any_pair_and_binding_key(
 ):
     realm = Realm.from_binding_key("".join(f"{bit}." for bit in bits) + "#")
     with psycopg.connect(migrated_database_url, autocommit=True) as conn:
-        conn.execute("SET search_path = pyswpt")
+        conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         assert sql_is_in_realm(conn, debtor_id, creditor_id, realm.mask, realm.realm) == realm.owns(
             debtor_id, creditor_id
         )

@@ -31,7 +31,7 @@ from transfer_steps import (
     signals,
 )
 
-from pyswpt import db
+from pyswpt import db, schema
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ NO_WAIT_LOCK_TIMEOUT = "500ms"
 def driver_connection(database_url: str) -> Iterator[psycopg.Connection]:
     """A driver's connection (autocommit off, REPEATABLE READ), with pyswpt on the search path."""
     with db.connect(database_url) as conn:
-        conn.execute("SET search_path = pyswpt")
+        conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         conn.commit()
         yield conn
 

@@ -71,7 +71,7 @@ Step = Callable[[psycopg.Connection, list[Key], dt.datetime], object]
 class TableScanner(Protocol):
     """What a scanner tells the engine: its table, how to read keys, what to do with them."""
 
-    table_name: str  # accepted by pyswpt.get_scanned_table_size
+    table_name: str  # accepted by pyswpt_api.get_scanned_table_size
     read_keys_query: str  # SELECT the keys of the blocks [%(first_block)s, %(first_block)s + %(block_count)s)
 
     def steps(self) -> list[Step]:

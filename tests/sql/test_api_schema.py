@@ -1,0 +1,152 @@
+"""The API schema: pyswpt_api holds exactly what callers may use, pyswpt_private the helpers,
+pyswpt only tables and trigger functions; a caller granted one entry point gets nothing else."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from pyswpt import queries
+
+# What operators call besides the statements of pyswpt.queries (README: audit, views).
+OPERATOR_FUNCTIONS = {"debtor_balances"}
+OPERATOR_VIEWS = {"accounts", "prepared_transfers", "outbox_backlog", "work_queues", "parked_messages"}
+ENTRY_POINT_SEARCH_PATH = "search_path=pyswpt, pyswpt_private, pg_temp"
+# A NOLOGIN role of the tests, shared by every test session on the server (roles
+# are cluster-wide): created when missing, never dropped. Its grants live in the
+# session's database and go with it.
+TEST_CALLER_ROLE = "pyswpt_test_caller"
+
+
+def functions_named_by_queries() -> set[str]:
+    statements = (value for name, value in vars(queries).items() if name.isupper() and isinstance(value, str))
+    return {name for statement in statements for name in re.findall(r"pyswpt_api\.(\w+)\s*\(", statement)}
+
+
+def function_names(conn: psycopg.Connection, schema: str) -> set[str]:
+    rows = conn.execute("SELECT proname FROM pg_proc WHERE pronamespace = %s::regnamespace", (schema,))
+    return {name for (name,) in rows}
+
+
+def test_the_api_schema_holds_exactly_the_called_functions(conn):
+    assert function_names(conn, "pyswpt_api") == functions_named_by_queries() | OPERATOR_FUNCTIONS
+
+
+def test_the_api_schema_holds_exactly_the_operator_views(conn):
+    rows = conn.execute(
+        "SELECT relname, relkind::text FROM pg_class WHERE relnamespace = 'pyswpt_api'::regnamespace"
+    ).fetchall()
+    # A view has a row type of the same name, which pg_class does not list.
+    assert set(rows) == {(name, "v") for name in OPERATOR_VIEWS}
+
+
+def test_every_entry_point_is_security_definer_with_a_pinned_search_path(conn):
+    rows = conn.execute(
+        "SELECT proname, prosecdef, proconfig FROM pg_proc WHERE pronamespace = 'pyswpt_api'::regnamespace"
+    ).fetchall()
+    assert rows
+    assert [row for row in rows if row[1:] != (True, [ENTRY_POINT_SEARCH_PATH])] == []
+
+
+def test_no_helper_runs_with_its_owners_rights(conn):
+    rows = conn.execute(
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'pyswpt_private'::regnamespace AND prosecdef"
+    ).fetchall()
+    assert rows == []
+
+
+def test_only_trigger_functions_are_left_in_the_data_schema(conn):
+    rows = conn.execute(
+        """
+        SELECT proname FROM pg_proc
+        WHERE pronamespace = 'pyswpt'::regnamespace AND prorettype <> 'trigger'::regtype
+        """
+    ).fetchall()
+    assert rows == []
+    assert conn.execute("SELECT count(*) FROM pg_views WHERE schemaname = 'pyswpt'").fetchone()[0] == 0
+
+
+def test_public_may_execute_no_function_of_the_api_or_private_schema(conn):
+    # A NULL proacl means the default, which lets PUBLIC (grantee 0) execute.
+    rows = conn.execute(
+        """
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc AS p
+        WHERE p.pronamespace IN ('pyswpt_api'::regnamespace, 'pyswpt_private'::regnamespace)
+            AND (p.proacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) AS a WHERE a.grantee = 0))
+        """
+    ).fetchall()
+    assert rows == []
+
+
+def test_only_the_owner_may_use_the_private_schema(conn):
+    rows = conn.execute(
+        """
+        SELECT a.grantee::regrole::text
+        FROM pg_namespace AS n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) AS a
+        WHERE n.nspname = 'pyswpt_private' AND a.grantee <> n.nspowner
+        """
+    ).fetchall()
+    assert rows == []
+
+
+def ensure_role(conn: psycopg.Connection, role: str) -> None:
+    """Create a NOLOGIN role unless it exists; another session may be creating it at the same time."""
+    conn.execute(
+        f"""
+        DO $$
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                CREATE ROLE {role} NOLOGIN;
+            END IF;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN
+                NULL;
+        END;
+        $$
+        """
+    )
+
+
+@pytest.fixture
+def caller_of_one_entry_point(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """`conn` acting as a role that may use pyswpt_api and execute is_reachable_account, nothing more."""
+    ensure_role(conn, TEST_CALLER_ROLE)
+    grants = [
+        f"USAGE ON SCHEMA pyswpt_api TO {TEST_CALLER_ROLE}",
+        f"EXECUTE ON FUNCTION pyswpt_api.is_reachable_account(bigint, bigint) TO {TEST_CALLER_ROLE}",
+    ]
+    for grant in grants:
+        conn.execute(f"GRANT {grant}")
+    conn.execute(f"SET ROLE {TEST_CALLER_ROLE}")
+    try:
+        yield conn
+    finally:
+        conn.execute("RESET ROLE")
+        for grant in grants:
+            conn.execute(f"REVOKE {grant.replace(' TO ', ' FROM ')}")
+
+
+def test_a_role_granted_one_entry_point_can_call_it(caller_of_one_entry_point):
+    reachable = caller_of_one_entry_point.execute(
+        "SELECT pyswpt_api.is_reachable_account(p_debtor_id => 1, p_creditor_id => 2)"
+    ).fetchone()[0]
+    assert reachable is False
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT pyswpt_api.get_account_config_data(p_debtor_id => 1, p_creditor_id => 2)",
+        "SELECT pyswpt_private.calc_k(1.0)",
+        "SELECT pyswpt_private.account_is_deleted(1)",
+        "SELECT count(*) FROM pyswpt.account",
+        "SELECT count(*) FROM pyswpt_api.accounts",
+    ],
+)
+def test_a_role_granted_one_entry_point_can_do_nothing_else(caller_of_one_entry_point, statement):
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        caller_of_one_entry_point.execute(statement)
