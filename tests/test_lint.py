@@ -1,4 +1,4 @@
-"""The Python side passes ruff's lint and format checks (settings in pyproject.toml)."""
+"""Python passes ruff's lint and format checks (pyproject.toml); sql/ passes sqlfluff (.sqlfluff)."""
 
 import subprocess
 import sys
@@ -18,4 +18,11 @@ def test_python_passes_ruff_lint():
 
 def test_python_is_formatted_by_ruff():
     result = run_ruff("format", "--no-cache", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sql_passes_sqlfluff():
+    result = subprocess.run(
+        [sys.executable, "-m", "sqlfluff", "lint", "--nocolor", "sql"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr

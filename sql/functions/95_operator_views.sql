@@ -43,7 +43,7 @@ SELECT
     a.last_transfer_number,
     a.last_transfer_committed_at,
     -- 1970-01-01 (T0) means no transfer was ever committed.
-    CASE WHEN a.last_transfer_committed_at > TIMESTAMPTZ 'epoch'
+    CASE WHEN a.last_transfer_committed_at > timestamptz 'epoch'
         THEN now() - a.last_transfer_committed_at
     END AS last_transfer_age,
     a.last_config_ts,
@@ -98,36 +98,68 @@ COMMENT ON COLUMN pyswpt_api.prepared_transfers.time_to_deadline IS
 
 -- Messages written to the outbox and not yet confirmed by the broker, per message type.
 CREATE VIEW pyswpt_api.outbox_backlog AS
-SELECT 'RejectedTransfer' AS message_type, 'rejected_transfer_signal' AS outbox_table,
-    count(*) AS row_count, min(inserted_at) AS oldest_inserted_at, now() - min(inserted_at) AS oldest_age
+SELECT
+    'RejectedTransfer' AS message_type,
+    'rejected_transfer_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM rejected_transfer_signal
 UNION ALL
-SELECT 'PreparedTransfer', 'prepared_transfer_signal',
-    count(*), min(inserted_at), now() - min(inserted_at)
+SELECT
+    'PreparedTransfer' AS message_type,
+    'prepared_transfer_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM prepared_transfer_signal
 UNION ALL
-SELECT 'FinalizedTransfer', 'finalized_transfer_signal',
-    count(*), min(inserted_at), now() - min(inserted_at)
+SELECT
+    'FinalizedTransfer' AS message_type,
+    'finalized_transfer_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM finalized_transfer_signal
 UNION ALL
-SELECT 'AccountTransfer', 'account_transfer_signal',
-    count(*), min(inserted_at), now() - min(inserted_at)
+SELECT
+    'AccountTransfer' AS message_type,
+    'account_transfer_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM account_transfer_signal
 UNION ALL
-SELECT 'AccountUpdate', 'account_update_signal',
-    count(*), min(inserted_at), now() - min(inserted_at)
+SELECT
+    'AccountUpdate' AS message_type,
+    'account_update_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM account_update_signal
 UNION ALL
-SELECT 'AccountPurge', 'account_purge_signal',
-    count(*), min(inserted_at), now() - min(inserted_at)
+SELECT
+    'AccountPurge' AS message_type,
+    'account_purge_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM account_purge_signal
 UNION ALL
-SELECT 'RejectedConfig', 'rejected_config_signal',
-    count(*), min(inserted_at), now() - min(inserted_at)
+SELECT
+    'RejectedConfig' AS message_type,
+    'rejected_config_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM rejected_config_signal
 UNION ALL
-SELECT 'PendingBalanceChange', 'pending_balance_change_signal',
-    count(*), min(inserted_at), now() - min(inserted_at)
+SELECT
+    'PendingBalanceChange' AS message_type,
+    'pending_balance_change_signal' AS outbox_table,
+    count(*) AS row_count,
+    min(inserted_at) AS oldest_inserted_at,
+    now() - min(inserted_at) AS oldest_age
 FROM pending_balance_change_signal;
 
 COMMENT ON VIEW pyswpt_api.outbox_backlog IS
@@ -139,25 +171,28 @@ COMMENT ON COLUMN pyswpt_api.outbox_backlog.oldest_age IS 'now() - oldest_insert
 
 -- Queued requests per stage of the request workers (spec 02 §4.2).
 CREATE VIEW pyswpt_api.work_queues AS
-SELECT 'transfer_request' AS stage,
+SELECT
+    'transfer_request' AS stage,
     count(*) AS row_count,
-    count(DISTINCT (debtor_id, sender_creditor_id)) AS account_count,
+    count(DISTINCT ROW(debtor_id, sender_creditor_id)) AS account_count,
     NULL::timestamptz AS oldest_ts,
     NULL::interval AS oldest_age
 FROM transfer_request
 UNION ALL
-SELECT 'finalization_request',
-    count(*),
-    count(DISTINCT (debtor_id, sender_creditor_id)),
-    min(ts),
-    now() - min(ts)
+SELECT
+    'finalization_request' AS stage,
+    count(*) AS row_count,
+    count(DISTINCT ROW(debtor_id, sender_creditor_id)) AS account_count,
+    min(ts) AS oldest_ts,
+    now() - min(ts) AS oldest_age
 FROM finalization_request
 UNION ALL
-SELECT 'pending_balance_change',
-    count(*),
-    count(DISTINCT (debtor_id, creditor_id)),
-    min(committed_at),
-    now() - min(committed_at)
+SELECT
+    'pending_balance_change' AS stage,
+    count(*) AS row_count,
+    count(DISTINCT ROW(debtor_id, creditor_id)) AS account_count,
+    min(committed_at) AS oldest_ts,
+    now() - min(committed_at) AS oldest_age
 FROM pending_balance_change;
 
 COMMENT ON VIEW pyswpt_api.work_queues IS
