@@ -83,6 +83,7 @@ class Config:
     intranet_extreme_delay_days: float
     message_max_delay_days: float
     account_heartbeat_days: float
+    account_update_delay_seconds: float
     prepared_transfer_remainder_days: float
     prepared_transfer_max_delay_days: float
     fetch_api_timeout_seconds: float
@@ -250,6 +251,7 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         intranet_extreme_delay_days=env.number("APP_INTRANET_EXTREME_DELAY_DAYS", 14.0),
         message_max_delay_days=env.number("APP_MESSAGE_MAX_DELAY_DAYS", 7.0),
         account_heartbeat_days=env.number("APP_ACCOUNT_HEARTBEAT_DAYS", 7.0),
+        account_update_delay_seconds=env.number("APP_ACCOUNT_UPDATE_DELAY_SECONDS", 5.0),
         prepared_transfer_remainder_days=env.number("APP_PREPARED_TRANSFER_REMAINDER_DAYS", 7.0),
         prepared_transfer_max_delay_days=env.number("APP_PREPARED_TRANSFER_MAX_DELAY_DAYS", 90.0),
         fetch_api_timeout_seconds=env.number("APP_FETCH_API_TIMEOUT_SECONDS", 5.0, positive=True),
@@ -301,6 +303,12 @@ def check_sanity(config: Config, now: dt.datetime) -> None:
             "APP_ACCOUNT_HEARTBEAT_DAYS",
             config.account_heartbeat_days,
             "<= 14",
+        ),
+        (
+            0 <= config.account_update_delay_seconds <= 86400,
+            "APP_ACCOUNT_UPDATE_DELAY_SECONDS",
+            config.account_update_delay_seconds,
+            ">= 0 and <= 86400",
         ),
     ]
     for holds, name, value, allowed in rules:

@@ -175,6 +175,17 @@ PROCESS_BALANCE_CHANGES = """
     SELECT pyswpt_api.process_balance_changes(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
 """
 
+# Announce (AccountUpdate) up to max_count changed accounts that sent none for min_interval_seconds.
+SEND_DUE_ACCOUNT_UPDATES = """
+    SELECT pyswpt_api.send_due_account_updates(
+        p_min_interval_seconds => %(min_interval_seconds)s,
+        p_max_count => %(max_count)s,
+        p_realm_mask => %(realm_mask)s,
+        p_realm => %(realm)s,
+        p_now => %(now)s
+    )
+"""
+
 # Outbox (the flushers): take and delete up to max_count rows of one outbox table -------------
 
 TAKE_REJECTED_TRANSFER_SIGNALS = """

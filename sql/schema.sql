@@ -94,6 +94,12 @@ COMMENT ON COLUMN pyswpt.account.last_heartbeat_ts IS 'When the latest AccountUp
 COMMENT ON COLUMN pyswpt.account.pending_account_update IS
     'A change happened that no AccountUpdate announced yet; the accounts scanner sends it.';
 
+-- Accounts with a change no AccountUpdate announced yet, by when they last
+-- sent one: the prompt-updates loop of the workers finds the due ones here.
+CREATE INDEX account_pending_update_idx
+    ON pyswpt.account (last_heartbeat_ts)
+    WHERE pending_account_update;
+
 -- Request queues ---------------------------------------------------------------
 
 CREATE TABLE pyswpt.transfer_request (

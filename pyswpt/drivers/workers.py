@@ -6,7 +6,8 @@ processor in a pool of threads (one connection per thread). A loop wakes when
 the consumer's transaction NOTIFYs that rows arrived, and polls at least every
 APP_PROCESS_*_WAIT seconds. Within a loop an account is never processed by two
 threads at once; across processes, SKIP LOCKED and the account lock keep the
-work disjoint.
+work disjoint. Beside the balance-changes loop runs the loop of prompt
+AccountUpdates (account_updates.py).
 
 Failures are isolated per account: when one account's processing fails for
 any reason but the infrastructure's (a CHECK violation, a RAISE, a statement
@@ -31,6 +32,7 @@ import psycopg
 from pyswpt import db, queries
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
+from pyswpt.drivers import account_updates
 from pyswpt.processes import join_threads, stop_event_on_signals
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
@@ -138,6 +140,14 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
             stopping.set()
 
     loops = [threading.Thread(target=run_stage, args=(stage,), name=stage.name) for stage in selected]
+    # Accounts change in the balance-change and finalization stages; the
+    # process that applies balance changes also announces them promptly.
+    if any(stage.name == "balance_changes" for stage in selected):
+        loops.append(
+            threading.Thread(
+                target=account_updates.announce_until_stopped, args=(config, stopping), name="account_updates"
+            )
+        )
     for loop in loops:
         loop.start()
     join_threads(loops)

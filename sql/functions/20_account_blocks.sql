@@ -228,6 +228,25 @@ BEGIN
 END;
 $$;
 
+-- B1': announce a locked account's stored state without changing it, as
+-- heartbeats and prompt updates do: ts = max(now, last_change_ts), seqnum,
+-- last_change_ts and interest as they are; the row remembers the announcement.
+CREATE FUNCTION pyswpt_private.announce_stored_state(p_account account, p_now timestamptz)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pyswpt, pyswpt_private, pg_temp
+AS $$
+BEGIN
+    p_account := emit_account_update(p_account, p_now, greatest(p_now, p_account.last_change_ts));
+    UPDATE account
+    SET
+        last_heartbeat_ts = p_account.last_heartbeat_ts,
+        pending_account_update = p_account.pending_account_update
+    WHERE debtor_id = p_account.debtor_id
+        AND creditor_id = p_account.creditor_id;
+END;
+$$;
+
 -- B2: change the principal (exactly, then contained) and add to the interest,
 -- folding the interest accrued until p_now into the interest column first.
 -- Sets pending_account_update instead of announcing the change at once.

@@ -147,13 +147,7 @@ BEGIN
         ORDER BY debtor_id, creditor_id
         FOR NO KEY UPDATE SKIP LOCKED
     LOOP
-        v_account := emit_account_update(v_account, p_now, greatest(p_now, v_account.last_change_ts));
-        UPDATE account
-        SET
-            last_heartbeat_ts = v_account.last_heartbeat_ts,
-            pending_account_update = v_account.pending_account_update
-        WHERE debtor_id = v_account.debtor_id
-            AND creditor_id = v_account.creditor_id;
+        PERFORM announce_stored_state(v_account, p_now);
         v_count := v_count + 1;
     END LOOP;
     RETURN v_count;

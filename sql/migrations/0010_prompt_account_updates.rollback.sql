@@ -1,0 +1,1 @@
+DROP INDEX pyswpt.account_pending_update_idx;
