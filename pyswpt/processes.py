@@ -100,8 +100,11 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
     """Run `target(*args, stopping)` in `count` processes until one of them ends.
 
     When any worker ends (error or stop), the others are asked to stop and the
-    exit status is 1, so that a supervisor restarts the whole group. With
-    count < 1 the command idles until it is stopped, as the reference does.
+    exit status is 1, so that a supervisor restarts the whole group. The one
+    exception: a worker that ends by itself with status 0 has finished its
+    work (a draining consumer whose queue is gone), and so has the command,
+    with status 0. With count < 1 the command idles until it is stopped, as
+    the reference does.
     """
     stopping = stop_event_on_signals()
     if count < 1:
@@ -122,6 +125,7 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     while not stopping.is_set() and all(worker.is_alive() for worker in workers):
         stopping.wait(0.5)
+    finished = not stopping.is_set() and any(worker.exitcode == 0 for worker in workers)
     for worker in workers:
         if worker.is_alive():
             worker.terminate()
@@ -131,4 +135,4 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
             logger.error("Worker %s did not stop in time; killing it.", worker.pid)
             worker.kill()
             worker.join()
-    return 1
+    return 0 if finished else 1
