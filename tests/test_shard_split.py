@@ -66,6 +66,7 @@ MAX_COMMIT_DELAY_SECONDS = 3600
 T_INFINITY = "9999-12-31T23:59:59+00:00"
 ROOT_NEGLIGIBLE_AMOUNT = 1e30
 NOT_FOUND = 404
+CONNECTION_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError)
 NODE_SETTINGS = {
     "PROTOCOL_BROKER_PREFETCH_COUNT": "50",
     "FLUSH_PERIOD": "0.2",
@@ -122,25 +123,41 @@ class Coordinators(threading.Thread):
         self.load_on = threading.Event()
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
-        parameters = pika.URLParameters(broker_url)
-        self.connection = pika.BlockingConnection(parameters)
+        # Durable, so that nothing sent to the coordinators is lost if their connection is.
+        self.inbox = f"test_split_coordinators_{uuid.uuid4().hex[:8]}"
+        self.connect()
+
+    def connect(self) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(self.broker_url))
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
-        self.inbox = f"test_split_coordinators_{uuid.uuid4().hex[:8]}"
-        self.channel.queue_declare(self.inbox, exclusive=True)
+        self.channel.queue_declare(self.inbox, durable=True)
         for exchange in ("to_creditors", "to_debtors"):
             self.channel.queue_bind(self.inbox, exchange, "#")
+
+    def reconnect(self, error: Exception) -> None:
+        """A broker connection closed under the coordinators (another test's chaos): open a new one."""
+        print(f"coordinators reconnecting after {error!r}")
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            self.connection.close()
+        self.connect()
 
     # -- sending, as a peer does: to accounts_in, routed by the account's key
 
     def send(self, fields: dict) -> None:
-        self.channel.basic_publish(
-            "accounts_in",
-            binary_routing_key(fields["debtor_id"], fields["creditor_id"]),
-            json.dumps(fields).encode(),
-            pika.BasicProperties(content_type="application/json", type=fields["type"], delivery_mode=2),
-            mandatory=True,  # a moment with no queue bound would raise UnroutableError and fail the test
-        )
+        """Publish with a confirm; sent again only if the connection was lost before the confirm."""
+        while True:
+            try:
+                self.channel.basic_publish(
+                    "accounts_in",
+                    binary_routing_key(fields["debtor_id"], fields["creditor_id"]),
+                    json.dumps(fields).encode(),
+                    pika.BasicProperties(content_type="application/json", type=fields["type"], delivery_mode=2),
+                    mandatory=True,  # a moment with no queue bound would raise UnroutableError and fail the test
+                )
+                return
+            except CONNECTION_LOST as error:
+                self.reconnect(error)
 
     def configure(self, debtor_id: int, creditor_id: int, negligible_amount: float = 0.0) -> None:
         self.send(
@@ -203,14 +220,26 @@ class Coordinators(threading.Thread):
     def receive(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while True:
-            method, _properties, body = self.channel.basic_get(self.inbox, auto_ack=True)
+            try:
+                channel = self.channel
+                method, _properties, body = channel.basic_get(self.inbox)
+                if method is not None:
+                    # Handled before the ack: a message comes again if the connection is lost, never not at all.
+                    self.handle(json.loads(body))
+                    if self.channel is channel:  # else it went with the old connection, and comes again
+                        channel.basic_ack(method.delivery_tag)
+            except CONNECTION_LOST as error:
+                self.reconnect(error)
+                continue
             if method is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                self.connection.sleep(min(0.02, remaining))
+                try:
+                    self.connection.sleep(min(0.02, remaining))
+                except CONNECTION_LOST as error:
+                    self.reconnect(error)
                 continue
-            self.handle(json.loads(body))
 
     def handle(self, fields: dict) -> None:
         message_type = fields["type"]
@@ -260,7 +289,9 @@ class Coordinators(threading.Thread):
         except BaseException as error:  # noqa: BLE001 - reported by the test's thread
             self.failure = error
         finally:
-            self.connection.close()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                self.channel.queue_delete(self.inbox)
+                self.connection.close()
 
     def committed(self) -> int:
         return sum(request.state == "committed" for request in self.transfers)
