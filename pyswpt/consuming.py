@@ -89,13 +89,17 @@ def consume_in_threads(
     threads: int,
     handler_factory: Callable[[], BatchHandler],
     stopping: threading.Event,
-) -> None:
-    """Run `threads` independent consumers (own connections each) until stopped or one fails."""
+) -> bool:
+    """Run `threads` independent consumers (own connections each) until stopped or one fails.
+
+    True when every one of them finished its work (draining: the queue is gone).
+    """
     failures: list[BaseException] = []
+    done: list[bool] = []
 
     def consume() -> None:
         try:
-            consume_until_stopped(settings, postgres_url, handler_factory(), stopping)
+            done.append(consume_until_stopped(settings, postgres_url, handler_factory(), stopping))
         except BaseException as error:  # noqa: BLE001 - reported by the parent thread
             logger.exception("Consumer thread failed.")
             failures.append(error)
@@ -107,17 +111,20 @@ def consume_in_threads(
     processes.join_threads(workers)
     if failures:
         raise failures[0]
+    return len(done) == threads and all(done)
 
 
 def consume_until_stopped(
     settings: QueueSettings, postgres_url: str, handler: BatchHandler, stopping: threading.Event
-) -> None:
-    """Consume, reconnecting with backoff after a lost connection, until `stopping` is set."""
+) -> bool:
+    """Consume, reconnecting with backoff after a lost connection, until `stopping` is set.
+
+    True when the work is finished instead (draining: the queue is gone).
+    """
     backoff = Backoff()
     while not stopping.is_set():
         try:
-            consume_batches(settings, postgres_url, handler, stopping)
-            return
+            return consume_batches(settings, postgres_url, handler, stopping)
         except TRANSIENT_ERRORS as error:
             pause = backoff.next_pause()
             logger.error(
@@ -128,6 +135,7 @@ def consume_until_stopped(
                 pause,
             )
             stopping.wait(pause)
+    return False
 
 
 def consume_batches(
@@ -135,8 +143,9 @@ def consume_batches(
     postgres_url: str,
     handler: BatchHandler,
     stopping: threading.Event,
-) -> None:
-    """Consume until stopped; in draining mode, subscribe again after each pause until the queue is gone."""
+) -> bool:
+    """Consume until stopped (False); in draining mode, subscribe again after each pause until the
+    queue is gone (True)."""
     connection = amqp.connect(settings.broker_url)
     database = DatabaseSession(postgres_url, f"pyswpt consumer {settings.queue}")
     pauses = DrainingPauses() if settings.draining else None
@@ -153,10 +162,10 @@ def consume_batches(
         while not stopping.is_set():
             consumer_tag = subscribe(channel, settings.queue, collect, draining=pauses is not None)
             if consumer_tag is None:
-                return
+                return True
             batches = Batches(connection, channel, database, handler, settings, received)
             if not batches.consume(stopping, pauses):
-                return  # stopping: the batch in hand is not acked, so the broker delivers it again
+                return False  # stopping: the batch in hand is not acked, so the broker delivers it again
             # Only a draining consumer gets here, idle. pika hands back what arrives
             # while it cancels; what it had already passed on is applied first,
             # since an unacknowledged message is not counted by delete-queue.
@@ -166,6 +175,7 @@ def consume_batches(
             pause_seconds = pauses.next_pause_seconds(time.time())
             logger.info("Draining %s: idle, away for %.1f s.", settings.queue, pause_seconds)
             sleep_answering_broker(connection, pause_seconds, stopping)
+        return False
     finally:
         database.close()
         if connection.is_open:

@@ -68,6 +68,9 @@ class HandOn:
             self.close()
             return [False] * len(messages)
         self._last_used_at = self.clock()
+        taken = outcomes.count(amqp.Outcome.CONFIRMED)
+        if taken:
+            logger.info("Handed on %d messages of the sibling shard from %s to accounts_in.", taken, self.queue)
         for (delivery, debtor_id, creditor_id), message, outcome in zip(messages, outgoing, outcomes, strict=True):
             if outcome is not amqp.Outcome.CONFIRMED:
                 logger.error(

@@ -458,6 +458,7 @@ def test_a_split_under_load_loses_doubles_and_misplaces_nothing(
         # 1. The parent stops; its queue keeps filling.
         parent_process.stop()
         assert parent_process.process.returncode == 0, parent_process.log()
+    # Published before the children's queues exist, these reach the children only through the drainers.
     wait_for(lambda: ready_messages(rabbitmq_url, parent_queue) > 0, "messages waiting for the stopped parent")
 
     # 2. Two copies of its database.
@@ -516,6 +517,7 @@ def test_a_split_under_load_loses_doubles_and_misplaces_nothing(
             wait_for(lambda d=drainer: d.process.poll() is not None, "a drainer to exit", DRAINED_WITHIN_SECONDS)
             assert drainer.process.returncode == 0, drainer.log()
             assert "The shard is not responsible" not in drainer.log()
+            print(*(line for line in drainer.log().splitlines() if "Handed on" in line), sep="\n")
 
         # 7. Once verify-shard-content passes, each child runs on without the flag.
         for child, process in zip(children, child_processes, strict=True):
@@ -543,6 +545,8 @@ def test_a_split_under_load_loses_doubles_and_misplaces_nothing(
         coordinators.join(30)
         assert coordinators.failure is None, repr(coordinators.failure)
 
+        dismissed = sum(len(request.dismissed_transfer_ids) for request in coordinators.transfers)
+        print(f"{len(coordinators.transfers)} transfers, {dismissed} second transfers dismissed")
         assert_every_transfer_finalized_once(coordinators)
         assert_principals_match_the_books_in_the_owning_shard(coordinators, accounts, children)
         assert_transfer_numbers_whole(coordinators, children)

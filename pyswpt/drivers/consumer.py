@@ -43,7 +43,8 @@ def run(config: Config, draining_mode: bool = False) -> int:
     return processes.run_worker_processes(config.protocol_broker_processes, consume, config, draining_mode)
 
 
-def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> None:
+def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> bool:
+    """Consume until stopped; True once a drained queue is gone."""
     settings = consuming.QueueSettings(
         broker_url=config.protocol_broker_url,
         queue=config.protocol_broker_queue,
@@ -51,7 +52,7 @@ def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> N
         prefetch_size=config.protocol_broker_prefetch_size,
         draining=draining_mode,
     )
-    consuming.consume_in_threads(
+    return consuming.consume_in_threads(
         settings,
         config.postgres_url,
         config.protocol_broker_threads,
