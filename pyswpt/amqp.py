@@ -8,6 +8,7 @@ import enum
 import logging
 import time
 import urllib.parse
+from typing import Any
 
 import pika
 import pika.channel
@@ -49,6 +50,11 @@ class Outcome(enum.Enum):
     NACKED = "nacked"  # the broker could not take it (an internal error)
 
 
+# Headers the broker adds when it delivers or dead-letters a message: a message
+# published again (a replay, a hand-on after a split) is a new delivery.
+BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-received-from"})
+BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+
 # A lost or refused broker connection, or a batch whose confirms never came:
 # the broker's trouble, not the messages'. Retry on a new connection.
 CONNECTION_ERRORS = (pika.exceptions.AMQPError, ConnectionError, ConfirmsLost)
@@ -65,6 +71,17 @@ def connection_parameters(url: str) -> pika.URLParameters:
 
 def connect(url: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(connection_parameters(url))
+
+
+def without_broker_headers(headers: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A message's headers without those the broker added."""
+    if headers is None:
+        return None
+    return {
+        name: value
+        for name, value in headers.items()
+        if name not in BROKER_HEADERS and not name.startswith(BROKER_HEADER_PREFIXES)
+    }
 
 
 @dataclasses.dataclass(frozen=True)

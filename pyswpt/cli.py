@@ -29,6 +29,15 @@ class Option:
 
 
 @dataclasses.dataclass(frozen=True)
+class Switch:
+    """A command-line flag of a driver, passed to its run() as a keyword argument."""
+
+    flag: str
+    keyword: str
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Driver:
     """`pyswpt run NAME` starts pyswpt.drivers.<module>.run(config, **names)."""
 
@@ -38,6 +47,7 @@ class Driver:
     # Optional positional names passed to run() as this keyword, e.g. flusher tables.
     names_keyword: str | None = None
     name_choices: tuple[str, ...] = ()
+    switches: tuple[Switch, ...] = ()
 
 
 def broker_options(prefix: str, what: str) -> tuple[Option, ...]:
@@ -54,7 +64,19 @@ def broker_options(prefix: str, what: str) -> tuple[Option, ...]:
 DRIVERS = {
     "all": Driver("supervisor", "every driver of one node, restarted when one dies"),
     "web": Driver("web", "the fetch API"),
-    "consumer": Driver("consumer", "consume SMP messages", broker_options("protocol_broker", "SMP")),
+    "consumer": Driver(
+        "consumer",
+        "consume SMP messages",
+        broker_options("protocol_broker", "SMP"),
+        switches=(
+            Switch(
+                "--draining-mode",
+                "draining_mode",
+                "retire a parent shard's queue after a split: step back from the queue when it is idle, hand "
+                "the sibling shard's messages on to it, and exit with status 0 once the queue is deleted",
+            ),
+        ),
+    ),
     "chores": Driver("chores", "consume chore messages", broker_options("chores_broker", "chores")),
     "flusher": Driver(
         "flusher",
@@ -227,8 +249,9 @@ def command_run(config: settings.Config, args: argparse.Namespace) -> int:
         if getattr(args, option.setting) is not None
     }
     names = {driver.names_keyword: args.names or None} if driver.names_keyword else {}
+    switches = {switch.keyword: getattr(args, switch.keyword) for switch in driver.switches}
     module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
-    return module.run(dataclasses.replace(config, **overrides), **names) or 0
+    return module.run(dataclasses.replace(config, **overrides), **names, **switches) or 0
 
 
 def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
@@ -247,6 +270,8 @@ def add_run_commands(commands: argparse._SubParsersAction) -> None:
         parser = drivers.add_parser(name, help=driver.help)
         for option in driver.options:
             parser.add_argument(*option.flags, dest=option.setting, type=option.type, help=option.help)
+        for switch in driver.switches:
+            parser.add_argument(switch.flag, dest=switch.keyword, action="store_true", help=switch.help)
         if driver.names_keyword:
             # Not `choices=`: argparse refuses an empty `nargs="*"` list against choices.
             parser.add_argument(

@@ -9,6 +9,14 @@ database connection, the broker channel kept, so an outage does not count
 as a delivery attempt of every message. A lost broker connection
 reconnects with backoff (unacknowledged messages are redelivered); anything
 else ends the process loudly.
+
+In draining mode (spec 01 §3.6, used to retire a queue after a shard split)
+the consumer steps back whenever the queue has been idle for a while: it
+cancels its subscription and subscribes again at the next multiple of a
+period on the wall clock, so that every draining consumer of the queue, on
+every machine, is away at the same moments and `pyswpt delete-queue` finds
+the queue with no consumer and no message. When the queue is gone, the
+draining consumer's work is done and it returns.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import time
 from collections.abc import Callable
 
 import pika
+import pika.exceptions
 import psycopg
+from pika.adapters.blocking_connection import BlockingChannel
 
 from pyswpt import amqp, db, processes
 from pyswpt.backoff import Backoff
@@ -32,6 +42,10 @@ POLL_SECONDS = 1.0
 # Upper bound of a batch when the prefetch count is 0 ("unlimited").
 MAX_BATCH_SIZE = 1000
 TRANSIENT_ERRORS = (psycopg.OperationalError, *amqp.CONNECTION_ERRORS)
+NOT_FOUND = 404
+# Draining mode: the period of the pauses starts here and doubles after each pause, up to a maximum.
+FIRST_DRAINING_PERIOD_SECONDS = 15.0
+MAX_DRAINING_PERIOD_SECONDS = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +76,7 @@ class QueueSettings:
     queue: str
     prefetch_count: int
     prefetch_size: int
+    draining: bool = False
 
     @property
     def max_batch_size(self) -> int:
@@ -74,13 +89,17 @@ def consume_in_threads(
     threads: int,
     handler_factory: Callable[[], BatchHandler],
     stopping: threading.Event,
-) -> None:
-    """Run `threads` independent consumers (own connections each) until stopped or one fails."""
+) -> bool:
+    """Run `threads` independent consumers (own connections each) until stopped or one fails.
+
+    True when every one of them finished its work (draining: the queue is gone).
+    """
     failures: list[BaseException] = []
+    done: list[bool] = []
 
     def consume() -> None:
         try:
-            consume_until_stopped(settings, postgres_url, handler_factory(), stopping)
+            done.append(consume_until_stopped(settings, postgres_url, handler_factory(), stopping))
         except BaseException as error:  # noqa: BLE001 - reported by the parent thread
             logger.exception("Consumer thread failed.")
             failures.append(error)
@@ -92,17 +111,20 @@ def consume_in_threads(
     processes.join_threads(workers)
     if failures:
         raise failures[0]
+    return len(done) == threads and all(done)
 
 
 def consume_until_stopped(
     settings: QueueSettings, postgres_url: str, handler: BatchHandler, stopping: threading.Event
-) -> None:
-    """Consume, reconnecting with backoff after a lost connection, until `stopping` is set."""
+) -> bool:
+    """Consume, reconnecting with backoff after a lost connection, until `stopping` is set.
+
+    True when the work is finished instead (draining: the queue is gone).
+    """
     backoff = Backoff()
     while not stopping.is_set():
         try:
-            consume_batches(settings, postgres_url, handler, stopping)
-            return
+            return consume_batches(settings, postgres_url, handler, stopping)
         except TRANSIENT_ERRORS as error:
             pause = backoff.next_pause()
             logger.error(
@@ -113,6 +135,7 @@ def consume_until_stopped(
                 pause,
             )
             stopping.wait(pause)
+    return False
 
 
 def consume_batches(
@@ -120,47 +143,121 @@ def consume_batches(
     postgres_url: str,
     handler: BatchHandler,
     stopping: threading.Event,
-) -> None:
+) -> bool:
+    """Consume until stopped (False); in draining mode, subscribe again after each pause until the
+    queue is gone (True)."""
     connection = amqp.connect(settings.broker_url)
     database = DatabaseSession(postgres_url, f"pyswpt consumer {settings.queue}")
+    pauses = DrainingPauses() if settings.draining else None
+    received: list[Delivery] = []
+
+    def collect(_channel, method, properties, body) -> None:
+        received.append(
+            Delivery(method.delivery_tag, properties, body, method.exchange, method.routing_key, method.redelivered)
+        )
+
     try:
         channel = connection.channel()
         channel.basic_qos(prefetch_size=settings.prefetch_size, prefetch_count=settings.prefetch_count)
-        received: list[Delivery] = []
-        channel.basic_consume(
-            settings.queue,
-            on_message_callback=lambda _ch, method, properties, body: received.append(
-                Delivery(
-                    method.delivery_tag,
-                    properties,
-                    body,
-                    method.exchange,
-                    method.routing_key,
-                    method.redelivered,
-                )
-            ),
-        )
-        logger.info("Consuming %s.", settings.queue)
-        # Messages handed back while nothing else passes would come straight back.
-        requeue_backoff = Backoff()
         while not stopping.is_set():
-            connection.process_data_events(time_limit=POLL_SECONDS)
-            if not received:
+            consumer_tag = subscribe(channel, settings.queue, collect, draining=pauses is not None)
+            if consumer_tag is None:
+                return True
+            batches = Batches(connection, channel, database, handler, settings, received)
+            if not batches.consume(stopping, pauses):
+                return False  # stopping: the batch in hand is not acked, so the broker delivers it again
+            # Only a draining consumer gets here, idle. pika hands back what arrives
+            # while it cancels; what it had already passed on is applied first,
+            # since an unacknowledged message is not counted by delete-queue.
+            channel.basic_cancel(consumer_tag)
+            if received:
                 continue
-            # Take what else has already arrived, so the batch fills the window.
-            connection.process_data_events(time_limit=0)
-            batch = received[: settings.max_batch_size]
-            del received[: settings.max_batch_size]
-            outcome = handle_until_applied(connection, database, handler, batch, settings.queue, stopping)
-            if outcome is None:
-                return  # stopping: the batch is not acked, so the broker delivers it again
-            if outcome.requeued and not outcome.acked:
-                sleep_answering_broker(connection, requeue_backoff.next_pause(), stopping)
-            settle(channel, outcome)
+            pause_seconds = pauses.next_pause_seconds(time.time())
+            logger.info("Draining %s: idle, away for %.1f s.", settings.queue, pause_seconds)
+            sleep_answering_broker(connection, pause_seconds, stopping)
+        return False
     finally:
         database.close()
         if connection.is_open:
             connection.close()
+
+
+def subscribe(channel, queue: str, on_message, *, draining: bool) -> str | None:
+    """Start consuming; the consumer tag, or None when a queue being drained is gone (its work is done)."""
+    try:
+        consumer_tag = channel.basic_consume(queue, on_message_callback=on_message)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if not draining or error.reply_code != NOT_FOUND:
+            raise
+        logger.info("The queue %s is gone: draining is done.", queue)
+        return None
+    logger.info("Consuming %s%s.", queue, " (draining)" if draining else "")
+    return consumer_tag
+
+
+@dataclasses.dataclass
+class Batches:
+    """One subscription's deliveries, applied batch by batch and settled after each commit."""
+
+    connection: pika.BlockingConnection
+    channel: BlockingChannel
+    database: DatabaseSession
+    handler: BatchHandler
+    settings: QueueSettings
+    received: list[Delivery]  # filled by the subscription's callback, in delivery-tag order
+
+    def consume(self, stopping: threading.Event, pauses: DrainingPauses | None) -> bool:
+        """Apply batches until stopped (False), or until idle long enough to pause when draining (True)."""
+        max_batch_size = self.settings.max_batch_size
+        # Messages handed back while nothing else passes would come straight back.
+        requeue_backoff = Backoff()
+        idle_polls = 0
+        while not stopping.is_set():
+            self.connection.process_data_events(time_limit=POLL_SECONDS)
+            if not self.received:
+                idle_polls += 1
+                if pauses is not None and idle_polls > pauses.idle_polls_before_pause():
+                    return True
+                continue
+            idle_polls = 0
+            # Take what else has already arrived, so the batch fills the window.
+            self.connection.process_data_events(time_limit=0)
+            batch = self.received[:max_batch_size]
+            del self.received[:max_batch_size]
+            outcome = handle_until_applied(
+                self.connection, self.database, self.handler, batch, self.settings.queue, stopping
+            )
+            if outcome is None:
+                return False
+            if outcome.requeued and not outcome.acked:
+                sleep_answering_broker(self.connection, requeue_backoff.next_pause(), stopping)
+            settle(self.channel, outcome)
+        return False
+
+
+@dataclasses.dataclass
+class DrainingPauses:
+    """When a draining consumer steps back from its queue, and for how long (spec 01 §3.6)."""
+
+    period_seconds: float = FIRST_DRAINING_PERIOD_SECONDS
+
+    def idle_polls_before_pause(self) -> int:
+        """Idle polls of POLL_SECONDS allowed before a pause: more, the longer the period."""
+        return 1 + int(self.period_seconds / 20)
+
+    def next_pause_seconds(self, now: float) -> float:
+        """Seconds from `now` (Unix time) until the next multiple of the period; then the period doubles.
+
+        The reference sleeps `now mod P` seconds instead (a quirk): a pause of
+        random length, from nothing to a whole period, so the consumers of a
+        queue come back at scattered moments and `delete_queue` may never
+        find the queue without one. Waiting until the next multiple of P
+        brings them all back at the same instant, and keeps them all away
+        until then.
+        """
+        pause_seconds = self.period_seconds - now % self.period_seconds
+        self.period_seconds = min(2 * self.period_seconds, MAX_DRAINING_PERIOD_SECONDS)
+        return pause_seconds
 
 
 def handle_until_applied(

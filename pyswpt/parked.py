@@ -40,9 +40,6 @@ REFUSAL_OF_OUTCOME = {
     amqp.Outcome.RETURNED: "returned: no queue is bound for it",
     amqp.Outcome.NACKED: "nacked",
 }
-# Headers the broker adds when it delivers or dead-letters a message; a replay is a new delivery.
-BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-received-from"})
-BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
 
 Row = dict[str, Any]
@@ -265,21 +262,10 @@ def outgoing_message(row: Row) -> amqp.OutgoingMessage:
             type=row["message_type"],
             delivery_mode=wire.PERSISTENT_DELIVERY_MODE,
             app_id=app_id,
-            headers=replayed_headers(row["headers"]),
+            headers=amqp.without_broker_headers(row["headers"]),
         ),
         mandatory=True,
     )
-
-
-def replayed_headers(headers: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The original headers without those the broker added."""
-    if headers is None:
-        return None
-    return {
-        name: value
-        for name, value in headers.items()
-        if name not in BROKER_HEADERS and not name.startswith(BROKER_HEADER_PREFIXES)
-    }
 
 
 def json_value(value: Any) -> Any:

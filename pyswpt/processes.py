@@ -25,6 +25,8 @@ PARENT_DEATH_SIGNAL = signal.SIGTERM
 PR_SET_PDEATHSIG = 1
 # Exit status of a child that found its parent already gone before it could start.
 ORPHANED_AT_START_STATUS = 1
+# Exit status of a worker whose target returned True: its work is finished (a drained queue is gone).
+WORK_DONE_STATUS = 3
 WORKER_STOP_TIMEOUT_SECONDS = 30.0
 # The main thread wakes up this often while it waits for its threads (join_threads).
 JOIN_SLICE_SECONDS = 0.5
@@ -90,18 +92,23 @@ def _worker_main(parent_pid: int, target: Callable[..., None], args: tuple) -> N
     stopping = stop_event_on_signals()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
-        target(*args, stopping)
+        done = target(*args, stopping)
     except Exception:
         logger.exception("Uncaught exception in worker process %s.", multiprocessing.current_process().pid)
         raise SystemExit(1) from None
+    if done:
+        raise SystemExit(WORK_DONE_STATUS)
 
 
 def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
     """Run `target(*args, stopping)` in `count` processes until one of them ends.
 
     When any worker ends (error or stop), the others are asked to stop and the
-    exit status is 1, so that a supervisor restarts the whole group. With
-    count < 1 the command idles until it is stopped, as the reference does.
+    exit status is 1, so that a supervisor restarts the whole group. The one
+    exception: a worker whose target returned True has finished its work (a
+    draining consumer whose queue is gone), and so has the command, with
+    status 0. With count < 1 the command idles until it is stopped, as the
+    reference does.
     """
     stopping = stop_event_on_signals()
     if count < 1:
@@ -122,6 +129,7 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     while not stopping.is_set() and all(worker.is_alive() for worker in workers):
         stopping.wait(0.5)
+    finished = not stopping.is_set() and any(worker.exitcode == WORK_DONE_STATUS for worker in workers)
     for worker in workers:
         if worker.is_alive():
             worker.terminate()
@@ -131,4 +139,4 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
             logger.error("Worker %s did not stop in time; killing it.", worker.pid)
             worker.kill()
             worker.join()
-    return 1
+    return 0 if finished else 1

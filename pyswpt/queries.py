@@ -331,6 +331,17 @@ DELETE_PARENT_SHARD_ACCOUNTS = """
     )
 """
 
+# Accounts scanner, with DELETE_PARENT_SHARD_RECORDS: forget up to %(max_count)s parked messages of the sibling shard.
+DELETE_PARENT_SHARD_PARKED_MESSAGES = """
+    SELECT pyswpt.delete_parent_shard_parked_messages(
+        p_realm_mask => %(realm_mask)s,
+        p_realm => %(realm)s,
+        p_parent_realm_mask => %(parent_realm_mask)s,
+        p_parent_realm => %(parent_realm)s,
+        p_max_count => %(max_count)s
+    )
+"""
+
 # Accounts scanner step 2: purge the accounts among the keys deleted long ago (AccountPurge).
 PURGE_DELETED_ACCOUNTS = """
     SELECT pyswpt_api.purge_deleted_accounts(

@@ -149,43 +149,52 @@ def delete_queue(
     poll_seconds: float = DELETE_QUEUE_POLL_SECONDS,
     max_attempts: int | None = None,
 ) -> bool:
-    """Delete the queue once it holds no ready messages (§3.7 `delete_queue`).
+    """Delete the queue once it holds no message and has no consumer (§3.7 `delete_queue`, §4.4).
 
-    Quorum queues ignore the if-empty/if-unused flags, so emptiness is checked
-    with a passive declare first. Returns True when the queue is gone, False
-    when `max_attempts` checks all found messages (None: keep trying forever,
-    as the reference does).
+    Quorum queues ignore the if-empty/if-unused flags, so the queue is checked
+    with a passive declare first. The reference looks at the message count
+    only, which leaves out the messages a consumer holds unacknowledged:
+    deleting then would lose them. Waiting also for no consumer is safe with
+    draining consumers (`run consumer --draining-mode`), which step back
+    together only with nothing unacknowledged; a queue nobody publishes to
+    any more (unbound) stays empty from then on. Returns True when the queue
+    is gone, False when `max_attempts` checks all found it in use (None: keep
+    trying forever, as the reference does).
     """
     attempt = 0
     with open_connection(url) as connection:
         while True:
             attempt += 1
-            message_count = _delete_if_empty(connection.channel(), queue)
-            if message_count == 0:
+            in_use = _delete_if_unused(connection.channel(), queue)
+            if in_use is None:
                 return True
             if max_attempts is not None and attempt >= max_attempts:
                 return False
+            message_count, consumer_count = in_use
             logger.info(
-                'Queue "%s" still has %d messages; checking again in %s s.',
+                'Queue "%s" still has %d messages and %d consumers; checking again in %s s.',
                 queue,
                 message_count,
+                consumer_count,
                 poll_seconds,
             )
             time.sleep(poll_seconds)
 
 
-def _delete_if_empty(channel: BlockingChannel, queue: str) -> int:
-    """Delete the queue if it is empty or missing; return its ready message count."""
+def _delete_if_unused(channel: BlockingChannel, queue: str) -> tuple[int, int] | None:
+    """Delete the queue if it is missing, or has neither messages nor consumers; else its counts."""
     try:
         status = channel.queue_declare(queue, passive=True)
     except ChannelClosedByBroker as error:
         if error.reply_code != NOT_FOUND:
             raise
         logger.info('Queue "%s" does not exist.', queue)
-        return 0
-    message_count = status.method.message_count
-    if message_count == 0:
+        return None
+    counts = (status.method.message_count, status.method.consumer_count)
+    if counts == (0, 0):
         channel.queue_delete(queue)
         logger.info('Deleted "%s" queue.', queue)
+        channel.close()
+        return None
     channel.close()
-    return message_count
+    return counts

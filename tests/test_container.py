@@ -55,6 +55,13 @@ def test_entrypoint_maps_each_reference_command_to_a_pyswpt_command(command: str
     assert result.stdout.startswith("usage: pyswpt")
 
 
+def test_entrypoint_accepts_consume_messages_draining_mode():
+    # --help exits before unknown flags are refused: the help text must list the flag.
+    result = entrypoint("consume_messages", "--draining-mode", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--draining-mode" in result.stdout
+
+
 def test_entrypoint_runs_any_other_command_as_is():
     result = entrypoint("echo", "hello")
     assert result.stdout == "hello\n"

@@ -208,6 +208,34 @@ def test_parent_shard_accounts_are_deleted_when_delete_parent_shard_records_is_o
     assert outbox(conn, "account_purge_signal") == []
 
 
+def park_for(conn, debtor_id: int, creditor_id: int) -> None:
+    conn.execute(
+        "SELECT park_message(p_source_kind => 'queue', p_source_name => 'q', p_exchange => 'accounts_in',"
+        " p_routing_key => %s, p_message_type => 'PrepareTransfer', p_content_type => 'application/json',"
+        " p_headers => NULL, p_body => '{}'::bytea, p_row_data => NULL, p_debtor_id => %s, p_creditor_id => %s,"
+        " p_reason_code => 'refused', p_reason => 'test', p_sqlstate => NULL, p_attempts => 1,"
+        " p_next_retry_at => NULL, p_max_per_reason => 100)",
+        (f"{debtor_id}/{creditor_id}", debtor_id, creditor_id),
+    )
+
+
+def test_parent_shard_parked_messages_are_deleted_when_delete_parent_shard_records_is_on(
+    conn, database_url, rabbitmq_url, chores_queue
+):
+    insert_account(conn, *OWNED_BY_0_1)
+    park_for(conn, *PARENT_ONLY)  # no such account here: the message is the sibling's all the same
+    park_for(conn, *OWNED_BY_0_1)
+    scan_accounts(
+        database_url,
+        rabbitmq_url,
+        chores_queue,
+        [OWNED_BY_0_1],
+        PROTOCOL_BROKER_QUEUE_ROUTING_KEY="0.1.#",
+        DELETE_PARENT_SHARD_RECORDS="true",
+    )
+    assert conn.execute("SELECT debtor_id, creditor_id FROM parked_message").fetchall() == [OWNED_BY_0_1]
+
+
 def test_parent_shard_accounts_are_kept_when_delete_parent_shard_records_is_off(
     conn, database_url, rabbitmq_url, chores_queue
 ):

@@ -403,3 +403,24 @@ def test_delete_queue_waits_until_the_queue_is_empty_then_deletes_it(rabbitmq_ur
 
 def test_delete_queue_of_a_missing_queue_is_done(rabbitmq_url, new_queue_name):
     assert topology.delete_queue(rabbitmq_url, new_queue_name("missing"), max_attempts=1) is True
+
+
+def test_delete_queue_keeps_a_queue_whose_consumer_holds_an_unacknowledged_message(
+    rabbitmq_url, connection, new_queue_name
+):
+    queue = new_queue_name("draining")
+    topology.subscribe(rabbitmq_url, queue, "0.#")
+    channel = confirming_channel(connection)
+    publish(channel, "", queue, b"in the consumer's hands")
+    held: list[bytes] = []
+    channel.basic_consume(queue, on_message_callback=lambda _ch, _method, _props, body: held.append(body))
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not held and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.05)
+    assert held == [b"in the consumer's hands"]
+    assert message_count(connection, queue) == 0  # an unacknowledged message is not counted
+
+    deleted = topology.delete_queue(rabbitmq_url, queue, poll_seconds=0.01, max_attempts=3)
+
+    assert deleted is False
+    assert reply_code_of(connection, lambda ch: ch.queue_declare(queue, passive=True)) == 200

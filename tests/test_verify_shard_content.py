@@ -81,3 +81,35 @@ def test_record_beyond_the_first_block_ranges_is_found(conn, database_url, rabbi
     assert verify(database_url, rabbitmq_url, "0.#").returncode == 0
     insert_account(conn, *IN_1)
     assert verify(database_url, rabbitmq_url, "0.#").returncode == 1
+
+
+def park(conn, source_kind: str, source_name: str, pair: tuple[int, int] | tuple[None, None], body: bytes) -> None:
+    conn.execute(
+        "SELECT park_message("
+        "p_source_kind => %s, p_source_name => %s, p_exchange => 'accounts_in', p_routing_key => '',"
+        " p_message_type => 'PendingBalanceChange', p_content_type => 'application/json', p_headers => NULL,"
+        " p_body => %s, p_row_data => NULL, p_debtor_id => %s, p_creditor_id => %s, p_reason_code => 'refused',"
+        " p_reason => 'test', p_sqlstate => NULL, p_attempts => 1, p_next_retry_at => NULL,"
+        " p_max_per_reason => 100)",
+        (source_kind, source_name, body, *pair),
+    )
+
+
+def test_parked_message_of_another_shard_fails(conn, database_url, rabbitmq_url):
+    park(conn, "queue", "swpt_accounts", IN_1, b'{"type": "PendingBalanceChange"}')
+    result = verify(database_url, rabbitmq_url, "0.#")
+    assert result.returncode == 1
+    assert "table parked_message, account (-1, 12)" in result.stdout
+
+
+def test_parked_outgoing_payment_belongs_to_its_sender_not_to_its_recipient(conn, database_url, rabbitmq_url):
+    body = b'{"type": "PendingBalanceChange", "other_creditor_id": 1234, "creditor_id": 12}'
+    park(conn, "outbox", "pending_balance_changes", IN_1, body)  # parked with the recipient's pair
+    assert verify(database_url, rabbitmq_url, "0.#").returncode == 0
+    assert verify(database_url, rabbitmq_url, "1.#").returncode == 1
+
+
+def test_parked_message_that_names_no_account_is_not_checked(conn, database_url, rabbitmq_url):
+    park(conn, "queue", "swpt_accounts", (None, None), b"\xff not JSON")
+    park(conn, "outbox", "pending_balance_changes", (IN_1[0], None), b"\xff not JSON")
+    assert verify(database_url, rabbitmq_url, "1.0.1.#").returncode == 0

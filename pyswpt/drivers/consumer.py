@@ -6,10 +6,16 @@ Malformed messages, messages for accounts of another shard and messages the
 database refuses are parked in PostgreSQL, logged in one line and rejected to
 the dead-letter queue (pyswpt.applying) — the reference loops forever on some
 of them; here one bad message never holds up the others.
+
+With `--draining-mode` (spec 01 §3.6, §4.4) the consumer retires a parent
+shard's queue after a split: it steps back from the queue when idle (see
+pyswpt.consuming), and hands the messages of the sibling shard on to it
+(pyswpt.handoff) instead of parking them as foreign.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -20,6 +26,7 @@ from pyswpt import applying, consuming, messages, processes, queries
 from pyswpt.applying import Applied, Item, Refusal, WindowApplier
 from pyswpt.config import Config
 from pyswpt.fetch import FetchClient, FetchError
+from pyswpt.handoff import HandOn
 from pyswpt.logs import one_line
 from pyswpt.messages import ConfigureAccount, FinalizeTransfer, InvalidMessage, PendingBalanceChange, PrepareTransfer
 from pyswpt.sharding import MAX_INT64, MIN_INT64
@@ -32,26 +39,41 @@ ROOT_CREDITOR_ID = 0
 CREDITOR_SUBNET_MASK = 0xFFFFFF0000000000
 
 
-def run(config: Config) -> int:
-    return processes.run_worker_processes(config.protocol_broker_processes, consume, config)
+def run(config: Config, draining_mode: bool = False) -> int:
+    return processes.run_worker_processes(config.protocol_broker_processes, consume, config, draining_mode)
 
 
-def consume(config: Config, stopping: threading.Event) -> None:
+def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> bool:
+    """Consume until stopped; True once a drained queue is gone."""
     settings = consuming.QueueSettings(
         broker_url=config.protocol_broker_url,
         queue=config.protocol_broker_queue,
         prefetch_count=config.protocol_broker_prefetch_count,
         prefetch_size=config.protocol_broker_prefetch_size,
+        draining=draining_mode,
     )
-    consuming.consume_in_threads(
-        settings, config.postgres_url, config.protocol_broker_threads, lambda: SmpBatchHandler(config), stopping
+    return consuming.consume_in_threads(
+        settings,
+        config.postgres_url,
+        config.protocol_broker_threads,
+        lambda: SmpBatchHandler(config, draining_mode),
+        stopping,
     )
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One delivery decoded: what to apply or park, or (draining) a sibling shard's message to hand on."""
+
+    item: Item
+    message: messages.Message | None
+    hand_on: bool = False
 
 
 class SmpBatchHandler:
     """Applies one batch of SMP deliveries (one handler per consumer thread)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, draining: bool = False):
         self.config = config
         self.fetch = (
             FetchClient(
@@ -63,28 +85,40 @@ class SmpBatchHandler:
             else None
         )
         self.applier = WindowApplier(config.protocol_broker_queue)
+        self.hand_on = HandOn(config.protocol_broker_url, config.protocol_broker_queue) if draining else None
 
     def __call__(self, conn: psycopg.Connection, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
         outcome = consuming.BatchOutcome()
-        decoded = [self.item(delivery) for delivery in deliveries]
-        results = self.applier.apply(conn, [item for item, _message in decoded])
+        decoded = [self.decode(delivery) for delivery in deliveries]
+        to_apply = [d for d in decoded if not d.hand_on]
+        results = self.applier.apply(conn, [d.item for d in to_apply])
         new_accounts = []
-        for (item, message), result in zip(decoded, results, strict=True):
-            tag = item.delivery.delivery_tag
+        for d, result in zip(to_apply, results, strict=True):
+            tag = d.item.delivery.delivery_tag
             if isinstance(result, Applied):
                 outcome.acked.append(tag)
-                if isinstance(message, ConfigureAccount) and result.row is not None and result.row[0]:
-                    new_accounts.append(message)
+                if isinstance(d.message, ConfigureAccount) and result.row is not None and result.row[0]:
+                    new_accounts.append(d.message)
             elif result is applying.PARKED:
                 outcome.rejected.append(tag)
             else:
                 outcome.requeued.append(tag)
         for message in new_accounts:
             self.initialize_or_log(conn, message)
+        # After the commit: a database retry of the batch must not publish the sibling's messages again.
+        self.hand_on_siblings([d for d in decoded if d.hand_on], outcome)
         return outcome
 
-    def item(self, delivery: consuming.Delivery) -> tuple[Item, messages.Message | None]:
-        """What to do with one delivery: its SQL call, or why it is parked."""
+    def hand_on_siblings(self, siblings: list[Decoded], outcome: consuming.BatchOutcome) -> None:
+        """Publish the sibling shard's messages to it; ack those the broker took, hand the others back."""
+        if not siblings:
+            return
+        taken = self.hand_on.hand_on([(d.item.delivery, d.item.debtor_id, d.item.creditor_id) for d in siblings])
+        for d, was_taken in zip(siblings, taken, strict=True):
+            (outcome.acked if was_taken else outcome.requeued).append(d.item.delivery.delivery_tag)
+
+    def decode(self, delivery: consuming.Delivery) -> Decoded:
+        """What to do with one delivery: its SQL call, why it is parked, or hand it on."""
         try:
             message = messages.decode(
                 delivery.properties.content_type, delivery.properties.type, delivery.body, messages.SMP_KINDS
@@ -93,20 +127,23 @@ class SmpBatchHandler:
             debtor_id, creditor_id = ids_in_body(delivery.body)
             what = f"a message of type {one_line(repr(delivery.properties.type))}"
             refusal = Refusal("invalid", str(error))
-            return Item(delivery, what, refusal=refusal, debtor_id=debtor_id, creditor_id=creditor_id), None
+            return Decoded(Item(delivery, what, refusal=refusal, debtor_id=debtor_id, creditor_id=creditor_id), None)
         item = Item(delivery, describe(message), debtor_id=message.debtor_id, creditor_id=message.creditor_id)
-        if not self.config.realm.owns(message.debtor_id, message.creditor_id):
+        realm = self.config.realm
+        if not realm.owns(message.debtor_id, message.creditor_id):
+            if self.hand_on is not None and realm.parent_owns(message.debtor_id, message.creditor_id):
+                return Decoded(item, message, hand_on=True)
             item.refusal = Refusal(
                 "foreign_shard",
                 "The shard is not responsible for this account; check the queue's binding key "
                 "and PROTOCOL_BROKER_QUEUE_ROUTING_KEY.",
             )
-            return item, message
+            return Decoded(item, message)
         try:
             item.call = self.sql_call(message)
         except InvalidMessage as error:
             item.refusal = Refusal("invalid", str(error))
-        return item, message
+        return Decoded(item, message)
 
     def sql_call(self, message: messages.Message) -> SqlCall:
         config = self.config

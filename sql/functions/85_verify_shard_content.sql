@@ -16,6 +16,12 @@
 -- belongs to the sibling.
 -- prepared_transfer and registered_balance_change are not checked, as in the
 -- reference: their rows go with their account.
+--
+-- parked_message (a table the reference does not have) is checked by the
+-- account each parked message belongs to (parked_message_owner); a message
+-- that names no readable account (a body that is not JSON, say) belongs to
+-- no shard and is not checked. parked_message_overflow holds counts only,
+-- per source and reason, and names no account.
 
 -- The checked tables in checking order, with their current size in heap blocks.
 CREATE FUNCTION pyswpt_api.list_shard_content_tables()
@@ -39,7 +45,8 @@ AS $$
         'account_update_signal',
         'account_purge_signal',
         'rejected_config_signal',
-        'pending_balance_change_signal'
+        'pending_balance_change_signal',
+        'parked_message'
     ]) WITH ORDINALITY AS t (name, position)
     ORDER BY t.position
 $$;
@@ -72,6 +79,44 @@ BEGIN
         (array_agg(k.creditor_id) FILTER (WHERE NOT is_in_realm(k.debtor_id, k.creditor_id, p_realm_mask, p_realm)))[1]
     INTO checked_count, foreign_debtor_id, foreign_creditor_id
     FROM shard_keys_in_blocks(p_table_name, p_first_block, p_block_count) AS k;
+END;
+$$;
+
+-- The account whose shard a parked message belongs to: the one it is about,
+-- (debtor_id, creditor_id), except for an outgoing PendingBalanceChange, whose
+-- creditor_id is the remote recipient: it belongs with its sender,
+-- other_creditor_id, read from its body (or from the outbox row's columns when
+-- it has none). NULLs when no account can be read. Defined before the SQL
+-- function below, whose body names it.
+CREATE OR REPLACE FUNCTION parked_message_owner(
+    p_source_kind text,
+    p_source_name text,
+    p_debtor_id bigint,
+    p_creditor_id bigint,
+    p_body bytea,
+    p_row_data jsonb,
+    OUT owner_debtor_id bigint,
+    OUT owner_creditor_id bigint
+)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pyswpt, pg_temp
+AS $$
+BEGIN
+    owner_debtor_id := p_debtor_id;
+    IF p_source_kind <> 'outbox' OR p_source_name <> 'pending_balance_changes' THEN
+        owner_creditor_id := p_creditor_id;
+        RETURN;
+    END IF;
+    BEGIN
+        owner_creditor_id := coalesce(
+            convert_from(p_body, 'UTF8')::jsonb ->> 'other_creditor_id',
+            p_row_data ->> 'other_creditor_id'
+        )::bigint;
+    EXCEPTION
+        -- A body or column that does not read as JSON with an i64: no account.
+        WHEN data_exception THEN
+            owner_creditor_id := NULL;
+    END;
 END;
 $$;
 
@@ -154,4 +199,56 @@ AS $$
     WHERE p_table_name = 'pending_balance_change_signal'
         AND t.ctid >= block_start_tid(p_first_block)
         AND t.ctid < block_start_tid(p_first_block + p_block_count)
+    UNION ALL
+    SELECT o.owner_debtor_id, o.owner_creditor_id
+    FROM parked_message AS t
+    CROSS JOIN LATERAL parked_message_owner(
+        t.source_kind, t.source_name, t.debtor_id, t.creditor_id, t.body, t.row_data
+    ) AS o
+    WHERE p_table_name = 'parked_message'
+        AND t.ctid >= block_start_tid(p_first_block)
+        AND t.ctid < block_start_tid(p_first_block + p_block_count)
+        AND o.owner_debtor_id IS NOT NULL
+        AND o.owner_creditor_id IS NOT NULL
+$$;
+
+-- After a shard split, with DELETE_PARENT_SHARD_RECORDS (spec 01 §4.4): forget
+-- up to p_max_count parked messages that belong to the sibling shard (in the
+-- parent's realm, not in this one). The sibling started from the same copy of
+-- the parent's database, holds the same rows, and is the one to replay them.
+-- Messages that name no readable account are kept by both children (see
+-- above). Returns how many rows were deleted.
+CREATE OR REPLACE FUNCTION delete_parent_shard_parked_messages(
+    p_realm_mask bigint,
+    p_realm bigint,
+    p_parent_realm_mask bigint,
+    p_parent_realm bigint,
+    p_max_count integer
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pyswpt, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    WITH siblings AS (
+        SELECT t.parked_id
+        FROM parked_message AS t
+        CROSS JOIN LATERAL parked_message_owner(
+            t.source_kind, t.source_name, t.debtor_id, t.creditor_id, t.body, t.row_data
+        ) AS o
+        WHERE NOT is_in_realm(o.owner_debtor_id, o.owner_creditor_id, p_realm_mask, p_realm)
+            AND is_in_realm(o.owner_debtor_id, o.owner_creditor_id, p_parent_realm_mask, p_parent_realm)
+        ORDER BY t.parked_id
+        LIMIT p_max_count
+        FOR UPDATE OF t SKIP LOCKED
+    )
+    DELETE FROM parked_message AS p
+    USING siblings AS s
+    WHERE p.parked_id = s.parked_id;
+
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END;
 $$;

@@ -2,7 +2,8 @@
 
 For each beat's accounts, in order, each step in its own transaction:
 1. with DELETE_PARENT_SHARD_RECORDS, delete the accounts left over from the
-   parent shard (no message);
+   parent shard (no message), and, once a pass, the sibling shard's parked
+   messages;
 2. purge accounts deleted long ago (AccountPurge);
 3. heartbeats and pending AccountUpdates;
 4. publish TryToDeleteAccount chores;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import logging
+import time
 
 import psycopg
 
@@ -38,6 +40,8 @@ SECONDS_IN_HOUR = 3600
 ROOT_CREDITOR_ID = 0
 # Concurrent fetch API requests of one beat, at most (and APP_FETCH_CONNECTIONS).
 MAX_FETCH_THREADS = 32
+# Parked messages of the sibling shard forgotten per beat, at most.
+PARKED_DELETIONS_PER_BEAT = 1000
 
 
 class AccountsScanner:
@@ -52,11 +56,13 @@ class AccountsScanner:
             min(MAX_FETCH_THREADS, config.fetch_connections), thread_name_prefix="fetch"
         )
         self._warned_about_fetch_url = False
+        # Monotonic time when the sibling's parked messages are looked for next: at once, then once a pass.
+        self._parked_deletion_due_at = float("-inf")
 
     def steps(self) -> list[engine.Step]:
         steps: list[engine.Step] = [self.purge_deleted_accounts, self.send_heartbeats]
         if self.config.delete_parent_shard_records:
-            steps.insert(0, self.delete_parent_shard_accounts)
+            steps[:0] = [self.delete_parent_shard_accounts, self.delete_parent_shard_parked_messages]
         return [*steps, self.publish_account_chores, self.publish_debtor_settings_chores]
 
     def delete_parent_shard_accounts(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
@@ -72,6 +78,28 @@ class AccountsScanner:
             "parent_realm": realm.parent_realm,
         }
         return self.call(conn, queries.DELETE_PARENT_SHARD_ACCOUNTS, params)
+
+    def delete_parent_shard_parked_messages(
+        self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime
+    ) -> int:
+        """Step 1 too: the sibling's parked messages, not tied to the beat's keys; looked for once a pass
+        (a full read of parked_message), and on every beat while a beat's worth is found."""
+        if time.monotonic() < self._parked_deletion_due_at:
+            return 0
+        realm = self.config.realm
+        params = {
+            "realm_mask": realm.mask,
+            "realm": realm.realm,
+            "parent_realm_mask": realm.parent_mask,
+            "parent_realm": realm.parent_realm,
+            "max_count": PARKED_DELETIONS_PER_BEAT,
+        }
+        deleted = self.call(conn, queries.DELETE_PARENT_SHARD_PARKED_MESSAGES, params)
+        if deleted < PARKED_DELETIONS_PER_BEAT:
+            self._parked_deletion_due_at = time.monotonic() + self.config.accounts_scan_hours * SECONDS_IN_HOUR
+        if deleted:
+            logger.info("Deleted %d parked messages of the sibling shard.", deleted)
+        return deleted
 
     def purge_deleted_accounts(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> int:
         """Step 2: AccountPurge for accounts deleted long ago."""
