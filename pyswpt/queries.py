@@ -333,7 +333,7 @@ DELETE_PARENT_SHARD_ACCOUNTS = """
 
 # Accounts scanner, with DELETE_PARENT_SHARD_RECORDS: forget up to %(max_count)s parked messages of the sibling shard.
 DELETE_PARENT_SHARD_PARKED_MESSAGES = """
-    SELECT pyswpt.delete_parent_shard_parked_messages(
+    SELECT pyswpt_api.delete_parent_shard_parked_messages(
         p_realm_mask => %(realm_mask)s,
         p_realm => %(realm)s,
         p_parent_realm_mask => %(parent_realm_mask)s,

@@ -88,7 +88,7 @@ $$;
 -- other_creditor_id, read from its body (or from the outbox row's columns when
 -- it has none). NULLs when no account can be read. Defined before the SQL
 -- function below, whose body names it.
-CREATE OR REPLACE FUNCTION parked_message_owner(
+CREATE FUNCTION pyswpt_private.parked_message_owner(
     p_source_kind text,
     p_source_name text,
     p_debtor_id bigint,
@@ -99,7 +99,7 @@ CREATE OR REPLACE FUNCTION parked_message_owner(
     OUT owner_creditor_id bigint
 )
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pg_temp
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     owner_debtor_id := p_debtor_id;
@@ -218,7 +218,7 @@ $$;
 -- the parent's database, holds the same rows, and is the one to replay them.
 -- Messages that name no readable account are kept by both children (see
 -- above). Returns how many rows were deleted.
-CREATE OR REPLACE FUNCTION delete_parent_shard_parked_messages(
+CREATE FUNCTION pyswpt_api.delete_parent_shard_parked_messages(
     p_realm_mask bigint,
     p_realm bigint,
     p_parent_realm_mask bigint,
@@ -227,7 +227,8 @@ CREATE OR REPLACE FUNCTION delete_parent_shard_parked_messages(
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_count integer;
