@@ -13,6 +13,7 @@ else ends the process loudly.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import pika
 import psycopg
 
-from pyswpt import amqp, db, processes
+from pyswpt import amqp, db, metrics, processes
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error
 
@@ -42,6 +43,8 @@ class Delivery:
     exchange: str = ""
     routing_key: str = ""
     redelivered: bool = False
+    # When the consumer received it (time.monotonic()), for the consume-to-commit latency.
+    received_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -51,6 +54,20 @@ class BatchOutcome:
     acked: list[int] = dataclasses.field(default_factory=list)
     rejected: list[int] = dataclasses.field(default_factory=list)
     requeued: list[int] = dataclasses.field(default_factory=list)
+    # For the metrics only: acked tags of messages ignored (chores of another shard), and
+    # rejected tags of messages that could not be parked (only the dead-letter queue has them).
+    ignored: list[int] = dataclasses.field(default_factory=list)
+    not_parked: list[int] = dataclasses.field(default_factory=list)
+
+    def outcome_of_each(self) -> dict[int, str]:
+        """The outcome label of each tag (pyswpt_messages_consumed_total)."""
+        return (
+            dict.fromkeys(self.acked, "applied")
+            | dict.fromkeys(self.ignored, "ignored")
+            | dict.fromkeys(self.rejected, "parked")
+            | dict.fromkeys(self.not_parked, "rejected")
+            | dict.fromkeys(self.requeued, "redelivered")
+        )
 
 
 BatchHandler = Callable[[psycopg.Connection, list[Delivery]], BatchOutcome]
@@ -154,6 +171,7 @@ def consume_batches(
             outcome = handle_until_applied(connection, database, handler, batch, settings.queue, stopping)
             if outcome is None:
                 return  # stopping: the batch is not acked, so the broker delivers it again
+            count_window(settings.queue, batch, outcome, time.monotonic())
             if outcome.requeued and not outcome.acked:
                 sleep_answering_broker(connection, requeue_backoff.next_pause(), stopping)
             settle(channel, outcome)
@@ -190,6 +208,26 @@ def handle_until_applied(
             database.close()
             sleep_answering_broker(connection, pause, stopping)
     return None
+
+
+def count_window(queue: str, batch: list[Delivery], outcome: BatchOutcome, committed_at: float) -> None:
+    """The metrics of a window once it committed: each message's outcome, the window's size,
+    and how long each message that committed waited for it."""
+    outcomes = outcome.outcome_of_each()
+    counts = collections.Counter(
+        (metrics.message_type_label(delivery.properties.type), outcomes[delivery.delivery_tag])
+        for delivery in batch
+        if delivery.delivery_tag in outcomes
+    )
+    for (message_type, name), count in counts.items():
+        metrics.MESSAGES_CONSUMED.labels(queue, message_type, name).inc(count)
+    metrics.CONSUMER_WINDOW_MESSAGES.labels(queue).observe(len(batch))
+    requeued = set(outcome.requeued)
+    metrics.observe_each(
+        metrics.CONSUME_TO_COMMIT_SECONDS,
+        [queue],
+        (committed_at - delivery.received_at for delivery in batch if delivery.delivery_tag not in requeued),
+    )
 
 
 def sleep_answering_broker(connection: pika.BlockingConnection, seconds: float, stopping: threading.Event) -> None:
