@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from pyswpt import db, messages, metrics_directory, queries
+from pyswpt import db, messages, metrics_directory, queries, wire
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ DATABASE_CACHE_SECONDS = 5.0
 DATABASE_MAX_ROWS_READ = 10_000
 # The label of a message type that is not one of the protocol's (a peer may send anything).
 OTHER_TYPE = "other"
-KNOWN_MESSAGE_TYPES = frozenset(messages.SMP_KINDS) | frozenset(messages.CHORE_KINDS)
+# What the node consumes, and what it publishes (AccountTransfer is the one type of neither list of wire).
+KNOWN_MESSAGE_TYPES = frozenset(
+    {*messages.SMP_KINDS, *messages.CHORE_KINDS, *wire.ACCOUNT_MESSAGE_TYPES, *wire.COORDINATOR_MESSAGE_TYPES}
+) | {"AccountTransfer"}
 # RabbitMQ's name of the default exchange, where chores go: an empty label would mean "no label".
 DEFAULT_EXCHANGE = "amq.default"
 
