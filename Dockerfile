@@ -28,7 +28,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     APP_ROOT_DIR=/usr/src/app \
     PYTHONUNBUFFERED=1
 USER 10001
-EXPOSE 8080
+# The fetch API, and the node's metrics (METRICS_PORT).
+EXPOSE 8080 9464
 ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
 CMD ["all"]
 

@@ -182,6 +182,8 @@ def node_environment(database_url: str, broker_url: str, queue: str, port: int) 
         "WEBSERVER_PORT": str(port),
         "FETCH_API_URL": f"http://127.0.0.1:{port}",
         "SETUP_RABBITMQ_BINDINGS": "yes",
+        # Not the default port: another node on this machine may hold it.
+        "METRICS_PORT": str(free_port()),
     }
 
 

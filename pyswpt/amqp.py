@@ -15,6 +15,8 @@ import pika.channel
 import pika.exceptions
 import pika.spec
 
+from pyswpt import metrics
+
 logger = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT_SECONDS = 120.0
@@ -84,6 +86,15 @@ def without_broker_headers(headers: dict[str, Any] | None) -> dict[str, Any] | N
     }
 
 
+def probe(url: str, timeout_seconds: float) -> None:
+    """Open and close a connection, within `timeout_seconds` for each step; raises if the broker cannot serve."""
+    parameters = connection_parameters(url)
+    parameters.socket_timeout = timeout_seconds
+    parameters.stack_timeout = timeout_seconds
+    parameters.connection_attempts = 1
+    pika.BlockingConnection(parameters).close()
+
+
 @dataclasses.dataclass(frozen=True)
 class OutgoingMessage:
     exchange: str
@@ -147,7 +158,9 @@ class BatchPublisher:
             )
             self._next_delivery_tag += 1
         self._wait_until(lambda: not batch.unconfirmed, "publisher confirms")
-        return batch.outcomes()
+        outcomes = batch.outcomes()
+        count_published(messages, outcomes)
+        return outcomes
 
     def keep_alive(self) -> None:
         """Answer broker heartbeats; call it at least every few seconds while idle."""
@@ -246,6 +259,16 @@ class _Batch:
         if tag in self.nacked:
             return Outcome.NACKED
         return Outcome.CONFIRMED
+
+
+def count_published(messages: list[OutgoingMessage], outcomes: list[Outcome]) -> None:
+    """pyswpt_messages_published_total, once the broker has said what it did with each message."""
+    counts = collections.Counter(
+        (metrics.exchange_label(message.exchange), metrics.message_type_label(message.properties.type), outcome.value)
+        for message, outcome in zip(messages, outcomes, strict=True)
+    )
+    for (exchange, message_type, outcome), count in counts.items():
+        metrics.MESSAGES_PUBLISHED.labels(exchange, message_type, outcome).inc(count)
 
 
 def _do_nothing() -> None:

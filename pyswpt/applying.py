@@ -71,17 +71,32 @@ class Applied:
     row: tuple | None  # the first row of the call's result
 
 
+@dataclasses.dataclass(frozen=True)
 class Parked:
-    """The message is stored in PostgreSQL: reject it (to the dead-letter queue, if any)."""
+    """Reject the message (to the dead-letter queue, if any); `stored`: PostgreSQL keeps it too.
+
+    A message is not stored when its source and reason are at the cap of
+    parked messages, or when parking it failed.
+    """
+
+    stored: bool
 
 
 class Requeued:
     """The message failed, but not often enough to be parked: the broker redelivers it."""
 
 
-PARKED = Parked()
+PARKED = Parked(stored=True)
+NOT_STORED = Parked(stored=False)
 REQUEUED = Requeued()
+# What pyswpt.park_message says when it kept the message.
+STORED_OUTCOMES = ("parked", "parked_again")
 Result = Applied | Parked | Requeued
+
+
+def parked_result(outcome: str) -> Parked:
+    """The result of parking, from what park_message said (or why it failed)."""
+    return PARKED if outcome in STORED_OUTCOMES else NOT_STORED
 
 
 def delivery_attempts(delivery: Delivery) -> int:
@@ -128,7 +143,7 @@ class WindowApplier:
         for item, row in zip(items, rows, strict=True):
             if item.call is None:
                 self.log_parked(item, item.refusal, row[0])
-                results.append(PARKED)
+                results.append(parked_result(row[0]))
             else:
                 results.append(Applied(row))
         if any(item.call is not None for item in items):
@@ -191,7 +206,7 @@ class WindowApplier:
             # Looping on a message that cannot even be parked would stop the queue.
             outcome = f"not stored, parking failed ({describe_error(error)})"
         self.log_parked(item, refusal, outcome)
-        return PARKED
+        return parked_result(outcome)
 
     def park_call(self, item: Item, refusal: Refusal) -> SqlCall:
         delivery = item.delivery

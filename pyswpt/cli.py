@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, schema, sharding
+from pyswpt import logs, metrics_directory, schema, sharding
 
 logger = logging.getLogger(__name__)
 # A setting that cannot work: like argparse, status 2.
@@ -64,6 +65,7 @@ def broker_options(prefix: str, what: str) -> tuple[Option, ...]:
 DRIVERS = {
     "all": Driver("supervisor", "every driver of one node, restarted when one dies"),
     "web": Driver("web", "the fetch API"),
+    "metrics": Driver("metrics", "serve the Prometheus metrics of every process of the node, and the database's"),
     "consumer": Driver(
         "consumer",
         "consume SMP messages",
@@ -249,9 +251,40 @@ def command_run(config: settings.Config, args: argparse.Namespace) -> int:
         if getattr(args, option.setting) is not None
     }
     names = {driver.names_keyword: args.names or None} if driver.names_keyword else {}
-    switches = {switch.keyword: getattr(args, switch.keyword) for switch in driver.switches}
-    module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
-    return module.run(dataclasses.replace(config, **overrides), **names, **switches) or 0
+    with metrics_of(args.driver, config):
+        # Imported only now: the driver's modules import prometheus_client (see metrics_of).
+        module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
+        switches = {switch.keyword: getattr(args, switch.keyword) for switch in driver.switches}
+        return module.run(dataclasses.replace(config, **overrides), **names, **switches) or 0
+
+
+@contextlib.contextmanager
+def metrics_of(driver: str, config: settings.Config) -> Iterator[None]:
+    """Where the command's metrics go while it runs, and the endpoint it serves itself, if any.
+
+    `run all` gets a fresh directory for the whole node, which its `metrics`
+    driver serves on METRICS_PORT. A driver run alone serves its own endpoint
+    only when METRICS_PORT is set, unless PROMETHEUS_MULTIPROC_DIR is set
+    already: then it writes there, beside other processes (under `run all`,
+    or sharing a volume), and whoever serves that directory serves it.
+    Either way the directory is prepared before prometheus_client is
+    imported, which is when it reads the variable (pyswpt.metrics_directory).
+    """
+    if driver == "all":
+        with metrics_directory.fresh_directory():
+            yield
+        return
+    if driver == "metrics" or config.metrics_port is None or metrics_directory.is_set():
+        yield
+        return
+    with metrics_directory.fresh_directory():
+        from pyswpt import metrics
+
+        server = metrics.serve(config.metrics_port, metrics.own_registry())
+        try:
+            yield
+        finally:
+            server.shutdown()
 
 
 def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:

@@ -33,6 +33,7 @@ class Config:
     webserver_port: int
     webserver_processes: int
     webserver_threads: int
+    metrics_port: int | None  # None: unset (`run all` then uses metrics.DEFAULT_METRICS_PORT)
 
     protocol_broker_url: str
     protocol_broker_queue: str
@@ -149,6 +150,11 @@ class _Reader:
             raise ConfigError(f"{key}={text!r} is not valid: expected an integer >= {minimum}")
         return value
 
+    def optional_integer(self, name: str, *, minimum: int) -> int | None:
+        if self.environ.get(name, "") == "":
+            return None
+        return self.integer(name, minimum, minimum=minimum)
+
     def number(self, name: str, default: float, *, positive: bool = False) -> float:
         key, text = self.raw(name, repr(default))
         try:
@@ -196,6 +202,7 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         webserver_port=env.integer("WEBSERVER_PORT", 8080, "PORT", minimum=1),
         webserver_processes=env.integer("WEBSERVER_PROCESSES", 1, "WEBSERVER_WORKERS", minimum=1),
         webserver_threads=env.integer("WEBSERVER_THREADS", 3, minimum=1),
+        metrics_port=env.optional_integer("METRICS_PORT", minimum=1),
         protocol_broker_url=env.string("PROTOCOL_BROKER_URL", "amqp://guest:guest@localhost:5672"),
         protocol_broker_queue=env.string("PROTOCOL_BROKER_QUEUE", "swpt_accounts"),
         protocol_broker_queue_routing_key=routing_key,

@@ -21,6 +21,7 @@ draining consumer's work is done and it returns.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -32,7 +33,7 @@ import pika.exceptions
 import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pyswpt import amqp, db, processes
+from pyswpt import amqp, db, metrics, processes
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error
 
@@ -56,6 +57,8 @@ class Delivery:
     exchange: str = ""
     routing_key: str = ""
     redelivered: bool = False
+    # When the consumer received it (time.monotonic()), for the consume-to-commit latency.
+    received_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -65,6 +68,20 @@ class BatchOutcome:
     acked: list[int] = dataclasses.field(default_factory=list)
     rejected: list[int] = dataclasses.field(default_factory=list)
     requeued: list[int] = dataclasses.field(default_factory=list)
+    # For the metrics only: acked tags of messages ignored (chores of another shard), and
+    # rejected tags of messages that could not be parked (only the dead-letter queue has them).
+    ignored: list[int] = dataclasses.field(default_factory=list)
+    not_parked: list[int] = dataclasses.field(default_factory=list)
+
+    def outcome_of_each(self) -> dict[int, str]:
+        """The outcome label of each tag (pyswpt_messages_consumed_total)."""
+        return (
+            dict.fromkeys(self.acked, "applied")
+            | dict.fromkeys(self.ignored, "ignored")
+            | dict.fromkeys(self.rejected, "parked")
+            | dict.fromkeys(self.not_parked, "rejected")
+            | dict.fromkeys(self.requeued, "redelivered")
+        )
 
 
 BatchHandler = Callable[[psycopg.Connection, list[Delivery]], BatchOutcome]
@@ -229,6 +246,7 @@ class Batches:
             )
             if outcome is None:
                 return False
+            count_window(self.settings.queue, batch, outcome, time.monotonic())
             if outcome.requeued and not outcome.acked:
                 sleep_answering_broker(self.connection, requeue_backoff.next_pause(), stopping)
             settle(self.channel, outcome)
@@ -287,6 +305,26 @@ def handle_until_applied(
             database.close()
             sleep_answering_broker(connection, pause, stopping)
     return None
+
+
+def count_window(queue: str, batch: list[Delivery], outcome: BatchOutcome, committed_at: float) -> None:
+    """The metrics of a window once it committed: each message's outcome, the window's size,
+    and how long each message that committed waited for it."""
+    outcomes = outcome.outcome_of_each()
+    counts = collections.Counter(
+        (metrics.message_type_label(delivery.properties.type), outcomes[delivery.delivery_tag])
+        for delivery in batch
+        if delivery.delivery_tag in outcomes
+    )
+    for (message_type, name), count in counts.items():
+        metrics.MESSAGES_CONSUMED.labels(queue, message_type, name).inc(count)
+    metrics.CONSUMER_WINDOW_MESSAGES.labels(queue).observe(len(batch))
+    requeued = set(outcome.requeued)
+    metrics.observe_each(
+        metrics.CONSUME_TO_COMMIT_SECONDS,
+        [queue],
+        (committed_at - delivery.received_at for delivery in batch if delivery.delivery_tag not in requeued),
+    )
 
 
 def sleep_answering_broker(connection: pika.BlockingConnection, seconds: float, stopping: threading.Event) -> None:

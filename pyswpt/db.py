@@ -101,9 +101,16 @@ def connection_kwargs(url: str, application_name: str, *, read_only: bool = Fals
     }
 
 
-def connect(url: str, *, application_name: str = "pyswpt") -> psycopg.Connection:
+def connect(
+    url: str,
+    *,
+    application_name: str = "pyswpt",
+    read_only: bool = False,
+    connect_timeout_seconds: int = CONNECT_TIMEOUT_SECONDS,
+) -> psycopg.Connection:
     """One connection with autocommit off and the session settings; the caller closes it."""
-    return psycopg.connect(url, **connection_kwargs(url, application_name))
+    kwargs = connection_kwargs(url, application_name, read_only=read_only)
+    return psycopg.connect(url, **{**kwargs, "connect_timeout": connect_timeout_seconds})
 
 
 def create_pool(

@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from typing import Generic, TypeVar
 
+from pyswpt import metrics
 from pyswpt.sharding import u64_string
 
 logger = logging.getLogger(__name__)
@@ -35,18 +36,23 @@ class FetchError(Exception):
 class ExpiringCache(Generic[T]):
     """At most `max_entries` answers, each kept for `ttl_seconds`; the oldest go first."""
 
-    def __init__(self, max_entries: int, ttl_seconds: float):
+    def __init__(self, name: str, max_entries: int, ttl_seconds: float):
         self.max_entries = max_entries
         self.ttl_seconds = ttl_seconds
+        # pyswpt_fetch_client_cache_lookups_total of this cache, by whether the key was found.
+        self._lookups = {
+            found: metrics.FETCH_CLIENT_CACHE_LOOKUPS.labels(name, "hit" if found else "miss")
+            for found in (True, False)
+        }
         self._entries: collections.OrderedDict[object, tuple[float, T]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: object) -> tuple[bool, T | None]:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry[0] < time.monotonic():
-                return False, None
-            return True, entry[1]
+            found = entry is not None and entry[0] >= time.monotonic()
+        self._lookups[found].inc()
+        return (True, entry[1]) if found else (False, None)
 
     def put(self, key: object, value: T) -> None:
         with self._lock:
@@ -67,8 +73,8 @@ class FetchClient:
         self._netloc = parsed.netloc
         self._timeout_seconds = timeout_seconds
         self._local = threading.local()
-        self._reachable = ExpiringCache[bool](cache_size, REACHABILITY_CACHE_SECONDS)
-        self._root_configs = ExpiringCache[str | None](cache_size, ROOT_CONFIG_CACHE_SECONDS)
+        self._reachable = ExpiringCache[bool]("reachable", cache_size, REACHABILITY_CACHE_SECONDS)
+        self._root_configs = ExpiringCache[str | None]("root_config", cache_size, ROOT_CONFIG_CACHE_SECONDS)
 
     def is_reachable(self, debtor_id: int, creditor_id: int) -> bool:
         """Whether the account may receive transfers; any error means "no" (and is logged)."""

@@ -11,6 +11,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from pyswpt import metrics
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -139,4 +141,5 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
             logger.error("Worker %s did not stop in time; killing it.", worker.pid)
             worker.kill()
             worker.join()
+        metrics.forget_process(worker.pid)
     return 0 if finished else 1

@@ -455,3 +455,27 @@ AUDIT_LEDGER = """
     SELECT check_name, status, found_count, first_keys, detail
     FROM pyswpt_api.audit_ledger(p_holds_every_account => %(holds_every_account)s, p_max_keys => %(max_keys)s)
 """
+
+# Metrics and readiness (pyswpt.metrics, the fetch API) --------------------------------------------
+
+# Outbox rows not yet published and the oldest one's age, per outbox table; reads at most max_rows per table.
+OUTBOX_BACKLOG_METRICS = """
+    SELECT outbox_table, row_count, oldest_age_seconds
+    FROM pyswpt_api.outbox_backlog_metrics(p_max_rows => %(max_rows)s)
+"""
+
+# Requests, accounts and the oldest request's age per worker stage; reads at most max_rows per table.
+WORK_QUEUE_METRICS = """
+    SELECT stage, request_count, account_count, oldest_age_seconds
+    FROM pyswpt_api.work_queue_metrics(p_max_rows => %(max_rows)s)
+"""
+
+# Parked messages per source and reason code.
+PARKED_MESSAGE_METRICS = """
+    SELECT source_name, reason_code, message_count FROM pyswpt_api.parked_message_metrics()
+"""
+
+# Whether the database answers with the functions installed and takes writes.
+ACCEPTS_WRITES = """
+    SELECT pyswpt_api.accepts_writes()
+"""

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg.errors
 
+from pyswpt import metrics
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -64,6 +66,7 @@ def with_retries(conn: psycopg.Connection, action: Callable[[psycopg.Connection]
         except RETRIED_ERRORS as error:
             if attempt == RETRY_ATTEMPTS:
                 raise
+            metrics.TRANSACTION_RETRIES.labels(error.sqlstate).inc()
             pause = 0.0 if attempt == 0 else FIRST_RETRY_PAUSE_SECONDS * 2 ** (attempt - 1)
             logger.info("Retrying a transaction after %s.", type(error).__name__)
             time.sleep(min(pause, MAX_RETRY_PAUSE_SECONDS) * random.uniform(0.5, 1.0))

@@ -114,6 +114,7 @@ CREATE TABLE pyswpt.transfer_request (
     deadline timestamptz NOT NULL,
     recipient_creditor_id bigint NOT NULL,
     final_interest_rate_ts timestamptz NOT NULL,
+    enqueued_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (debtor_id, sender_creditor_id, transfer_request_id),
     CONSTRAINT locked_amounts_in_order
         CHECK (min_locked_amount >= 0 AND min_locked_amount <= max_locked_amount)
@@ -123,6 +124,8 @@ WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_inse
 COMMENT ON TABLE pyswpt.transfer_request IS
     'Queued PrepareTransfer requests whose recipient was found reachable. '
     'All requests of one sender are processed in one transaction under one account lock.';
+COMMENT ON COLUMN pyswpt.transfer_request.enqueued_at IS
+    'When the consumer queued the request (its transaction''s time).';
 
 CREATE TABLE pyswpt.finalization_request (
     debtor_id bigint NOT NULL,
@@ -135,6 +138,7 @@ CREATE TABLE pyswpt.finalization_request (
     transfer_note_format text NOT NULL,
     transfer_note text NOT NULL,
     ts timestamptz NOT NULL,
+    enqueued_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (debtor_id, sender_creditor_id, transfer_id),
     CONSTRAINT committed_amount_not_negative CHECK (committed_amount >= 0)
 )
@@ -143,6 +147,8 @@ WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_inse
 COMMENT ON TABLE pyswpt.finalization_request IS
     'Queued FinalizeTransfer requests, at most one per prepared transfer. '
     'committed_amount 0 dismisses the transfer.';
+COMMENT ON COLUMN pyswpt.finalization_request.enqueued_at IS
+    'When the consumer queued the request (its transaction''s time); ts is the coordinator''s.';
 
 -- Prepared transfers -------------------------------------------------------------
 
@@ -211,6 +217,7 @@ CREATE TABLE pyswpt.pending_balance_change (
     transfer_note text NOT NULL,
     committed_at timestamptz NOT NULL,
     principal_delta bigint NOT NULL,
+    enqueued_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (debtor_id, other_creditor_id, change_id),
     FOREIGN KEY (debtor_id, other_creditor_id, change_id)
         REFERENCES pyswpt.registered_balance_change (debtor_id, other_creditor_id, change_id),
@@ -224,6 +231,8 @@ COMMENT ON TABLE pyswpt.pending_balance_change IS
     'Registered balance changes not yet applied; all changes of one account are applied at once.';
 COMMENT ON COLUMN pyswpt.pending_balance_change.principal_delta IS
     'Positive: other_creditor_id paid this account. Negative: this account paid other_creditor_id.';
+COMMENT ON COLUMN pyswpt.pending_balance_change.enqueued_at IS
+    'When the consumer registered the change (its transaction''s time); committed_at is the sender shard''s.';
 
 -- Outbox: one table per outgoing message type ------------------------------------------
 -- A row is written in the transaction that causes the message and deleted by the

@@ -114,6 +114,8 @@ def node_environment(database_url, rabbitmq_url):
             CHORES_BROKER_QUEUE=chores_queue,
             WEBSERVER_PORT=str(port),
             FETCH_API_URL=f"http://127.0.0.1:{port}",
+            # Not the default port: another node on this machine may hold it.
+            METRICS_PORT=str(free_port()),
         ),
     )
     with topology.open_channel(rabbitmq_url) as channel:

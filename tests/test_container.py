@@ -68,9 +68,10 @@ def test_entrypoint_runs_any_other_command_as_is():
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
-def test_compose_file_is_valid():
+@pytest.mark.parametrize("profile", ["test", "observability"])
+def test_compose_file_is_valid(profile: str):
     result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "--profile", "test", "config", "-q"],
+        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "--profile", profile, "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -136,6 +136,7 @@ def node(conn, database_url, rabbitmq_url, tmp_path) -> Iterator[Node]:
         "CHORES_BROKER_QUEUE": chores_queue,
         "WEBSERVER_PORT": str(port),
         "FETCH_API_URL": f"http://127.0.0.1:{port}",
+        "METRICS_PORT": str(free_port()),
     }
     try:
         with open_shard(

@@ -34,6 +34,8 @@ from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 WORKER_PROCESSES = 2
 # A process whose parent died stops as on SIGTERM; that takes well under this.
 GONE_WITHIN_SECONDS = STOP_TIMEOUT_SECONDS
+# Nine Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
+STARTED_WITHIN_SECONDS = 30.0
 # The drivers of `run all` that fork worker processes, one each by default.
 FORKING_DRIVERS = ("consumer", "chores", "flusher")
 
@@ -67,11 +69,12 @@ def test_worker_processes_stop_when_their_driver_is_killed(node_environment, tmp
 
 def every_driver_with_its_workers(node) -> set[int]:
     """The tree of `run all`, once every driver and every driver's worker process runs."""
-    wait_for(lambda: set(started_pids(node.log())) == set(PROGRAMS), "every driver to start")
+    wait_for(lambda: set(started_pids(node.log())) == set(PROGRAMS), "every driver to start", STARTED_WITHIN_SECONDS)
     latest = {program: pids[-1] for program, pids in started_pids(node.log()).items()}
     wait_for(
         lambda: all(children(latest[program]) for program in FORKING_DRIVERS),
         "the worker processes of every driver",
+        STARTED_WITHIN_SECONDS,
     )
     return descendants(node.process.pid)
 

@@ -60,14 +60,17 @@ class ChoresBatchHandler:
             item = self.item(delivery)
             if item is None:
                 outcome.acked.append(delivery.delivery_tag)
+                outcome.ignored.append(delivery.delivery_tag)
             else:
                 items.append(item)
         for item, result in zip(items, self.applier.apply(conn, items), strict=True):
             tag = item.delivery.delivery_tag
             if isinstance(result, Applied):
                 outcome.acked.append(tag)
-            elif result is applying.PARKED:
+            elif isinstance(result, applying.Parked):
                 outcome.rejected.append(tag)
+                if not result.stored:
+                    outcome.not_parked.append(tag)
             else:
                 outcome.requeued.append(tag)
         return outcome

@@ -99,8 +99,10 @@ class SmpBatchHandler:
                 outcome.acked.append(tag)
                 if isinstance(d.message, ConfigureAccount) and result.row is not None and result.row[0]:
                     new_accounts.append(d.message)
-            elif result is applying.PARKED:
+            elif isinstance(result, applying.Parked):
                 outcome.rejected.append(tag)
+                if not result.stored:
+                    outcome.not_parked.append(tag)
             else:
                 outcome.requeued.append(tag)
         for message in new_accounts:

@@ -31,7 +31,7 @@ import psycopg
 from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 
-from pyswpt import amqp, db, outbox, parking, processes, queries, wire
+from pyswpt import amqp, db, metrics, outbox, parking, processes, queries, wire
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
@@ -152,9 +152,10 @@ def flush_table(
     while True:
         # At REPEATABLE READ two flushers racing for a row fail with 40001 in
         # take_rows, before anything is published: the burst is taken again.
-        rows, set_aside = with_retries(conn, lambda c: publish_burst(c, publisher, table, burst, config))
+        rows, set_aside, published = with_retries(conn, lambda c: publish_burst(c, publisher, table, burst, config))
         for item in set_aside:
             log_parked(item)
+        count_burst(table, set_aside, published)
         taken_count += len(rows)
         parked_count += len(set_aside)
         if len(rows) < burst:
@@ -165,22 +166,35 @@ def flush_table(
 
 def publish_burst(
     conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, max_count: int, config: Config
-) -> tuple[list[TakenRow], list[SetAside]]:
+) -> tuple[list[TakenRow], list[SetAside], list[TakenRow]]:
     """Take up to `max_count` rows in the caller's transaction, publish them and park what cannot go.
 
-    The transaction's commit deletes the rows taken.
+    The transaction's commit deletes the rows taken. Returns the rows taken,
+    those set aside (parked) and those the broker confirmed.
     """
     rows = take_rows(conn, table, max_count)
-    set_aside = publish_rows(publisher, rows, table, config)
+    set_aside, published = publish_rows(publisher, rows, table, config)
     for item in set_aside:
         parking.park(conn, item.parcel)
-    return rows, set_aside
+    return rows, set_aside, published
+
+
+def count_burst(table: outbox.OutboxTable, set_aside: list[SetAside], published: list[TakenRow]) -> None:
+    """The metrics of a committed burst: rows parked, and how long each published row waited."""
+    for item in set_aside:
+        metrics.OUTBOX_ROWS_PARKED.labels(table.name, item.parcel.reason_code).inc()
+    now = dt.datetime.now(dt.UTC)
+    metrics.observe_each(
+        metrics.COMMIT_TO_PUBLISH_SECONDS,
+        [table.name],
+        ((now - row.values["inserted_at"]).total_seconds() for row in published),
+    )
 
 
 def publish_rows(
     publisher: amqp.BatchPublisher, rows: list[TakenRow], table: outbox.OutboxTable, config: Config
-) -> list[SetAside]:
-    """Publish what can be published; return the rows to park, with their reasons."""
+) -> tuple[list[SetAside], list[TakenRow]]:
+    """Publish what can be published; return the rows to park, with their reasons, and the rows published."""
     set_aside: list[SetAside] = []
     outgoing: list[tuple[TakenRow, amqp.OutgoingMessage]] = []
     for row in rows:
@@ -203,11 +217,14 @@ def publish_rows(
         outgoing.append((row, message))
     outcomes = publisher.publish_each([message for _row, message in outgoing])
     retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
+    published: list[TakenRow] = []
     for (row, message), outcome in zip(outgoing, outcomes, strict=True):
-        if outcome is not amqp.Outcome.CONFIRMED:
+        if outcome is amqp.Outcome.CONFIRMED:
+            published.append(row)
+        else:
             reason_code, reason = REASON_CODE_OF_OUTCOME[outcome], REASON_OF_OUTCOME[outcome]
             set_aside.append(set_aside_row(row, table, reason_code, reason, message, retry_at))
-    return set_aside
+    return set_aside, published
 
 
 def owner_of(row: dict, table: outbox.OutboxTable, config: Config) -> str:

@@ -7,6 +7,11 @@ quickly. SIGTERM or SIGINT stops every driver with SIGTERM — each finishes its
 current batch, acks what committed and closes its connections — and kills
 the ones still running after STOP_TIMEOUT_SECONDS.
 
+The drivers write their metrics to the node's PROMETHEUS_MULTIPROC_DIR,
+prepared by `pyswpt run` before this module is imported (pyswpt.cli.metrics_of),
+and the `metrics` program serves them on METRICS_PORT: this process stays
+single-threaded, as preexec_fn requires. It counts restarts there too.
+
 Nothing of the tree outlives it. Each driver dies with the supervisor
 (processes.die_with_parent), and its worker processes die with the driver.
 Each driver also leads a process group of its own, which its workers inherit
@@ -29,14 +34,16 @@ import subprocess
 import sys
 import time
 
+from pyswpt import metrics
 from pyswpt.config import Config
 from pyswpt.processes import die_with_parent, stop_event_on_signals
 
 logger = logging.getLogger(__name__)
 
-# The long-running programs of one node (spec 01 §8.2).
+# The long-running programs of one node (spec 01 §8.2), and the node's metrics endpoint.
 PROGRAMS = (
     "web",
+    "metrics",
     "consumer",
     "chores",
     "flusher",
@@ -65,6 +72,8 @@ class Child:
 
     def start(self) -> None:
         # Called from the main thread only: the parent-death signal follows the thread that forks.
+        if self.group is not None:
+            metrics.DRIVER_RESTARTS.labels(self.program).inc()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pyswpt.cli", "run", self.program],
             process_group=0,
@@ -92,6 +101,7 @@ class Child:
                 ran_seconds,
                 pause,
             )
+            metrics.forget_process(self.process.pid)
             self.process = None
             self.restart_at = now + pause
             self.group_kill_at = now + STOP_TIMEOUT_SECONDS

@@ -4,7 +4,10 @@ and read a root account's configuration.
 A Starlette app served by uvicorn on WEBSERVER_PORT with WEBSERVER_PROCESSES
 worker processes. Each process runs at most WEBSERVER_THREADS database reads
 at a time, through a pool of as many connections. The only SQL called is the
-two read-only functions of sql/functions/60_fetch_api.sql.
+two read-only functions of sql/functions/60_fetch_api.sql. Beside the
+liveness probe /accounts/healthz (no database access, spec 01 §6.1), the
+readiness probe /accounts/readyz says whether the node reaches its database
+and brokers (Readiness).
 
 No client can hold on to the server: a connection must deliver each request's
 head in time (RequestHeadDeadlineProtocol) and is closed once idle after a
@@ -19,6 +22,7 @@ import contextlib
 import datetime as dt
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,8 +40,8 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pyswpt import amqp, db, logs, metrics, processes, queries, sharding
 from pyswpt import config as settings
-from pyswpt import db, logs, processes, queries, sharding
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(f"{__name__}.access")
@@ -67,6 +71,13 @@ ACCOUNT_CACHE_CONTROL = "max-age=86400"
 TEXT_PLAIN = "text/plain"
 ALLOWED_METHODS = "OPTIONS, HEAD, GET"
 HEALTHY_TEXT = "I am healthy"
+READY_TEXT = "I am ready"
+# Readiness is checked at most this often, whatever the number of probes...
+READINESS_CACHE_SECONDS = 2.0
+# ... and each of its connection attempts (database, each broker) gives up after this long.
+READINESS_TIMEOUT_SECONDS = 2
+# The route label of a request that matched no route.
+UNMATCHED_ROUTE = "unmatched"
 # Account ids in paths are u64 strings: no sign, no leading zeros, at most 20 digits.
 U64_PATH_REGEX = "0|[1-9][0-9]{0,19}"
 
@@ -133,6 +144,7 @@ class FetchApi:
             read_only=True,  # The web server never writes: let PostgreSQL enforce that.
         )
         self.limiter: anyio.CapacityLimiter | None = None
+        self.readiness = Readiness(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -149,6 +161,15 @@ class FetchApi:
         if request.method == "OPTIONS":
             return options_response()
         return PlainTextResponse(HEALTHY_TEXT)
+
+    async def readyz(self, request: Request) -> Response:
+        """200 when the node reaches its database and brokers, else 503 with one line per problem."""
+        if request.method == "OPTIONS":
+            return options_response()
+        problems = await anyio.to_thread.run_sync(self.readiness.problems)
+        if problems:
+            return PlainTextResponse("\n".join(problems) + "\n", status_code=503)
+        return PlainTextResponse(READY_TEXT)
 
     async def reachable(self, request: Request) -> Response:
         if request.method == "OPTIONS":
@@ -201,6 +222,85 @@ class FetchApi:
         return row[0]
 
 
+class Readiness:
+    """Whether the node can reach its database and its brokers (the readiness probe).
+
+    Unlike healthz (liveness: the process answers), this opens connections,
+    so it is done at most every READINESS_CACHE_SECONDS, by one probe at a
+    time, each attempt bounded by READINESS_TIMEOUT_SECONDS: a probe waits
+    about 2 s per unreachable server at most.
+    """
+
+    def __init__(self, config: settings.Config):
+        self.postgres_url = config.postgres_url
+        # Named by their variables: a URL may hold a password.
+        self.brokers = {"PROTOCOL_BROKER_URL": config.protocol_broker_url}
+        if config.chores_broker_url != config.protocol_broker_url:
+            self.brokers["CHORES_BROKER_URL"] = config.chores_broker_url
+        self._lock = threading.Lock()
+        self._checked_at = float("-inf")
+        self._problems: list[str] = []
+
+    def problems(self) -> list[str]:
+        """What keeps the node from working, as of READINESS_CACHE_SECONDS ago at most; blocking."""
+        with self._lock:
+            if time.monotonic() - self._checked_at >= READINESS_CACHE_SECONDS:
+                self._problems = [*self.database_problems(), *self.broker_problems()]
+                self._checked_at = time.monotonic()
+            return self._problems
+
+    def database_problems(self) -> list[str]:
+        try:
+            with db.connect(
+                self.postgres_url,
+                application_name="pyswpt readiness",
+                read_only=True,
+                connect_timeout_seconds=READINESS_TIMEOUT_SECONDS,
+            ) as conn:
+                if not conn.execute(queries.ACCEPTS_WRITES).fetchone()[0]:
+                    return ["POSTGRES_URL: the database is a standby in recovery; it takes no writes"]
+        except psycopg.Error as error:
+            return [f"POSTGRES_URL: {first_line(str(error))}"]
+        return []
+
+    def broker_problems(self) -> list[str]:
+        problems = []
+        for variable, url in self.brokers.items():
+            try:
+                amqp.probe(url, READINESS_TIMEOUT_SECONDS)
+            except Exception as error:  # noqa: BLE001 - whatever the failure, the broker is not usable
+                problems.append(f"{variable}: {type(error).__name__}: {first_line(str(error))}")
+        return problems
+
+
+class RequestMetrics:
+    """Counts and times every request (pyswpt_fetch_api_*), by route template, never by path."""
+
+    def __init__(self, app: ASGIApp, routes: dict[Any, str]):
+        self.app = app
+        # endpoint -> path template, as Starlette's router puts the endpoint in the scope.
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        response = {"status": 500}
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = self.routes.get(scope.get("endpoint"), UNMATCHED_ROUTE)
+            metrics.FETCH_API_REQUESTS.labels(route, str(response["status"])).inc()
+            metrics.FETCH_API_REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+
+
 def first_line(text: str) -> str:
     """PostgreSQL errors carry the query position on further lines; a log line needs only the first."""
     return text.strip().partition("\n")[0]
@@ -211,6 +311,7 @@ def create_app(config: settings.Config) -> Starlette:
     methods = ["GET", "OPTIONS"]  # Starlette adds HEAD to GET routes.
     routes = [
         Route("/accounts/healthz", api.healthz, methods=methods),
+        Route("/accounts/readyz", api.readyz, methods=methods),
         AccountRoute("/accounts/{debtor_id:u64}/{creditor_id:u64}/reachable", api.reachable, methods=methods),
         AccountRoute("/accounts/{debtor_id:u64}/{creditor_id:u64}/config", api.config, methods=methods),
     ]
@@ -221,6 +322,7 @@ def create_app(config: settings.Config) -> Starlette:
     )
     # A trailing slash is a different path (404), never a redirect.
     app.router.redirect_slashes = False
+    app.add_middleware(RequestMetrics, routes={route.endpoint: route.path for route in routes})
     if config.log_level == "debug":
         app.add_middleware(AccessLog)
     return app

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from pyswpt import db, queries
+from pyswpt import db, metrics, queries
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
 from pyswpt.drivers import account_updates
@@ -221,6 +221,7 @@ def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping:
             if is_infrastructure_error(error):
                 raise
             pause = backoff.failed(key, time.monotonic())
+            metrics.WORKER_ACCOUNT_FAILURES.labels(stage.name).inc()
             logger.warning(
                 "Skipped %s of account debtor_id=%d creditor_id=%d (%s); retrying in %.0f s.",
                 stage.name,
@@ -244,6 +245,8 @@ def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping:
                 round_started = time.monotonic()
                 keys = list_keys(listener, stage, backoff.waiting(round_started))
                 process_round(pool, process, keys)
+                metrics.WORKER_ROUNDS.labels(stage.name).inc()
+                metrics.WORKER_ROUND_ACCOUNTS.labels(stage.name).observe(len(keys))
                 if len(keys) < stage.max_count:
                     db.wait_for_notification(listener, round_started + stage.wait_seconds, stopping, stage.table)
     finally:

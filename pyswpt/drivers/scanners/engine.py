@@ -39,7 +39,7 @@ from typing import Protocol
 
 import psycopg
 
-from pyswpt import amqp, db, processes, queries
+from pyswpt import amqp, db, metrics, processes, queries
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 
@@ -131,6 +131,10 @@ class BlockReader:
         self.block = start_block
         self.stride = blocks_per_query
         self.queue: collections.deque[Key] = collections.deque()
+        # The table's size when last looked up, and when the current pass began
+        # (None until the first wrap: a scan starts at a random block).
+        self.block_count = 0
+        self.pass_started_at: float | None = None
 
     def max_queued_rows(self) -> int:
         # A beat put back, or the rest of a read that filled a beat, plus one more read.
@@ -155,15 +159,28 @@ class BlockReader:
                 self.block += self.stride
                 self.stride = self.blocks_per_query
                 continue
-            block_count, _ = table_size(conn, self.scanner.table_name)
-            if self.block + self.stride >= block_count:
+            self.block_count, _ = table_size(conn, self.scanner.table_name)
+            if self.block + self.stride >= self.block_count:
                 # The end: start over from block 0 in the next beat, so that no
                 # beat takes a row twice.
                 self.block = 0
                 self.stride = self.blocks_per_query
+                self.count_pass()
                 return
             self.block += self.stride
             self.stride = min(self.stride * 2, self.max_blocks_per_query)
+
+    def count_pass(self) -> None:
+        """A pass ended at the end of the table: its metrics, if it was a whole one."""
+        now = time.monotonic()
+        if self.pass_started_at is not None:
+            metrics.SCANNER_PASSES.labels(self.scanner.table_name).inc()
+            metrics.SCANNER_LAST_PASS_SECONDS.labels(self.scanner.table_name).set(now - self.pass_started_at)
+        self.pass_started_at = now
+
+    def progress(self) -> float:
+        """How far the pass is: blocks read over blocks in the table (as last looked up)."""
+        return min(1.0, self.block / self.block_count) if self.block_count else 0.0
 
     def read(self, conn: psycopg.Connection, first_block: int, block_count: int) -> list[Key]:
         query = self.scanner.read_keys_query
@@ -217,6 +234,7 @@ def start_reader(conn: psycopg.Connection, scanner: TableScanner, pace: Pace) ->
     """A reader from a random block, so that restarts do not favour the table's start."""
     block_count, _ = table_size(conn, scanner.table_name)
     reader = BlockReader(scanner, pace.blocks_per_query, random.randrange(max(1, block_count)))
+    reader.block_count = block_count
     logger.info("Scanning %s from block %d.", scanner.table_name, reader.block)
     return reader
 
@@ -253,6 +271,8 @@ def run_rhythm(
                 # Not the rows' fault (process_beat isolates those): they are taken again.
                 reader.put_back(keys)
                 raise
+        metrics.SCANNER_ROWS.labels(scanner.table_name).inc(len(keys))
+        metrics.SCANNER_PASS_PROGRESS.labels(scanner.table_name).set(reader.progress())
         if time.monotonic() - plans_discarded >= DISCARD_PLANS_INTERVAL_SECONDS:
             with conn.transaction():
                 conn.execute("DISCARD PLANS")
@@ -290,6 +310,7 @@ def run_step_isolated(conn: psycopg.Connection, table_name: str, step: Step, key
             if is_infrastructure_error(error):
                 raise
             if len(group) == 1:
+                metrics.SCANNER_SKIPPED_ROWS.labels(table_name).inc()
                 logger.warning(
                     "Skipped %s key %s in step %s for this pass (%s).",
                     table_name,
