@@ -44,7 +44,7 @@ def consume(config: Config, stopping: threading.Event) -> None:
         prefetch_size=config.protocol_broker_prefetch_size,
     )
     consuming.consume_in_threads(
-        settings, config.postgres_url, config.protocol_broker_threads, lambda: SmpBatchHandler(config), stopping
+        settings, config.driver_postgres_url, config.protocol_broker_threads, lambda: SmpBatchHandler(config), stopping
     )
 
 

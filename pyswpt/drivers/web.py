@@ -126,7 +126,7 @@ class FetchApi:
         self.realm = config.realm
         self.threads = config.webserver_threads
         self.pool = db.create_pool(
-            config.postgres_url,
+            config.web_postgres_url,
             min_size=1,
             max_size=config.webserver_threads,
             name=POOL_NAME,
