@@ -72,7 +72,7 @@ def has_violation(results: list[CheckResult]) -> bool:
 
 def audit(config: Config, *, as_json: bool) -> int:
     """Print the checks (a table, or JSON); 1 if any found a violation, else 0."""
-    with db.connect(config.postgres_url, application_name="pyswpt audit") as conn:
+    with db.connect(config.operator_postgres_url, application_name="pyswpt audit") as conn:
         results = run_checks(conn, holds_every_account=config.realm.mask == 0)
     if as_json:
         print(json.dumps({"checks": [dataclasses.asdict(result) for result in results]}, indent=2))

@@ -9,6 +9,7 @@ import importlib
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from pyswpt import config as settings
@@ -141,7 +142,13 @@ def command_configure(config: settings.Config, args: argparse.Namespace) -> int:
         print(f"pyswpt configure: {problem}", file=sys.stderr)
         return EXIT_BAD_SETTING
 
-    with_backoff("Running database schema upgrade", lambda: schema.apply_migrations(config.postgres_url))
+    # The installer warns when the database roles are missing and this user may
+    # not create them: the statements for a DBA are part of this command's output.
+    with warnings.catch_warnings(record=True) as installer_warnings:
+        warnings.simplefilter("always")
+        with_backoff("Running database schema upgrade", lambda: schema.apply_migrations(config.postgres_url))
+    for warning in [w for w in installer_warnings if schema.is_installer_warning(w.filename)][-1:]:
+        print(warning.message, flush=True)
     with_backoff(
         "Creating chores queue",
         lambda: topology.declare_chores_queue(config.chores_broker_url, config.chores_broker_queue),
@@ -162,7 +169,7 @@ def command_await_migrations(config: settings.Config, args: argparse.Namespace) 
     print("Awaiting database migrations to be applied...", flush=True)
     while True:
         try:
-            if not schema.pending_schema_migrations(config.postgres_url):
+            if not schema.pending_schema_migrations(config.driver_postgres_url):
                 return 0
         except Exception as error:
             logger.warning("Cannot read the schema revision yet: %s", error)

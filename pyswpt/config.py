@@ -28,7 +28,11 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    # The owner's (configure); each role's defaults to it (README "Database roles").
     postgres_url: str
+    driver_postgres_url: str
+    web_postgres_url: str
+    operator_postgres_url: str
     fetch_api_url: str
     webserver_port: int
     webserver_processes: int
@@ -196,8 +200,12 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
             f"PROTOCOL_BROKER_QUEUE_ROUTING_KEY={routing_key!r} is not valid: expected "
             "zero to twenty '0.' or '1.' followed by '#', e.g. '#', '0.#', '1.0.#'"
         )
+    postgres_url = normalize_postgres_url(env.string("POSTGRES_URL"))
     config = Config(
-        postgres_url=normalize_postgres_url(env.string("POSTGRES_URL")),
+        postgres_url=postgres_url,
+        driver_postgres_url=normalize_postgres_url(env.string("DRIVER_POSTGRES_URL") or postgres_url),
+        web_postgres_url=normalize_postgres_url(env.string("WEB_POSTGRES_URL") or postgres_url),
+        operator_postgres_url=normalize_postgres_url(env.string("OPERATOR_POSTGRES_URL") or postgres_url),
         fetch_api_url=env.string("FETCH_API_URL"),
         webserver_port=env.integer("WEBSERVER_PORT", 8080, "PORT", minimum=1),
         webserver_processes=env.integer("WEBSERVER_PROCESSES", 1, "WEBSERVER_WORKERS", minimum=1),

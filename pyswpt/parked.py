@@ -50,7 +50,7 @@ BatchAction = Callable[[list[Row]], tuple[list[int], list[str]]]
 
 def connect(config: Config) -> psycopg.Connection[Row]:
     """A connection whose rows are dicts: the commands print columns by name."""
-    conn = db.connect(config.postgres_url, application_name="pyswpt parked")
+    conn = db.connect(config.operator_postgres_url, application_name="pyswpt parked")
     conn.row_factory = dict_row
     return conn
 

@@ -450,6 +450,11 @@ FIND_RECORD_OUTSIDE_SHARD = """
     )
 """
 
+# await-migrations: the schema migrations applied to this database.
+LIST_APPLIED_MIGRATIONS = """
+    SELECT migration_id FROM pyswpt_api.applied_migrations() AS migration_id
+"""
+
 # audit: every ledger check, with what it found.
 AUDIT_LEDGER = """
     SELECT check_name, status, found_count, first_keys, detail

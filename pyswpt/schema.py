@@ -6,7 +6,10 @@ import logging
 import os
 from pathlib import Path
 
+import psycopg
 import yoyo
+
+from pyswpt import db, queries
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +68,19 @@ def apply_migrations(postgres_url: str) -> list[str]:
     return [m.id for m in pending if m.id != FUNCTIONS_MIGRATION_ID]
 
 
+def is_installer_warning(filename: str) -> bool:
+    """Whether a warning comes from sql/migrations/9999_functions.py (missing database roles)."""
+    return Path(filename).name == f"{FUNCTIONS_MIGRATION_ID}.py"
+
+
 def pending_schema_migrations(postgres_url: str) -> list[str]:
-    """Schema migrations not applied yet (the functions re-install does not count)."""
-    backend = yoyo.get_backend(yoyo_url(postgres_url))
-    migrations = yoyo.read_migrations(str(MIGRATIONS_DIR))
-    return [m.id for m in backend.to_apply(migrations) if m.id != FUNCTIONS_MIGRATION_ID]
+    """Schema migrations not applied yet (the functions re-install does not count): every
+    one while the database has no API schema. Asks the API schema (LIST_APPLIED_MIGRATIONS),
+    so that a driver's role, which may not read yoyo's table, can wait for an upgrade."""
+    migrations = [m.id for m in yoyo.read_migrations(str(MIGRATIONS_DIR)) if m.id != FUNCTIONS_MIGRATION_ID]
+    with db.connect(postgres_url, application_name="pyswpt await-migrations") as conn:
+        try:
+            applied = {row[0] for row in conn.execute(queries.LIST_APPLIED_MIGRATIONS)}
+        except (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction):
+            applied = set()
+    return [migration_id for migration_id in migrations if migration_id not in applied]

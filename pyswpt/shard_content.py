@@ -26,7 +26,7 @@ def verify_shard_content(config: Config) -> int:
     """0 when every checked record belongs to this shard; 1 (and an error line) at the first that does not."""
     realm = config.realm
     rows_since_pause = 0
-    with db.connect(config.postgres_url, application_name="pyswpt verify-shard-content") as conn:
+    with db.connect(config.operator_postgres_url, application_name="pyswpt verify-shard-content") as conn:
         tables = with_retries(conn, lambda c: c.execute(queries.LIST_SHARD_CONTENT_TABLES).fetchall())
         for table_name, block_count in tables:
             for first_block in range(0, block_count, BLOCKS_PER_QUERY):

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import vhosts
+from logins import TEST_LOGINS, as_login, ensure_login
 from psycopg import sql
 
 from pyswpt import schema
@@ -161,3 +162,12 @@ def conn(database_url: str) -> Iterator[psycopg.Connection]:
     with contextlib.closing(psycopg.connect(database_url, autocommit=True)) as connection:
         connection.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         yield connection
+
+
+@pytest.fixture(scope="session")
+def role_urls(migrated_database_url: str) -> dict[str, str]:
+    """URLs of the session's database for a login user in each group role: driver, web, operator."""
+    with psycopg.connect(migrated_database_url, autocommit=True) as conn:
+        for login, group in TEST_LOGINS.values():
+            ensure_login(conn, login, group)
+    return {name: as_login(migrated_database_url, login) for name, (login, _group) in TEST_LOGINS.items()}

@@ -60,6 +60,22 @@ def test_postgres_url_accepts_a_driver_suffix(url: str):
     assert load(POSTGRES_URL=url).postgres_url == "postgresql://u:p@db:5432/ledger"
 
 
+def test_every_role_uses_postgres_url_unless_given_its_own():
+    owner = "postgresql://owner@db/ledger"
+    settings = load(POSTGRES_URL=owner)
+    assert (settings.driver_postgres_url, settings.web_postgres_url, settings.operator_postgres_url) == (owner,) * 3
+    settings = load(
+        POSTGRES_URL=owner,
+        DRIVER_POSTGRES_URL="postgresql+psycopg://driver@db/ledger",
+        WEB_POSTGRES_URL="postgresql://web@db/ledger",
+        OPERATOR_POSTGRES_URL="postgresql://operator@db/ledger",
+    )
+    assert settings.postgres_url == owner
+    assert settings.driver_postgres_url == "postgresql://driver@db/ledger"
+    assert settings.web_postgres_url == "postgresql://web@db/ledger"
+    assert settings.operator_postgres_url == "postgresql://operator@db/ledger"
+
+
 @pytest.mark.parametrize("text", ["false", "OFF", "no", ""])
 def test_false_words_are_false(text: str):
     assert load(DELETE_PARENT_SHARD_RECORDS=text).delete_parent_shard_records is False

@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yoyo
+from logins import as_login, ensure_login
 from psycopg import sql
 
 from pyswpt import schema, topology
@@ -33,6 +34,8 @@ DONE_LINES = [
     "Creating chores queue ... done.",
     "Setting up message broker objects ... done.",
 ]
+# A login user without CREATEROLE, shared by the server's test sessions and never dropped.
+CONFIGURER_LOGIN = "pyswpt_test_configurer_login"
 # A narrow shard, so that the test queue catches few of the messages other
 # tests publish to `accounts_in` while it exists.
 TEST_BINDING_KEY = "1.0.1.1.0.1.#"
@@ -174,11 +177,13 @@ def assert_same_snapshot(before: dict[str, list[tuple]], after: dict[str, list[t
 
 
 def function_names_in_files(functions_dir: Path = FUNCTIONS_DIR) -> set[str]:
-    """Qualified names of the functions that sql/functions/ defines, whichever they are today."""
+    """Qualified names of the functions that sql/functions/ defines, whichever they are today,
+    and the one the installer makes itself (applied_migrations, which names yoyo's table)."""
     pattern = re.compile(r"CREATE\s+FUNCTION\s+(pyswpt_api|pyswpt_private)\.(\w+)\s*\(", re.IGNORECASE)
+    installer = functions_dir.parent / "migrations" / "9999_functions.py"
     return {
         f"{schema}.{name}".lower()
-        for path in functions_dir.glob("*.sql")
+        for path in [*functions_dir.glob("*.sql"), installer]
         for schema, name in pattern.findall(path.read_text(encoding="utf-8"))
     }
 
@@ -284,6 +289,36 @@ def test_configure_upgrades_a_database_of_the_old_layout_in_one_run(fresh_databa
         call = "SELECT pyswpt_api.is_reachable_account(p_debtor_id => 1, p_creditor_id => 2)"
         assert conn.execute(call).fetchone()[0] is False
         assert conn.execute("SELECT count(*) FROM pyswpt_api.accounts").fetchone()[0] == 0
+
+
+def test_configure_without_createrole_prints_the_statements_for_a_dba_and_succeeds(
+    fresh_database_url, broker_environment, tmp_path
+):
+    # Roles belong to the whole server, where other sessions create the real ones
+    # and nobody drops them: a copy of sql/ names roles of this test alone instead.
+    absent = f"pyswpt_test_absent_{uuid.uuid4().hex[:8]}"
+    sql_copy = tmp_path / "sql"
+    shutil.copytree(REPOSITORY / "sql", sql_copy)
+    for path in (sql_copy / "roles.sql", sql_copy / "grants.sql"):
+        path.write_text(re.sub(r"\bpyswpt_(driver|web|operator)\b", rf"{absent}_\1", path.read_text()))
+    with psycopg.connect(fresh_database_url, autocommit=True) as admin:
+        ensure_login(admin, CONFIGURER_LOGIN)
+        database = admin.info.dbname
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(*map(sql.Identifier, (database, CONFIGURER_LOGIN)))
+        )
+
+    result = run_configure(
+        as_login(fresh_database_url, CONFIGURER_LOGIN), {**broker_environment, "PYSWPT_SQL_DIR": str(sql_copy)}
+    )
+
+    assert succeeded(result), explain(result)
+    assert f"CREATE ROLE {absent}_driver NOLOGIN;" in result.stdout
+    assert f"GRANT USAGE ON SCHEMA pyswpt_api TO {absent}_web;" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    with psycopg.connect(fresh_database_url) as conn:
+        assert conn.execute("SELECT to_regrole(%s)", (f"{absent}_driver",)).fetchone()[0] is None
+        assert conn.execute("SELECT to_regclass('pyswpt_api.accounts')").fetchone()[0] is not None
 
 
 def extra_function(parameter: str, return_type: str) -> str:

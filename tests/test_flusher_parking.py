@@ -215,6 +215,6 @@ def test_every_outbox_table_names_its_rows_by_their_primary_key(conn):
             " CROSS JOIN unnest(i.indkey) WITH ORDINALITY AS k(attnum, ordinality)"
             " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
             " WHERE p.proname = %s",
-            (re.search(r"pyswpt\.(\w+)\(", table.take_query)[1],),
+            (re.search(r"pyswpt_api\.(\w+)\(", table.take_query)[1],),
         ).fetchone()[0]
         assert tuple(primary_key) == table.key_columns, table.name

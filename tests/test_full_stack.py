@@ -28,6 +28,7 @@ import httpx
 import pytest
 from broker import declare_smp_exchanges
 from drivers import wait_for
+from logins import TEST_LOGINS
 from peers import (
     MAX_INT64,
     Like,
@@ -127,7 +128,9 @@ class Node:
 
 
 @pytest.fixture
-def node(conn, database_url, rabbitmq_url, tmp_path) -> Iterator[Node]:
+def node(conn, database_url, role_urls, rabbitmq_url, tmp_path) -> Iterator[Node]:
+    """A node whose drivers and web server connect as login users in the least-privilege
+    roles pyswpt_driver and pyswpt_web (conftest.role_urls)."""
     port = free_port()
     chores_queue = f"pyswpt_test_full_chores_{uuid.uuid4().hex[:10]}"
     topology.declare_chores_queue(rabbitmq_url, chores_queue)
@@ -137,6 +140,8 @@ def node(conn, database_url, rabbitmq_url, tmp_path) -> Iterator[Node]:
         "WEBSERVER_PORT": str(port),
         "FETCH_API_URL": f"http://127.0.0.1:{port}",
         "METRICS_PORT": str(free_port()),
+        "DRIVER_POSTGRES_URL": role_urls["driver"],
+        "WEB_POSTGRES_URL": role_urls["web"],
     }
     try:
         with open_shard(
@@ -379,6 +384,9 @@ def test_a_day_of_a_currency_under_run_all(node):
             )
         assert account_updates(shard, carol)[-1] == deleted.fields
 
+        # All of it ran through the drivers' and the web server's own login users.
+        assert connected_users(shard) == {TEST_LOGINS["driver"][0], TEST_LOGINS["web"][0]}
+
     assert shard.inbox.all_received(Like("RejectedTransfer")) == []
     assert shard.inbox.all_received(Like("RejectedConfig")) == []
 
@@ -405,6 +413,15 @@ def test_a_day_of_a_currency_under_run_all(node):
     assert shard.principal(0) == -(alice_account["principal"] + bob_account["principal"])
     for account in (alice_account, bob_account):
         assert (account["total_locked_amount"], account["pending_transfers_count"]) == (0, 0)
+
+
+def connected_users(shard: Shard) -> set[str]:
+    """The users of the node's connections (named `pyswpt <driver>` or `pyswpt-web`)."""
+    rows = shard.conn.execute(
+        "SELECT DISTINCT usename FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name ~ '^pyswpt[ -]'"
+    ).fetchall()
+    return {user for (user,) in rows}
 
 
 # --- SIGTERM under load -----------------------------------------------------------------

@@ -43,7 +43,7 @@ def announce_until_stopped(config: Config, stopping: threading.Event) -> None:
     backoff = Backoff()
     while not stopping.is_set():
         try:
-            with db.connect(config.postgres_url, application_name="pyswpt account updates") as conn:
+            with db.connect(config.driver_postgres_url, application_name="pyswpt account updates") as conn:
                 announce_on(conn, config, stopping)
         except Exception as error:  # noqa: BLE001 - the loop must outlive any error (logged); the scanner is the net
             pause = backoff.next_pause()

@@ -42,7 +42,7 @@ def consume(config: Config, stopping: threading.Event) -> None:
         prefetch_size=config.chores_broker_prefetch_size,
     )
     consuming.consume_in_threads(
-        settings, config.postgres_url, config.chores_broker_threads, lambda: ChoresBatchHandler(config), stopping
+        settings, config.driver_postgres_url, config.chores_broker_threads, lambda: ChoresBatchHandler(config), stopping
     )
 
 

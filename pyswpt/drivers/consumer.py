@@ -54,7 +54,7 @@ def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> b
     )
     return consuming.consume_in_threads(
         settings,
-        config.postgres_url,
+        config.driver_postgres_url,
         config.protocol_broker_threads,
         lambda: SmpBatchHandler(config, draining_mode),
         stopping,

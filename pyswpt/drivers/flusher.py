@@ -97,8 +97,8 @@ def flush_rounds(config: Config, tables: list[outbox.OutboxTable], stopping: thr
     publisher = amqp.BatchPublisher(config.protocol_broker_url)
     try:
         with (
-            db.connect(config.postgres_url, application_name="pyswpt flusher") as conn,
-            db.listen(config.postgres_url, NOTIFY_CHANNEL, application_name="pyswpt flusher listen") as listener,
+            db.connect(config.driver_postgres_url, application_name="pyswpt flusher") as conn,
+            db.listen(config.driver_postgres_url, NOTIFY_CHANNEL, application_name="pyswpt flusher listen") as listener,
         ):
             # A random first pause keeps flushers started together from polling in
             # lockstep; a NOTIFY still wakes them at once.

@@ -18,7 +18,7 @@ from pyswpt.processes import stop_event_on_signals
 def run(config: Config) -> int:
     stopping = stop_event_on_signals()
     port = config.metrics_port if config.metrics_port is not None else metrics.DEFAULT_METRICS_PORT
-    server = metrics.serve(port, metrics.node_registry(config.postgres_url))
+    server = metrics.serve(port, metrics.node_registry(config.driver_postgres_url))
     try:
         stopping.wait()
     finally:

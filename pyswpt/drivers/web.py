@@ -137,7 +137,7 @@ class FetchApi:
         self.realm = config.realm
         self.threads = config.webserver_threads
         self.pool = db.create_pool(
-            config.postgres_url,
+            config.web_postgres_url,
             min_size=1,
             max_size=config.webserver_threads,
             name=POOL_NAME,
@@ -232,7 +232,7 @@ class Readiness:
     """
 
     def __init__(self, config: settings.Config):
-        self.postgres_url = config.postgres_url
+        self.postgres_url = config.web_postgres_url
         # Named by their variables: a URL may hold a password.
         self.brokers = {"PROTOCOL_BROKER_URL": config.protocol_broker_url}
         if config.chores_broker_url != config.protocol_broker_url:

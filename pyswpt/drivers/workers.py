@@ -210,7 +210,7 @@ def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping:
 
     def connection() -> psycopg.Connection:
         if not hasattr(local, "conn"):
-            local.conn = db.connect(config.postgres_url, application_name=f"pyswpt {stage.name}")
+            local.conn = db.connect(config.driver_postgres_url, application_name=f"pyswpt {stage.name}")
             connections.append(local.conn)
         return local.conn
 
@@ -238,7 +238,7 @@ def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping:
         else:
             backoff.succeeded(key)
 
-    listener = db.listen(config.postgres_url, NOTIFY_CHANNEL, application_name=f"pyswpt {stage.name} listen")
+    listener = db.listen(config.driver_postgres_url, NOTIFY_CHANNEL, application_name=f"pyswpt {stage.name} listen")
     try:
         with concurrent.futures.ThreadPoolExecutor(stage.threads, thread_name_prefix=stage.name) as pool:
             while not stopping.is_set():

@@ -6,7 +6,27 @@
 -- The views live in pyswpt_api, which every apply drops and re-creates whole
 -- (sql/migrations/9999_functions.py): a column may be renamed, retyped or
 -- removed here without a DROP VIEW. They read the tables with the rights of
--- their owner; the helpers they call (pyswpt_private) run with the reader's.
+-- their owner, but run the functions they call with the reader's: only
+-- functions with a SQL-standard body (the flags), whose names were bound at
+-- creation, and calc_account_figures below, which runs with its owner's rights,
+-- so that an operator needs no USAGE on pyswpt_private (sql/grants.sql).
+
+-- The balance and the available amount of an account row at p_now, for the
+-- accounts view. SECURITY DEFINER because the helpers it calls find theirs
+-- through pyswpt_private, which only the owner may use; it only computes on
+-- the row it is given.
+CREATE FUNCTION pyswpt_private.calc_account_figures(
+    p_account account,
+    p_now timestamptz,
+    OUT balance numeric,
+    OUT available_amount bigint
+)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+AS $$
+    SELECT calc_account_balance(p_account, p_now), calc_available_amount(p_account, p_now)
+$$;
 
 -- Accounts with decoded flags and what they can still lock (spec 02 §1.2, §1.11, B8).
 CREATE VIEW pyswpt_api.accounts AS
@@ -17,8 +37,8 @@ SELECT
     a.principal,
     a.interest,
     a.interest_rate,
-    calc_account_balance(a, now()) AS balance,
-    calc_available_amount(a, now()) AS available_amount,
+    f.balance,
+    f.available_amount,
     a.total_locked_amount,
     a.pending_transfers_count,
     -- Skip the index probe for the many accounts without prepared transfers.
@@ -49,7 +69,8 @@ SELECT
     a.last_config_ts,
     a.last_heartbeat_ts,
     a.pending_account_update
-FROM account AS a;
+FROM account AS a
+CROSS JOIN LATERAL pyswpt_private.calc_account_figures(a, now()) AS f;
 
 COMMENT ON VIEW pyswpt_api.accounts IS
     'Accounts with decoded flags, balance with accrued interest, available and locked amounts, '

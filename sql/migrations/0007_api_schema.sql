@@ -30,3 +30,7 @@ BEGIN
     END IF;
 END;
 $$;
+
+COMMENT ON SCHEMA pyswpt IS
+    'pyswpt ledger data: tables, sequences, indexes and trigger functions, changed only by migrations. '
+    'Callers use pyswpt_api.';

@@ -55,4 +55,4 @@ def pace(config: Config) -> engine.Pace:
 
 
 def run(config: Config) -> int:
-    return engine.run_scanner(RegisteredBalanceChangesScanner(config), pace(config), config.postgres_url)
+    return engine.run_scanner(RegisteredBalanceChangesScanner(config), pace(config), config.driver_postgres_url)
