@@ -7,7 +7,8 @@
 CREATE SCHEMA pyswpt;
 
 COMMENT ON SCHEMA pyswpt IS
-    'pyswpt ledger: tables, and the functions that are the only way to change them.';
+    'pyswpt ledger data: tables, sequences, indexes and trigger functions, changed only by migrations. '
+    'Callers use pyswpt_api.';
 
 -- Accounts -------------------------------------------------------------------
 

@@ -357,6 +357,9 @@ def install_old_layout(database_url: str, tmp_path: Path) -> None:
         backend.apply_migrations(backend.to_apply(yoyo.read_migrations(str(migrations_dir))))
     with psycopg.connect(database_url) as conn:
         conn.execute("SET search_path = pyswpt, pg_temp")
+        # Today's functions stand in for the old ones; the bodies that read columns
+        # added since 0006 (enqueued_at) are not checked, as they never run here.
+        conn.execute("SET check_function_bodies = off")
         for path in sorted(FUNCTIONS_DIR.glob("*.sql")):
             conn.execute(NEW_LAYOUT_SCHEMAS.sub("pyswpt.", path.read_text(encoding="utf-8")))
 
