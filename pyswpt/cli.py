@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, schema, sharding
+from pyswpt import logs, schema, sharding, upgrades
 
 logger = logging.getLogger(__name__)
 # A setting that cannot work: like argparse, status 2.
@@ -228,7 +228,11 @@ def command_run(config: settings.Config, args: argparse.Namespace) -> int:
     }
     names = {driver.names_keyword: args.names or None} if driver.names_keyword else {}
     module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
-    return module.run(dataclasses.replace(config, **overrides), **names) or 0
+    try:
+        return module.run(dataclasses.replace(config, **overrides), **names) or 0
+    except upgrades.ApiUnavailable as error:
+        logger.critical("%s", error)
+        return upgrades.EXIT_API_UNAVAILABLE
 
 
 def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:

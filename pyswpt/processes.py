@@ -11,6 +11,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -91,6 +93,9 @@ def _worker_main(parent_pid: int, target: Callable[..., None], args: tuple) -> N
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         target(*args, stopping)
+    except ApiUnavailable as error:
+        logger.critical("%s", error)
+        raise SystemExit(EXIT_API_UNAVAILABLE) from None
     except Exception:
         logger.exception("Uncaught exception in worker process %s.", multiprocessing.current_process().pid)
         raise SystemExit(1) from None
@@ -100,7 +105,8 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
     """Run `target(*args, stopping)` in `count` processes until one of them ends.
 
     When any worker ends (error or stop), the others are asked to stop and the
-    exit status is 1, so that a supervisor restarts the whole group. With
+    exit status is 1, so that a supervisor restarts the whole group; it is
+    EXIT_API_UNAVAILABLE when a worker gave up waiting for its SQL API. With
     count < 1 the command idles until it is stopped, as the reference does.
     """
     stopping = stop_event_on_signals()
@@ -131,4 +137,6 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
             logger.error("Worker %s did not stop in time; killing it.", worker.pid)
             worker.kill()
             worker.join()
+    if any(worker.exitcode == EXIT_API_UNAVAILABLE for worker in workers):
+        return EXIT_API_UNAVAILABLE
     return 1

@@ -42,6 +42,7 @@ def consume(config: Config, stopping: threading.Event) -> None:
         queue=config.protocol_broker_queue,
         prefetch_count=config.protocol_broker_prefetch_count,
         prefetch_size=config.protocol_broker_prefetch_size,
+        api_wait_seconds=config.api_wait_seconds,
     )
     consuming.consume_in_threads(
         settings, config.postgres_url, config.protocol_broker_threads, lambda: SmpBatchHandler(config), stopping
