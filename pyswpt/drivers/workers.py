@@ -190,7 +190,7 @@ def process_until_stopped(config: Config, stage: Stage, stopping: threading.Even
     """
     accounts_backoff = AccountBackoff()
     reconnect_backoff = Backoff()
-    api_wait = ApiWait(config.api_wait_seconds, f"the {stage.name} stage")
+    api_wait = ApiWait(config.api_wait_seconds, f"the {stage.name} stage of the workers")
     while not stopping.is_set():
         try:
             serve_stage(config, stage, accounts_backoff, api_wait, stopping)
