@@ -46,6 +46,8 @@ ENTRY_POINTS = sorted(
 # Short enough for a test, long enough for a driver to meet the missing function.
 SHORT_API_WAIT_SECONDS = "3"
 EXIT_DEADLINE_SECONDS = 60.0
+# Six Python processes start at once under `run all`, on a shared machine.
+START_SECONDS = 60.0
 ROUND_TIMEOUT_SECONDS = 60.0
 TRANSFERS_PER_ROUND = 10
 CONFIGURE_RUNS = 3
@@ -215,7 +217,7 @@ def changed_sql_dir(tmp_path: Path) -> Path:
     sql_dir = tmp_path / "next-release-sql"
     shutil.copytree(schema.SQL_DIR, sql_dir, ignore=shutil.ignore_patterns("__pycache__"))
     (sql_dir / "migrations" / "0007_next_release.sql").write_text(
-        "ALTER TABLE account_transfer_signal ADD COLUMN next_release_note text;\n"
+        "ALTER TABLE pyswpt.account_transfer_signal ADD COLUMN next_release_note text;\n"
     )
     functions = sql_dir / "functions"
     for path in functions.glob("*.sql"):
@@ -355,8 +357,8 @@ def test_run_all_stops_the_node_when_a_driver_gives_up_on_its_api(shard, rabbitm
     log_path = tmp_path / "run-all.log"
     try:
         with process_group(["run", "all"], environ, log_path) as node:
-            wait_for(lambda: set(started_pids(log_path.read_text())) == set(PROGRAMS), "every driver to start")
-            wait_for(lambda: healthy(port), "the fetch API")
+            wait_for(lambda: set(started_pids(log_path.read_text())) == set(PROGRAMS), "every driver", START_SECONDS)
+            wait_for(lambda: healthy(port), "the fetch API", START_SECONDS)
             sender = shard.creditor()
             open_account(shard, sender)
             drop_functions(shard, "enqueue_transfer_request")
