@@ -26,7 +26,9 @@ import pytest
 from broker import declare_smp_exchanges
 from conftest import new_database
 from drivers import free_port, healthy, pyswpt_command, started_pids, wait_for
+from factories import insert_account
 from peers import Like, Shard, funded_pair, open_account, open_shard, process_group
+from test_web import web_server
 
 from pyswpt import queries, schema, topology
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
@@ -53,6 +55,8 @@ TRANSFERS_PER_ROUND = 10
 CONFIGURE_RUNS = 3
 ROUNDS_AFTER_CONFIGURE = 2
 FUNDS = 10**6
+# psycopg prepares a statement on the server from its fifth run on a connection.
+PSYCOPG_PREPARE_THRESHOLD = 5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -376,3 +380,40 @@ def test_run_all_stops_the_node_when_a_driver_gives_up_on_its_api(shard, rabbitm
     assert started_pids(log)["consumer"] == started_pids(log)["consumer"][:1]
     assert "All drivers stopped." in log
     assert parked_count(shard) == 0
+
+
+# The fetch API ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_database_url(postgres_server_url) -> Iterator[str]:
+    with new_database(postgres_server_url, "pyswpt_test_upgrade_web") as url:
+        schema.apply_migrations(url)
+        yield url
+
+
+def test_the_fetch_api_answers_503_never_404_while_its_function_is_missing_or_changed(own_database_url, tmp_path):
+    path = "/accounts/1/2/reachable"
+    with (
+        psycopg.connect(own_database_url, autocommit=True) as admin,
+        web_server(own_database_url, tmp_path, WEBSERVER_THREADS="1") as server,
+    ):
+        insert_account(admin, 1, 2)
+        # Often enough for psycopg to prepare the statement on the one pooled connection.
+        runs = PSYCOPG_PREPARE_THRESHOLD + 1
+        assert [server.get(path).status_code for _ in range(runs)] == [204] * runs
+        admin.execute("DROP FUNCTION pyswpt.is_reachable_account")
+        missing = server.get(path)
+        assert (missing.status_code, missing.headers["retry-after"]) == (503, "5")
+        assert "cache-control" not in missing.headers
+        # A release that broke the rule and changed the result type in place: the prepared
+        # statement may fail once ("cached plan must not change result type").
+        admin.execute(
+            "CREATE FUNCTION pyswpt.is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)"
+            " RETURNS integer LANGUAGE sql AS 'SELECT 1'"
+        )
+        answers = [server.get(path).status_code for _ in range(runs)]
+        admin.execute("DROP FUNCTION pyswpt.is_reachable_account")
+        schema.apply_migrations(own_database_url)
+        wait_for(lambda: answers.append(server.get(path).status_code) or answers[-1] == 204, "the API back")
+        assert set(answers) <= {503, 204}

@@ -42,7 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pyswpt import config as settings
 from pyswpt import db, logs, processes, queries, sharding
-from pyswpt.transactions import is_api_missing, is_infrastructure_error
+from pyswpt.transactions import is_infrastructure_error
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(f"{__name__}.access")
@@ -210,14 +210,7 @@ class FetchApi:
     def read_blocking(self, statement: str, pair: tuple[int, int]) -> Any:
         with self.pool.connection() as conn:
             debtor_id, creditor_id = pair
-            try:
-                row = conn.execute(statement, {"debtor_id": debtor_id, "creditor_id": creditor_id}).fetchone()
-            except psycopg.Error as error:
-                if is_api_missing(error):
-                    # Statements psycopg prepared on it may stay stale after an upgrade
-                    # (a changed result type): the pool replaces a closed connection.
-                    conn.close()
-                raise
+            row = conn.execute(statement, {"debtor_id": debtor_id, "creditor_id": creditor_id}).fetchone()
         assert row is not None, "a scalar function returns one row"
         return row[0]
 
