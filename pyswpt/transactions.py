@@ -44,11 +44,11 @@ API_MISSING_SQLSTATES = (
 # whatever the language of the message.
 CHANGED_RESULT_SQLSTATE = "0A000"
 CHANGED_RESULT_SOURCE_FUNCTION = "RevalidateCachedQuery"
-# SQLSTATEs (or their class prefixes) that say the server, the connection or
-# the installed schema is unwell: never the fault of the message or row at
-# hand. Connection exceptions, failed authentication, configuration file
-# errors, lack of resources, shutdowns, system errors, a read-only server, a
-# database that does not exist, and the SQL API missing while an upgrade runs.
+# SQLSTATEs (or their class prefixes) that say the server or the connection
+# is unwell: never the fault of the message or row at hand. Connection
+# exceptions, failed authentication, configuration file errors, lack of
+# resources, shutdowns, system errors, a database that does not exist, a
+# read-only server. A missing SQL API is the infrastructure's too (is_api_missing).
 INFRASTRUCTURE_SQLSTATE_PREFIXES = (
     "08",
     "28",
@@ -58,7 +58,6 @@ INFRASTRUCTURE_SQLSTATE_PREFIXES = (
     "58",
     "3D000",
     "25006",
-    *API_MISSING_SQLSTATES,
 )
 
 

@@ -31,6 +31,7 @@ from peers import Like, Shard, funded_pair, open_account, open_shard, process_gr
 from test_web import web_server
 
 from pyswpt import queries, schema, topology
+from pyswpt.applying import MAX_DELIVERY_ATTEMPTS
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 from pyswpt.sharding import u64_string
 from pyswpt.transactions import is_api_missing, is_infrastructure_error
@@ -212,6 +213,28 @@ def test_functions_dropped_while_the_drivers_run_are_waited_for_and_nothing_is_p
     assert shard.inbox.all_received(Like("RejectedTransfer")) == []
     assert "one at a time" not in consumer.log()
     assert "Skipped" not in workers.log()
+
+
+def test_a_column_renamed_under_the_consumer_is_waited_for_and_no_message_is_parked(shard):
+    consumer, _workers, _flusher = shard.start("consumer", "workers", "flusher")
+    sender, recipient = funded_pair(shard, FUNDS)
+    # A migration of the next release renamed a column that this release's functions still write.
+    shard.conn.execute("ALTER TABLE transfer_request RENAME COLUMN final_interest_rate_ts TO next_release_ts")
+    prepare_transfers(shard, sender, recipient, range(1, 6))
+    # Retried as often as a message that fails alone is delivered before it is parked.
+    wait_for(
+        lambda: consumer.log().count("42703") > MAX_DELIVERY_ATTEMPTS,
+        "the consumer to meet the missing column again and again",
+        ROUND_TIMEOUT_SECONDS,
+    )
+    shard.conn.execute("ALTER TABLE transfer_request RENAME COLUMN next_release_ts TO final_interest_rate_ts")
+
+    shard.inbox.expect(
+        *[Like("PreparedTransfer", creditor_id=sender, coordinator_request_id=n) for n in range(1, 6)],
+        timeout_seconds=ROUND_TIMEOUT_SECONDS,
+    )
+    assert parked_count(shard) == 0
+    assert "one at a time" not in consumer.log()
 
 
 def changed_sql_dir(tmp_path: Path) -> Path:
