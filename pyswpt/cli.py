@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, metrics_directory, schema, sharding
+from pyswpt import logs, metrics_directory, schema, sharding, upgrades
 
 logger = logging.getLogger(__name__)
 # A setting that cannot work: like argparse, status 2.
@@ -262,7 +262,11 @@ def command_run(config: settings.Config, args: argparse.Namespace) -> int:
         # Imported only now: the driver's modules import prometheus_client (see metrics_of).
         module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
         switches = {switch.keyword: getattr(args, switch.keyword) for switch in driver.switches}
-        return module.run(dataclasses.replace(config, **overrides), **names, **switches) or 0
+        try:
+            return module.run(dataclasses.replace(config, **overrides), **names, **switches) or 0
+        except upgrades.ApiUnavailable as error:
+            logger.critical("%s", error)
+            return upgrades.EXIT_API_UNAVAILABLE
 
 
 @contextlib.contextmanager

@@ -100,6 +100,7 @@ class Config:
     deletion_attempts_min_days: float
     verify_shard_yield_per: int
     verify_shard_sleep_seconds: float
+    api_wait_seconds: float
 
     @property
     def realm(self) -> sharding.Realm:
@@ -278,6 +279,7 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         deletion_attempts_min_days=env.number("APP_DELETION_ATTEMPTS_MIN_DAYS", 14.0),
         verify_shard_yield_per=env.integer("APP_VERIFY_SHARD_YIELD_PER", 10000, minimum=1),
         verify_shard_sleep_seconds=env.number("APP_VERIFY_SHARD_SLEEP_SECONDS", 0.005),
+        api_wait_seconds=env.number("APP_API_WAIT_SECONDS", 300.0, positive=True),
     )
     check_sanity(config, now or dt.datetime.now(dt.UTC))
     return config

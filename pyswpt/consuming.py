@@ -6,9 +6,10 @@ pyswpt.applying) and says which to ack, reject or hand back. Acks are sent
 only after the transaction that applied the messages committed. When the
 database is unavailable the same batch is retried with backoff on a new
 database connection, the broker channel kept, so an outage does not count
-as a delivery attempt of every message. A lost broker connection
-reconnects with backoff (unacknowledged messages are redelivered); anything
-else ends the process loudly.
+as a delivery attempt of every message. So does a missing or changed SQL
+function while an upgrade runs, up to APP_API_WAIT_SECONDS (pyswpt.upgrades).
+A lost broker connection reconnects with backoff (unacknowledged messages
+are redelivered); anything else ends the process loudly.
 
 In draining mode (spec 01 §3.6, used to retire a queue after a shard split)
 the consumer steps back whenever the queue has been idle for a while: it
@@ -36,6 +37,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pyswpt import amqp, db, metrics, processes
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error
+from pyswpt.upgrades import ApiUnavailable, ApiWait
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class QueueSettings:
     queue: str
     prefetch_count: int
     prefetch_size: int
+    api_wait_seconds: float
     draining: bool = False
 
     @property
@@ -117,6 +120,9 @@ def consume_in_threads(
     def consume() -> None:
         try:
             done.append(consume_until_stopped(settings, postgres_url, handler_factory(), stopping))
+        except ApiUnavailable as error:  # its one line is logged where the process exits
+            failures.append(error)
+            stopping.set()
         except BaseException as error:  # noqa: BLE001 - reported by the parent thread
             logger.exception("Consumer thread failed.")
             failures.append(error)
@@ -241,9 +247,7 @@ class Batches:
             self.connection.process_data_events(time_limit=0)
             batch = self.received[:max_batch_size]
             del self.received[:max_batch_size]
-            outcome = handle_until_applied(
-                self.connection, self.database, self.handler, batch, self.settings.queue, stopping
-            )
+            outcome = handle_until_applied(self.connection, self.database, self.handler, batch, self.settings, stopping)
             if outcome is None:
                 return False
             count_window(self.settings.queue, batch, outcome, time.monotonic())
@@ -283,22 +287,25 @@ def handle_until_applied(
     database: DatabaseSession,
     handler: BatchHandler,
     batch: list[Delivery],
-    queue: str,
+    settings: QueueSettings,
     stopping: threading.Event,
 ) -> BatchOutcome | None:
-    """The handler's outcome for `batch`, retried while the database is unavailable; None if stopped."""
+    """The handler's outcome for `batch`, retried while the database or its SQL API is unavailable;
+    None if stopped. Raises ApiUnavailable when the API stays missing too long."""
     backoff = Backoff()
+    api_wait = ApiWait(settings.api_wait_seconds, f"the consumer of {settings.queue}")
     while not stopping.is_set():
         try:
             return handler(database.connection(), batch)
         except Exception as error:
             if not is_infrastructure_error(error):
                 raise
+            api_wait.failed(error)
             pause = backoff.next_pause()
             logger.error(
                 "The database is unavailable while applying %d messages from %s (%s); retrying in %.0f s.",
                 len(batch),
-                queue,
+                settings.queue,
                 describe_error(error),
                 pause,
             )

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from pyswpt import metrics
+from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ def _worker_main(parent_pid: int, target: Callable[..., None], args: tuple) -> N
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         done = target(*args, stopping)
+    except ApiUnavailable as error:
+        logger.critical("%s", error)
+        raise SystemExit(EXIT_API_UNAVAILABLE) from None
     except Exception:
         logger.exception("Uncaught exception in worker process %s.", multiprocessing.current_process().pid)
         raise SystemExit(1) from None
@@ -109,7 +113,8 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
     exit status is 1, so that a supervisor restarts the whole group. The one
     exception: a worker whose target returned True has finished its work (a
     draining consumer whose queue is gone), and so has the command, with
-    status 0. With count < 1 the command idles until it is stopped, as the
+    status 0; and a worker that gave up waiting for its SQL API makes
+    it EXIT_API_UNAVAILABLE. With count < 1 the command idles until it is stopped, as the
     reference does.
     """
     stopping = stop_event_on_signals()
@@ -142,4 +147,6 @@ def run_worker_processes(count: int, target: Callable[..., None], *args) -> int:
             worker.kill()
             worker.join()
         metrics.forget_process(worker.pid)
+    if any(worker.exitcode == EXIT_API_UNAVAILABLE for worker in workers):
+        return EXIT_API_UNAVAILABLE
     return 0 if finished else 1

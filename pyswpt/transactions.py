@@ -29,11 +29,28 @@ REFUSING_ERRORS = (
     psycopg.errors.RaiseException,
     psycopg.errors.AssertFailure,
 )
-# SQLSTATEs (or their class prefixes) that say the server, the connection or
-# the installed schema is unwell: never the fault of the message or row at
-# hand. Connection exceptions, failed authentication, configuration file
-# errors, lack of resources, shutdowns, system errors, a read-only server, and
-# a function, table or privilege that is missing while an upgrade runs.
+# SQLSTATEs that say the SQL API a driver calls is not (or not yet) the one it
+# was written for: a function, table, column or schema that is missing, or not
+# granted, while `configure` of another release runs or after it. A changed
+# signature shows as a missing function too (argument names are part of it).
+API_MISSING_SQLSTATES = (
+    "42883",  # undefined_function
+    "42P01",  # undefined_table
+    "42703",  # undefined_column: a function's result columns changed
+    "3F000",  # invalid_schema_name
+    "42501",  # insufficient_privilege
+)
+# A statement that psycopg prepared on this connection (after a few runs) and
+# whose function now returns another type fails with this error until the
+# connection is replaced; the server function that raises it names the case,
+# whatever the language of the message.
+CHANGED_RESULT_SQLSTATE = "0A000"
+CHANGED_RESULT_SOURCE_FUNCTION = "RevalidateCachedQuery"
+# SQLSTATEs (or their class prefixes) that say the server or the connection
+# is unwell: never the fault of the message or row at hand. Connection
+# exceptions, failed authentication, configuration file errors, lack of
+# resources, shutdowns, system errors, a database that does not exist, a
+# read-only server. A missing SQL API is the infrastructure's too (is_api_missing).
 INFRASTRUCTURE_SQLSTATE_PREFIXES = (
     "08",
     "28",
@@ -43,9 +60,6 @@ INFRASTRUCTURE_SQLSTATE_PREFIXES = (
     "58",
     "3D000",
     "25006",
-    "42501",
-    "42883",
-    "42P01",
 )
 
 
@@ -96,7 +110,17 @@ def is_infrastructure_error(error: BaseException) -> bool:
     sqlstate = error.sqlstate
     if sqlstate is None:
         return isinstance(error, psycopg.OperationalError)
-    return sqlstate.startswith(INFRASTRUCTURE_SQLSTATE_PREFIXES)
+    return sqlstate.startswith(INFRASTRUCTURE_SQLSTATE_PREFIXES) or is_api_missing(error)
+
+
+def is_api_missing(error: BaseException) -> bool:
+    """True when the SQL API the caller needs is missing or changed (see API_MISSING_SQLSTATES):
+    an upgrade is under way, or the driver belongs to another release than the database."""
+    if not isinstance(error, psycopg.Error) or error.sqlstate is None:
+        return False
+    if error.sqlstate == CHANGED_RESULT_SQLSTATE:
+        return error.diag.source_function == CHANGED_RESULT_SOURCE_FUNCTION
+    return error.sqlstate in API_MISSING_SQLSTATES
 
 
 def describe_error(error: BaseException) -> str:

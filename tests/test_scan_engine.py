@@ -21,6 +21,7 @@ from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, failing_acc
 from pyswpt import db, topology
 from pyswpt.drivers.scanners import engine
 from pyswpt.drivers.scanners.accounts import AccountsScanner
+from pyswpt.upgrades import ApiWait
 
 UTC = dt.UTC
 DAY = dt.timedelta(days=1)
@@ -149,7 +150,8 @@ def test_one_pass_takes_the_configured_time_in_even_beats(conn, database_url):
     reader = engine.BlockReader(scanner, pace.blocks_per_query, 0)
     with db.connect(database_url) as scan_conn:
         started = time.monotonic()
-        engine.run_rhythm(scan_conn, scanner, reader, pace, threading.Event(), lambda: dt.datetime.now(UTC))
+        api_wait = ApiWait(300.0, "the test scanner")
+        engine.run_rhythm(scan_conn, scanner, reader, pace, api_wait, threading.Event(), lambda: dt.datetime.now(UTC))
         elapsed = time.monotonic() - started
     # 100 rows over 1 s in beats of 100 ms: 10 beats of 10 rows, each row once.
     assert [len(keys) for keys in scanner.beats] == [10] * 10
@@ -161,7 +163,10 @@ def test_a_stop_request_ends_a_long_beat_within_a_second(conn, database_url):
     scanner = RecordingScanner()
     stopping = threading.Event()
     pace = engine.Pace(pass_seconds=8 * HOUR_SECONDS, beat_milliseconds=100, blocks_per_query=40)
-    scanning = threading.Thread(target=engine.scan_until_stopped, args=(scanner, pace, database_url, stopping))
+    scanning = threading.Thread(
+        target=engine.scan_until_stopped,
+        args=(scanner, pace, database_url, stopping, ApiWait(300.0, "the test scanner")),
+    )
     scanning.start()
     # An empty table: the first beat is followed by a 96-minute pause.
     assert scanner.pausing.wait(timeout=10)

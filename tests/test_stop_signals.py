@@ -88,7 +88,9 @@ def test_consumer_threads_stop_when_a_consumer_thread_takes_the_sigterm(
     queue = f"test_stop_signals_{uuid.uuid4().hex[:10]}"
     with topology.open_channel(rabbitmq_url) as channel:
         channel.queue_declare(queue)
-    queue_settings = consuming.QueueSettings(broker_url=rabbitmq_url, queue=queue, prefetch_count=10, prefetch_size=0)
+    queue_settings = consuming.QueueSettings(
+        broker_url=rabbitmq_url, queue=queue, prefetch_count=10, prefetch_size=0, api_wait_seconds=300.0
+    )
     stopping = processes.stop_event_on_signals()
 
     def consume() -> None:

@@ -322,12 +322,15 @@ def test_pair_inside_a_partial_shard_is_answered(shard_1_server, conn):
     assert shard_1_server.get(f"/accounts/{debtor_id}/{creditor_id}/reachable").status_code == 204
 
 
-def test_database_error_is_500_and_the_worker_keeps_serving(fresh_database_url, tmp_path):
+def test_missing_sql_api_is_503_never_404_and_the_worker_keeps_serving(fresh_database_url, tmp_path):
+    # A database without the pyswpt schema: as if `configure` had not run yet.
     with web_server(fresh_database_url, tmp_path) as broken:
-        assert broken.get("/accounts/1/2/reachable").status_code == 500
-        assert broken.get("/accounts/1/0/config").status_code == 500
+        for path in ("/accounts/1/2/reachable", "/accounts/1/0/config", "/accounts/1/2/reachable"):
+            response = broken.get(path)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "5"
+            assert "cache-control" not in response.headers
         assert broken.get("/accounts/healthz").status_code == 200
-        assert broken.get("/accounts/1/2/reachable").status_code == 500
         wait_for(
             lambda: "Database error in the fetch API for account (1, 2)" in broken.log(),
             "the database error log line",

@@ -40,6 +40,7 @@ def consume(config: Config, stopping: threading.Event) -> None:
         queue=config.chores_broker_queue,
         prefetch_count=config.chores_broker_prefetch_count,
         prefetch_size=config.chores_broker_prefetch_size,
+        api_wait_seconds=config.api_wait_seconds,
     )
     consuming.consume_in_threads(
         settings, config.driver_postgres_url, config.chores_broker_threads, lambda: ChoresBatchHandler(config), stopping

@@ -50,6 +50,7 @@ def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> b
         queue=config.protocol_broker_queue,
         prefetch_count=config.protocol_broker_prefetch_count,
         prefetch_size=config.protocol_broker_prefetch_size,
+        api_wait_seconds=config.api_wait_seconds,
         draining=draining_mode,
     )
     return consuming.consume_in_threads(

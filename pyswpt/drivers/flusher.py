@@ -11,7 +11,8 @@ shard, is parked (pyswpt.parking) and logged in the transaction that deletes
 the confirmed rows, so a confirmed row is never published again. Parked
 messages that a later attempt may deliver are republished with backoff.
 A lost connection or missing confirms roll the burst back (delivery is at
-least once) and the flusher reconnects with backoff.
+least once) and the flusher reconnects with backoff; so does a missing SQL
+function while an upgrade runs, up to APP_API_WAIT_SECONDS (pyswpt.upgrades).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pyswpt import amqp, db, metrics, outbox, parking, processes, queries, wire
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
+from pyswpt.upgrades import ApiWait
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +71,24 @@ def run(config: Config, table_names: Sequence[str] | None = None) -> int:
 
 
 def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:
-    """One flusher process: rounds over `tables` until `stopping` is set, reconnecting after failures."""
+    """One flusher process: rounds over `tables` until `stopping` is set, reconnecting after failures.
+
+    Raises ApiUnavailable when its SQL API stays missing too long.
+    """
     backoff = Backoff()
+    api_wait = ApiWait(config.api_wait_seconds, "the flusher")
     while not stopping.is_set():
         try:
-            flush_rounds(config, tables, stopping)
+            flush_rounds(config, tables, api_wait, stopping)
             return
         except Exception as error:
             if not is_lost_connection(error):
                 raise
+            api_wait.failed(error)
             pause = backoff.next_pause()
             logger.error(
-                "Lost a connection or confirms while flushing (%s); the burst stays in the outbox. "
-                "Reconnecting in %.0f s.",
+                "Lost a connection, confirms or a SQL function while flushing (%s); the burst stays in the "
+                "outbox. Reconnecting in %.0f s.",
                 describe_error(error),
                 pause,
             )
@@ -89,11 +96,13 @@ def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stoppi
 
 
 def is_lost_connection(error: Exception) -> bool:
-    """A server or the network failed, not a row: nothing is parked, the burst rolls back."""
+    """A server, the network or the SQL API failed, not a row: nothing is parked, the burst rolls back."""
     return isinstance(error, amqp.CONNECTION_ERRORS) or is_infrastructure_error(error)
 
 
-def flush_rounds(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:
+def flush_rounds(
+    config: Config, tables: list[outbox.OutboxTable], api_wait: ApiWait, stopping: threading.Event
+) -> None:
     publisher = amqp.BatchPublisher(config.protocol_broker_url)
     try:
         with (
@@ -109,6 +118,7 @@ def flush_rounds(config: Config, tables: list[outbox.OutboxTable], stopping: thr
                 for table in tables:
                     flush_table(conn, publisher, table, config)
                 retry_parked_messages(conn, publisher, tables)
+                api_wait.succeeded()
                 publisher.keep_alive()
                 db.wait_for_notification(listener, round_started + config.flush_period_seconds, stopping)
     finally:

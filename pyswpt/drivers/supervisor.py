@@ -12,6 +12,13 @@ prepared by `pyswpt run` before this module is imported (pyswpt.cli.metrics_of),
 and the `metrics` program serves them on METRICS_PORT: this process stays
 single-threaded, as preexec_fn requires. It counts restarts there too.
 
+A driver that gave up waiting for its SQL API (pyswpt.upgrades) is not
+restarted: the database belongs to a release this node cannot work with, and
+a restart would only wait out the same bound again while the node looked
+healthy. The whole node stops the same way and exits with the driver's
+status, so that the container shows the failure and its log ends with the
+driver's line saying what to do.
+
 Nothing of the tree outlives it. Each driver dies with the supervisor
 (processes.die_with_parent), and its worker processes die with the driver.
 Each driver also leads a process group of its own, which its workers inherit
@@ -37,6 +44,7 @@ import time
 from pyswpt import metrics
 from pyswpt.config import Config
 from pyswpt.processes import die_with_parent, stop_event_on_signals
+from pyswpt.upgrades import EXIT_API_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +92,24 @@ class Child:
         self.started_at = time.monotonic()
         logger.info("Started %s (pid %d).", self.program, self.process.pid)
 
-    def check(self, now: float) -> None:
-        """Restart the driver if it exited, after a backoff if it keeps failing fast."""
+    def check(self, now: float) -> int | None:
+        """Restart the driver if it exited, after a backoff if it keeps failing fast.
+
+        Returns EXIT_API_UNAVAILABLE, without a restart, when the driver exited with it.
+        """
         if self.process is not None:
             status = self.process.poll()
             if status is None:
-                return
+                return None
             ran_seconds = now - self.started_at
+            if status == EXIT_API_UNAVAILABLE:
+                logger.critical(
+                    "%s (pid %d) found no SQL API it can use (see its line above); stopping the node.",
+                    self.program,
+                    self.process.pid,
+                )
+                self.process = None
+                return status
             self.quick_failures = 0 if ran_seconds >= STARTED_AFTER_SECONDS else self.quick_failures + 1
             pause = RESTART_BACKOFF_SECONDS[min(self.quick_failures, len(RESTART_BACKOFF_SECONDS) - 1)]
             logger.error(
@@ -107,6 +126,7 @@ class Child:
             self.group_kill_at = now + STOP_TIMEOUT_SECONDS
         if now >= self.restart_at and self.group_is_gone(now):
             self.start()
+        return None
 
     def group_is_gone(self, now: float) -> bool:
         """Whether the last run's workers have ended; they are killed after STOP_TIMEOUT_SECONDS."""
@@ -143,13 +163,17 @@ def describe_status(status: int) -> str:
 def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     stopping = stop_event_on_signals()
     children = [Child(program) for program in programs]
+    exit_status = 0
     while not stopping.is_set():
         now = time.monotonic()
         for child in children:
-            child.check(now)
+            if child.check(now) == EXIT_API_UNAVAILABLE:
+                exit_status = EXIT_API_UNAVAILABLE
+                stopping.set()
+                break
         stopping.wait(POLL_SECONDS)
     stop_all(children)
-    return 0
+    return exit_status
 
 
 def stop_all(children: list[Child]) -> None:

@@ -13,6 +13,10 @@ No client can hold on to the server: a connection must deliver each request's
 head in time (RequestHeadDeadlineProtocol) and is closed once idle after a
 response, and from CONCURRENCY_LIMIT open connections on, requests are
 answered 503.
+
+While the database, or the SQL API during an upgrade, is unavailable,
+requests are answered 503 — never 404, which the caching proxy would keep for
+a day and which would make the account unreachable for other shards.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pyswpt import amqp, db, logs, metrics, processes, queries, sharding
 from pyswpt import config as settings
+from pyswpt.transactions import is_infrastructure_error
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(f"{__name__}.access")
@@ -65,6 +70,8 @@ CONCURRENCY_LIMIT = 500
 # Connections the kernel queues before a process accepts them; beyond it, it refuses them.
 LISTEN_BACKLOG_CONNECTIONS = 1024
 
+# A client may ask again this soon after a 503 (database or SQL API unavailable).
+RETRY_AFTER_SECONDS = "5"
 # Answers about accounts may be cached for a day by the caching proxy, negative ones too.
 ACCOUNT_CACHE_CONTROL = "max-age=86400"
 # Starlette appends "; charset=utf-8" to text media types.
@@ -110,10 +117,17 @@ class AccountRoute(Route):
 
 
 class ServerError(Exception):
-    """The request cannot be answered; the raiser has logged why. Answered with 500."""
+    """The request cannot be answered; the raiser has logged why. Answered with 500, or 503
+    when the cause is passing (the database or its SQL API is unavailable)."""
+
+    def __init__(self, passing: bool = False):
+        super().__init__()
+        self.passing = passing
 
 
-async def answer_server_error(request: Request, error: Exception) -> Response:
+async def answer_server_error(request: Request, error: ServerError) -> Response:
+    if error.passing:
+        return PlainTextResponse("Service Unavailable", status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
     return PlainTextResponse("Internal Server Error", status_code=500)
 
 
@@ -212,7 +226,7 @@ class FetchApi:
                 type(error).__name__,
                 first_line(str(error)),
             )
-            raise ServerError from error
+            raise ServerError(passing=is_infrastructure_error(error)) from error
 
     def read_blocking(self, statement: str, pair: tuple[int, int]) -> Any:
         with self.pool.connection() as conn:

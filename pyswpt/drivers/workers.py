@@ -15,7 +15,8 @@ timeout...), the account is logged in one line and left alone for a while
 (backoff per account, kept in memory), and the stage serves the others. An
 infrastructure error (lost connection, server shutting down, missing
 function...) makes the stage reconnect with backoff. No error ends a stage,
-and a stage in trouble never stops the others.
+and a stage in trouble never stops the others, except a SQL API that stays
+missing past APP_API_WAIT_SECONDS (pyswpt.upgrades): then the process exits.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pyswpt.config import Config
 from pyswpt.drivers import account_updates
 from pyswpt.processes import join_threads, stop_event_on_signals
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
+from pyswpt.upgrades import ApiUnavailable, ApiWait
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,9 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
     def run_stage(stage: Stage) -> None:
         try:
             process_until_stopped(config, stage, stopping)
+        except ApiUnavailable as error:  # logged in one line where the process exits
+            failures.append(error)
+            stopping.set()
         except BaseException as error:  # noqa: BLE001 - not an Exception (stages outlive those): exit
             logger.exception("Caught error while processing %s.", stage.name)
             failures.append(error)
@@ -151,6 +156,9 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
     for loop in loops:
         loop.start()
     join_threads(loops)
+    for failure in failures:
+        if isinstance(failure, ApiUnavailable):
+            raise failure
     return 1 if failures else 0
 
 
@@ -186,13 +194,18 @@ class AccountBackoff:
 
 
 def process_until_stopped(config: Config, stage: Stage, stopping: threading.Event) -> None:
-    """Serve `stage` until stopped, reconnecting with backoff after any error that escapes a round."""
+    """Serve `stage` until stopped, reconnecting with backoff after any error that escapes a round.
+
+    Raises ApiUnavailable when the stage's SQL API stays missing too long.
+    """
     accounts_backoff = AccountBackoff()
     reconnect_backoff = Backoff()
+    api_wait = ApiWait(config.api_wait_seconds, f"the {stage.name} stage of the workers")
     while not stopping.is_set():
         try:
-            serve_stage(config, stage, accounts_backoff, stopping)
+            serve_stage(config, stage, accounts_backoff, api_wait, stopping)
         except Exception as error:  # noqa: BLE001 - a stage must outlive any error (logged)
+            api_wait.failed(error)
             pause = reconnect_backoff.next_pause()
             if isinstance(error, psycopg.Error):
                 logger.error(
@@ -203,7 +216,9 @@ def process_until_stopped(config: Config, stage: Stage, stopping: threading.Even
             stopping.wait(pause)
 
 
-def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping: threading.Event) -> None:
+def serve_stage(
+    config: Config, stage: Stage, backoff: AccountBackoff, api_wait: ApiWait, stopping: threading.Event
+) -> None:
     """Rounds of the stage on fresh connections, until stopped or an infrastructure error."""
     local = threading.local()
     connections: list[psycopg.Connection] = []
@@ -247,6 +262,7 @@ def serve_stage(config: Config, stage: Stage, backoff: AccountBackoff, stopping:
                 process_round(pool, process, keys)
                 metrics.WORKER_ROUNDS.labels(stage.name).inc()
                 metrics.WORKER_ROUND_ACCOUNTS.labels(stage.name).observe(len(keys))
+                api_wait.succeeded()
                 if len(keys) < stage.max_count:
                     db.wait_for_notification(listener, round_started + stage.wait_seconds, stopping, stage.table)
     finally:

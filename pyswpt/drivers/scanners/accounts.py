@@ -245,4 +245,4 @@ def fetch_client(config: Config) -> FetchClient | None:
 def run(config: Config) -> int:
     publisher = ChoresPublisher(config.chores_broker_url, config.chores_broker_queue)
     scanner = AccountsScanner(config, publisher, fetch_client(config))
-    return engine.run_scanner(scanner, pace(config), config.driver_postgres_url)
+    return engine.run_scanner(scanner, pace(config), config.driver_postgres_url, config.api_wait_seconds)

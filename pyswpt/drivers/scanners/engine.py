@@ -21,7 +21,8 @@ an infrastructure error), the step is run again on halves of them until the
 failing keys are found; each is logged in one line and skipped by that step
 for this pass, and the other keys and steps go on. An infrastructure error
 (or a failing read) makes the scanner reconnect with backoff and take the
-beat's keys again: the scanner never dies of a row.
+beat's keys again: the scanner never dies of a row. A SQL API that stays
+missing past APP_API_WAIT_SECONDS (pyswpt.upgrades) ends the process.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import psycopg
 from pyswpt import amqp, db, metrics, processes, queries
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
+from pyswpt.upgrades import ApiWait
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +190,13 @@ class BlockReader:
         return with_retries(conn, lambda c: [tuple(row) for row in c.execute(query, params)])
 
 
-def run_scanner(scanner: TableScanner, pace: Pace, postgres_url: str) -> int:
+def run_scanner(scanner: TableScanner, pace: Pace, postgres_url: str, api_wait_seconds: float) -> int:
     """The body of a `pyswpt run scan-*` process: scan until SIGTERM, SIGINT or SIGHUP."""
     stopping = processes.stop_event_on_signals()
     try:
-        scan_until_stopped(scanner, pace, postgres_url, stopping)
+        scan_until_stopped(
+            scanner, pace, postgres_url, stopping, ApiWait(api_wait_seconds, f"the {scanner.table_name} scanner")
+        )
     finally:
         scanner.close()
     logger.info("Stopped scanning %s.", scanner.table_name)
@@ -204,6 +208,7 @@ def scan_until_stopped(
     pace: Pace,
     postgres_url: str,
     stopping: threading.Event,
+    api_wait: ApiWait,
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> None:
     """Pass over the table again and again until `stopping` is set (checked every beat).
@@ -211,7 +216,8 @@ def scan_until_stopped(
     A database error that escapes a beat (rows' failures do not) closes the
     connection; the scan goes on where it was on a new one, after a backoff.
     So does a broker error: the beat's transaction rolls back, and the
-    scanner's publisher reconnects when it next publishes.
+    scanner's publisher reconnects when it next publishes. Raises
+    ApiUnavailable when the scanner's SQL API stays missing too long.
     """
     reader: BlockReader | None = None
     backoff = Backoff()
@@ -221,8 +227,9 @@ def scan_until_stopped(
                 if reader is None:
                     reader = start_reader(conn, scanner, pace)
                 while not stopping.is_set():
-                    run_rhythm(conn, scanner, reader, pace, stopping, clock)
+                    run_rhythm(conn, scanner, reader, pace, api_wait, stopping, clock)
         except (psycopg.Error, *amqp.CONNECTION_ERRORS) as error:
+            api_wait.failed(error)
             pause = backoff.next_pause()
             logger.error(
                 "Scanning %s failed (%s); reconnecting in %.0f s.", scanner.table_name, describe_error(error), pause
@@ -244,6 +251,7 @@ def run_rhythm(
     scanner: TableScanner,
     reader: BlockReader,
     pace: Pace,
+    api_wait: ApiWait,
     stopping: threading.Event,
     clock: Callable[[], dt.datetime],
 ) -> None:
@@ -273,6 +281,7 @@ def run_rhythm(
                 raise
         metrics.SCANNER_ROWS.labels(scanner.table_name).inc(len(keys))
         metrics.SCANNER_PASS_PROGRESS.labels(scanner.table_name).set(reader.progress())
+        api_wait.succeeded()
         if time.monotonic() - plans_discarded >= DISCARD_PLANS_INTERVAL_SECONDS:
             with conn.transaction():
                 conn.execute("DISCARD PLANS")

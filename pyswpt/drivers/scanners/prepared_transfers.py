@@ -60,4 +60,6 @@ def pace(config: Config) -> engine.Pace:
 
 
 def run(config: Config) -> int:
-    return engine.run_scanner(PreparedTransfersScanner(config), pace(config), config.driver_postgres_url)
+    return engine.run_scanner(
+        PreparedTransfersScanner(config), pace(config), config.driver_postgres_url, config.api_wait_seconds
+    )
