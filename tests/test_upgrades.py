@@ -237,36 +237,20 @@ def test_a_column_renamed_under_the_consumer_is_waited_for_and_no_message_is_par
 
 
 def changed_sql_dir(tmp_path: Path) -> Path:
-    """This release's sql/ as the next release might change it: a migration, every entry point
-    dropped and created again in one transaction (as a re-created API schema is), every body
-    changed, and a `_v2` entry point beside the old one."""
+    """This release's sql/ as the next release might change it: a migration, every body
+    changed, and a `_v2` entry point beside the old one. Every apply drops and creates the
+    whole API schema again in one transaction (sql/migrations/9999_functions.py)."""
     sql_dir = tmp_path / "next-release-sql"
     shutil.copytree(schema.SQL_DIR, sql_dir, ignore=shutil.ignore_patterns("__pycache__"))
-    (sql_dir / "migrations" / "0007_next_release.sql").write_text(
+    (sql_dir / "migrations" / "9000_next_release.sql").write_text(
         "ALTER TABLE pyswpt.account_transfer_signal ADD COLUMN next_release_note text;\n"
     )
     functions = sql_dir / "functions"
     for path in functions.glob("*.sql"):
         path.write_text(path.read_text().replace("AS $$\n", "AS $$\n    -- the next release\n"))
-    names = ", ".join(f"'{name}'::regproc" for name in ENTRY_POINTS.values())
-    (functions / "00_drop_entry_points.sql").write_text(
-        f"""
-DO $$
-DECLARE
-    v_function regprocedure;
-BEGIN
-    FOR v_function IN
-        SELECT oid::regprocedure FROM pg_proc WHERE oid = ANY (ARRAY[{names}])
-    LOOP
-        EXECUTE format('DROP FUNCTION %s', v_function);
-    END LOOP;
-END
-$$;
-"""
-    )
-    (functions / "97_next_release.sql").write_text(
+    (functions / "99_next_release.sql").write_text(
         """
-CREATE OR REPLACE FUNCTION is_reachable_account_v2(
+CREATE FUNCTION pyswpt_api.is_reachable_account_v2(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_reachable_if_deleted boolean
@@ -274,9 +258,11 @@ CREATE OR REPLACE FUNCTION is_reachable_account_v2(
 RETURNS boolean
 LANGUAGE sql
 STABLE
-SET search_path = pyswpt, pg_temp
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    SELECT p_reachable_if_deleted OR is_reachable_account(p_debtor_id => p_debtor_id, p_creditor_id => p_creditor_id)
+    SELECT p_reachable_if_deleted
+        OR pyswpt_api.is_reachable_account(p_debtor_id => p_debtor_id, p_creditor_id => p_creditor_id)
 $$;
 """
     )
@@ -323,7 +309,7 @@ def test_configure_of_a_changed_function_set_under_load_completes_every_transfer
     assert statuses == [0] * CONFIGURE_RUNS, log_path.read_text()
     # The next release is installed: its migration and its new entry point.
     assert shard.count("SELECT count(*) FROM account_transfer_signal WHERE next_release_note IS NULL") == 0
-    assert shard.conn.execute("SELECT is_reachable_account_v2(1, 2, true)").fetchone()[0] is True
+    assert shard.conn.execute("SELECT pyswpt_api.is_reachable_account_v2(1, 2, true)").fetchone()[0] is True
     transfers = len(finalized)
     assert {message.fields["status_code"] for message in finalized} == {"OK"}
     assert len({message.fields["transfer_id"] for message in finalized}) == transfers
