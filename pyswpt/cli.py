@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, schema, sharding
+from pyswpt import logs, progress, schema, sharding
 
 logger = logging.getLogger(__name__)
 # A setting that cannot work: like argparse, status 2.
@@ -177,11 +177,29 @@ def command_unsubscribe(config: settings.Config, args: argparse.Namespace) -> in
     return 0
 
 
+class QueueDrain:
+    """delete-queue's progress: of the most messages the queue held, how many have left it."""
+
+    def __init__(self, shown: progress.Progress):
+        self.shown = shown
+        self.most_count = 0
+        self.drained_count = 0
+
+    def __call__(self, message_count: int) -> None:
+        self.most_count = max(self.most_count, message_count)
+        self.shown.total = self.most_count
+        drained_count = self.most_count - message_count
+        self.shown.update(drained_count - self.drained_count)
+        self.drained_count = drained_count
+
+
 def command_delete_queue(config: settings.Config, args: argparse.Namespace) -> int:
     from pyswpt import topology
 
     show_broker_steps()
-    topology.delete_queue(args.url or config.protocol_broker_url, args.queue or config.protocol_broker_queue)
+    queue = args.queue or config.protocol_broker_queue
+    with progress.track(f"delete-queue {queue}", 0, " messages", config.progress_interval_seconds) as shown:
+        topology.delete_queue(args.url or config.protocol_broker_url, queue, on_message_count=QueueDrain(shown))
     return 0
 
 
@@ -319,6 +337,12 @@ def command_audit(config: settings.Config, args: argparse.Namespace) -> int:
     return audit.audit(config, as_json=args.json)
 
 
+def command_status(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import status
+
+    return status.status(config, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyswpt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="check the ledger's invariants; exit 1 on any violation, else 0")
     audit.add_argument("--json", action="store_true", help="print the checks as JSON")
     audit.set_defaults(handler=command_audit)
+    status = commands.add_parser(
+        "status", help="schema, queues, backlogs, parked messages, scanners; exit 1 with the reasons if unhealthy"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=command_status)
     add_run_commands(commands)
     return parser
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -148,24 +148,28 @@ def delete_queue(
     *,
     poll_seconds: float = DELETE_QUEUE_POLL_SECONDS,
     max_attempts: int | None = None,
+    on_message_count: Callable[[int], object] = lambda _count: None,
 ) -> bool:
     """Delete the queue once it holds no ready messages (§3.7 `delete_queue`).
 
     Quorum queues ignore the if-empty/if-unused flags, so emptiness is checked
     with a passive declare first. Returns True when the queue is gone, False
     when `max_attempts` checks all found messages (None: keep trying forever,
-    as the reference does).
+    as the reference does). `on_message_count` is told each count found
+    (the command shows how far the queue drained).
     """
     attempt = 0
     with open_connection(url) as connection:
         while True:
             attempt += 1
             message_count = _delete_if_empty(connection.channel(), queue)
+            on_message_count(message_count)
             if message_count == 0:
                 return True
             if max_attempts is not None and attempt >= max_attempts:
                 return False
-            logger.info(
+            # Debug: the command's progress shows the count.
+            logger.debug(
                 'Queue "%s" still has %d messages; checking again in %s s.',
                 queue,
                 message_count,
