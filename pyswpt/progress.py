@@ -2,9 +2,10 @@
 
 On a terminal, a tqdm bar on stderr. Elsewhere (a container log, a pipe, a
 file), where a bar's carriage returns would make one endless line, a plain
-line every APP_PROGRESS_INTERVAL_SECONDS and one at the end, with the same
-figures. Stderr, so that what a command prints on stdout (`audit --json`)
-stays clean. Every command that shows progress goes through `track`.
+line every APP_PROGRESS_INTERVAL_SECONDS with the same figures, and one at the
+end if any came before: a command that ends sooner prints no progress at all.
+Stderr, so that what a command prints on stdout (`audit --json`) stays clean.
+Every command that shows progress goes through `track`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ BAR_REFRESH_SECONDS = 0.5
 
 
 class ProgressLines:
-    """What tqdm shows, as a line every `interval_seconds` and one when done."""
+    """What tqdm shows, as a line every `interval_seconds`, and one when done if any was printed."""
 
     def __init__(self, description: str, total: int, unit: str, interval_seconds: float, stream: TextIO):
         self.description = description
@@ -34,6 +35,7 @@ class ProgressLines:
         self.done = 0
         self.started = time.monotonic()
         self.printed_at = self.started
+        self.printed_done: int | None = None
 
     def update(self, count: int) -> None:
         self.done += count
@@ -41,7 +43,8 @@ class ProgressLines:
             self.print_line()
 
     def close(self) -> None:
-        self.print_line()
+        if self.printed_done not in (None, self.done):
+            self.print_line()
 
     def print_line(self) -> None:
         now = time.monotonic()
@@ -50,6 +53,7 @@ class ProgressLines:
         )
         print(line, file=self.stream, flush=True)
         self.printed_at = now
+        self.printed_done = self.done
 
 
 # What `track` yields: either shows `.update(count)` calls and takes a new `.total`.
