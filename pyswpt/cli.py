@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, progress, schema, sharding
+from pyswpt import logs, schema, sharding
 
 logger = logging.getLogger(__name__)
 # A setting that cannot work: like argparse, status 2.
@@ -177,29 +177,13 @@ def command_unsubscribe(config: settings.Config, args: argparse.Namespace) -> in
     return 0
 
 
-class QueueDrain:
-    """delete-queue's progress: of the most messages the queue held, how many have left it."""
-
-    def __init__(self, shown: progress.Progress):
-        self.shown = shown
-        self.most_count = 0
-        self.drained_count = 0
-
-    def __call__(self, message_count: int) -> None:
-        self.most_count = max(self.most_count, message_count)
-        self.shown.total = self.most_count
-        drained_count = self.most_count - message_count
-        self.shown.update(drained_count - self.drained_count)
-        self.drained_count = drained_count
-
-
 def command_delete_queue(config: settings.Config, args: argparse.Namespace) -> int:
-    from pyswpt import topology
+    from pyswpt import progress, topology
 
     show_broker_steps()
     queue = args.queue or config.protocol_broker_queue
     with progress.track(f"delete-queue {queue}", 0, " messages", config.progress_interval_seconds) as shown:
-        topology.delete_queue(args.url or config.protocol_broker_url, queue, on_message_count=QueueDrain(shown))
+        topology.delete_queue(args.url or config.protocol_broker_url, queue, on_message_count=progress.Drain(shown))
     return 0
 
 

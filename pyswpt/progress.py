@@ -79,3 +79,20 @@ def track(
         yield shown
     finally:
         shown.close()
+
+
+class Drain:
+    """Progress of something that empties, told how much it holds now and then (delete-queue's
+    queue): of the most it held, how much has left it."""
+
+    def __init__(self, shown: Progress):
+        self.shown = shown
+        self.most_count = 0
+        self.left_count = 0
+
+    def __call__(self, count: int) -> None:
+        self.most_count = max(self.most_count, count)
+        self.shown.total = self.most_count
+        left_count = self.most_count - count
+        self.shown.update(left_count - self.left_count)
+        self.left_count = left_count

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 from drivers import driver_environment, pyswpt_command
 
-from pyswpt import cli, progress
+from pyswpt import progress
 from pyswpt.parking import SOURCE_QUEUE, Parcel, park
 from pyswpt.shard_content import BLOCKS_PER_QUERY
 
@@ -102,7 +102,7 @@ def test_parked_discard_prints_progress_lines_in_messages(conn, database_url, ra
 def test_delete_queue_progress_counts_the_messages_that_left_the_queue():
     stream = io.StringIO()
     with progress.track("delete-queue q", 0, " messages", 0.0, stream) as shown:
-        drain = cli.QueueDrain(shown)
+        drain = progress.Drain(shown)
         for message_count in (5, 3, 0):
             drain(message_count)
 
