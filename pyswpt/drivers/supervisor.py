@@ -149,10 +149,12 @@ def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     try:
         supervise(config, children, stopping)
     except Exception as error:
-        announce_stop(children, f"the supervisor failed: {type(error).__name__}: {error}", [])
+        # The drivers get their parent-death signal as this process exits.
+        announce_stop(f"the supervisor failed: {type(error).__name__}: {error}", "the drivers stop with it")
         raise
     killed = stop_all(children)
-    announce_stop(children, f"received {stopping.signal_name}", killed)
+    stopped = f"{len(children)} drivers stopped" + (f", {', '.join(killed)} killed after a timeout" if killed else "")
+    announce_stop(f"received {stopping.signal_name}", stopped)
     return 0
 
 
@@ -213,9 +215,8 @@ def announce_ready(config: Config, children: list[Child]) -> None:
     )
 
 
-def announce_stop(children: list[Child], reason: str, killed: list[str]) -> None:
-    ended = f"{len(children)} drivers stopped" + (f", {', '.join(killed)} killed after a timeout" if killed else "")
-    node_logger.info("Node stopped: %s; %s.", reason, ended, extra={"stop_reason": reason})
+def announce_stop(reason: str, outcome: str) -> None:
+    node_logger.info("Node stopped: %s; %s.", reason, outcome, extra={"stop_reason": reason})
 
 
 def stop_all(children: list[Child]) -> list[str]:
