@@ -209,10 +209,12 @@ def command_unsubscribe(config: settings.Config, args: argparse.Namespace) -> in
 
 
 def command_delete_queue(config: settings.Config, args: argparse.Namespace) -> int:
-    from pyswpt import topology
+    from pyswpt import progress, topology
 
     show_broker_steps()
-    topology.delete_queue(args.url or config.protocol_broker_url, args.queue or config.protocol_broker_queue)
+    queue = args.queue or config.protocol_broker_queue
+    with progress.track(f"delete-queue {queue}", 0, " messages", config.progress_interval_seconds) as shown:
+        topology.delete_queue(args.url or config.protocol_broker_url, queue, on_message_count=progress.Drain(shown))
     return 0
 
 
@@ -388,6 +390,12 @@ def command_audit(config: settings.Config, args: argparse.Namespace) -> int:
     return audit.audit(config, as_json=args.json)
 
 
+def command_status(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import status
+
+    return status.status(config, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyswpt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -406,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="check the ledger's invariants; exit 1 on any violation, else 0")
     audit.add_argument("--json", action="store_true", help="print the checks as JSON")
     audit.set_defaults(handler=command_audit)
+    status = commands.add_parser(
+        "status", help="schema, queues, backlogs, parked messages, scanners; exit 1 with the reasons if unhealthy"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=command_status)
     add_run_commands(commands)
     return parser
 

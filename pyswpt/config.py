@@ -101,6 +101,15 @@ class Config:
     verify_shard_yield_per: int
     verify_shard_sleep_seconds: float
     api_wait_seconds: float
+    progress_interval_seconds: float
+
+    # `pyswpt status` calls the node unhealthy beyond these.
+    status_max_queue_messages: int
+    status_max_outbox_age_seconds: float
+    status_max_work_queue_rows: int
+    status_max_work_queue_age_seconds: float
+    status_max_parked_messages: int
+    status_max_scanner_silence_seconds: float
 
     @property
     def realm(self) -> sharding.Realm:
@@ -280,6 +289,13 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         verify_shard_yield_per=env.integer("APP_VERIFY_SHARD_YIELD_PER", 10000, minimum=1),
         verify_shard_sleep_seconds=env.number("APP_VERIFY_SHARD_SLEEP_SECONDS", 0.005),
         api_wait_seconds=env.number("APP_API_WAIT_SECONDS", 300.0, positive=True),
+        progress_interval_seconds=env.number("APP_PROGRESS_INTERVAL_SECONDS", 10.0),
+        status_max_queue_messages=env.integer("APP_STATUS_MAX_QUEUE_MESSAGES", 10000, minimum=0),
+        status_max_outbox_age_seconds=env.number("APP_STATUS_MAX_OUTBOX_AGE_SECONDS", 300.0, positive=True),
+        status_max_work_queue_rows=env.integer("APP_STATUS_MAX_WORK_QUEUE_ROWS", 100000, minimum=0),
+        status_max_work_queue_age_seconds=env.number("APP_STATUS_MAX_WORK_QUEUE_AGE_SECONDS", 900.0, positive=True),
+        status_max_parked_messages=env.integer("APP_STATUS_MAX_PARKED_MESSAGES", 0, minimum=0),
+        status_max_scanner_silence_seconds=env.number("APP_STATUS_MAX_SCANNER_SILENCE_SECONDS", 600.0, positive=True),
     )
     check_sanity(config, now or dt.datetime.now(dt.UTC))
     return config

@@ -22,6 +22,12 @@ CONTEXT_FIELDS = (
     "sqlstate",
     "table",
     "stage",
+    # The ready and stop lines of `pyswpt run all`.
+    "drivers",
+    "fetch_api_port",
+    "routing_key",
+    "shard_realm",
+    "stop_reason",
 )
 
 

@@ -26,7 +26,7 @@ import pika
 import psycopg
 from psycopg.rows import dict_row
 
-from pyswpt import amqp, db, parking, queries, wire
+from pyswpt import amqp, db, parking, progress, queries, wire
 from pyswpt.config import Config
 from pyswpt.transactions import with_retries
 
@@ -144,7 +144,9 @@ def replay_parked(config: Config, parked_ids: Sequence[int], reason_code: str | 
     """Publish the parked messages again and discard those the broker took."""
     publisher = amqp.BatchPublisher(config.protocol_broker_url)
     try:
-        return act_on_parked(config, parked_ids, reason_code, "Replayed", lambda rows: replay(publisher, rows))
+        return act_on_parked(
+            config, parked_ids, reason_code, "replay", "Replayed", lambda rows: replay(publisher, rows)
+        )
     finally:
         publisher.close()
 
@@ -152,33 +154,49 @@ def replay_parked(config: Config, parked_ids: Sequence[int], reason_code: str | 
 def discard_parked(config: Config, parked_ids: Sequence[int], reason_code: str | None) -> int:
     """Forget the parked messages."""
     return act_on_parked(
-        config, parked_ids, reason_code, "Discarded", lambda rows: ([row["parked_id"] for row in rows], [])
+        config, parked_ids, reason_code, "discard", "Discarded", lambda rows: ([row["parked_id"] for row in rows], [])
     )
 
 
 def act_on_parked(
-    config: Config, parked_ids: Sequence[int], reason_code: str | None, done: str, action: BatchAction
+    config: Config,
+    parked_ids: Sequence[int],
+    reason_code: str | None,
+    command: str,
+    done: str,
+    action: BatchAction,
 ) -> int:
     """Lock each batch, act on it, discard the rows done, commit; report what was left and why."""
-    done_count = 0
-    problems_count = 0
     with connect(config) as conn:
         chosen = chosen_ids(conn, parked_ids, reason_code)
-        for start in range(0, len(chosen), ACTION_BATCH_SIZE):
-            batch = chosen[start : start + ACTION_BATCH_SIZE]
-            with conn.transaction():
-                rows = conn.execute(queries.LOCK_PARKED_MESSAGES, {"parked_ids": batch}).fetchall()
-                done_ids, problems = action(rows)
-                params = {"parked_ids": done_ids}
-                discarded = conn.execute(queries.DISCARD_PARKED_MESSAGES, params).fetchone()["discarded_count"]
-                assert discarded == len(done_ids), "locked rows cannot vanish before the commit"
-            problems = missing(batch, rows) + problems
-            for line in problems:
-                print(line, file=sys.stderr)
-            done_count += discarded
-            problems_count += len(problems)
+        shown = progress.track(f"parked {command}", len(chosen), " messages", config.progress_interval_seconds)
+        with shown as messages_done:
+            done_count, problems_count = act_on_batches(conn, chosen, action, messages_done)
     print(f"{done} {done_count} parked messages.")
     return EXIT_SOME_LEFT if problems_count else EXIT_DONE
+
+
+def act_on_batches(
+    conn: psycopg.Connection, chosen: list[int], action: BatchAction, messages_done: progress.Progress
+) -> tuple[int, int]:
+    """act_on_parked's batches, one transaction each; how many rows were done, and how many were not."""
+    done_count = 0
+    problems_count = 0
+    for start in range(0, len(chosen), ACTION_BATCH_SIZE):
+        batch = chosen[start : start + ACTION_BATCH_SIZE]
+        with conn.transaction():
+            rows = conn.execute(queries.LOCK_PARKED_MESSAGES, {"parked_ids": batch}).fetchall()
+            done_ids, problems = action(rows)
+            params = {"parked_ids": done_ids}
+            discarded = conn.execute(queries.DISCARD_PARKED_MESSAGES, params).fetchone()["discarded_count"]
+            assert discarded == len(done_ids), "locked rows cannot vanish before the commit"
+        problems = missing(batch, rows) + problems
+        for line in problems:
+            print(line, file=sys.stderr)
+        done_count += discarded
+        problems_count += len(problems)
+        messages_done.update(len(batch))
+    return done_count, problems_count
 
 
 def chosen_ids(conn: psycopg.Connection, parked_ids: Sequence[int], reason_code: str | None) -> list[int]:

@@ -35,12 +35,20 @@ WORKER_STOP_TIMEOUT_SECONDS = 30.0
 JOIN_SLICE_SECONDS = 0.5
 
 
-def stop_event_on_signals() -> threading.Event:
+class StopRequest(threading.Event):
+    """Set by a stop signal; says which one came first, so that a stop can say why."""
+
+    signal_name: str | None = None
+
+
+def stop_event_on_signals() -> StopRequest:
     """An event that SIGTERM, SIGINT or SIGHUP sets: loops finish their step and return."""
-    stopping = threading.Event()
+    stopping = StopRequest()
 
     def request_stop(signum: int, _frame) -> None:
         logger.info("Received %s; stopping after the current step.", signal.Signals(signum).name)
+        if stopping.signal_name is None:
+            stopping.signal_name = signal.Signals(signum).name
         stopping.set()
 
     for signum in STOP_SIGNALS:

@@ -431,6 +431,23 @@ DELETE_APPLIED_BALANCE_CHANGES = """
     )
 """
 
+# Scanner passes: where each scanner is, for `pyswpt status` (the time is the database's now()).
+RECORD_SCAN_PASS_START = """
+    SELECT pyswpt_api.record_scan_pass_start(
+        p_table_name => %(table_name)s,
+        p_pass_seconds => %(pass_seconds)s,
+        p_row_estimate => %(row_estimate)s
+    )
+"""
+
+RECORD_SCAN_PROGRESS = """
+    SELECT pyswpt_api.record_scan_progress(p_table_name => %(table_name)s, p_rows_done => %(rows_done)s)
+"""
+
+RECORD_SCAN_PASS_END = """
+    SELECT pyswpt_api.record_scan_pass_end(p_table_name => %(table_name)s, p_rows_done => %(rows_done)s)
+"""
+
 # Operator commands ----------------------------------------------------------------------------
 
 # verify-shard-content: the checked tables and their sizes in heap blocks.
@@ -455,10 +472,51 @@ LIST_APPLIED_MIGRATIONS = """
     SELECT migration_id FROM pyswpt_api.applied_migrations() AS migration_id
 """
 
-# audit: every ledger check, with what it found.
-AUDIT_LEDGER = """
+# audit: the ledger checks in order, with the heap blocks each reads (the weights of its progress).
+LIST_AUDIT_CHECKS = """
+    SELECT check_name, block_count FROM pyswpt_api.list_audit_checks()
+"""
+
+# audit: one ledger check, with what it found (audit_ledger runs them all in one call, for psql).
+RUN_AUDIT_CHECK = """
     SELECT check_name, status, found_count, first_keys, detail
-    FROM pyswpt_api.audit_ledger(p_holds_every_account => %(holds_every_account)s, p_max_keys => %(max_keys)s)
+    FROM pyswpt_api.run_audit_check(
+        p_check_name => %(check_name)s,
+        p_holds_every_account => %(holds_every_account)s,
+        p_max_keys => %(max_keys)s
+    )
+"""
+
+# status: unsent outbox rows and the oldest one's age, per message type.
+OUTBOX_BACKLOG = """
+    SELECT message_type, outbox_table, row_count, oldest_age FROM pyswpt_api.outbox_backlog
+"""
+
+# status: queued requests per worker stage, the accounts waiting and the oldest request's age.
+WORK_QUEUES = """
+    SELECT stage, row_count, account_count, oldest_age FROM pyswpt_api.work_queues
+"""
+
+# status: parked messages per source and reason, and those only counted past the cap.
+COUNT_PARKED_MESSAGES = """
+    SELECT source_name, reason_code, parked_count, dropped_count, oldest_first_seen_at
+    FROM pyswpt_api.count_parked_messages()
+"""
+
+# status: each scanner's current pass, when it last wrote, and its last finished pass.
+SCAN_PASSES = """
+    SELECT
+        table_name,
+        pass_seconds,
+        pass_started_at,
+        pass_row_estimate,
+        pass_rows_done,
+        recorded_age,
+        last_pass_ended_at,
+        last_pass_age,
+        last_pass_duration,
+        last_pass_rows
+    FROM pyswpt_api.scan_passes
 """
 
 # Metrics and readiness (pyswpt.metrics, the fetch API) --------------------------------------------

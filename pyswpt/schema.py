@@ -84,3 +84,14 @@ def pending_schema_migrations(postgres_url: str) -> list[str]:
         except (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction):
             applied = set()
     return [migration_id for migration_id in migrations if migration_id not in applied]
+
+
+def migration_state(postgres_url: str) -> tuple[list[str], list[str], int]:
+    """The schema migrations this pyswpt has, those of them not applied, and how many
+    applied ones it does not have (a newer pyswpt applied them)."""
+    backend = yoyo.get_backend(yoyo_url(postgres_url))
+    migrations = [m for m in yoyo.read_migrations(str(MIGRATIONS_DIR)) if m.id != FUNCTIONS_MIGRATION_ID]
+    applied_hashes = set(backend.get_applied_migration_hashes())
+    known_hashes = {m.hash for m in migrations}
+    pending = [m.id for m in migrations if m.hash not in applied_hashes]
+    return [m.id for m in migrations], pending, len(applied_hashes - known_hashes)

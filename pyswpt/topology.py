@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -148,6 +148,7 @@ def delete_queue(
     *,
     poll_seconds: float = DELETE_QUEUE_POLL_SECONDS,
     max_attempts: int | None = None,
+    on_message_count: Callable[[int], object] = lambda _count: None,
 ) -> bool:
     """Delete the queue once it holds no message and has no consumer (§3.7 `delete_queue`, §4.4).
 
@@ -159,19 +160,22 @@ def delete_queue(
     together only with nothing unacknowledged; a queue nobody publishes to
     any more (unbound) stays empty from then on. Returns True when the queue
     is gone, False when `max_attempts` checks all found it in use (None: keep
-    trying forever, as the reference does).
+    trying forever, as the reference does). `on_message_count` is told
+    each count found (the command shows how far the queue drained).
     """
     attempt = 0
     with open_connection(url) as connection:
         while True:
             attempt += 1
             in_use = _delete_if_unused(connection.channel(), queue)
+            on_message_count(0 if in_use is None else in_use[0])
             if in_use is None:
                 return True
             if max_attempts is not None and attempt >= max_attempts:
                 return False
             message_count, consumer_count = in_use
-            logger.info(
+            # Debug: the command's progress shows the count.
+            logger.debug(
                 'Queue "%s" still has %d messages and %d consumers; checking again in %s s.',
                 queue,
                 message_count,

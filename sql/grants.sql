@@ -56,6 +56,9 @@ GRANT EXECUTE ON FUNCTION
     pyswpt_api.send_prepared_transfer_reminders,
     pyswpt_api.delete_applied_balance_changes,
     pyswpt_api.delete_parent_shard_parked_messages,
+    pyswpt_api.record_scan_pass_start,
+    pyswpt_api.record_scan_progress,
+    pyswpt_api.record_scan_pass_end,
     -- the metrics endpoint and the readiness probe
     pyswpt_api.outbox_backlog_metrics,
     pyswpt_api.work_queue_metrics,
@@ -81,11 +84,15 @@ GRANT SELECT ON
     pyswpt_api.prepared_transfers,
     pyswpt_api.outbox_backlog,
     pyswpt_api.work_queues,
-    pyswpt_api.parked_messages
+    pyswpt_api.parked_messages,
+    pyswpt_api.scan_passes
 TO pyswpt_operator;
 GRANT EXECUTE ON FUNCTION
     pyswpt_api.audit_ledger,
+    pyswpt_api.list_audit_checks,
+    pyswpt_api.run_audit_check,
     pyswpt_api.debtor_balances,
+    pyswpt_api.count_parked_messages,
     pyswpt_api.list_parked_messages,
     pyswpt_api.get_parked_message,
     pyswpt_api.lock_parked_messages,

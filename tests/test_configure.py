@@ -342,6 +342,8 @@ def extra_function_signature(database_url: str) -> tuple[str, str] | None:
 # The migrations of the releases whose functions and views all lived in pyswpt.
 OLD_LAYOUT_MIGRATIONS = ("0001_schema", "0003_prepared_transfer_requests", "0005_notifications", "0006_parked_messages")
 NEW_LAYOUT_SCHEMAS = re.compile(r"\bpyswpt_(?:api|private)\.")
+# Function files over tables that only later migrations create: those releases had none of them.
+NEWER_THAN_OLD_LAYOUT = {"74_scan_passes.sql"}
 
 
 def install_old_layout(database_url: str, tmp_path: Path) -> None:
@@ -361,7 +363,8 @@ def install_old_layout(database_url: str, tmp_path: Path) -> None:
         # added since 0006 (enqueued_at) are not checked, as they never run here.
         conn.execute("SET check_function_bodies = off")
         for path in sorted(FUNCTIONS_DIR.glob("*.sql")):
-            conn.execute(NEW_LAYOUT_SCHEMAS.sub("pyswpt.", path.read_text(encoding="utf-8")))
+            if path.name not in NEWER_THAN_OLD_LAYOUT:
+                conn.execute(NEW_LAYOUT_SCHEMAS.sub("pyswpt.", path.read_text(encoding="utf-8")))
 
 
 def data_schema_functions_and_views(database_url: str) -> list[str]:

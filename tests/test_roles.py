@@ -94,7 +94,7 @@ def test_driver_role_touches_no_table_and_no_helper(role_urls, database_url, sta
 
 
 def test_driver_role_cannot_run_the_audit(role_urls, database_url):
-    assert refused(role_urls["driver"], queries.AUDIT_LEDGER, {"holds_every_account": True, "max_keys": 5})
+    assert refused(role_urls["driver"], queries.LIST_AUDIT_CHECKS)
 
 
 # --- operators -----------------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_driver_role_cannot_run_the_audit(role_urls, database_url):
 
 def test_operator_role_reads_every_view(role_urls, conn, one_account):
     views = [name for (name,) in conn.execute("SELECT viewname FROM pg_views WHERE schemaname = 'pyswpt_api'")]
-    assert len(views) == 5
+    assert len(views) == 6
     for view in views:
         # With a row, so that the accounts view runs every helper it computes with.
         assert run(role_urls["operator"], f"SELECT * FROM pyswpt_api.{view}") is not None, view
@@ -118,8 +118,10 @@ def test_operator_role_reads_an_account_with_its_balance(role_urls, one_account)
 
 
 def test_operator_role_runs_the_audit(role_urls, one_account):
-    rows = run(role_urls["operator"], queries.AUDIT_LEDGER, {"holds_every_account": True, "max_keys": 5})
-    assert rows
+    checks = run(role_urls["operator"], queries.LIST_AUDIT_CHECKS)
+    assert checks
+    params = {"check_name": checks[0][0], "holds_every_account": True, "max_keys": 5}
+    assert run(role_urls["operator"], queries.RUN_AUDIT_CHECK, params)
 
 
 @pytest.mark.parametrize("statement", [READ_ACCOUNTS, WRITE_ACCOUNTS, CALL_HELPER])

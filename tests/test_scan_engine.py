@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 
 import psycopg
+import psycopg.rows
 import pytest
 from broker import CAN_CLOSE_BROKER_CONNECTIONS, close_broker_connection_of
 from drivers import driver_environment, running, wait_for
@@ -175,6 +176,48 @@ def test_a_stop_request_ends_a_long_beat_within_a_second(conn, database_url):
     scanning.join(timeout=5)
     assert not scanning.is_alive()
     assert time.monotonic() - stopped_at < 1.0
+
+
+def scan_pass(conn: psycopg.Connection, table_name: str = "account") -> dict | None:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        return cursor.execute("SELECT * FROM scan_passes WHERE table_name = %s", (table_name,)).fetchone()
+
+
+def test_a_pass_is_recorded_with_its_rows_when_it_ends(conn, database_url):
+    insert_accounts(conn, 100)
+    conn.execute("ANALYZE account")
+    scanner = RecordingScanner()
+    pace = engine.Pace(pass_seconds=1.0, beat_milliseconds=100, blocks_per_query=1)
+    reader = engine.BlockReader(scanner, pace.blocks_per_query, 0)
+    with db.connect(database_url) as scan_conn:
+        engine.run_rhythm(scan_conn, scanner, reader, pace, threading.Event(), lambda: dt.datetime.now(UTC))
+
+    recorded = scan_pass(conn)
+    assert recorded["pass_seconds"] == 1.0
+    assert recorded["pass_row_estimate"] == 100
+    assert recorded["last_pass_rows"] == 100
+    assert recorded["last_pass_started_at"] == recorded["pass_started_at"]
+    assert recorded["last_pass_ended_at"] == recorded["recorded_at"]
+
+
+def test_a_scanner_records_that_it_runs_while_it_pauses_between_beats(conn, database_url, monkeypatch):
+    monkeypatch.setattr(engine, "RECORD_INTERVAL_SECONDS", 0.05)
+    scanner = RecordingScanner()
+    stopping = threading.Event()
+    # An empty table: the first beat is followed by a 96-minute pause.
+    pace = engine.Pace(pass_seconds=8 * HOUR_SECONDS, beat_milliseconds=100, blocks_per_query=40)
+    scanning = threading.Thread(target=engine.scan_until_stopped, args=(scanner, pace, database_url, stopping))
+    scanning.start()
+    try:
+        wait_for(lambda: scan_pass(conn) is not None, "the pass to be recorded")
+        first = scan_pass(conn)["recorded_at"]
+        wait_for(lambda: scan_pass(conn)["recorded_at"] > first, "the scanner to record again while it pauses")
+    finally:
+        stopping.set()
+        scanning.join(timeout=5)
+    recorded = scan_pass(conn)
+    assert recorded["last_pass_ended_at"] is None
+    assert scanner.pausing.is_set()
 
 
 # The drivers -----------------------------------------------------------------------------------

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+import subprocess
 import time
 
-# tests/test_full_stack.py imports free_port, healthy, is_alive and started_pids from here.
-from drivers import free_port, healthy, is_alive, node_environment, running, started_pids, wait_for  # noqa: F401
+import pytest
 
+# tests/test_full_stack.py imports free_port, healthy, is_alive and started_pids from here.
+from drivers import (  # noqa: F401
+    free_port,
+    healthy,
+    is_alive,
+    node_environment,
+    pyswpt_command,
+    running,
+    started_pids,
+    wait_for,
+)
+
+from pyswpt import config as settings
+from pyswpt import logs
+from pyswpt.drivers import supervisor
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 
 # Nine Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
 STARTED_WITHIN_SECONDS = 30.0
+# A node on this small shared machine takes a while to start its eight drivers.
+NODE_START_SECONDS = 90.0
 
 
 def test_all_starts_every_driver_and_restarts_a_killed_one(node_environment, tmp_path):
@@ -49,3 +68,57 @@ def test_all_stops_every_driver_on_sigterm_within_the_bound(node_environment, tm
     assert stopped_after_seconds < STOP_TIMEOUT_SECONDS + 5
     assert [pid for pid in pids if is_alive(pid)] == []
     assert "did not stop in time" not in node.log()
+
+
+def test_all_prints_its_ready_and_stop_lines_on_stdout_at_log_level_warning(node_environment, tmp_path):
+    port, environ = node_environment
+    environ = {**environ, "APP_LOG_LEVEL": "warning"}
+    stdout_path, stderr_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+        node = subprocess.Popen([*pyswpt_command(), "run", "all"], env=environ, stdout=stdout, stderr=stderr)
+    try:
+        wait_for(lambda: "Node ready:" in stdout_path.read_text(), "the ready line", NODE_START_SECONDS)
+        # Ready means the fetch API answers already.
+        assert healthy(port)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        status = node.wait(timeout=STOP_TIMEOUT_SECONDS + 10)
+
+    assert status == 0
+    lines = stdout_path.read_text().splitlines()
+    [ready] = [line for line in lines if "Node ready:" in line]
+    assert ready.endswith(
+        f":INFO:pyswpt.node:Node ready: 8 drivers running ({', '.join(PROGRAMS)}); fetch API on port {port}; "
+        f"consuming queue {environ['PROTOCOL_BROKER_QUEUE']} with routing key #; "
+        "shard realm 0x00000000/0x00000000 (realm/mask of the hash space)."
+    )
+    assert lines[-1].endswith(":INFO:pyswpt.node:Node stopped: received SIGTERM; 8 drivers stopped.")
+    # The other INFO lines, such as each driver's start, stay below the WARNING level asked for.
+    assert [line for line in lines if ":INFO:" in line] == [ready, lines[-1]]
+
+
+@pytest.fixture
+def restored_logging():
+    """configure_logging changes the process's loggers: put them back for the tests that follow."""
+    loggers = [logging.getLogger(name) for name in ("", "pyswpt", "pyswpt.node")]
+    saved = [(found, found.level, found.handlers[:]) for found in loggers]
+    yield
+    for found, level, handlers in saved:
+        found.setLevel(level)
+        found.handlers[:] = handlers
+
+
+def test_the_ready_line_in_json_keeps_the_reference_keys_and_adds_fields(capsys, restored_logging):
+    config = settings.load({"APP_LOG_FORMAT": "json", "PROTOCOL_BROKER_QUEUE_ROUTING_KEY": "1.#"})
+    logs.configure_logging(config)
+    supervisor.show_node_lines()
+
+    supervisor.announce_ready(config, [supervisor.Child(program) for program in PROGRAMS])
+
+    entry = json.loads(capsys.readouterr().out)
+    assert (entry["levelname"], entry["name"]) == ("INFO", "pyswpt.node")
+    assert entry["message"].startswith("Node ready: 8 drivers running")
+    assert entry["asctime"][10] == "T"
+    assert entry["drivers"] == list(PROGRAMS)
+    assert (entry["fetch_api_port"], entry["queue"], entry["routing_key"]) == (8080, "swpt_accounts", "1.#")
+    assert entry["shard_realm"] == "0x80000000/0x80000000"

@@ -31,6 +31,14 @@ logger = logging.getLogger(__name__)
 
 
 def run(config: Config) -> int:
+    logger.info(
+        "Starting the chores consumer: processes %d, threads per process %d, queue %s, prefetch count %d.",
+        config.chores_broker_processes,
+        config.chores_broker_threads,
+        config.chores_broker_queue,
+        config.chores_broker_prefetch_count,
+        extra={"queue": config.chores_broker_queue},
+    )
     return processes.run_worker_processes(config.chores_broker_processes, consume, config)
 
 

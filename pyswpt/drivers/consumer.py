@@ -40,6 +40,14 @@ CREDITOR_SUBNET_MASK = 0xFFFFFF0000000000
 
 
 def run(config: Config, draining_mode: bool = False) -> int:
+    logger.info(
+        "Starting the SMP consumer: processes %d, threads per process %d, queue %s, prefetch count %d.",
+        config.protocol_broker_processes,
+        config.protocol_broker_threads,
+        config.protocol_broker_queue,
+        config.protocol_broker_prefetch_count,
+        extra={"queue": config.protocol_broker_queue},
+    )
     return processes.run_worker_processes(config.protocol_broker_processes, consume, config, draining_mode)
 
 

@@ -67,6 +67,12 @@ REASON_OF_OUTCOME = {
 
 def run(config: Config, table_names: Sequence[str] | None = None) -> int:
     tables = [outbox.TABLES_BY_NAME[name] for name in table_names] if table_names else list(outbox.TABLES)
+    logger.info(
+        "Starting the flusher: processes %d, tables %s, a round at least every %g s.",
+        config.flush_processes,
+        ", ".join(table.name for table in tables),
+        config.flush_period_seconds,
+    )
     return processes.run_worker_processes(config.flush_processes, flush_until_stopped, config, tables)
 
 

@@ -27,6 +27,11 @@ to empty before starting it again, so that old workers never run beside their
 replacements, and on the way out it kills every group that is not empty
 after STOP_TIMEOUT_SECONDS. An operator can stop one driver with everything
 it started likewise: `kill -- -PID`.
+
+Whatever APP_LOG_LEVEL says, the supervisor logs one line at INFO when the
+node is ready (every driver running and the fetch API accepting connections)
+and one when it stopped, with why: an operator who starts a node sees that it
+is up, where, and on which queue, without turning on the drivers' chatter.
 """
 
 from __future__ import annotations
@@ -37,16 +42,19 @@ import functools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 from pyswpt import metrics
 from pyswpt.config import Config
-from pyswpt.processes import die_with_parent, stop_event_on_signals
+from pyswpt.processes import StopRequest, die_with_parent, stop_event_on_signals
 from pyswpt.upgrades import EXIT_API_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
+# The ready and stop lines, shown at any log level (see show_node_lines).
+node_logger = logging.getLogger("pyswpt.node")
 
 # The long-running programs of one node (spec 01 §8.2), and the node's metrics endpoint.
 PROGRAMS = (
@@ -65,6 +73,9 @@ STOP_TIMEOUT_SECONDS = 25.0
 STARTED_AFTER_SECONDS = 30.0
 RESTART_BACKOFF_SECONDS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 POLL_SECONDS = 0.5
+# The fetch API is ready once a connection to its port succeeds within this time.
+PORT_PROBE_TIMEOUT_SECONDS = 0.2
+LOCALHOST = "127.0.0.1"
 
 
 @dataclasses.dataclass
@@ -162,22 +173,93 @@ def describe_status(status: int) -> str:
 
 def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     stopping = stop_event_on_signals()
+    show_node_lines()
+    logger.info("Starting the node's drivers: %s.", ", ".join(programs))
     children = [Child(program) for program in programs]
-    exit_status = 0
+    try:
+        exit_status = supervise(config, children, stopping)
+    except Exception as error:
+        # The drivers get their parent-death signal as this process exits.
+        announce_stop(f"the supervisor failed: {type(error).__name__}: {error}", "the drivers stop with it")
+        raise
+    killed = stop_all(children)
+    stopped = f"{len(children)} drivers stopped" + (f", {', '.join(killed)} killed after a timeout" if killed else "")
+    if exit_status == EXIT_API_UNAVAILABLE:
+        announce_stop("a driver gave up waiting for its SQL API (its line above says why)", stopped)
+    else:
+        announce_stop(f"received {stopping.signal_name}", stopped)
+    return exit_status
+
+
+def show_node_lines() -> None:
+    """The ready and stop lines are the command's output: INFO, whatever the level of the other lines."""
+    node_logger.setLevel(min(node_logger.getEffectiveLevel(), logging.INFO))
+
+
+def supervise(config: Config, children: list[Child], stopping: StopRequest) -> int:
+    """Keep every driver running until a stop signal (0) or a driver that gave up waiting for its
+    SQL API (EXIT_API_UNAVAILABLE: restarting it cannot help); say once when the node is ready."""
+    announced = False
     while not stopping.is_set():
         now = time.monotonic()
         for child in children:
             if child.check(now) == EXIT_API_UNAVAILABLE:
-                exit_status = EXIT_API_UNAVAILABLE
-                stopping.set()
-                break
+                return EXIT_API_UNAVAILABLE
+        if not announced and is_ready(config, children):
+            announce_ready(config, children)
+            announced = True
         stopping.wait(POLL_SECONDS)
-    stop_all(children)
-    return exit_status
+    return 0
 
 
-def stop_all(children: list[Child]) -> None:
-    """SIGTERM to every driver; after STOP_TIMEOUT_SECONDS, SIGKILL to what is left of their groups."""
+def is_ready(config: Config, children: list[Child]) -> bool:
+    """Every driver runs, and the fetch API (when it is one of them) accepts connections."""
+    if not all(child.process is not None and child.process.poll() is None for child in children):
+        return False
+    return all(child.program != "web" or accepts_connections(config.webserver_port) for child in children)
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection((LOCALHOST, port), timeout=PORT_PROBE_TIMEOUT_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
+def announce_ready(config: Config, children: list[Child]) -> None:
+    programs = [child.program for child in children]
+    port = config.webserver_port if "web" in programs else None
+    realm = config.realm
+    shard_realm = f"{realm.realm:#010x}/{realm.mask:#010x}"
+    node_logger.info(
+        "Node ready: %d drivers running (%s); fetch API on port %s; consuming queue %s with routing key %s; "
+        "shard realm %s (realm/mask of the hash space).",
+        len(programs),
+        ", ".join(programs),
+        port if port is not None else "- (not run)",
+        config.protocol_broker_queue,
+        config.protocol_broker_queue_routing_key,
+        shard_realm,
+        extra={
+            "drivers": programs,
+            "fetch_api_port": port,
+            "queue": config.protocol_broker_queue,
+            "routing_key": config.protocol_broker_queue_routing_key,
+            "shard_realm": shard_realm,
+        },
+    )
+
+
+def announce_stop(reason: str, outcome: str) -> None:
+    node_logger.info("Node stopped: %s; %s.", reason, outcome, extra={"stop_reason": reason})
+
+
+def stop_all(children: list[Child]) -> list[str]:
+    """SIGTERM to every driver; after STOP_TIMEOUT_SECONDS, SIGKILL to what is left of their groups.
+
+    Returns the drivers that had to be killed."""
+    killed = []
     running = [child for child in children if child.process is not None and child.process.poll() is None]
     for child in running:
         child.process.send_signal(signal.SIGTERM)
@@ -187,6 +269,7 @@ def stop_all(children: list[Child]) -> None:
             child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             logger.error("%s (pid %d) did not stop in time; killing it.", child.program, child.process.pid)
+            killed.append(child.program)
             child.process.kill()
             child.process.wait()
     # The drivers stop their own workers, but a driver that was killed left its workers behind.
@@ -195,4 +278,4 @@ def stop_all(children: list[Child]) -> None:
             time.sleep(POLL_SECONDS)
         if group_is_running(child.group):
             child.kill_group()
-    logger.info("All drivers stopped.")
+    return killed

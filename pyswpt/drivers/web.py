@@ -393,6 +393,12 @@ def create_app_from_environment() -> Starlette:
 
 
 def run(config: settings.Config) -> int:
+    logger.info(
+        "Starting the fetch API: port %d, processes %d, threads per process %d.",
+        config.webserver_port,
+        config.webserver_processes,
+        config.webserver_threads,
+    )
     options: dict[str, Any] = {
         "host": LISTEN_HOST,
         "port": config.webserver_port,

@@ -131,6 +131,10 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
     """Run the named stages (all by default) in threads of this process until stopped."""
     stopping = stop_event_on_signals()
     selected = [stage for stage in stages(config) if stage_names is None or stage.name in stage_names]
+    logger.info(
+        "Starting the workers: %s.",
+        ", ".join(f"{stage.name} with threads {stage.threads}" for stage in selected),
+    )
     failures: list[BaseException] = []
 
     def run_stage(stage: Stage) -> None:

@@ -393,22 +393,66 @@ AS $$
     FROM counts
 $$;
 
--- Every check, one row each, in a fixed order.
+-- The checks of audit_ledger, in its order, with the heap blocks of the tables
+-- each one reads: `pyswpt audit` runs them one by one in one snapshot and
+-- shows its progress in blocks.
+CREATE FUNCTION pyswpt_api.list_audit_checks()
+RETURNS TABLE (check_name text, block_count bigint)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+AS $$
+    SELECT c.check_name, sum(pg_relation_size(t.table_name::regclass) / current_setting('block_size')::bigint)::bigint
+    FROM (
+        VALUES
+            (1, 'account_locks', ARRAY['account', 'prepared_transfer']),
+            (2, 'transfer_number_links', ARRAY['account_transfer_signal']),
+            (3, 'transfer_numbers_issued', ARRAY['account_transfer_signal', 'account']),
+            (4, 'balance_change_archive', ARRAY['registered_balance_change', 'pending_balance_change']),
+            (5, 'money', ARRAY['account', 'pending_balance_change_signal', 'pending_balance_change', 'parked_message']),
+            (6, 'parked_messages', ARRAY['parked_message', 'parked_message_overflow'])
+    ) AS c (ordinal, check_name, table_names)
+    CROSS JOIN LATERAL unnest(c.table_names) AS t (table_name)
+    GROUP BY c.ordinal, c.check_name
+    ORDER BY c.ordinal
+$$;
+
+-- One check of list_audit_checks, by name.
+CREATE FUNCTION pyswpt_api.run_audit_check(p_check_name text, p_holds_every_account boolean, p_max_keys integer)
+RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+AS $$
+BEGIN
+    CASE p_check_name
+        WHEN 'account_locks' THEN
+            RETURN QUERY SELECT * FROM audit_account_locks(p_max_keys);
+        WHEN 'transfer_number_links' THEN
+            RETURN QUERY SELECT * FROM audit_transfer_number_links(p_max_keys);
+        WHEN 'transfer_numbers_issued' THEN
+            RETURN QUERY SELECT * FROM audit_transfer_numbers_issued(p_max_keys);
+        WHEN 'balance_change_archive' THEN
+            RETURN QUERY SELECT * FROM audit_balance_change_archive(p_max_keys);
+        WHEN 'money' THEN
+            RETURN QUERY SELECT * FROM audit_money(p_holds_every_account, p_max_keys);
+        WHEN 'parked_messages' THEN
+            RETURN QUERY SELECT * FROM audit_parked_messages(p_max_keys);
+        ELSE
+            RAISE EXCEPTION 'no audit check is named %', p_check_name;
+    END CASE;
+END;
+$$;
+
+-- Every check, one row each (more for some), in the order of list_audit_checks.
 CREATE FUNCTION pyswpt_api.audit_ledger(p_holds_every_account boolean, p_max_keys integer DEFAULT 5)
 RETURNS TABLE (check_name text, status text, found_count bigint, first_keys text[], detail text)
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    SELECT * FROM audit_account_locks(p_max_keys)
-    UNION ALL
-    SELECT * FROM audit_transfer_number_links(p_max_keys)
-    UNION ALL
-    SELECT * FROM audit_transfer_numbers_issued(p_max_keys)
-    UNION ALL
-    SELECT * FROM audit_balance_change_archive(p_max_keys)
-    UNION ALL
-    SELECT * FROM audit_money(p_holds_every_account, p_max_keys)
-    UNION ALL
-    SELECT * FROM audit_parked_messages(p_max_keys)
+    SELECT r.*
+    FROM pyswpt_api.list_audit_checks() WITH ORDINALITY AS c (check_name, block_count, ordinal)
+    CROSS JOIN LATERAL pyswpt_api.run_audit_check(c.check_name, p_holds_every_account, p_max_keys) AS r
+    ORDER BY c.ordinal
 $$;

@@ -12,8 +12,8 @@ import pytest
 from pyswpt import queries
 
 # What operators call besides the statements of pyswpt.queries (README: audit, views).
-OPERATOR_FUNCTIONS = {"debtor_balances"}
-OPERATOR_VIEWS = {"accounts", "prepared_transfers", "outbox_backlog", "work_queues", "parked_messages"}
+OPERATOR_FUNCTIONS = {"debtor_balances", "audit_ledger"}
+OPERATOR_VIEWS = {"accounts", "prepared_transfers", "outbox_backlog", "work_queues", "parked_messages", "scan_passes"}
 ENTRY_POINT_SEARCH_PATH = "search_path=pyswpt, pyswpt_private, pg_temp"
 # A NOLOGIN role of the tests, shared by every test session on the server (roles
 # are cluster-wide): created when missing, never dropped. Its grants live in the

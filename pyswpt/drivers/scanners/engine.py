@@ -16,6 +16,11 @@ Rhythm: rows per beat and the beat length come from the planner's row
 estimate; the rhythm is recomputed when the pass time is over or when the
 estimate moved out of (0.8, 1.25) of its value (checked about every 15 minutes).
 
+Pass records: each pass (one rhythm) is written to the table scan_pass when it
+starts and ends, and its rows done about every RECORD_INTERVAL_SECONDS in
+between, beats and pauses alike, so that `pyswpt status` can tell a scanner
+that runs from one that stopped.
+
 Isolation: when the database refuses a step for a beat's keys (anything but
 an infrastructure error), the step is run again on halves of them until the
 failing keys are found; each is logged in one line and skipped by that step
@@ -64,6 +69,10 @@ DISCARD_PLANS_INTERVAL_SECONDS = 10.0
 MAX_FAST_FORWARD_FACTOR = 8
 # PostgreSQL's MaxHeapTuplesPerPage for 8 kB blocks.
 MAX_ROWS_PER_BLOCK = 291
+# How often a scanner writes how far its pass went: often enough for `pyswpt
+# status` to see within minutes that it stopped (a pause between beats may last
+# an hour and a half), rare enough to cost nothing.
+RECORD_INTERVAL_SECONDS = 60.0
 
 Key = tuple
 # One step of a scanner: does its work on the keys in one transaction of its own.
@@ -190,8 +199,47 @@ class BlockReader:
         return with_retries(conn, lambda c: [tuple(row) for row in c.execute(query, params)])
 
 
+class PassRecorder:
+    """Writes one pass's progress to scan_pass: at its start, about every RECORD_INTERVAL_SECONDS, at its end."""
+
+    def __init__(self, conn: psycopg.Connection, table_name: str):
+        self.conn = conn
+        self.table_name = table_name
+        self.rows_done = 0
+        self.recorded_at = time.monotonic()
+
+    def start(self, pass_seconds: float, row_estimate: float) -> None:
+        params = {"table_name": self.table_name, "pass_seconds": pass_seconds, "row_estimate": int(row_estimate)}
+        self.write(queries.RECORD_SCAN_PASS_START, params)
+
+    def add_rows(self, count: int) -> None:
+        self.rows_done += count
+        self.record_if_due()
+
+    def record_if_due(self) -> None:
+        if time.monotonic() >= self.due_at():
+            self.write(queries.RECORD_SCAN_PROGRESS, {"table_name": self.table_name, "rows_done": self.rows_done})
+
+    def due_at(self) -> float:
+        return self.recorded_at + RECORD_INTERVAL_SECONDS
+
+    def end(self) -> None:
+        self.write(queries.RECORD_SCAN_PASS_END, {"table_name": self.table_name, "rows_done": self.rows_done})
+
+    def write(self, query: str, params: dict) -> None:
+        with_retries(self.conn, lambda c: c.execute(query, params))
+        self.recorded_at = time.monotonic()
+
+
 def run_scanner(scanner: TableScanner, pace: Pace, postgres_url: str, api_wait_seconds: float) -> int:
     """The body of a `pyswpt run scan-*` process: scan until SIGTERM, SIGINT or SIGHUP."""
+    logger.info(
+        "Starting the %s scanner: one pass every %.0f s, beats of %d ms, %d blocks per query.",
+        scanner.table_name,
+        pace.pass_seconds,
+        pace.beat_milliseconds,
+        pace.blocks_per_query,
+    )
     stopping = processes.stop_event_on_signals()
     try:
         scan_until_stopped(
@@ -255,8 +303,10 @@ def run_rhythm(
     stopping: threading.Event,
     clock: Callable[[], dt.datetime],
 ) -> None:
-    """Beats at a steady pace until the pass time is over or the table size changed."""
+    """Beats at a steady pace until the pass time is over or the table size changed: one pass."""
     _, row_estimate = table_size(conn, scanner.table_name)
+    recorder = PassRecorder(conn, scanner.table_name)
+    recorder.start(pace.pass_seconds, row_estimate)
     rhythm = calc_rhythm(row_estimate, pace.pass_seconds, pace.beat_milliseconds)
     beats_between_checks = max(1, math.ceil(SIZE_CHECK_INTERVAL_SECONDS / rhythm.beat_seconds))
     logger.info(
@@ -286,14 +336,17 @@ def run_rhythm(
             with conn.transaction():
                 conn.execute("DISCARD PLANS")
             plans_discarded = time.monotonic()
+        recorder.add_rows(len(keys))
         if time.monotonic() - started >= pace.pass_seconds:
+            recorder.end()
             return
         if beat_number % beats_between_checks == 0:
             _, row_estimate = table_size(conn, scanner.table_name)
             if has_size_changed(rhythm, row_estimate, beats_between_checks):
+                recorder.end()
                 return
         # An absolute schedule: a slow beat is made up by shorter sleeps after it.
-        wait_until(started + beat_number * rhythm.beat_seconds, scanner, stopping)
+        wait_recording(started + beat_number * rhythm.beat_seconds, scanner, stopping, recorder)
 
 
 def process_beat(conn: psycopg.Connection, scanner: TableScanner, keys: list[Key], now: dt.datetime) -> None:
@@ -331,6 +384,13 @@ def run_step_isolated(conn: psycopg.Connection, table_name: str, step: Step, key
                 continue
             middle = len(group) // 2
             groups += [group[middle:], group[:middle]]
+
+
+def wait_recording(deadline: float, scanner: TableScanner, stopping: threading.Event, recorder: PassRecorder) -> None:
+    """wait_until, writing the pass's progress when it is due: the scanner is seen to run while it waits."""
+    while not stopping.is_set() and deadline - time.monotonic() >= MIN_SLEEP_SECONDS:
+        wait_until(min(deadline, recorder.due_at()), scanner, stopping)
+        recorder.record_if_due()
 
 
 def wait_until(deadline: float, scanner: TableScanner, stopping: threading.Event) -> None:

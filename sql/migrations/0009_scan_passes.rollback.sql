@@ -1,0 +1,1 @@
+DROP TABLE pyswpt.scan_pass;
