@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pyswpt import cli, config
+
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 
@@ -53,6 +55,71 @@ def test_entrypoint_maps_each_reference_command_to_a_pyswpt_command(command: str
     result = entrypoint(command, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: pyswpt")
+
+
+# The reference's options of its queue processors and scanners (spec 01 §8.1), each with a
+# value that is not a number: the command must take it as that option, not as help.
+REFERENCE_OPTIONS = [
+    ("process_transfer_requests", "-t", "--threads"),
+    ("process_transfer_requests", "-w", "--wait"),
+    ("process_finalization_requests", "-t", "--threads"),
+    ("process_finalization_requests", "-w", "--wait"),
+    ("process_balance_changes", "-t", "--threads"),
+    ("process_balance_changes", "-w", "--wait"),
+    ("scan_accounts", "-h", "--hours"),
+    ("scan_prepared_transfers", "-d", "--days"),
+    ("scan_registered_balance_changes", "-d", "--days"),
+]
+
+
+@pytest.mark.parametrize(("command", "short", "long"), REFERENCE_OPTIONS)
+def test_entrypoint_accepts_the_reference_options_of_processors_and_scanners(command: str, short: str, long: str):
+    for flag in (short, long):
+        result = entrypoint(command, flag, "not-a-number")
+        assert result.returncode == 2, result.stdout
+        assert f"argument {short}/{long}: " in result.stderr
+        assert "'not-a-number'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "settings"),
+    [
+        (
+            "process_transfer_requests",
+            ["-t", "3", "-w", "0.5"],
+            {"process_transfer_requests_threads": 3, "process_transfer_requests_wait_seconds": 0.5},
+        ),
+        (
+            "process_finalization_requests",
+            ["--threads", "4", "--wait", "0.25"],
+            {"process_finalization_requests_threads": 4, "process_finalization_requests_wait_seconds": 0.25},
+        ),
+        (
+            "process_balance_changes",
+            ["-t", "5", "-w", "7"],
+            {"process_balance_changes_threads": 5, "process_balance_changes_wait_seconds": 7.0},
+        ),
+        ("scan_accounts", ["-h", "2.5"], {"accounts_scan_hours": 2.5}),
+        ("scan_prepared_transfers", ["-d", "0.5"], {"prepared_transfers_scan_days": 0.5}),
+        ("scan_registered_balance_changes", ["--days", "3"], {"registered_balance_changes_scan_days": 3.0}),
+    ],
+)
+def test_reference_options_set_the_driver_settings(command: str, args: list[str], settings: dict[str, object]):
+    pyswpt_args = pyswpt_arguments_of(command, args)
+    parsed = cli.build_parser().parse_args(pyswpt_args)
+    configured = cli.driver_config(config.load({}), parsed)
+    assert {name: getattr(configured, name) for name in settings} == settings
+
+
+def pyswpt_arguments_of(command: str, args: list[str]) -> list[str]:
+    """The arguments the entrypoint passes to `pyswpt` for a reference command (read from `set -x`)."""
+    fake_bin = ROOT / "tests" / "bin-that-does-not-exist"
+    environ = {"PATH": f"{fake_bin}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+    traced = subprocess.run(
+        ["sh", "-x", str(ENTRYPOINT), command, *args], env=environ, capture_output=True, text=True, timeout=60
+    )
+    [exec_line] = [line for line in traced.stderr.splitlines() if line.startswith("+ exec pyswpt ")]
+    return exec_line.removeprefix("+ exec pyswpt ").split()
 
 
 def test_entrypoint_runs_any_other_command_as_is():
