@@ -101,11 +101,15 @@ class Proxy:
     port: int
     routes: Path
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def get(self, pair: tuple[int, int], what: str = "reachable", method: str = "GET") -> httpx.Response:
         return self.request(method, account_path(pair, what))
 
     def request(self, method: str, path: str) -> httpx.Response:
-        return httpx.request(method, f"http://127.0.0.1:{self.port}{path}", timeout=10)
+        return httpx.request(method, self.url + path, timeout=10)
 
 
 def account_path(pair: tuple[int, int], what: str) -> str:
@@ -122,7 +126,8 @@ def answers(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def fetch_proxy(routes_text: str, tmp_path: Path) -> Iterator[Proxy]:
+def fetch_proxy(routes_text: str, tmp_path: Path, **settings: str) -> Iterator[Proxy]:
+    """`pyswpt run fetch-proxy` with these routes, listening."""
     routes = tmp_path / "apiproxy.conf"
     routes.write_text(routes_text)
     port = free_port()
@@ -132,6 +137,7 @@ def fetch_proxy(routes_text: str, tmp_path: Path) -> Iterator[Proxy]:
         APIPROXY_CONFIG_FILE=str(routes),
         APIPROXY_PORT=str(port),
         APIPROXY_PROXY_TIMEOUT=str(PROXY_TIMEOUT_MS),
+        **settings,
     )
     with running(["run", "fetch-proxy"], environ, tmp_path) as process:
         wait_for(lambda: process.assert_alive() or answers(port), "the fetch proxy to listen")
