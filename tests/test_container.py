@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pyswpt import cli, config
+from pyswpt import cli, config, fetch_routes
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
@@ -128,11 +129,40 @@ def test_entrypoint_runs_any_other_command_as_is():
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
-def test_compose_file_is_valid():
+@pytest.mark.parametrize("compose_file", ["compose.yaml", "compose.shards.yaml"])
+def test_compose_file_is_valid(compose_file: str):
     result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "--profile", "test", "config", "-q"],
+        ["docker-compose", "-f", str(ROOT / compose_file), "--profile", "test", "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_two_shards_of_the_compose_example_own_halves_and_reach_each_other_through_the_cache():
+    services = yaml.safe_load((ROOT / "compose.shards.yaml").read_text())["services"]
+    shards = {name: services[name]["environment"] for name in ("shard-0", "shard-1")}
+    for name, environment in shards.items():
+        # `configure` subscribes the queue the shard consumes, with the shard's key, in its database.
+        assert services[name.replace("shard", "configure")]["environment"] == environment
+        assert environment["FETCH_API_URL"] == "http://fetch-cache:8080"
+    assert [environment["PROTOCOL_BROKER_QUEUE_ROUTING_KEY"] for environment in shards.values()] == ["0.#", "1.#"]
+    for setting in ("POSTGRES_URL", "PROTOCOL_BROKER_QUEUE", "CHORES_BROKER_QUEUE"):
+        assert len({environment[setting] for environment in shards.values()}) == 2, setting
+
+    # The proxy routes each half to the shard that owns it, on the fetch API's port.
+    proxy = services["fetch-proxy"]
+    assert proxy["command"] == ["pyswpt", "run", "fetch-proxy"]
+    [mount] = proxy["volumes"]
+    local_folder, container_folder = mount.split(":")[:2]
+    routes_path = proxy["environment"]["APIPROXY_CONFIG_FILE"]
+    routes_text = (ROOT / local_folder / Path(routes_path).relative_to(container_folder)).read_text()
+    routes = fetch_routes.parse_routes(routes_text)
+    assert routes.servers == {"0": "http://shard-0:8080", "1": "http://shard-1:8080"}
+
+    # nginx caches in front of the proxy, on the port of FETCH_API_URL.
+    nginx_conf = (ROOT / "docker" / "fetch-cache.nginx.conf").read_text()
+    assert f"server fetch-proxy:{proxy['environment']['APIPROXY_PORT']};" in nginx_conf
+    assert "listen 8080;" in nginx_conf
+    assert "proxy_cache fetch;" in nginx_conf

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import http.client
 import http.server
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -271,3 +273,63 @@ def test_a_changed_route_file_is_applied_and_a_bad_one_keeps_the_routes_in_force
     assert proxy.get(PAIR_OF_SHARD_0).headers["x-shard"] == str(shard_1.port)
     assert proxy.get(PAIR_OF_SHARD_1).headers["x-shard"] == str(shard_1.port)
     proxy.process.assert_alive()
+
+
+# --- the cache in front (docker/fetch-cache.nginx.conf) -----------------------------------
+
+NGINX_CONF = Path(__file__).resolve().parent.parent / "docker" / "fetch-cache.nginx.conf"
+
+
+@contextlib.contextmanager
+def nginx_cache(proxy: Proxy, tmp_path: Path) -> Iterator[str]:
+    """nginx with the compose example's configuration, in front of `proxy`; yields its URL."""
+    port = free_port()
+    tmp_path.mkdir()
+    conf = (
+        NGINX_CONF.read_text()
+        .replace("server fetch-proxy:8080;", f"server 127.0.0.1:{proxy.port};")
+        .replace("listen 8080;", f"listen 127.0.0.1:{port};")
+        .replace("/var/cache/nginx/fetch", str(tmp_path / "cache"))
+    )
+    (tmp_path / "fetch-cache.conf").write_text(conf)
+    (tmp_path / "nginx.conf").write_text(
+        # Workers as this user, who owns the temporary folders (ignored unless root).
+        f"user {getpass.getuser()};\nerror_log {tmp_path}/error.log;\npid {tmp_path}/nginx.pid;\nevents {{}}\n"
+        f"http {{\naccess_log off;\nclient_body_temp_path {tmp_path}/body;\nproxy_temp_path {tmp_path}/proxy;\n"
+        f"include {tmp_path}/fetch-cache.conf;\n}}\n"
+    )
+    process = subprocess.Popen(
+        ["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: process.poll() is None and answers(port), "nginx to listen")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_the_cache_keeps_the_shards_answers_as_their_cache_control_says(shards, proxy, tmp_path):
+    shard_0, _ = shards
+    with nginx_cache(proxy, tmp_path / "nginx") as cache_url:
+        paths = [account_path(PAIR_OF_SHARD_0, what) for what in ("reachable", "config")]
+        first = [httpx.get(cache_url + path, timeout=10) for path in paths]
+        again = [httpx.get(cache_url + path, timeout=10) for path in paths]
+        assert [seen.path for seen in shard_0.seen] == paths
+        assert [r.headers["x-cache-status"] for r in first + again] == ["MISS", "MISS", "HIT", "HIT"]
+        assert [(r.status_code, r.content) for r in again] == [(r.status_code, r.content) for r in first]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_the_cache_keeps_no_failure(tmp_path):
+    with (
+        fetch_proxy(f"* http://127.0.0.1:{free_port()}\n", tmp_path) as proxy,
+        nginx_cache(proxy, tmp_path / "nginx") as cache_url,
+    ):
+        path = account_path(PAIR_OF_SHARD_0, "reachable")
+        assert [httpx.get(cache_url + path, timeout=10).status_code for _ in range(2)] == [502, 502]
+        # Both reached the proxy: its 502 has no Cache-Control.
+        wait_for(lambda: proxy.process.log().count(f"GET {path} to ") == 2, "both failures at the proxy")
