@@ -146,16 +146,25 @@ def fetch_proxy(routes_text: str, tmp_path: Path, **settings: str) -> Iterator[P
         yield Proxy(process, port, routes)
 
 
-@pytest.fixture
-def shards() -> Iterator[tuple[StubShard, StubShard]]:
+@pytest.fixture(scope="module")
+def running_shards() -> Iterator[tuple[StubShard, StubShard]]:
     with stub_shard() as shard_0, stub_shard() as shard_1:
         yield shard_0, shard_1
 
 
 @pytest.fixture
-def proxy(shards, tmp_path) -> Iterator[Proxy]:
-    shard_0, shard_1 = shards
-    with fetch_proxy(f"0.* {shard_0.url}\n1.* {shard_1.url}/\n", tmp_path) as started:
+def shards(running_shards) -> tuple[StubShard, StubShard]:
+    """The two shards, which have seen nothing yet."""
+    for shard in running_shards:
+        shard.seen.clear()
+    return running_shards
+
+
+@pytest.fixture(scope="module")
+def proxy(running_shards, tmp_path_factory) -> Iterator[Proxy]:
+    """One proxy for the tests that leave its routes alone: each start takes seconds."""
+    shard_0, shard_1 = running_shards
+    with fetch_proxy(f"0.* {shard_0.url}\n1.* {shard_1.url}/\n", tmp_path_factory.mktemp("proxy")) as started:
         yield started
 
 
@@ -239,10 +248,9 @@ def test_an_unreachable_shard_is_answered_502(tmp_path):
         wait_for(lambda: "Fetch proxy: GET /accounts/123/456/reachable to" in proxy.process.log(), "the log line")
 
 
-def test_a_shard_that_does_not_answer_in_time_is_answered_504(shards, tmp_path):
-    shard_0, _ = shards
-    shard_0.hang.set()
-    with fetch_proxy(f"* {shard_0.url}\n", tmp_path) as proxy:
+def test_a_shard_that_does_not_answer_in_time_is_answered_504(tmp_path):
+    with stub_shard() as late, fetch_proxy(f"* {late.url}\n", tmp_path) as proxy:
+        late.hang.set()
         response = proxy.get(PAIR_OF_SHARD_0)
         assert response.status_code == 504
         assert "cache-control" not in response.headers
@@ -262,17 +270,20 @@ def test_a_route_file_that_does_not_cover_every_key_stops_the_start_with_one_lin
     ]
 
 
-def test_a_changed_route_file_is_applied_and_a_bad_one_keeps_the_routes_in_force(shards, proxy):
+def test_a_changed_route_file_is_applied_and_a_bad_one_keeps_the_routes_in_force(shards, tmp_path):
     shard_0, shard_1 = shards
-    proxy.routes.write_text(f"* {shard_1.url}\n")
-    wait_for(lambda: proxy.get(PAIR_OF_SHARD_0).headers["x-shard"] == str(shard_1.port), "the new routes")
+    with fetch_proxy(f"0.* {shard_0.url}\n1.* {shard_1.url}\n", tmp_path) as proxy:
+        assert proxy.get(PAIR_OF_SHARD_0).headers["x-shard"] == str(shard_0.port)
 
-    proxy.routes.write_text(f"1.* {shard_0.url}\n")
-    wait_for(lambda: "the previous routes stay in force" in proxy.process.log(), "the refusal to be logged")
-    assert "no route for the keys of 0.*" in proxy.process.log()
-    assert proxy.get(PAIR_OF_SHARD_0).headers["x-shard"] == str(shard_1.port)
-    assert proxy.get(PAIR_OF_SHARD_1).headers["x-shard"] == str(shard_1.port)
-    proxy.process.assert_alive()
+        proxy.routes.write_text(f"* {shard_1.url}\n")
+        wait_for(lambda: proxy.get(PAIR_OF_SHARD_0).headers["x-shard"] == str(shard_1.port), "the new routes")
+
+        proxy.routes.write_text(f"1.* {shard_0.url}\n")
+        wait_for(lambda: "the previous routes stay in force" in proxy.process.log(), "the refusal to be logged")
+        assert "no route for the keys of 0.*" in proxy.process.log()
+        assert proxy.get(PAIR_OF_SHARD_0).headers["x-shard"] == str(shard_1.port)
+        assert proxy.get(PAIR_OF_SHARD_1).headers["x-shard"] == str(shard_1.port)
+        proxy.process.assert_alive()
 
 
 # --- the cache in front (docker/fetch-cache.nginx.conf) -----------------------------------
