@@ -254,6 +254,8 @@ def test_a_shard_that_does_not_answer_in_time_is_answered_504(tmp_path):
         response = proxy.get(PAIR_OF_SHARD_0)
         assert response.status_code == 504
         assert "cache-control" not in response.headers
+        line = f"GET /accounts/123/456/reachable to {late.url} failed: ReadTimeout: no answer within 0.5 s"
+        wait_for(lambda: line in proxy.process.log(), "the log line")
 
 
 def test_a_route_file_that_does_not_cover_every_key_stops_the_start_with_one_line(tmp_path):

@@ -160,9 +160,9 @@ class FetchProxy:
             finally:
                 await upstream.aclose()
         except httpx.TimeoutException as error:
-            return failure(504, request, server, error)
+            return failure(504, request, server, f"{type(error).__name__}: no answer within {self.timeout_seconds:g} s")
         except (httpx.RequestError, UpstreamBodyTooLarge) as error:
-            return failure(502, request, server, error)
+            return failure(502, request, server, f"{type(error).__name__}: {error}")
         return relayed(upstream, body, request.method)
 
 
@@ -194,15 +194,8 @@ def relayed(upstream: httpx.Response, body: bytes, method: str) -> Response:
     return response
 
 
-def failure(status_code: int, request: Request, server: str, error: Exception) -> Response:
-    logger.error(
-        "Fetch proxy: %s %s to %s failed: %s: %s",
-        request.method,
-        request.url.path,
-        server,
-        type(error).__name__,
-        error or "no details",
-    )
+def failure(status_code: int, request: Request, server: str, reason: str) -> Response:
+    logger.error("Fetch proxy: %s %s to %s failed: %s", request.method, request.url.path, server, reason)
     return PlainTextResponse(f"The shard at {server} gave no answer.\n", status_code=status_code)
 
 
