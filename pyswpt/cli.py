@@ -28,6 +28,12 @@ class Option:
     setting: str  # a field of config.Config
     type: Callable[[str], object]
     help: str
+    # More fields of config.Config that take the same value.
+    also: tuple[str, ...] = ()
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        return (self.setting, *self.also)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,16 @@ class Driver:
     names_keyword: str | None = None
     name_choices: tuple[str, ...] = ()
     switches: tuple[Switch, ...] = ()
+
+
+def at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected an integer >= 1")
+    return value
 
 
 def broker_options(prefix: str, what: str) -> tuple[Option, ...]:
@@ -94,23 +110,43 @@ DRIVERS = {
     "workers": Driver(
         "workers",
         "process queued transfer requests, finalizations and balance changes (all, or the named stages)",
+        (
+            Option(
+                ("-t", "--threads"),
+                "process_transfer_requests_threads",
+                at_least_one,
+                "threads of each stage",
+                also=("process_finalization_requests_threads", "process_balance_changes_threads"),
+            ),
+            Option(
+                ("-w", "--wait"),
+                "process_transfer_requests_wait_seconds",
+                float,
+                "longest pause in seconds between rounds of each stage",
+                also=("process_finalization_requests_wait_seconds", "process_balance_changes_wait_seconds"),
+            ),
+        ),
         names_keyword="stage_names",
         name_choices=("transfer_requests", "finalization_requests", "balance_changes"),
     ),
     "scan-accounts": Driver(
         "scanners.accounts",
         "heartbeats, purges and chores from a slow pass over the accounts",
-        (Option(("--hours",), "accounts_scan_hours", float, "duration of one pass"),),
+        (Option(("-h", "--hours"), "accounts_scan_hours", float, "duration of one pass"),),
     ),
     "scan-prepared-transfers": Driver(
         "scanners.prepared_transfers",
         "reminders of old prepared transfers",
-        (Option(("--days",), "prepared_transfers_scan_days", float, "duration of one pass"),),
+        (Option(("-d", "--days"), "prepared_transfers_scan_days", float, "duration of one pass"),),
     ),
     "scan-registered-balance-changes": Driver(
         "scanners.registered_balance_changes",
         "archive cleanup",
-        (Option(("--days",), "registered_balance_changes_scan_days", float, "duration of one pass"),),
+        (Option(("-d", "--days"), "registered_balance_changes_scan_days", float, "duration of one pass"),),
+    ),
+    # Not a driver of a node (not in `run all`): one proxy routes the fetch requests of every shard.
+    "fetch-proxy": Driver(
+        "fetch_proxy", "route fetch API requests to the shard owning each account (APIPROXY_CONFIG_FILE)"
     ),
 }
 
@@ -252,20 +288,26 @@ def add_broker_commands(commands: argparse._SubParsersAction) -> None:
     delete_queue.set_defaults(handler=command_delete_queue)
 
 
+def driver_config(config: settings.Config, args: argparse.Namespace) -> settings.Config:
+    """The settings with the driver's command-line options in place of the environment's."""
+    overrides = {
+        setting: getattr(args, option.setting)
+        for option in DRIVERS[args.driver].options
+        if getattr(args, option.setting) is not None
+        for setting in option.settings
+    }
+    return dataclasses.replace(config, **overrides)
+
+
 def command_run(config: settings.Config, args: argparse.Namespace) -> int:
     driver = DRIVERS[args.driver]
-    overrides = {
-        option.setting: getattr(args, option.setting)
-        for option in driver.options
-        if getattr(args, option.setting) is not None
-    }
     names = {driver.names_keyword: args.names or None} if driver.names_keyword else {}
     with metrics_of(args.driver, config):
         # Imported only now: the driver's modules import prometheus_client (see metrics_of).
         module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
         switches = {switch.keyword: getattr(args, switch.keyword) for switch in driver.switches}
         try:
-            return module.run(dataclasses.replace(config, **overrides), **names, **switches) or 0
+            return module.run(driver_config(config, args), **names, **switches) or 0
         except upgrades.ApiUnavailable as error:
             logger.critical("%s", error)
             return upgrades.EXIT_API_UNAVAILABLE
@@ -313,9 +355,14 @@ def add_run_commands(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="start a long-running driver")
     drivers = run.add_subparsers(dest="driver", required=True, metavar="DRIVER")
     for name, driver in DRIVERS.items():
-        parser = drivers.add_parser(name, help=driver.help)
+        # The reference's scan_accounts takes -h for hours: help is then --help only.
+        takes_h = any("-h" in option.flags for option in driver.options)
+        parser = drivers.add_parser(name, help=driver.help, add_help=not takes_h)
+        if takes_h:
+            parser.add_argument("--help", action="help", help="show this help message and exit")
         for option in driver.options:
-            parser.add_argument(*option.flags, dest=option.setting, type=option.type, help=option.help)
+            metavar = option.flags[-1].removeprefix("--").upper().replace("-", "_")
+            parser.add_argument(*option.flags, dest=option.setting, type=option.type, metavar=metavar, help=option.help)
         for switch in driver.switches:
             parser.add_argument(switch.flag, dest=switch.keyword, action="store_true", help=switch.help)
         if driver.names_keyword:

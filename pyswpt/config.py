@@ -95,6 +95,10 @@ class Config:
     fetch_dns_cache_seconds: float
     fetch_connections: int
     fetch_data_cache_size: int
+    # The fetch-API proxy (`pyswpt run fetch-proxy`), under the Swaptacular API proxy's names.
+    apiproxy_config_file: str
+    apiproxy_port: int
+    apiproxy_proxy_timeout_ms: int
     min_interest_capitalization_days: float
     max_interest_to_principal_ratio: float
     deletion_attempts_min_days: float
@@ -283,6 +287,9 @@ def load(environ: Mapping[str, str] | None = None, *, now: dt.datetime | None = 
         fetch_dns_cache_seconds=env.number("APP_FETCH_DNS_CACHE_SECONDS", 10.0),
         fetch_connections=env.integer("APP_FETCH_CONNECTIONS", 100, minimum=1),
         fetch_data_cache_size=env.integer("APP_FETCH_DATA_CACHE_SIZE", 1000, minimum=1),
+        apiproxy_config_file=env.string("APIPROXY_CONFIG_FILE"),
+        apiproxy_port=env.integer("APIPROXY_PORT", 8080, minimum=1),
+        apiproxy_proxy_timeout_ms=env.integer("APIPROXY_PROXY_TIMEOUT", 10000, minimum=1),
         min_interest_capitalization_days=env.number("APP_MIN_INTEREST_CAPITALIZATION_DAYS", 14.0),
         max_interest_to_principal_ratio=env.number("APP_MAX_INTEREST_TO_PRINCIPAL_RATIO", 0.0001),
         deletion_attempts_min_days=env.number("APP_DELETION_ATTEMPTS_MIN_DAYS", 14.0),

@@ -43,7 +43,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from psycopg.rows import dict_row
 
 from pyswpt import topology
-from pyswpt.sharding import binary_routing_key, hex_routing_key, u64_string
+from pyswpt.sharding import Realm, binary_routing_key, hex_routing_key, u64_string
 
 UTC = dt.UTC
 JSON = "application/json"
@@ -316,6 +316,10 @@ class Shard:
     marker_seqnum: int = 0
     # Driver settings of this shard, over DRIVER_SETTINGS.
     settings: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Set when the queue is bound by the shard's binding key (one of several
+    # shards): peers then publish to `accounts_in`, which routes each message
+    # to the shard owning its pair, and creditor() picks accounts this shard owns.
+    realm: Realm | None = None
 
     # -- drivers
 
@@ -336,10 +340,14 @@ class Shard:
 
     def creditor(self, creditor_id: int | None = None) -> int:
         """A creditor id of this test: its messages reach the inbox, its changes this queue."""
-        creditor_id = random_id() if creditor_id is None else creditor_id
+        if creditor_id is None:
+            creditor_id = random_id()
+            while self.realm is not None and not self.realm.owns(self.debtor_id, creditor_id):
+                creditor_id = random_id()
         self.inbox.bind("to_creditors", hex_routing_key(creditor_id))
         self.inbox.bind("accounts_in", binary_routing_key(self.debtor_id, creditor_id))
-        self.channel.queue_bind(self.queue, "accounts_in", binary_routing_key(self.debtor_id, creditor_id))
+        if self.realm is None:
+            self.channel.queue_bind(self.queue, "accounts_in", binary_routing_key(self.debtor_id, creditor_id))
         return creditor_id
 
     def account(self, creditor_id: int) -> dict[str, Any] | None:
@@ -370,7 +378,12 @@ class Shard:
         if body is None:
             body = json.dumps({"type": message_type, **(fields or {})}).encode()
         properties = pika.BasicProperties(content_type=content_type, type=message_type, delivery_mode=2)
-        self.channel.basic_publish("", self.queue, body, properties)
+        if self.realm is None:
+            self.channel.basic_publish("", self.queue, body, properties)
+        else:
+            assert fields is not None, "the pair routes the message"
+            routing_key = binary_routing_key(fields["debtor_id"], fields["creditor_id"])
+            self.channel.basic_publish("accounts_in", routing_key, body, properties, mandatory=True)
 
     def configure(
         self,

@@ -392,16 +392,11 @@ def create_app_from_environment() -> Starlette:
     return create_app(config)
 
 
-def run(config: settings.Config) -> int:
-    logger.info(
-        "Starting the fetch API: port %d, processes %d, threads per process %d.",
-        config.webserver_port,
-        config.webserver_processes,
-        config.webserver_threads,
-    )
-    options: dict[str, Any] = {
+def serving_options(port: int) -> dict[str, Any]:
+    """uvicorn's settings for a server that no client can hold on to (see the module's doc)."""
+    return {
         "host": LISTEN_HOST,
-        "port": config.webserver_port,
+        "port": port,
         "lifespan": "on",
         # Our own logging set-up stays in place; uvicorn's error logger
         # propagates to the root logger. The access log is ours (AccessLog).
@@ -415,6 +410,16 @@ def run(config: settings.Config) -> int:
         "limit_concurrency": CONCURRENCY_LIMIT,
         "backlog": LISTEN_BACKLOG_CONNECTIONS,
     }
+
+
+def run(config: settings.Config) -> int:
+    logger.info(
+        "Starting the fetch API: port %d, processes %d, threads per process %d.",
+        config.webserver_port,
+        config.webserver_processes,
+        config.webserver_threads,
+    )
+    options = serving_options(config.webserver_port)
     if config.webserver_processes == 1:
         uvicorn.run(create_app(config), **options)
     else:
