@@ -33,6 +33,7 @@ PPID, SESSION, UTIME, STIME, CUTIME, CSTIME, RSS_PAGES = 1, 3, 11, 12, 13, 14, 2
 class ProcessStat:
     pid: int
     command: str  # the short name in /proc/PID/stat
+    parent: int
     session: int
     cpu_seconds: float  # own user + system time, and its reaped children's
     rss_bytes: int
@@ -50,7 +51,12 @@ def read_stat(pid: int) -> ProcessStat | None:
         return None
     ticks = sum(int(fields[index]) for index in (UTIME, STIME, CUTIME, CSTIME))
     return ProcessStat(
-        pid, command, int(fields[SESSION]), ticks / CLOCK_TICKS_PER_SECOND, int(fields[RSS_PAGES]) * PAGE_BYTES
+        pid,
+        command,
+        int(fields[PPID]),
+        int(fields[SESSION]),
+        ticks / CLOCK_TICKS_PER_SECOND,
+        int(fields[RSS_PAGES]) * PAGE_BYTES,
     )
 
 

@@ -275,9 +275,9 @@ def percentiles(values: list[float]) -> dict[int, float]:
 
 
 class Classifier:
-    """Puts a process in its group: a driver of the node (by the program its command line runs,
-    which forked workers share), a backend of the node's database, the broker, the stand-in,
-    or this load generator."""
+    """Puts a process in its group: a driver of the node (with every process under it, by the
+    program the driver runs), a backend of the node's database, the broker, the stand-in, or
+    this load generator."""
 
     def __init__(self, database_url: str | None = None, node_pid: int = 0, stand_in_pid: int = 0):
         self.node_pid = node_pid
@@ -305,9 +305,18 @@ class Classifier:
             return STAND_IN
         if self.node_pid and stat.session == self.node_pid:
             if stat.pid not in self.programs:
-                self.programs[stat.pid] = (cpu.command_line(stat.pid) or ["?"])[-1]
+                self.programs[stat.pid] = self.program_of(stat)
             return NODE_PREFIX + self.programs[stat.pid]
         return None
+
+    def program_of(self, stat: cpu.ProcessStat) -> str:
+        """`run all`'s child that `stat` is or descends from names the program (`run PROGRAM`)."""
+        if stat.pid == self.node_pid:
+            return "all"
+        pid, parent = stat.pid, stat.parent
+        while parent not in (self.node_pid, 0, 1) and (above := cpu.read_stat(parent)) is not None:
+            pid, parent = parent, above.parent
+        return (cpu.command_line(pid) or ["?"])[-1]
 
     def close(self) -> None:
         if self.conn is not None:
