@@ -470,8 +470,10 @@ def insert_idle_accounts(database_url: str, debtor_id: int, count: int) -> None:
         conn.execute(
             """
             INSERT INTO pyswpt.account
-            SELECT (pyswpt.new_account(%(debtor_id)s, creditor_id, now())).*
+            SELECT idle.*
             FROM generate_series(1, %(count)s) AS creditor_id
+            -- LATERAL: `(new_account(...)).*` would call the function once per column.
+            CROSS JOIN LATERAL pyswpt.new_account(%(debtor_id)s, creditor_id, now()) AS idle
             """,
             {"debtor_id": debtor_id, "count": count},
         )
