@@ -255,13 +255,13 @@ class LoadGenerator(chaos.Coordinators):
         self.window_open = False
         return self.completed_in_window, {kind: percentiles(values) for kind, values in self.latencies.items()}
 
-    def drain(self) -> bool:
-        """Stop starting transfers and wait for the ones in flight; False if some stay unanswered."""
+    def drain(self) -> tuple[str, str, str, bool]:
+        """Stop starting transfers and wait for the ones in flight: a check row, how many stay unanswered."""
         self.running = False
         deadline = time.monotonic() + DRAIN_SECONDS
         while self.in_flight > 0 and time.monotonic() < deadline:
             self.receive(0.1)
-        return self.in_flight == 0
+        return ("transfers unanswered after the loop stopped", "0", str(self.in_flight), self.in_flight == 0)
 
 
 def percentiles(values: list[float]) -> dict[int, float]:
@@ -455,8 +455,7 @@ def measure_on_node(
     measured.commits = commits(stats) - commits_before
     if options.sql_profile:
         measured.functions = function_deltas(functions_before, function_stats(stats), measured.transfers)
-    drained = generator.drain()
-    measured.checks.append(("transfers in flight answered after the loop stopped", "all", str(drained), drained))
+    measured.checks.append(generator.drain())
     chaos.wait_until_quiet(generator, node.database_url)
     creditors = generator.creditors
     measured.checks += chaos.verify(node, generator, generator.debtor_id, creditors, funding, generator.transfers)
@@ -502,8 +501,7 @@ def run_stand_in(options: Options, rabbitmq_url: str) -> list[Measured]:
         try:
             for concurrency in options.concurrencies:
                 measured.append(measure(generator, sampler, Scenario(STAND_IN, "spread", concurrency), options))
-                drained = generator.drain()
-                measured[-1].checks.append(("transfers in flight answered", "all", str(drained), drained))
+                measured[-1].checks.append(generator.drain())
                 print(one_line(measured[-1]), file=sys.stderr, flush=True)
         finally:
             generator.connection.close()
