@@ -275,12 +275,16 @@ class Faults(threading.Thread):
 
     def close_broker_connections(self) -> bool:
         """Close the node's broker connections (not the coordinators')."""
-        listing = rabbitmqctl("list_connections", "-p", self.node.vhost, "pid", "client_properties")
+        # list_connections has no vhost filter (it ignores -p): it lists every connection of
+        # the broker, and those of other vhosts — other test sessions' — must stay open.
+        listing = rabbitmqctl("list_connections", "pid", "vhost", "client_properties")
         closed = 0
         for line in listing.splitlines():
             if COORDINATOR_CONNECTION_NAME in line or not line.startswith("<"):
                 continue
-            pid = line.split("\t", 1)[0]
+            pid, vhost = line.split("\t", 2)[:2]
+            if vhost != self.node.vhost:
+                continue
             subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "chaos"], capture_output=True)
             closed += 1
         self.injected["broker connection closed"] += closed
