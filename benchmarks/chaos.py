@@ -170,10 +170,12 @@ class Node:
         return found
 
 
-def node_environment(database_url: str, broker_url: str, queue: str, port: int) -> dict[str, str]:
+def node_environment(
+    database_url: str, broker_url: str, queue: str, port: int, settings: dict[str, str] = NODE_SETTINGS
+) -> dict[str, str]:
     return {
         **os.environ,
-        **NODE_SETTINGS,
+        **settings,
         "POSTGRES_URL": database_url,
         "PROTOCOL_BROKER_URL": broker_url,
         "CHORES_BROKER_URL": broker_url,
@@ -275,12 +277,16 @@ class Faults(threading.Thread):
 
     def close_broker_connections(self) -> bool:
         """Close the node's broker connections (not the coordinators')."""
-        listing = rabbitmqctl("list_connections", "-p", self.node.vhost, "pid", "client_properties")
+        # list_connections has no vhost filter (it ignores -p): it lists every connection of
+        # the broker, and those of other vhosts — other test sessions' — must stay open.
+        listing = rabbitmqctl("list_connections", "pid", "vhost", "client_properties")
         closed = 0
         for line in listing.splitlines():
             if COORDINATOR_CONNECTION_NAME in line or not line.startswith("<"):
                 continue
-            pid = line.split("\t", 1)[0]
+            pid, vhost = line.split("\t", 2)[:2]
+            if vhost != self.node.vhost:
+                continue
             subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "chaos"], capture_output=True)
             closed += 1
         self.injected["broker connection closed"] += closed
@@ -335,6 +341,7 @@ class Request:
     sent_at: float = 0.0
     answers: set[str] = dataclasses.field(default_factory=set)
     extra_transfer_ids: set[int] = dataclasses.field(default_factory=set)
+    transfer_note: str = ""
 
     @property
     def done(self) -> bool:
@@ -348,8 +355,12 @@ def wire_now() -> str:
 class Coordinators:
     """Simulated coordinators: the closed loop, the resends, and the books of what was committed."""
 
-    def __init__(self, node: Node, debtor_id: int, realm: Realm):
-        self.node = node
+    # Every publish waits for the broker's confirm, so that one it refused cannot go unnoticed.
+    confirm_delivery = True
+
+    def __init__(self, broker_url: str, queue: str, debtor_id: int, realm: Realm):
+        self.broker_url = broker_url
+        self.queue = queue
         self.debtor_id = debtor_id
         self.realm = realm
         self.requests: dict[tuple[int, int], Request] = {}
@@ -360,11 +371,12 @@ class Coordinators:
         self.connect()
 
     def connect(self) -> None:
-        parameters = pika.URLParameters(self.node.broker_url)
+        parameters = pika.URLParameters(self.broker_url)
         parameters.client_properties = {"connection_name": COORDINATOR_CONNECTION_NAME}
         self.connection = pika.BlockingConnection(parameters)
         self.channel = self.connection.channel()
-        self.channel.confirm_delivery()
+        if self.confirm_delivery:
+            self.channel.confirm_delivery()
         self.channel.queue_declare(self.inbox, durable=True)
         for exchange in ("to_creditors", "to_debtors"):
             self.channel.queue_bind(self.inbox, exchange, "#")
@@ -374,7 +386,7 @@ class Coordinators:
     def publish(self, message_type: str | None, body: bytes, *, content_type: str = JSON) -> None:
         """Straight into the node's queue, as the broker would deliver it from a peer."""
         properties = pika.BasicProperties(content_type=content_type, type=message_type, delivery_mode=2)
-        self.channel.basic_publish("", self.node.queue, body, properties)
+        self.channel.basic_publish("", self.queue, body, properties)
 
     def send(self, fields: dict) -> None:
         self.publish(fields["type"], json.dumps(fields).encode())
@@ -433,7 +445,7 @@ class Coordinators:
                 "coordinator_request_id": request.request_id,
                 "committed_amount": committed_amount,
                 "transfer_note_format": "",
-                "transfer_note": "",
+                "transfer_note": request.transfer_note,
                 "ts": wire_now(),
             }
         )
@@ -683,18 +695,9 @@ def drive(
     foreign_pair: tuple[int, int],
     timeout_creditor: int,
 ) -> Report:
-    coordinators = Coordinators(node, debtor_id, Realm.from_binding_key(REALM))
-    coordinators.configure(0, negligible_amount=ROOT_NEGLIGIBLE_AMOUNT)
-    for creditor in creditors:
-        coordinators.configure(creditor)
-    wait_until(lambda: accounts_present(node.database_url, debtor_id) >= len(creditors) + 1, "the accounts", 120)
-    funding = [coordinators.start_request(0, creditor, FUND_AMOUNT, "issuing") for creditor in creditors]
+    coordinators = Coordinators(node.broker_url, node.queue, debtor_id, Realm.from_binding_key(REALM))
     deadline = time.monotonic() + settings.deadline_seconds
-    while not all(request.done for request in funding):
-        coordinators.receive(0.2)
-        coordinators.resend_overdue()
-        if time.monotonic() > deadline:
-            raise TimeoutError("funding did not finish")
+    funding = open_and_fund_accounts(coordinators, node.database_url, creditors, deadline)
 
     faults = Faults(node, settings.fault_interval_seconds)
     faults.start()
@@ -719,10 +722,7 @@ def drive(
         faults.join()
     duration = time.monotonic() - started_at
 
-    # Quiet: every queue, work table and outbox empty, then nothing moves any more.
-    wait_until(lambda: queue_is_empty(coordinators, node.queue), "the SMP queue to empty", 300)
-    wait_until(lambda: queued_rows(node.database_url, WORK_TABLES + OUTBOX_TABLES) == 0, "the node to settle", 300)
-    coordinators.receive(2.0)
+    wait_until_quiet(coordinators, node.database_url)
     verified = verify(node, coordinators, debtor_id, creditors, funding, transfers)
     coordinators.connection.close()
     stop_status = node.stop()
@@ -733,6 +733,32 @@ def drive(
     injected |= restarts(node.log())
     committed = sum(request.state == "committed" for request in transfers)
     return Report(injected, verified, committed / duration, duration)
+
+
+def open_and_fund_accounts(
+    coordinators: Coordinators, database_url: str, creditors: list[int], deadline: float
+) -> list[Request]:
+    """The debtor's root account (no negligible limit on issuing) and the creditors' accounts,
+    each funded with FUND_AMOUNT by an issuing transfer; returns the funding requests."""
+    coordinators.configure(0, negligible_amount=ROOT_NEGLIGIBLE_AMOUNT)
+    for creditor in creditors:
+        coordinators.configure(creditor)
+    debtor_id = coordinators.debtor_id
+    wait_until(lambda: accounts_present(database_url, debtor_id) >= len(creditors) + 1, "the accounts", 120)
+    funding = [coordinators.start_request(0, creditor, FUND_AMOUNT, "issuing") for creditor in creditors]
+    while not all(request.done for request in funding):
+        coordinators.receive(0.2)
+        coordinators.resend_overdue()
+        if time.monotonic() > deadline:
+            raise TimeoutError("funding did not finish")
+    return funding
+
+
+def wait_until_quiet(coordinators: Coordinators, database_url: str) -> None:
+    """Every queue, work table and outbox empty, then nothing moves any more."""
+    wait_until(lambda: queue_is_empty(coordinators, coordinators.queue), "the SMP queue to empty", 300)
+    wait_until(lambda: queued_rows(database_url, WORK_TABLES + OUTBOX_TABLES) == 0, "the node to settle", 300)
+    coordinators.receive(2.0)
 
 
 def more_needed(transfers: list[Request], faults: Faults, settings: Settings) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pika
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import chaos  # noqa: E402
@@ -24,9 +26,19 @@ SHORT_RUN = chaos.Settings(
 
 
 def test_transfers_survive_faults_and_poison_exactly_once(postgres_server_url, rabbitmq_url, tmp_path):
-    report = chaos.run_chaos(postgres_server_url, rabbitmq_url, SHORT_RUN, tmp_path)
+    # A client of another vhost (the run makes one of its own): the faults must leave it alone.
+    parameters = pika.URLParameters(rabbitmq_url)
+    parameters.heartbeat = 0  # idle for the whole run, and must not be closed for that either
+    bystander = pika.BlockingConnection(parameters)
+    try:
+        report = chaos.run_chaos(postgres_server_url, rabbitmq_url, SHORT_RUN, tmp_path)
+        bystander.process_data_events(time_limit=0)  # raises if the broker closed it
+    finally:
+        if bystander.is_open:
+            bystander.close()
     print(report.table())
     assert report.ok, report.table()
+    assert report.injected.get("broker connection closed", 0) >= 1
     killed = {what.removeprefix("SIGKILL ") for what in report.injected if what.startswith("SIGKILL ")}
     assert set(chaos.DRIVERS) <= killed
     poisoned = {what.removeprefix("poison: ") for what in report.injected if what.startswith("poison: ")}

@@ -1,0 +1,818 @@
+"""End-to-end benchmark: a node under `pyswpt run all`, transfers through the broker, CPU per transfer.
+
+Not a test (tests/test_end_to_end_benchmark.py runs a very short variant that
+proves the run and its checks work). For each settings profile — pyswpt's own
+defaults, and the reference's compose settings — a fresh database and a
+RabbitMQ vhost of its own, `pyswpt configure` and `pyswpt run all`; one debtor
+whose root account issues to K accounts; then for each scenario a closed loop
+of C simulated coordinators, each doing PrepareTransfer → PreparedTransfer →
+FinalizeTransfer (commit) → FinalizedTransfer through the broker, sender and
+recipient at random ("spread") or every transfer paying one merchant ("hot").
+After a warm-up, a measuring window gives:
+
+* transfers per second (FinalizedTransfers received in the window);
+* p50/p95/p99 latency of PrepareTransfer → PreparedTransfer, FinalizeTransfer →
+  FinalizedTransfer, and FinalizeTransfer → the recipient's AccountTransfer;
+* CPU per completed transfer split by process, sampled from /proc
+  (benchmarks/cpu.py): each driver of `run all` with the workers it forked,
+  all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
+  this load generator, and the rest of the machine; the node's total RSS;
+* commits per transfer (pg_stat_database), and with --sql-profile the SQL
+  functions by self time per transfer (track_functions = all on the database).
+
+The same run measures the machine's ceilings: the cores, the load average,
+the broker + load generator against a stand-in that answers from memory
+(benchmarks/stand_in.py), and pgbench TPC-B at 1 and 8 clients. Every figure
+is also given as a ratio to those ceilings and to the goals of issue 10.
+
+After each scenario the loop stops, the node settles, and benchmarks/chaos.py's
+checks run: every request answered one way only, every principal as the
+coordinators' books say, the debtor's principals sum to zero, nothing parked,
+`pyswpt audit` passes. With --idle-accounts N each profile runs its scenarios
+again after N idle accounts of another debtor were bulk-inserted (benchmark
+setup only: one set-based INSERT as the superuser, not how accounts are made).
+
+    PYSWPT_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/postgres \\
+    PYSWPT_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2F \\
+    .venv/bin/python benchmarks/end_to_end.py --json /tmp/e2e.json
+
+It must run on the machine of the PostgreSQL and RabbitMQ servers (it reads
+their processes' CPU from /proc). The PostgreSQL URL must be a superuser's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from pyswpt import topology
+from pyswpt.sharding import Realm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import chaos  # noqa: E402  (the node, the coordinators' books and the checks)
+import cpu  # noqa: E402
+import vhosts  # noqa: E402  (tests/vhosts.py)
+from conftest import new_database  # noqa: E402
+from drivers import free_port  # noqa: E402
+
+BINDING_KEY = "#"  # one shard holds every account, so that `pyswpt audit` checks conservation
+# The reference's compose settings: the example values of its README (consumer 1 process ×
+# 3 threads, prefetch 10; the same for chores; 2 web workers × 10 threads; 10 threads per
+# worker stage) and its compose file's flush period.
+PROFILES: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "compose": {
+        "WEBSERVER_WORKERS": "2",
+        "WEBSERVER_THREADS": "10",
+        "PROTOCOL_BROKER_PROCESSES": "1",
+        "PROTOCOL_BROKER_THREADS": "3",
+        "PROTOCOL_BROKER_PREFETCH_COUNT": "10",
+        "CHORES_BROKER_PROCESSES": "1",
+        "CHORES_BROKER_THREADS": "3",
+        "CHORES_BROKER_PREFETCH_COUNT": "10",
+        "PROCESS_TRANSFER_REQUESTS_THREADS": "10",
+        "PROCESS_FINALIZATION_REQUESTS_THREADS": "10",
+        "PROCESS_BALANCE_CHANGES_THREADS": "10",
+        "FLUSH_PERIOD": "1.5",
+    },
+}
+PLACEMENTS = ("spread", "hot")
+MAX_AMOUNT = 1000
+DRAIN_SECONDS = 300.0
+SETUP_SECONDS = 600.0
+LATENCIES = ("prepare", "finalize", "account transfer")
+PERCENTILES = (50, 95, 99)
+PGBENCH_CLIENTS = (1, 8)
+PGBENCH_SECONDS = 10
+TOP_FUNCTIONS = 15
+# Process groups (the node's drivers are "pyswpt <program>").
+POSTGRES = "postgres backends"
+BROKER = "rabbitmq"
+LOAD_GENERATOR = "load generator"
+STAND_IN = "stand-in"
+REST = "rest of machine"
+NODE_PREFIX = "pyswpt "
+MIB = 2**20
+# The goals of issue 10 (server + PostgreSQL CPU, throughput, latency, memory, idle accounts).
+GOAL_CPU_MS = 3.5
+GOAL_TRANSFERS_PER_SECOND = 250.0
+GOAL_PREPARE_P50_MS = 20.0
+GOAL_RSS_MIB = 250.0
+GOAL_IDLE_RATIO = 0.10
+DEFAULTS_FACTOR = 2.0  # the defaults' figures may be this much worse than the goals
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    profiles: tuple[str, ...] = ("defaults", "compose")
+    placements: tuple[str, ...] = PLACEMENTS
+    concurrencies: tuple[int, ...] = (20, 100)
+    accounts: int = 200
+    seconds: float = 60.0
+    warmup_seconds: float = 10.0
+    idle_accounts: int = 0
+    sql_profile: bool = False
+    stand_in: bool = True
+    pgbench: bool = True
+
+
+@dataclasses.dataclass
+class Scenario:
+    profile: str  # defaults, compose or stand-in
+    placement: str
+    concurrency: int
+    idle_accounts: int = 0
+
+
+@dataclasses.dataclass
+class Measured:
+    scenario: Scenario
+    seconds: float
+    transfers: int
+    latencies_ms: dict[str, dict[int, float]]  # kind -> percentile -> ms
+    cpu_seconds: dict[str, float]  # process group -> CPU seconds in the window
+    rss_mib: float  # the node's (or stand-in's) processes, largest sum sampled
+    pss_mib: float
+    commits: int = 0
+    functions: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by self time
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    checks: list[tuple[str, str, str, bool]] = dataclasses.field(default_factory=list)
+
+    @property
+    def transfers_per_second(self) -> float:
+        return self.transfers / self.seconds
+
+    def ms_per_transfer(self, *groups: str) -> float:
+        return 1000 * sum(self.cpu_seconds.get(group, 0.0) for group in groups) / max(self.transfers, 1)
+
+    @property
+    def node_groups(self) -> list[str]:
+        return sorted(group for group in self.cpu_seconds if group.startswith(NODE_PREFIX))
+
+    @property
+    def server_and_postgres_ms(self) -> float:
+        return self.ms_per_transfer(*self.node_groups, POSTGRES)
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for *_row, ok in self.checks)
+
+
+# --- the load generator ----------------------------------------------------------------------
+
+
+class LoadGenerator(chaos.Coordinators):
+    """Closed-loop coordinators that time every answer. A new transfer starts the moment one
+    ends, from the consumer callback; publishes are not confirmed (the loop is the load, and a
+    lost message would show as an unanswered request)."""
+
+    confirm_delivery = False
+
+    def __init__(self, broker_url: str, queue: str, debtor_id: int, creditors: list[int]):
+        super().__init__(broker_url, queue, debtor_id, Realm.from_binding_key(BINDING_KEY))
+        self.creditors = creditors
+        self.channel.basic_consume(self.inbox, self.on_delivery, auto_ack=True)
+        self.placement = "spread"
+        self.concurrency = 0
+        self.running = False
+        self.in_flight = 0
+        self.transfers: list[chaos.Request] = []
+        self.by_note: dict[str, chaos.Request] = {}
+        self.window_open = False
+        self.completed_in_window = 0
+        self.latencies: dict[str, list[float]] = {kind: [] for kind in LATENCIES}
+
+    def receive(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.connection.process_data_events(time_limit=remaining)
+
+    def on_delivery(self, _channel, _method, _properties, body: bytes) -> None:
+        self.handle(json.loads(body), body)
+
+    def handle(self, fields: dict, body: bytes) -> None:
+        now = time.monotonic()
+        if fields["type"] == "AccountTransfer" and fields["acquired_amount"] > 0:
+            request = self.by_note.get(fields["transfer_note"])
+            if request is not None:
+                self.record("account transfer", now - request.sent_at)
+        request = self.requests.get((fields.get("coordinator_id"), fields.get("coordinator_request_id")))
+        state, sent_at = (request.state, request.sent_at) if request else (None, 0.0)
+        super().handle(fields, body)
+        if request is None or request.coordinator_type != "direct" or request.state == state:
+            return
+        if state == "preparing" and fields["type"] == "PreparedTransfer":
+            self.record("prepare", now - sent_at)
+        if request.done:
+            if request.state == "committed":
+                self.record("finalize", now - sent_at)
+            self.in_flight -= 1
+            self.completed_in_window += self.window_open
+            self.top_up()
+
+    def record(self, kind: str, seconds: float) -> None:
+        if self.window_open:
+            self.latencies[kind].append(seconds * 1000)
+
+    def start_loop(self, placement: str, concurrency: int) -> None:
+        self.placement, self.concurrency, self.running = placement, concurrency, True
+        self.top_up()
+
+    def top_up(self) -> None:
+        while self.running and self.in_flight < self.concurrency:
+            if self.placement == "hot":
+                sender, recipient = random.choice(self.creditors[1:]), self.creditors[0]
+            else:
+                sender, recipient = random.sample(self.creditors, 2)
+            request = self.start_request(sender, recipient, random.randint(1, MAX_AMOUNT))
+            # The note finds the request again in the recipient's AccountTransfer.
+            request.transfer_note = f"e2e {request.request_id}"
+            self.by_note[request.transfer_note] = request
+            self.transfers.append(request)
+            self.in_flight += 1
+
+    def open_window(self) -> None:
+        self.latencies = {kind: [] for kind in LATENCIES}
+        self.completed_in_window = 0
+        self.window_open = True
+
+    def close_window(self) -> tuple[int, dict[str, dict[int, float]]]:
+        self.window_open = False
+        return self.completed_in_window, {kind: percentiles(values) for kind, values in self.latencies.items()}
+
+    def drain(self) -> tuple[str, str, str, bool]:
+        """Stop starting transfers and wait for the ones in flight: a check row, how many stay unanswered."""
+        self.running = False
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            self.receive(0.1)
+        return ("transfers unanswered after the loop stopped", "0", str(self.in_flight), self.in_flight == 0)
+
+
+def percentiles(values: list[float]) -> dict[int, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    return {p: ordered[min(len(ordered) - 1, len(ordered) * p // 100)] for p in PERCENTILES}
+
+
+# --- which process is whose ------------------------------------------------------------------
+
+
+class Classifier:
+    """Puts a process in its group: a driver of the node (with every process under it, by the
+    program the driver runs), a backend of the node's database, the broker, the stand-in, or
+    this load generator."""
+
+    def __init__(self, database_url: str | None = None, node_pid: int = 0, stand_in_pid: int = 0):
+        self.node_pid = node_pid
+        self.stand_in_pid = stand_in_pid
+        self.own_pid = os.getpid()
+        self.programs: dict[int, str] = {}
+        self.backends: set[int] = set()
+        self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
+
+    def refresh(self) -> None:
+        if self.conn is not None:
+            rows = self.conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+            self.backends = {pid for (pid,) in rows}
+
+    def __call__(self, stat: cpu.ProcessStat) -> str | None:
+        if stat.pid == self.own_pid:
+            return LOAD_GENERATOR
+        if stat.command == "beam.smp":
+            return BROKER
+        if stat.pid in self.backends:
+            return POSTGRES
+        if stat.pid == self.stand_in_pid:
+            return STAND_IN
+        if self.node_pid and stat.session == self.node_pid:
+            if stat.pid not in self.programs:
+                self.programs[stat.pid] = self.program_of(stat)
+            return NODE_PREFIX + self.programs[stat.pid]
+        return None
+
+    def program_of(self, stat: cpu.ProcessStat) -> str:
+        """`run all`'s child that `stat` is or descends from names the program (`run PROGRAM`)."""
+        if stat.pid == self.node_pid:
+            return "all"
+        pid, parent = stat.pid, stat.parent
+        while parent not in (self.node_pid, 0, 1) and (above := cpu.read_stat(parent)) is not None:
+            pid, parent = parent, above.parent
+        return (cpu.command_line(pid) or ["?"])[-1]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+# --- one measuring window --------------------------------------------------------------------
+
+
+def measure(generator: LoadGenerator, sampler: cpu.Sampler, scenario: Scenario, options: Options) -> Measured:
+    """Warm up, then measure one window of the closed loop (which keeps running)."""
+    generator.start_loop(scenario.placement, scenario.concurrency)
+    generator.receive(options.warmup_seconds)
+    sampler.start()
+    generator.open_window()
+    generator.receive(options.seconds)
+    window = sampler.stop()
+    transfers, latencies = generator.close_window()
+    cpu_seconds = dict(window.cpu_seconds)
+    ours = sum(seconds for group, seconds in cpu_seconds.items() if group != cpu.MACHINE)
+    cpu_seconds[REST] = cpu_seconds[cpu.MACHINE] - ours
+    own = [group for group in window.max_rss_bytes if group.startswith(NODE_PREFIX) or group == STAND_IN]
+    return Measured(
+        scenario=scenario,
+        seconds=window.seconds,
+        transfers=transfers,
+        latencies_ms=latencies,
+        cpu_seconds=cpu_seconds,
+        rss_mib=sum(window.max_rss_bytes[group] for group in own) / MIB,
+        pss_mib=sum(window.pss_bytes.get(group, 0) for group in own) / MIB,
+        load_average=os.getloadavg(),
+    )
+
+
+# --- PostgreSQL statistics -------------------------------------------------------------------
+
+
+def commits(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+def function_stats(conn: psycopg.Connection) -> dict[str, tuple[int, float, float]]:
+    """Calls, total and self milliseconds of each function of the database (track_functions)."""
+    rows = conn.execute("SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions").fetchall()
+    return {name: (calls, total, own) for name, calls, total, own in rows}
+
+
+def function_deltas(before: dict, after: dict, transfers: int) -> list[dict]:
+    """Per transfer: calls, self and total milliseconds of each function, by self time."""
+    rows = []
+    for name, (calls, total, own) in after.items():
+        calls0, total0, own0 = before.get(name, (0, 0.0, 0.0))
+        if calls > calls0:
+            per = max(transfers, 1)
+            rows.append(
+                {
+                    "function": name,
+                    "calls": (calls - calls0) / per,
+                    "self_ms": (own - own0) / per,
+                    "total_ms": (total - total0) / per,
+                }
+            )
+    return sorted(rows, key=lambda row: -row["self_ms"])
+
+
+# --- a node and its scenarios ----------------------------------------------------------------
+
+
+def run_profile(profile: str, options: Options, postgres_url: str, rabbitmq_url: str, log_dir: Path) -> list[Measured]:
+    admin = vhosts.vhost_admin_for(rabbitmq_url, os.environ.get(vhosts.MANAGEMENT_URL_VARIABLE))
+    with (
+        new_database(postgres_url, "pyswpt_e2e") as database_url,
+        vhosts.own_vhost(admin, rabbitmq_url, "pyswpt_e2e") as broker_url,
+    ):
+        if options.sql_profile:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                dbname = conn.info.dbname
+                conn.execute(sql.SQL("ALTER DATABASE {} SET track_functions = 'all'").format(sql.Identifier(dbname)))
+        queue = f"e2e_{uuid.uuid4().hex[:8]}"
+        settings = {"PROTOCOL_BROKER_QUEUE_ROUTING_KEY": BINDING_KEY, **PROFILES[profile]}
+        environ = chaos.node_environment(database_url, broker_url, queue, free_port(), settings)
+        node = chaos.Node(
+            database_url, broker_url, vhosts.vhost_of(broker_url), queue, environ, log_dir / f"{queue}.log"
+        )
+        node.configure()
+        node.start()
+        try:
+            measured = drive_node(node, profile, options)
+        finally:
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        status = node.process.wait(timeout=60)
+        left = node.tree_pids()
+        measured[-1].checks.append(("run all exit status after SIGTERM", "0", str(status), status == 0))
+        measured[-1].checks.append(("processes of the node left after it stopped", "0", str(len(left)), not left))
+        return measured
+
+
+def drive_node(node: chaos.Node, profile: str, options: Options) -> list[Measured]:
+    realm = Realm.from_binding_key(BINDING_KEY)
+    debtor_id = chaos.pick_debtor(realm)
+    creditors = chaos.pick_creditors(realm, debtor_id, options.accounts)
+    generator = LoadGenerator(node.broker_url, node.queue, debtor_id, creditors)
+    funding = chaos.open_and_fund_accounts(generator, node.database_url, creditors, time.monotonic() + SETUP_SECONDS)
+    classifier = Classifier(node.database_url, node_pid=node.process.pid)
+    sampler = cpu.Sampler(classifier, classifier.refresh)
+    measured = []
+    idle_levels = (0, options.idle_accounts) if options.idle_accounts else (0,)
+    try:
+        with psycopg.connect(node.database_url, autocommit=True) as stats:
+            for idle_accounts in idle_levels:
+                if idle_accounts:
+                    insert_idle_accounts(node.database_url, chaos.pick_debtor(realm), idle_accounts)
+                for placement in options.placements:
+                    for concurrency in options.concurrencies:
+                        scenario = Scenario(profile, placement, concurrency, idle_accounts)
+                        measured.append(measure_on_node(node, generator, sampler, stats, scenario, options, funding))
+                        print(one_line(measured[-1]), file=sys.stderr, flush=True)
+    finally:
+        classifier.close()
+        generator.connection.close()
+    return measured
+
+
+def measure_on_node(
+    node: chaos.Node,
+    generator: LoadGenerator,
+    sampler: cpu.Sampler,
+    stats: psycopg.Connection,
+    scenario: Scenario,
+    options: Options,
+    funding: list[chaos.Request],
+) -> Measured:
+    commits_before, functions_before = commits(stats), function_stats(stats)
+    measured = measure(generator, sampler, scenario, options)
+    measured.commits = commits(stats) - commits_before
+    if options.sql_profile:
+        measured.functions = function_deltas(functions_before, function_stats(stats), measured.transfers)
+    measured.checks.append(generator.drain())
+    chaos.wait_until_quiet(generator, node.database_url)
+    creditors = generator.creditors
+    measured.checks += chaos.verify(node, generator, generator.debtor_id, creditors, funding, generator.transfers)
+    return measured
+
+
+def insert_idle_accounts(database_url: str, debtor_id: int, count: int) -> None:
+    """Benchmark setup only: `count` accounts of another debtor in one set-based INSERT (as
+    the superuser, past the API functions), so that a million take seconds, not hours."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            """
+            INSERT INTO pyswpt.account
+            SELECT idle.*
+            FROM generate_series(1, %(count)s) AS creditor_id
+            -- LATERAL: `(new_account(...)).*` would call the function once per column.
+            CROSS JOIN LATERAL pyswpt.new_account(%(debtor_id)s, creditor_id, now()) AS idle
+            """,
+            {"debtor_id": debtor_id, "count": count},
+        )
+        conn.execute("VACUUM ANALYZE pyswpt.account")
+
+
+# --- the machine's ceilings ------------------------------------------------------------------
+
+
+def run_stand_in(options: Options, rabbitmq_url: str) -> list[Measured]:
+    """The broker and this load generator against benchmarks/stand_in.py, for each C."""
+    admin = vhosts.vhost_admin_for(rabbitmq_url, os.environ.get(vhosts.MANAGEMENT_URL_VARIABLE))
+    with vhosts.own_vhost(admin, rabbitmq_url, "pyswpt_e2e_stand_in") as broker_url:
+        queue = f"stand_in_{uuid.uuid4().hex[:8]}"
+        topology.subscribe(broker_url, queue, BINDING_KEY)
+        script = Path(__file__).with_name("stand_in.py")
+        stand_in = subprocess.Popen([sys.executable, str(script), broker_url, queue])
+        classifier = Classifier(stand_in_pid=stand_in.pid)
+        sampler = cpu.Sampler(classifier)
+        realm = Realm.from_binding_key(BINDING_KEY)
+        debtor_id = chaos.pick_debtor(realm)
+        generator = LoadGenerator(
+            broker_url, queue, debtor_id, chaos.pick_creditors(realm, debtor_id, options.accounts)
+        )
+        measured = []
+        try:
+            for concurrency in options.concurrencies:
+                measured.append(measure(generator, sampler, Scenario(STAND_IN, "spread", concurrency), options))
+                measured[-1].checks.append(generator.drain())
+                print(one_line(measured[-1]), file=sys.stderr, flush=True)
+        finally:
+            generator.connection.close()
+            stand_in.terminate()
+            stand_in.wait(timeout=30)
+        return measured
+
+
+def run_pgbench(postgres_url: str) -> dict[int, float]:
+    """TPC-B transactions per second at each client count, in a scratch database."""
+    tps = {}
+    with new_database(postgres_url, "pyswpt_e2e_pgbench") as url:
+        subprocess.run(["pgbench", "-i", "-q", "-s", "1", url], check=True, capture_output=True)
+        for clients in PGBENCH_CLIENTS:
+            jobs = str(min(clients, os.cpu_count() or 1))
+            command = ["pgbench", "-n", "-c", str(clients), "-j", jobs, "-T", str(PGBENCH_SECONDS), url]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            tps[clients] = float(re.search(r"tps = ([\d.]+)", output).group(1))
+    return tps
+
+
+@dataclasses.dataclass
+class Ceilings:
+    cores: int
+    load_average_at_start: tuple[float, float, float]
+    stand_in: list[Measured]
+    pgbench_tps: dict[int, float]
+
+    def stand_in_at(self, concurrency: int) -> Measured | None:
+        return next((m for m in self.stand_in if m.scenario.concurrency == concurrency), None)
+
+    def node_budget_ms(self, concurrency: int) -> float | None:
+        """CPU per transfer left to a node that kept pace with the stand-in: the cores less
+        what the broker and the load generator needed at the stand-in's rate."""
+        ceiling = self.stand_in_at(concurrency)
+        if ceiling is None or ceiling.transfers == 0:
+            return None
+        spent = ceiling.cpu_seconds.get(BROKER, 0.0) + ceiling.cpu_seconds.get(LOAD_GENERATOR, 0.0)
+        return 1000 * (self.cores * ceiling.seconds - spent) / ceiling.transfers
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def one_line(m: Measured) -> str:
+    s = m.scenario
+    return (
+        f"{s.profile} {s.placement} C={s.concurrency} idle={s.idle_accounts}: {m.transfers_per_second:.1f}/s,"
+        f" prepare p50 {m.latencies_ms['prepare'].get(50, float('nan')):.1f} ms,"
+        f" server+PG {m.server_and_postgres_ms:.2f} ms/transfer, load {m.load_average[0]:.1f},"
+        f" checks {'ok' if m.ok else 'FAILED'}"
+    )
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}" if value is not None and reference else "–"
+
+
+def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
+    lines = [
+        "| settings | placement | C | idle accounts | transfers/s | ÷ stand-in | prepare p50/p95/p99 ms"
+        " | finalize p50/p95 ms | AccountTransfer p50/p95 ms | server+PG CPU ms/transfer | ÷ budget"
+        " | RSS MiB (PSS) | commits/transfer | load avg | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in results:
+        s = m.scenario
+        ceiling = ceilings.stand_in_at(s.concurrency)
+        lat = m.latencies_ms
+
+        def cell(kind: str, points: tuple[int, ...], lat=lat) -> str:
+            return "/".join(f"{lat[kind][p]:.0f}" if p in lat[kind] else "–" for p in points)
+
+        lines.append(
+            f"| {s.profile} | {s.placement} | {s.concurrency} | {s.idle_accounts} | {m.transfers_per_second:.1f}"
+            f" | {ratio(m.transfers_per_second, ceiling.transfers_per_second if ceiling else None)}"
+            f" | {cell('prepare', (50, 95, 99))} | {cell('finalize', (50, 95))}"
+            f" | {cell('account transfer', (50, 95))} | {m.server_and_postgres_ms:.2f}"
+            f" | {ratio(m.server_and_postgres_ms, ceilings.node_budget_ms(s.concurrency))}"
+            f" | {m.rss_mib:.0f} ({m.pss_mib:.0f}) | {m.commits / max(m.transfers, 1):.1f}"
+            f" | {m.load_average[0]:.1f} | {'ok' if m.ok else 'FAILED'} |"
+        )
+    return lines
+
+
+def cpu_table(results: list[Measured]) -> list[str]:
+    """CPU milliseconds per completed transfer, by process group."""
+    groups = sorted({g for m in results for g in m.cpu_seconds if g.startswith(NODE_PREFIX) or g == STAND_IN})
+    groups += [POSTGRES, BROKER, LOAD_GENERATOR, REST]
+    lines = [
+        "| settings | placement | C | idle | " + " | ".join(groups) + " | machine busy cores |",
+        "|---|---|---|---|" + "---|" * (len(groups) + 1),
+    ]
+    for m in results:
+        s = m.scenario
+        cells = " | ".join(f"{m.ms_per_transfer(group):.2f}" for group in groups)
+        busy = m.cpu_seconds[cpu.MACHINE] / m.seconds
+        lines.append(f"| {s.profile} | {s.placement} | {s.concurrency} | {s.idle_accounts} | {cells} | {busy:.2f} |")
+    return lines
+
+
+def ceilings_table(ceilings: Ceilings) -> list[str]:
+    load = "/".join(f"{value:.1f}" for value in ceilings.load_average_at_start)
+    lines = [
+        "| ceiling | value |",
+        "|---|---|",
+        f"| cores | {ceilings.cores} |",
+        f"| load average 1/5/15 min at the start | {load} |",
+    ]
+    for m in ceilings.stand_in:
+        c = m.scenario.concurrency
+        lines.append(
+            f"| stand-in C={c}: transfers/s; CPU ms/transfer broker / load generator / stand-in"
+            f" | {m.transfers_per_second:.0f}; {m.ms_per_transfer(BROKER):.2f}"
+            f" / {m.ms_per_transfer(LOAD_GENERATOR):.2f} / {m.ms_per_transfer(STAND_IN):.2f} |"
+        )
+        budget = ceilings.node_budget_ms(c)
+        lines.append(f"| node CPU budget per transfer at the stand-in's rate, C={c} | {budget:.2f} ms |")
+    for clients, tps in ceilings.pgbench_tps.items():
+        lines.append(f"| pgbench TPC-B, {clients} clients | {tps:.0f} transactions/s |")
+    return lines
+
+
+def goals_table(results: list[Measured]) -> list[str]:
+    """Each goal of issue 10 against the worst figure of a profile (the defaults get 2× slack)."""
+    lines = ["| goal | settings | target | measured (worst) | ÷ target | met |", "|---|---|---|---|---|---|"]
+    for profile in dict.fromkeys(m.scenario.profile for m in results):
+        factor = DEFAULTS_FACTOR if profile == "defaults" else 1.0
+        plain = [m for m in results if m.scenario.profile == profile and m.scenario.idle_accounts == 0]
+        c_max = [m for m in plain if m.scenario.concurrency == max(m.scenario.concurrency for m in plain)]
+        c_min = [m for m in plain if m.scenario.concurrency == min(m.scenario.concurrency for m in plain)]
+        rows = [
+            (
+                "server+PG CPU ms/transfer, largest C",
+                GOAL_CPU_MS * factor,
+                max(m.server_and_postgres_ms for m in c_max),
+                False,
+            ),
+            (
+                "transfers/s, largest C",
+                GOAL_TRANSFERS_PER_SECOND / factor,
+                min(m.transfers_per_second for m in c_max),
+                True,
+            ),
+            (
+                "prepare p50 ms, smallest C",
+                GOAL_PREPARE_P50_MS * factor,
+                max(m.latencies_ms["prepare"].get(50, float("inf")) for m in c_min),
+                False,
+            ),
+            ("node RSS MiB", GOAL_RSS_MIB * factor, max(m.rss_mib for m in plain), False),
+        ]
+        for name, target, value, at_least in rows:
+            met = value >= target if at_least else value <= target
+            sign, verdict = ("≥" if at_least else "≤"), ("yes" if met else "no")
+            lines.append(
+                f"| {name} | {profile} | {sign} {target:g} | {value:.2f} | {ratio(value, target)} | {verdict} |"
+            )
+        lines += idle_goal_rows(profile, results)
+    return lines
+
+
+def idle_goal_rows(profile: str, results: list[Measured]) -> list[str]:
+    """Throughput and CPU per transfer with idle accounts against the same scenario without."""
+    rows = []
+    for m in results:
+        s = m.scenario
+        if s.profile != profile or s.idle_accounts == 0:
+            continue
+        base = next(b for b in results if b.scenario == dataclasses.replace(s, idle_accounts=0))
+        for name, value, reference in (
+            ("transfers/s with idle accounts ÷ without", m.transfers_per_second, base.transfers_per_second),
+            ("server+PG CPU/transfer with idle ÷ without", m.server_and_postgres_ms, base.server_and_postgres_ms),
+        ):
+            change = value / reference - 1 if reference else float("inf")
+            met = abs(change) <= GOAL_IDLE_RATIO
+            rows.append(
+                f"| {name}, {s.placement} C={s.concurrency} | {profile} | within ±{GOAL_IDLE_RATIO:.0%}"
+                f" | {change:+.1%} | {ratio(value, reference)} | {'yes' if met else 'no'} |"
+            )
+    return rows
+
+
+def functions_table(results: list[Measured]) -> list[str]:
+    lines = []
+    for m in results:
+        if not m.functions:
+            continue
+        s = m.scenario
+        total = sum(row["self_ms"] for row in m.functions)
+        calls = sum(row["calls"] for row in m.functions)
+        lines += [
+            "",
+            f"SQL functions, {s.profile} {s.placement} C={s.concurrency} idle={s.idle_accounts}:"
+            f" {calls:.1f} calls and {total:.2f} ms of function self time per transfer",
+            "",
+            "| function | calls/transfer | self ms/transfer | total ms/transfer |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['function']} | {row['calls']:.2f} | {row['self_ms']:.3f} | {row['total_ms']:.3f} |"
+            for row in m.functions[:TOP_FUNCTIONS]
+        ]
+    return lines
+
+
+def failed_checks(results: list[Measured]) -> list[str]:
+    return [
+        f"FAILED {m.scenario.profile} {m.scenario.placement} C={m.scenario.concurrency}:"
+        f" {check}: expected {expected}, got {actual}"
+        for m in results
+        for check, expected, actual, ok in m.checks
+        if not ok
+    ]
+
+
+def report(results: list[Measured], ceilings: Ceilings) -> str:
+    sections = [
+        "## Scenarios",
+        "",
+        *scenario_table(results, ceilings),
+        "",
+        "## CPU ms per completed transfer, by process",
+        "",
+        *cpu_table(results),
+        "",
+        "## Ceilings of this machine, same run",
+        "",
+        *ceilings_table(ceilings),
+        "",
+        "## Goals (issue 10)",
+        "",
+        *goals_table(results),
+        *functions_table(results),
+        "",
+        *failed_checks(results),
+    ]
+    return "\n".join(sections)
+
+
+def as_json(results: list[Measured], ceilings: Ceilings) -> dict:
+    def one(m: Measured) -> dict:
+        return dataclasses.asdict(m) | {
+            "transfers_per_second": m.transfers_per_second,
+            "server_and_postgres_ms_per_transfer": m.server_and_postgres_ms,
+            "ok": m.ok,
+        }
+
+    return {
+        "cores": ceilings.cores,
+        "load_average_at_start": ceilings.load_average_at_start,
+        "pgbench_tps": ceilings.pgbench_tps,
+        "stand_in": [one(m) for m in ceilings.stand_in],
+        "node_budget_ms": {
+            m.scenario.concurrency: ceilings.node_budget_ms(m.scenario.concurrency) for m in ceilings.stand_in
+        },
+        "scenarios": [one(m) for m in results],
+    }
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run(options: Options, postgres_url: str, rabbitmq_url: str, log_dir: Path) -> tuple[list[Measured], Ceilings]:
+    ceilings = Ceilings(
+        cores=len(os.sched_getaffinity(0)),
+        load_average_at_start=os.getloadavg(),
+        stand_in=run_stand_in(options, rabbitmq_url) if options.stand_in else [],
+        pgbench_tps=run_pgbench(postgres_url) if options.pgbench else {},
+    )
+    results = [
+        m for profile in options.profiles for m in run_profile(profile, options, postgres_url, rabbitmq_url, log_dir)
+    ]
+    return results, ceilings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Options()
+    parser.add_argument("--profile", choices=sorted(PROFILES), nargs="+", default=list(defaults.profiles))
+    parser.add_argument("--placement", choices=PLACEMENTS, nargs="+", default=list(defaults.placements))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(defaults.concurrencies))
+    parser.add_argument("--accounts", type=int, default=defaults.accounts, help="funded accounts (K)")
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="measuring window per scenario")
+    parser.add_argument("--warmup-seconds", type=float, default=defaults.warmup_seconds)
+    parser.add_argument("--idle-accounts", type=int, default=0, help="run every scenario again with N idle accounts")
+    parser.add_argument("--sql-profile", action="store_true", help="track_functions = all; SQL functions per transfer")
+    parser.add_argument("--no-stand-in", action="store_true", help="leave out the stand-in ceiling")
+    parser.add_argument("--no-pgbench", action="store_true", help="leave out the pgbench ceiling")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()), help="where the node logs")
+    args = parser.parse_args()
+    options = Options(
+        profiles=tuple(args.profile),
+        placements=tuple(args.placement),
+        concurrencies=tuple(args.concurrency),
+        accounts=args.accounts,
+        seconds=args.seconds,
+        warmup_seconds=args.warmup_seconds,
+        idle_accounts=args.idle_accounts,
+        sql_profile=args.sql_profile,
+        stand_in=not args.no_stand_in,
+        pgbench=not args.no_pgbench,
+    )
+    postgres_url, rabbitmq_url = os.environ["PYSWPT_TEST_POSTGRES_URL"], os.environ["PYSWPT_TEST_RABBITMQ_URL"]
+    results, ceilings = run(options, postgres_url, rabbitmq_url, args.log_dir)
+    print(report(results, ceilings))
+    if args.json:
+        args.json.write_text(json.dumps(as_json(results, ceilings), indent=2, default=str))
+    return 0 if all(m.ok for m in results + ceilings.stand_in) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""A very short end-to-end benchmark (benchmarks/end_to_end.py): it runs, measures and checks.
+
+No figure is asserted (timings belong to the on-demand run); this proves that
+a node, the stand-in and the checks work together, and that every process
+group shows up in the CPU split.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import end_to_end  # noqa: E402
+
+SHORT_RUN = end_to_end.Options(
+    profiles=("defaults",),
+    placements=("spread", "hot"),
+    concurrencies=(5,),
+    accounts=10,
+    seconds=3.0,
+    warmup_seconds=1.0,
+    idle_accounts=100,
+    sql_profile=True,
+    stand_in=True,
+    pgbench=False,
+)
+
+
+def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
+    postgres_server_url, rabbitmq_url, tmp_path
+):
+    results, ceilings = end_to_end.run(SHORT_RUN, postgres_server_url, rabbitmq_url, tmp_path)
+    text = end_to_end.report(results, ceilings)
+    print(text)
+
+    scenarios = {(m.scenario.placement, m.scenario.idle_accounts) for m in results}
+    assert scenarios == {("spread", 0), ("hot", 0), ("spread", 100), ("hot", 100)}
+    for m in results:
+        assert m.ok, end_to_end.failed_checks([m])
+        assert m.transfers > 0
+        assert m.latencies_ms["prepare"] and m.latencies_ms["account transfer"]
+        assert {"pyswpt consumer", "pyswpt workers", "pyswpt flusher", end_to_end.POSTGRES} <= set(m.cpu_seconds)
+        assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.rss_mib > 0
+        assert m.commits > 0 and m.functions
+    checks = {check for m in results for check, *_rest in m.checks}
+    assert {"sum of the debtor's principals", "parked messages in all", "pyswpt audit exit status"} <= checks
+    assert "processes of the node left after it stopped" in checks
+
+    [stand_in] = ceilings.stand_in
+    assert stand_in.ok and stand_in.transfers > 0 and stand_in.cpu_seconds[end_to_end.STAND_IN] > 0
+    assert ceilings.node_budget_ms(5) is not None
+    assert "| defaults | hot | 5 | 100 |" in text
+    json.dumps(end_to_end.as_json(results, ceilings), default=str)
