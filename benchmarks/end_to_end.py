@@ -472,7 +472,7 @@ def insert_idle_accounts(database_url: str, debtor_id: int, count: int) -> None:
             SELECT idle.*
             FROM generate_series(1, %(count)s) AS creditor_id
             -- LATERAL: `(new_account(...)).*` would call the function once per column.
-            CROSS JOIN LATERAL pyswpt.new_account(%(debtor_id)s, creditor_id, now()) AS idle
+            CROSS JOIN LATERAL pyswpt_private.new_account(%(debtor_id)s, creditor_id, now()) AS idle
             """,
             {"debtor_id": debtor_id, "count": count},
         )
