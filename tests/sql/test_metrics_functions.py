@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from pyswpt import queries
+from pyswpt.config import OUTBOX_TYPES
 
 
 def queue_transfer_requests(conn, senders: list[int], enqueued_at: dt.datetime) -> None:
@@ -41,14 +42,5 @@ def test_a_count_at_the_limit_reads_no_more_rows_and_is_never_below_them(conn):
 
 def test_the_outbox_backlog_names_tables_as_the_flusher_commands_do(conn):
     rows = conn.execute(queries.OUTBOX_BACKLOG_METRICS, {"max_rows": 10}).fetchall()
-    assert {table for table, _count, _age in rows} == {
-        "rejected_transfers",
-        "prepared_transfers",
-        "finalized_transfers",
-        "account_transfers",
-        "account_updates",
-        "account_purges",
-        "rejected_configs",
-        "pending_balance_changes",
-    }
+    assert {table for table, _count, _age in rows} == set(OUTBOX_TYPES)
     assert {(count, age) for _table, count, age in rows} == {(0, None)}
