@@ -203,6 +203,8 @@ def test_intake_stores_the_request_fields(conn, recipient):
     ts = DEFAULT_NOW - dt.timedelta(minutes=3)
     enqueue_finalize(conn, transfer, 40, note_format="json", note='{"a": 1}', ts=ts)
     [request] = rows(conn, "SELECT * FROM finalization_request")
+    # When it was queued: the transaction's time, set by the column's default.
+    assert request.pop("enqueued_at") is not None
     assert request == {
         "debtor_id": DEBTOR_ID,
         "sender_creditor_id": SENDER_ID,
