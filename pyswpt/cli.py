@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, metrics_directory, schema, sharding, upgrades
+from pyswpt import logs, metrics_directory, schema, sharding
 
 logger = logging.getLogger(__name__)
 # A setting that cannot work: like argparse, status 2.
@@ -303,7 +303,10 @@ def command_run(config: settings.Config, args: argparse.Namespace) -> int:
     driver = DRIVERS[args.driver]
     names = {driver.names_keyword: args.names or None} if driver.names_keyword else {}
     with metrics_of(args.driver, config):
-        # Imported only now: the driver's modules import prometheus_client (see metrics_of).
+        # Imported only now: the driver's modules import prometheus_client (see metrics_of),
+        # and so does pyswpt.upgrades, through pyswpt.transactions.
+        from pyswpt import upgrades
+
         module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
         switches = {switch.keyword: getattr(args, switch.keyword) for switch in driver.switches}
         try:

@@ -39,6 +39,8 @@ API_MISSING_SQLSTATES = (
     "42703",  # undefined_column: a function's result columns changed
     "3F000",  # invalid_schema_name
     "42501",  # insufficient_privilege
+    "42P13",  # invalid_function_definition: a function returning a table's rows, after a
+    # migration changed the table and before `configure` re-created the function
 )
 # A statement that psycopg prepared on this connection (after a few runs) and
 # whose function now returns another type fails with this error until the

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,3 +308,12 @@ def test_scraping_does_not_hold_a_transaction_open(database_url, rabbitmq_url, t
             "SELECT state FROM pg_stat_activity WHERE application_name = 'pyswpt metrics'"
         ).fetchall()
     assert states == [("idle",)]
+
+
+def test_the_command_line_does_not_load_prometheus_client_before_the_metrics_directory_is_set():
+    # prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is first imported: a module
+    # that pyswpt.cli imports at the top and that imports it would make every driver count
+    # in its own memory, and `run all` would serve nothing.
+    check = "import sys, pyswpt.cli; print('prometheus_client' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -190,7 +190,15 @@ def test_a_pass_is_recorded_with_its_rows_when_it_ends(conn, database_url):
     pace = engine.Pace(pass_seconds=1.0, beat_milliseconds=100, blocks_per_query=1)
     reader = engine.BlockReader(scanner, pace.blocks_per_query, 0)
     with db.connect(database_url) as scan_conn:
-        engine.run_rhythm(scan_conn, scanner, reader, pace, threading.Event(), lambda: dt.datetime.now(UTC))
+        engine.run_rhythm(
+            scan_conn,
+            scanner,
+            reader,
+            pace,
+            ApiWait(300.0, "the test scanner"),
+            threading.Event(),
+            lambda: dt.datetime.now(UTC),
+        )
 
     recorded = scan_pass(conn)
     assert recorded["pass_seconds"] == 1.0
@@ -206,7 +214,10 @@ def test_a_scanner_records_that_it_runs_while_it_pauses_between_beats(conn, data
     stopping = threading.Event()
     # An empty table: the first beat is followed by a 96-minute pause.
     pace = engine.Pace(pass_seconds=8 * HOUR_SECONDS, beat_milliseconds=100, blocks_per_query=40)
-    scanning = threading.Thread(target=engine.scan_until_stopped, args=(scanner, pace, database_url, stopping))
+    scanning = threading.Thread(
+        target=engine.scan_until_stopped,
+        args=(scanner, pace, database_url, stopping, ApiWait(300.0, "the test scanner")),
+    )
     scanning.start()
     try:
         wait_for(lambda: scan_pass(conn) is not None, "the pass to be recorded")

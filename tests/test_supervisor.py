@@ -88,11 +88,12 @@ def test_all_prints_its_ready_and_stop_lines_on_stdout_at_log_level_warning(node
     lines = stdout_path.read_text().splitlines()
     [ready] = [line for line in lines if "Node ready:" in line]
     assert ready.endswith(
-        f":INFO:pyswpt.node:Node ready: 8 drivers running ({', '.join(PROGRAMS)}); fetch API on port {port}; "
+        f":INFO:pyswpt.node:Node ready: {len(PROGRAMS)} drivers running ({', '.join(PROGRAMS)}); "
+        f"fetch API on port {port}; "
         f"consuming queue {environ['PROTOCOL_BROKER_QUEUE']} with routing key #; "
         "shard realm 0x00000000/0x00000000 (realm/mask of the hash space)."
     )
-    assert lines[-1].endswith(":INFO:pyswpt.node:Node stopped: received SIGTERM; 8 drivers stopped.")
+    assert lines[-1].endswith(f":INFO:pyswpt.node:Node stopped: received SIGTERM; {len(PROGRAMS)} drivers stopped.")
     # The other INFO lines, such as each driver's start, stay below the WARNING level asked for.
     assert [line for line in lines if ":INFO:" in line] == [ready, lines[-1]]
 
@@ -117,7 +118,7 @@ def test_the_ready_line_in_json_keeps_the_reference_keys_and_adds_fields(capsys,
 
     entry = json.loads(capsys.readouterr().out)
     assert (entry["levelname"], entry["name"]) == ("INFO", "pyswpt.node")
-    assert entry["message"].startswith("Node ready: 8 drivers running")
+    assert entry["message"].startswith(f"Node ready: {len(PROGRAMS)} drivers running")
     assert entry["asctime"][10] == "T"
     assert entry["drivers"] == list(PROGRAMS)
     assert (entry["fetch_api_port"], entry["queue"], entry["routing_key"]) == (8080, "swpt_accounts", "1.#")
