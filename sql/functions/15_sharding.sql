@@ -8,12 +8,9 @@ CREATE FUNCTION pyswpt_private.calc_shard_key(p_debtor_id bigint, p_creditor_id 
 RETURNS bigint
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-    -- int8send gives the 8-byte big-endian two's complement form; a bit(32)
-    -- casts to bigint as an unsigned number.
-    SELECT ('x' || substr(md5(int8send(p_debtor_id) || int8send(p_creditor_id)), 1, 8))::bit(32)::bigint
-$$;
+-- int8send gives the 8-byte big-endian two's complement form; a bit(32)
+-- casts to bigint as an unsigned number.
+RETURN ('x' || substr(md5(int8send(p_debtor_id) || int8send(p_creditor_id)), 1, 8))::bit(32)::bigint;
 
 -- Whether the account (p_debtor_id, p_creditor_id) matches a realm of spec 01 §4.1:
 -- K & realm_mask = realm. Also answers for the parent realm when given its mask.
@@ -26,7 +23,4 @@ CREATE FUNCTION pyswpt_private.is_in_realm(
 RETURNS boolean
 LANGUAGE sql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-    SELECT calc_shard_key(p_debtor_id, p_creditor_id) & p_realm_mask = p_realm
-$$;
+RETURN calc_shard_key(p_debtor_id, p_creditor_id) & p_realm_mask = p_realm;

@@ -417,9 +417,10 @@ CREATE FUNCTION pyswpt_private.emit_pending_balance_change(
     p_now timestamptz
 )
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
+BEGIN
     INSERT INTO pending_balance_change_signal (
         debtor_id,
         other_creditor_id,
@@ -441,33 +442,30 @@ AS $$
         p_committed_at,
         p_principal_delta,
         p_now
-    )
+    );
+END;
 $$;
 
 -- current_balance (spec 02 §3.3) of an account row.
 CREATE FUNCTION pyswpt_private.calc_account_balance(p_account account, p_now timestamptz)
 RETURNS numeric
-LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-    SELECT calc_current_balance(
-        p_account.creditor_id,
-        p_account.principal,
-        p_account.interest,
-        p_account.interest_rate,
-        p_account.last_change_ts,
-        p_now
-    )
-$$;
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+RETURN calc_current_balance(
+    p_account.creditor_id,
+    p_account.principal,
+    p_account.interest,
+    p_account.interest_rate,
+    p_account.last_change_ts,
+    p_now
+);
 
 -- B8: what the account can still lock: floor(balance) minus current locks, contained.
 CREATE FUNCTION pyswpt_private.calc_available_amount(p_account account, p_now timestamptz)
 RETURNS bigint
-LANGUAGE sql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-    SELECT contain_principal(floor(calc_account_balance(p_account, p_now)) - p_account.total_locked_amount)
-$$;
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+RETURN contain_principal(floor(calc_account_balance(p_account, p_now)) - p_account.total_locked_amount);
 
 -- B7: how negative the balance may go. Zero for creditors; a root account may issue
 -- down to -min(issuing limit, negligible amount). The negligible amount is rounded
