@@ -100,6 +100,7 @@ PERCENTILES = (50, 95, 99)
 PGBENCH_CLIENTS = (1, 8)
 PGBENCH_SECONDS = 10
 TOP_FUNCTIONS = 15
+STATEMENT_WIDTH = 120  # characters of a statement's text in the table
 # Process groups (the node's drivers are "pyswpt <program>").
 POSTGRES = "postgres backends"
 BROKER = "rabbitmq"
@@ -150,6 +151,7 @@ class Measured:
     pss_mib: float
     commits: int = 0
     functions: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by self time
+    statements: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by total time
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
     checks: list[tuple[str, str, str, bool]] = dataclasses.field(default_factory=list)
 
@@ -364,6 +366,51 @@ def function_stats(conn: psycopg.Connection) -> dict[str, tuple[int, float, floa
     return {name: (calls, total, own) for name, calls, total, own in rows}
 
 
+def statement_stats(conn: psycopg.Connection) -> dict[tuple[bool, str], tuple[int, float]]:
+    """Calls and total milliseconds (planning and execution) of each statement run in this
+    database, top-level or nested in a function (pg_stat_statements); empty where it is not loaded."""
+    if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'").fetchone():
+        return {}
+    rows = conn.execute(
+        """
+        SELECT toplevel, query, sum(calls)::bigint, sum(total_plan_time + total_exec_time)
+        FROM pg_stat_statements
+        WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+        GROUP BY toplevel, query
+        """
+    ).fetchall()
+    return {(toplevel, query): (calls, total) for toplevel, query, calls, total in rows}
+
+
+def statement_deltas(before: dict, after: dict, transfers: int) -> list[dict]:
+    """Per transfer: calls and total milliseconds of each statement, by total time."""
+    per = max(transfers, 1)
+    rows = [
+        {
+            "statement": " ".join(query.split()),
+            "toplevel": toplevel,
+            "calls": (calls - before.get((toplevel, query), (0, 0.0))[0]) / per,
+            "total_ms": (total - before.get((toplevel, query), (0, 0.0))[1]) / per,
+        }
+        for (toplevel, query), (calls, total) in after.items()
+        if calls > before.get((toplevel, query), (0, 0.0))[0]
+    ]
+    return sorted(rows, key=lambda row: -row["total_ms"])
+
+
+def enable_sql_profile(database_url: str) -> None:
+    """track_functions for every session of the node; pg_stat_statements too where the server preloads it."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        dbname = sql.Identifier(conn.info.dbname)
+        conn.execute(sql.SQL("ALTER DATABASE {} SET track_functions = 'all'").format(dbname))
+        preloaded = conn.execute("SHOW shared_preload_libraries").fetchone()[0]
+        if "pg_stat_statements" in preloaded:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.execute(sql.SQL("ALTER DATABASE {} SET pg_stat_statements.track = 'all'").format(dbname))
+        else:
+            print("pg_stat_statements is not preloaded: no statement profile.", file=sys.stderr)
+
+
 def function_deltas(before: dict, after: dict, transfers: int) -> list[dict]:
     """Per transfer: calls, self and total milliseconds of each function, by self time."""
     rows = []
@@ -392,9 +439,7 @@ def run_profile(profile: str, options: Options, postgres_url: str, rabbitmq_url:
         vhosts.own_vhost(admin, rabbitmq_url, "pyswpt_e2e") as broker_url,
     ):
         if options.sql_profile:
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                dbname = conn.info.dbname
-                conn.execute(sql.SQL("ALTER DATABASE {} SET track_functions = 'all'").format(sql.Identifier(dbname)))
+            enable_sql_profile(database_url)
         queue = f"e2e_{uuid.uuid4().hex[:8]}"
         settings = {"PROTOCOL_BROKER_QUEUE_ROUTING_KEY": BINDING_KEY, **PROFILES[profile]}
         environ = chaos.node_environment(database_url, broker_url, queue, free_port(), settings)
@@ -450,11 +495,12 @@ def measure_on_node(
     options: Options,
     funding: list[chaos.Request],
 ) -> Measured:
-    commits_before, functions_before = commits(stats), function_stats(stats)
+    commits_before, functions_before, statements_before = commits(stats), function_stats(stats), statement_stats(stats)
     measured = measure(generator, sampler, scenario, options)
     measured.commits = commits(stats) - commits_before
     if options.sql_profile:
         measured.functions = function_deltas(functions_before, function_stats(stats), measured.transfers)
+        measured.statements = statement_deltas(statements_before, statement_stats(stats), measured.transfers)
     measured.checks.append(generator.drain())
     chaos.wait_until_quiet(generator, node.database_url)
     creditors = generator.creditors
@@ -705,6 +751,21 @@ def functions_table(results: list[Measured]) -> list[str]:
             f"| {row['function']} | {row['calls']:.2f} | {row['self_ms']:.3f} | {row['total_ms']:.3f} |"
             for row in m.functions[:TOP_FUNCTIONS]
         ]
+        if m.statements:
+            lines += [
+                "",
+                f"SQL statements, {s.profile} {s.placement} C={s.concurrency} idle={s.idle_accounts}:"
+                f" {sum(row['calls'] for row in m.statements if row['toplevel']):.1f} top-level statements per"
+                " transfer (pg_stat_statements; nested ones are inside the functions above)",
+                "",
+                "| statement | top-level | calls/transfer | total ms/transfer |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {row['statement'][:STATEMENT_WIDTH]} | {'yes' if row['toplevel'] else 'no'}"
+                f" | {row['calls']:.2f} | {row['total_ms']:.3f} |"
+                for row in m.statements[:TOP_FUNCTIONS]
+            ]
     return lines
 
 
