@@ -22,10 +22,13 @@ the server's defaults are:
   which in a zone east of UTC reads as year 10000, which no Python datetime
   can hold, so every row holding T∞ would fail to load.
 
-Connections start with autocommit off: every driver step is one explicit
-transaction around one SQL function call, committed (or rolled back) as a
-whole. A LISTEN connection is in autocommit and gets the same settings; its
-listing queries are single statements. The fetch API's connections are
+Connections start with autocommit off: a driver step is one explicit
+transaction (pyswpt.transactions.with_retries), committed or rolled back as a
+whole. A step that is one statement (a worker's batch processor) may instead
+run on a connection in autocommit, where that statement is a transaction of
+its own at the same isolation level (transactions.execute_with_retries). A
+LISTEN connection is in autocommit and gets the same settings; its listing
+queries are single statements. The fetch API's connections are
 read-only (enforced by PostgreSQL) with a shorter statement timeout.
 Options an operator put in the URL come after these, so they win.
 """

@@ -75,15 +75,36 @@ class SqlCall:
 
 def with_retries(conn: psycopg.Connection, action: Callable[[psycopg.Connection], T]) -> T:
     """Run `action` in a transaction, again after a serialization failure or deadlock."""
-    for attempt in range(RETRY_ATTEMPTS + 1):
+
+    def in_transaction() -> T:
+        with conn.transaction():
+            return action(conn)
+
+    return retrying(in_transaction)
+
+
+def execute_with_retries(conn: psycopg.Connection, call: SqlCall) -> psycopg.Cursor:
+    """Run one statement as a transaction of its own, again after a serialization failure or deadlock.
+
+    The connection must be in autocommit: the statement is then one round
+    trip, with neither BEGIN nor COMMIT, and as atomic as in an explicit
+    transaction, at the session's isolation level.
+    """
+    if not conn.autocommit:
+        raise ValueError("execute_with_retries needs a connection in autocommit")
+    return retrying(lambda: conn.execute(call.query, call.params))
+
+
+def retrying(attempt: Callable[[], T]) -> T:
+    """`attempt()`, again (with growing pauses) while it fails with a serialization failure or deadlock."""
+    for attempt_number in range(RETRY_ATTEMPTS + 1):
         try:
-            with conn.transaction():
-                return action(conn)
+            return attempt()
         except RETRIED_ERRORS as error:
-            if attempt == RETRY_ATTEMPTS:
+            if attempt_number == RETRY_ATTEMPTS:
                 raise
             metrics.TRANSACTION_RETRIES.labels(error.sqlstate).inc()
-            pause = 0.0 if attempt == 0 else FIRST_RETRY_PAUSE_SECONDS * 2 ** (attempt - 1)
+            pause = 0.0 if attempt_number == 0 else FIRST_RETRY_PAUSE_SECONDS * 2 ** (attempt_number - 1)
             logger.info("Retrying a transaction after %s.", type(error).__name__)
             time.sleep(min(pause, MAX_RETRY_PAUSE_SECONDS) * random.uniform(0.5, 1.0))
     raise AssertionError("unreachable")

@@ -35,7 +35,7 @@ from pyswpt.backoff import Backoff
 from pyswpt.config import Config
 from pyswpt.drivers import account_updates
 from pyswpt.processes import join_threads, stop_event_on_signals
-from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
+from pyswpt.transactions import SqlCall, describe_error, execute_with_retries, is_infrastructure_error
 from pyswpt.upgrades import ApiUnavailable, ApiWait
 
 logger = logging.getLogger(__name__)
@@ -65,27 +65,27 @@ class Stage:
     threads: int
     wait_seconds: float
     max_count: int
-    process: Callable[[psycopg.Connection, Key], object]
+    process: Callable[[Key], SqlCall]  # the call of the account's batch processor
 
 
 def stages(config: Config) -> list[Stage]:
-    def process_transfer_requests(conn: psycopg.Connection, key: Key) -> object:
+    def process_transfer_requests(key: Key) -> SqlCall:
         debtor_id, creditor_id = key
         params = {
             "debtor_id": debtor_id,
             "sender_creditor_id": creditor_id,
             "commit_period_seconds": config.commit_period_seconds,
         }
-        return conn.execute(queries.PROCESS_TRANSFER_REQUESTS, params)
+        return SqlCall(queries.PROCESS_TRANSFER_REQUESTS, params)
 
-    def process_finalization_requests(conn: psycopg.Connection, key: Key) -> object:
+    def process_finalization_requests(key: Key) -> SqlCall:
         debtor_id, creditor_id = key
         params = {"debtor_id": debtor_id, "sender_creditor_id": creditor_id, "ignore_all": ignore_all(config, key)}
-        return conn.execute(queries.PROCESS_FINALIZATION_REQUESTS, params)
+        return SqlCall(queries.PROCESS_FINALIZATION_REQUESTS, params)
 
-    def process_balance_changes(conn: psycopg.Connection, key: Key) -> object:
+    def process_balance_changes(key: Key) -> SqlCall:
         debtor_id, creditor_id = key
-        return conn.execute(queries.PROCESS_BALANCE_CHANGES, {"debtor_id": debtor_id, "creditor_id": creditor_id})
+        return SqlCall(queries.PROCESS_BALANCE_CHANGES, {"debtor_id": debtor_id, "creditor_id": creditor_id})
 
     return [
         Stage(
@@ -230,12 +230,15 @@ def serve_stage(
     def connection() -> psycopg.Connection:
         if not hasattr(local, "conn"):
             local.conn = db.connect(config.driver_postgres_url, application_name=f"pyswpt {stage.name}")
+            # A batch processor is one statement: in autocommit it is its own
+            # transaction, without the round trips of BEGIN and COMMIT.
+            local.conn.autocommit = True
             connections.append(local.conn)
         return local.conn
 
     def process(key: Key) -> None:
         try:
-            with_retries(connection(), lambda conn: stage.process(conn, key))
+            execute_with_retries(connection(), stage.process(key))
         except Exception as error:  # noqa: BLE001 - anything but the infrastructure is the account's
             if is_infrastructure_error(error):
                 raise

@@ -1,0 +1,63 @@
+"""Running statements with retries: a transaction around an action, or one statement alone in autocommit."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pyswpt import db
+from pyswpt.transactions import SqlCall, execute_with_retries, with_retries
+
+# Fails with a serialization failure on its first call in the session, then
+# returns how many times it was called: a sequence keeps counting across rollbacks.
+FAIL_ONCE = """
+CREATE TEMPORARY SEQUENCE calls;
+CREATE FUNCTION pg_temp.fail_once() RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_calls bigint := nextval('calls');
+BEGIN
+    IF v_calls = 1 THEN
+        RAISE EXCEPTION 'first call' USING ERRCODE = 'serialization_failure';
+    END IF;
+    RETURN v_calls;
+END;
+$$;
+"""
+
+
+@pytest.fixture
+def autocommit_conn(database_url):
+    with db.connect(database_url) as conn:
+        conn.autocommit = True
+        yield conn
+
+
+def test_a_statement_alone_is_run_again_after_a_serialization_failure(autocommit_conn):
+    autocommit_conn.execute(FAIL_ONCE)
+    cursor = execute_with_retries(autocommit_conn, SqlCall("SELECT pg_temp.fail_once()", ()))
+    assert cursor.fetchone() == (2,)
+
+
+def test_a_statement_alone_is_committed_without_a_commit(autocommit_conn, conn):
+    conn.execute("CREATE TABLE public.seen (value integer)")
+    conn.commit()
+    execute_with_retries(autocommit_conn, SqlCall("INSERT INTO public.seen VALUES (%(value)s)", {"value": 7}))
+    assert autocommit_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert conn.execute("SELECT value FROM public.seen").fetchall() == [(7,)]
+
+
+def test_a_statement_alone_runs_at_the_sessions_isolation_level(autocommit_conn):
+    row = execute_with_retries(autocommit_conn, SqlCall("SELECT current_setting('transaction_isolation')", ()))
+    assert row.fetchone() == (db.ISOLATION_LEVEL,)
+
+
+def test_a_statement_alone_needs_autocommit(database_url):
+    with db.connect(database_url) as conn, pytest.raises(ValueError, match="autocommit"):
+        execute_with_retries(conn, SqlCall("SELECT 1", ()))
+
+
+def test_an_action_is_run_again_in_a_new_transaction_after_a_serialization_failure(database_url):
+    with db.connect(database_url) as conn:
+        conn.execute(FAIL_ONCE)
+        conn.commit()
+        assert with_retries(conn, lambda c: c.execute("SELECT pg_temp.fail_once()").fetchone()) == (2,)
