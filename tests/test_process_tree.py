@@ -36,8 +36,11 @@ WORKER_PROCESSES = 2
 GONE_WITHIN_SECONDS = STOP_TIMEOUT_SECONDS
 # Nine Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
 STARTED_WITHIN_SECONDS = 30.0
-# The drivers of `run all` that fork worker processes, one each by default.
+# The drivers of `run all` that can fork worker processes. With one process
+# each (the default) they run their worker themselves; the tests of a whole
+# node ask for two, so that there are worker processes to leave behind.
 FORKING_DRIVERS = ("consumer", "chores", "flusher")
+TWO_WORKER_PROCESSES_EACH = {"PROTOCOL_BROKER_PROCESSES": "2", "CHORES_BROKER_PROCESSES": "2", "FLUSH_PROCESSES": "2"}
 
 
 def running_pids(pids: set[int]) -> set[int]:
@@ -81,7 +84,7 @@ def every_driver_with_its_workers(node) -> set[int]:
 
 def test_nothing_of_run_all_runs_after_it_is_killed(node_environment, tmp_path):
     _port, environ = node_environment
-    with running(["run", "all"], environ, tmp_path) as node:
+    with running(["run", "all"], {**environ, **TWO_WORKER_PROCESSES_EACH}, tmp_path) as node:
         tree = every_driver_with_its_workers(node)
 
         node.stop(signal.SIGKILL)
@@ -92,7 +95,7 @@ def test_nothing_of_run_all_runs_after_it_is_killed(node_environment, tmp_path):
 def test_nothing_of_run_all_runs_after_it_stops(node_environment, tmp_path):
     """A driver killed under `run all` leaves no worker behind, then or after `run all` stops."""
     _port, environ = node_environment
-    with running(["run", "all"], environ, tmp_path) as node:
+    with running(["run", "all"], {**environ, **TWO_WORKER_PROCESSES_EACH}, tmp_path) as node:
         tree = every_driver_with_its_workers(node)
         [consumer] = started_pids(node.log())["consumer"]
         os.kill(consumer, signal.SIGKILL)
@@ -111,22 +114,39 @@ def test_run_all_kills_what_a_killed_driver_left_before_starting_it_again(
     """A worker that cannot stop (its batch waits for a lock) is killed with its driver's process group."""
     _port, environ = node_environment
     queue = environ["PROTOCOL_BROKER_QUEUE"]
+    environ = {**environ, **TWO_WORKER_PROCESSES_EACH}
     with running(["run", "all"], environ, tmp_path) as node, psycopg.connect(database_url) as locker:
         every_driver_with_its_workers(node)
         [consumer] = started_pids(node.log())["consumer"]
-        [worker] = children(consumer)
+        workers = children(consumer)
         locker.execute("LOCK TABLE pyswpt.account IN ACCESS EXCLUSIVE MODE")
         publish_configure_account(rabbitmq_url, queue)
         wait_for(lambda: waits_for_a_lock(database_url, f"pyswpt consumer {queue}"), "the batch to wait for the lock")
 
         os.kill(consumer, signal.SIGKILL)
 
-        wait_for(lambda: not is_alive(worker), "the worker to be killed", STOP_TIMEOUT_SECONDS + 10)
+        wait_for(lambda: not running_pids(workers), "the workers to be killed", STOP_TIMEOUT_SECONDS + 10)
         wait_for(lambda: len(started_pids(node.log())["consumer"]) == 2, "the consumer to be restarted")
         locker.rollback()
         log = node.log()
         killed = log.index(f"Processes of consumer's group {consumer} did not stop in time; killing them.")
         assert killed < log.rindex("Started consumer")
+
+
+def test_with_one_process_each_no_driver_of_run_all_forks(node_environment, tmp_path):
+    """The default: a driver runs its one worker itself, a process less each (less memory)."""
+    _port, environ = node_environment
+    with running(["run", "all"], environ, tmp_path) as node:
+        wait_for(
+            lambda: set(started_pids(node.log())) == set(PROGRAMS), "every driver to start", STARTED_WITHIN_SECONDS
+        )
+        drivers = {program: pids[-1] for program, pids in started_pids(node.log()).items()}
+        wait_for(lambda: "Starting the flusher" in node.log(), "the flusher's first line")
+
+        assert {program: children(drivers[program]) for program in FORKING_DRIVERS} == dict.fromkeys(
+            FORKING_DRIVERS, []
+        )
+        assert all(is_alive(pid) for pid in drivers.values())
 
 
 def publish_configure_account(rabbitmq_url: str, queue: str) -> None:

@@ -128,8 +128,37 @@ def test_worker_process_stops_on_a_sigterm_that_came_before_its_handler(monkeypa
 
     monkeypatch.setattr(processes, "stop_event_on_signals", sigterm_first_in_a_worker)
     started = time.monotonic()
-    status = processes.run_worker_processes(1, idle)
+    status = processes.run_worker_processes(2, idle)  # one worker would run in this process, not forked
     elapsed_seconds = time.monotonic() - started
 
     assert status == 1  # a worker ended: the group is restarted
     assert elapsed_seconds < STOPPED_WITHIN_SECONDS
+
+
+def test_one_worker_runs_in_this_process_and_ends_the_command_as_a_forked_one_would(restored_signal_handlers):
+    ran_in: list[int] = []
+
+    def finished(stopping: threading.Event) -> bool:
+        ran_in.append(os.getpid())
+        return True  # its work is done (a drained queue is gone)
+
+    def returned_early(stopping: threading.Event) -> bool:
+        return False
+
+    def failed(stopping: threading.Event) -> bool:
+        raise RuntimeError("a worker's bug")
+
+    assert processes.run_worker_processes(1, finished) == 0
+    assert ran_in == [os.getpid()]
+    assert processes.run_worker_processes(1, returned_early) == 1  # to be restarted
+    assert processes.run_worker_processes(1, failed) == 1
+
+
+def test_one_worker_in_this_process_stops_on_a_sigterm(restored_signal_handlers):
+    def idle(stopping: threading.Event) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopping.wait(RESCUE_AFTER_SECONDS)
+
+    started = time.monotonic()
+    assert processes.run_worker_processes(1, idle) == 0
+    assert time.monotonic() - started < STOPPED_WITHIN_SECONDS
