@@ -144,6 +144,8 @@ DRIVERS = {
         "archive cleanup",
         (Option(("-d", "--days"), "registered_balance_changes_scan_days", float, "duration of one pass"),),
     ),
+    # What `run all` runs: the three above in one process.
+    "scanners": Driver("scanners.every", "the three scanners above, in threads of one process"),
     # Not a driver of a node (not in `run all`): one proxy routes the fetch requests of every shard.
     "fetch-proxy": Driver(
         "fetch_proxy", "route fetch API requests to the shard owning each account (APIPROXY_CONFIG_FILE)"

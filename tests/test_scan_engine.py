@@ -16,7 +16,7 @@ import psycopg
 import psycopg.rows
 import pytest
 from broker import CAN_CLOSE_BROKER_CONNECTIONS, close_broker_connection_of
-from drivers import driver_environment, running, wait_for
+from drivers import children, driver_environment, running, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, failing_account_writes, insert_account
 
 from pyswpt import db, topology
@@ -283,6 +283,38 @@ def test_scan_prepared_transfers_sends_reminders(conn, database_url, rabbitmq_ur
         ["run", "scan-prepared-transfers", "--days", "0.00005"], database_url, rabbitmq_url, chores_queue, tmp_path
     ):
         wait_for(lambda: count(conn, "SELECT count(*) FROM prepared_transfer_signal") == 1, "a reminder")
+
+
+def test_run_scanners_runs_the_three_scanners_in_one_process_until_sigterm(
+    conn, database_url, rabbitmq_url, chores_queue, tmp_path
+):
+    now = dt.datetime.now(UTC)
+    insert_account(conn, 1, 2, now=now - 8 * DAY)
+    conn.execute(
+        "INSERT INTO prepared_transfer (debtor_id, sender_creditor_id, transfer_id, coordinator_type,"
+        " coordinator_id, coordinator_request_id, recipient_creditor_id, prepared_at, final_interest_rate_ts,"
+        " demurrage_rate, deadline, locked_amount) VALUES (1, 2, 1, 'direct', 2, 77, 1234, %s, %s, -50, %s, 100)",
+        (now - 8 * DAY, now - 8 * DAY, now + 80 * DAY),
+    )
+    conn.execute("INSERT INTO registered_balance_change VALUES (1, 2, 3, '2000-01-01T00:00:00Z', true)")
+    with scanner_process(
+        ["run", "scanners"],
+        database_url,
+        rabbitmq_url,
+        chores_queue,
+        tmp_path,
+        APP_ACCOUNTS_SCAN_HOURS="0.001",
+        APP_PREPARED_TRANSFERS_SCAN_DAYS="0.00005",
+        APP_REGISTERED_BALANCE_CHANGES_SCAN_DAYS="0.00005",
+        REMOVE_FROM_ARCHIVE_THRESHOLD_DATE="2010-01-01",
+        APP_LOG_LEVEL="info",
+    ) as scanners:
+        wait_for(lambda: count(conn, "SELECT count(*) FROM account_update_signal") == 1, "a heartbeat")
+        wait_for(lambda: count(conn, "SELECT count(*) FROM prepared_transfer_signal") == 1, "a reminder")
+        wait_for(lambda: count(conn, "SELECT count(*) FROM registered_balance_change") == 0, "the cleanup")
+        assert children(scanners.process.pid) == []
+        assert scanners.stop() == 0
+    assert scanners.log().count("Stopped scanning") == 3
 
 
 def test_scan_registered_balance_changes_cleans_the_archive(conn, database_url, rabbitmq_url, chores_queue, tmp_path):

@@ -64,9 +64,8 @@ PROGRAMS = (
     "chores",
     "flusher",
     "workers",
-    "scan-accounts",
-    "scan-prepared-transfers",
-    "scan-registered-balance-changes",
+    # scan-accounts, scan-prepared-transfers and scan-registered-balance-changes, in one process.
+    "scanners",
 )
 STOP_TIMEOUT_SECONDS = 25.0
 # A driver that stayed up this long counts as started: its next failure restarts at once.

@@ -243,6 +243,9 @@ def fetch_client(config: Config) -> FetchClient | None:
 
 
 def run(config: Config) -> int:
+    return engine.run_scanners([scanner_and_pace(config)], config.driver_postgres_url, config.api_wait_seconds)
+
+
+def scanner_and_pace(config: Config) -> tuple[engine.TableScanner, engine.Pace]:
     publisher = ChoresPublisher(config.chores_broker_url, config.chores_broker_queue)
-    scanner = AccountsScanner(config, publisher, fetch_client(config))
-    return engine.run_scanner(scanner, pace(config), config.driver_postgres_url, config.api_wait_seconds)
+    return AccountsScanner(config, publisher, fetch_client(config)), pace(config)

@@ -48,7 +48,7 @@ import psycopg
 from pyswpt import amqp, db, metrics, processes, queries
 from pyswpt.backoff import Backoff
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
-from pyswpt.upgrades import ApiWait
+from pyswpt.upgrades import ApiUnavailable, ApiWait
 
 logger = logging.getLogger(__name__)
 
@@ -233,22 +233,50 @@ class PassRecorder:
 
 def run_scanner(scanner: TableScanner, pace: Pace, postgres_url: str, api_wait_seconds: float) -> int:
     """The body of a `pyswpt run scan-*` process: scan until SIGTERM, SIGINT or SIGHUP."""
-    logger.info(
-        "Starting the %s scanner: one pass every %.0f s, beats of %d ms, %d blocks per query.",
-        scanner.table_name,
-        pace.pass_seconds,
-        pace.beat_milliseconds,
-        pace.blocks_per_query,
-    )
+    return run_scanners([(scanner, pace)], postgres_url, api_wait_seconds)
+
+
+def run_scanners(scanners: list[tuple[TableScanner, Pace]], postgres_url: str, api_wait_seconds: float) -> int:
+    """Run each scanner in a thread of this process until SIGTERM, SIGINT or SIGHUP.
+
+    A scanner whose loop ends with an error stops the others, and the process
+    exits with status 1 for its supervisor to start it again; ApiUnavailable
+    (its SQL API stayed missing) propagates, so the process exits with its status.
+    """
     stopping = processes.stop_event_on_signals()
-    try:
-        scan_until_stopped(
-            scanner, pace, postgres_url, stopping, ApiWait(api_wait_seconds, f"the {scanner.table_name} scanner")
+    failures: list[BaseException] = []
+
+    def scan(scanner: TableScanner, pace: Pace) -> None:
+        logger.info(
+            "Starting the %s scanner: one pass every %.0f s, beats of %d ms, %d blocks per query.",
+            scanner.table_name,
+            pace.pass_seconds,
+            pace.beat_milliseconds,
+            pace.blocks_per_query,
         )
-    finally:
-        scanner.close()
-    logger.info("Stopped scanning %s.", scanner.table_name)
-    return 0
+        api_wait = ApiWait(api_wait_seconds, f"the {scanner.table_name} scanner")
+        try:
+            scan_until_stopped(scanner, pace, postgres_url, stopping, api_wait)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            if not isinstance(error, ApiUnavailable):
+                logger.exception("The %s scanner failed.", scanner.table_name)
+            failures.append(error)
+            stopping.set()
+        finally:
+            scanner.close()
+        logger.info("Stopped scanning %s.", scanner.table_name)
+
+    threads = [
+        threading.Thread(target=scan, args=(scanner, pace), name=f"scan {scanner.table_name}")
+        for scanner, pace in scanners
+    ]
+    for thread in threads:
+        thread.start()
+    processes.join_threads(threads)
+    for failure in failures:
+        if isinstance(failure, ApiUnavailable):
+            raise failure
+    return 1 if failures else 0
 
 
 def scan_until_stopped(
