@@ -35,6 +35,7 @@ Options an operator put in the URL come after these, so they win.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -43,6 +44,10 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
+
+from pyswpt.backoff import Backoff
+
+logger = logging.getLogger(__name__)
 
 # Giving up on a TCP connect or the start-up handshake.
 CONNECT_TIMEOUT_SECONDS = 10
@@ -176,4 +181,57 @@ def wait_for_notification(
             return
         for notify in listener.notifies(timeout=min(remaining, 1.0)):
             if payload is None or notify.payload == payload:
+                return
+
+
+class SharedListener:
+    """One LISTEN connection for the loops of a process, each waiting for NOTIFYs of its own payload.
+
+    PostgreSQL wakes every listening session of a database on every NOTIFY,
+    whatever the channel, so each LISTEN connection costs a server process's
+    wake-up per notifying commit. One reader thread per process listens and
+    sets the event of the payload it read; a lost connection is made again
+    with backoff, and every loop is woken once it is back, since NOTIFYs sent
+    meanwhile were not seen (the loops also poll, so none waits forever).
+    """
+
+    def __init__(self, url: str, channel: str, payloads: list[str], *, application_name: str) -> None:
+        self.url = url
+        self.channel = channel
+        self.application_name = application_name
+        self._events = {payload: threading.Event() for payload in payloads}
+
+    def run_until_stopped(self, stopping: threading.Event) -> None:
+        """The reader thread's body: listen, reconnecting after errors, until `stopping` is set."""
+        backoff = Backoff()
+        while not stopping.is_set():
+            try:
+                with listen(self.url, self.channel, application_name=self.application_name) as listener:
+                    self._wake_all()
+                    while not stopping.is_set():
+                        for notify in listener.notifies(timeout=1.0):
+                            if event := self._events.get(notify.payload):
+                                event.set()
+            except psycopg.Error as error:
+                pause = backoff.next_pause()
+                reason = " ".join(str(error).split()) or type(error).__name__
+                logger.error("Lost the LISTEN connection (%s); listening again in %.0f s.", reason, pause)
+                self._wake_all()
+                stopping.wait(pause)
+
+    def _wake_all(self) -> None:
+        for event in self._events.values():
+            event.set()
+
+    def forget(self, payload: str) -> None:
+        """Called before a loop looks for work: what was notified until now, the loop will see."""
+        self._events[payload].clear()
+
+    def wait(self, payload: str, deadline: float, stopping: threading.Event) -> None:
+        """Return once `payload` was notified since `forget`, at the `time.monotonic()` deadline,
+        or within a second after `stopping` is set."""
+        event = self._events[payload]
+        while not stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or event.wait(min(remaining, 1.0)):
                 return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.parse
 
 import psycopg
@@ -60,3 +62,84 @@ def test_t_infinity_loads_whatever_the_server_time_zone(fresh_database_url):
     with db.connect(fresh_database_url) as conn:
         moment = conn.execute("SELECT '9999-12-31T23:59:59+00:00'::timestamptz").fetchone()[0]
     assert (moment.year, moment.utcoffset().total_seconds()) == (9999, 0)
+
+
+CHANNEL = "pyswpt_test_channel"
+# A wait that must end on a NOTIFY is given this long; one that must not, much less.
+NOTIFIED_WITHIN_SECONDS = 10.0
+NOT_NOTIFIED_SECONDS = 0.3
+
+
+@pytest.fixture
+def shared_listener(fresh_database_url):
+    """A SharedListener of payloads 'a' and 'b', its reader running in a thread, and a connection to notify with."""
+    listener = db.SharedListener(fresh_database_url, CHANNEL, ["a", "b"], application_name="pyswpt test listen")
+    stopping = threading.Event()
+    reader = threading.Thread(target=listener.run_until_stopped, args=(stopping,))
+    reader.start()
+    try:
+        with psycopg.connect(fresh_database_url, autocommit=True) as notifier:
+            wait_until_listening(notifier)
+            # Once listening, the reader wakes every loop (NOTIFYs before it were not seen).
+            for payload in ("a", "b"):
+                assert waited_seconds(listener, payload, NOTIFIED_WITHIN_SECONDS, stopping) < NOTIFIED_WITHIN_SECONDS
+            yield listener, notifier, stopping
+    finally:
+        stopping.set()
+        reader.join(NOTIFIED_WITHIN_SECONDS)
+    assert not reader.is_alive()
+
+
+def wait_until_listening(conn: psycopg.Connection) -> int:
+    """The pid of the session that listens on CHANNEL, once there is one."""
+    deadline = time.monotonic() + NOTIFIED_WITHIN_SECONDS
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pyswpt test listen'"
+            " AND query LIKE 'LISTEN%%' AND state = 'idle'"
+        ).fetchone()
+        if row:
+            return row[0]
+        time.sleep(0.05)
+    raise AssertionError("nothing listens")
+
+
+def waited_seconds(listener: db.SharedListener, payload: str, seconds: float, stopping: threading.Event) -> float:
+    started = time.monotonic()
+    listener.wait(payload, started + seconds, stopping)
+    return time.monotonic() - started
+
+
+def test_a_shared_listener_wakes_the_loop_of_the_notified_payload_only(shared_listener):
+    listener, notifier, stopping = shared_listener
+    listener.forget("a")
+    listener.forget("b")
+
+    notifier.execute(f"NOTIFY {CHANNEL}, 'a'")
+
+    assert waited_seconds(listener, "a", NOTIFIED_WITHIN_SECONDS, stopping) < NOTIFIED_WITHIN_SECONDS
+    assert waited_seconds(listener, "b", NOT_NOTIFIED_SECONDS, stopping) >= NOT_NOTIFIED_SECONDS
+    # A NOTIFY that came before the loop forgot is seen by the loop's next look for work, not by its wait.
+    listener.forget("a")
+    assert waited_seconds(listener, "a", NOT_NOTIFIED_SECONDS, stopping) >= NOT_NOTIFIED_SECONDS
+
+
+def test_a_shared_listener_listens_again_after_losing_its_connection_and_wakes_every_loop(shared_listener):
+    listener, notifier, stopping = shared_listener
+    first = wait_until_listening(notifier)
+    listener.forget("a")
+    listener.forget("b")
+
+    notifier.execute("SELECT pg_terminate_backend(%s)", (first,))
+
+    # NOTIFYs sent while no one listened are lost: every loop is woken to look for work.
+    assert waited_seconds(listener, "a", NOTIFIED_WITHIN_SECONDS + 2, stopping) < NOTIFIED_WITHIN_SECONDS + 2
+    assert waited_seconds(listener, "b", NOTIFIED_WITHIN_SECONDS + 2, stopping) < NOTIFIED_WITHIN_SECONDS + 2
+    deadline = time.monotonic() + NOTIFIED_WITHIN_SECONDS
+    while wait_until_listening(notifier) == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = wait_until_listening(notifier)
+    assert second != first
+    listener.forget("b")
+    notifier.execute(f"NOTIFY {CHANNEL}, 'b'")
+    assert waited_seconds(listener, "b", NOTIFIED_WITHIN_SECONDS, stopping) < NOTIFIED_WITHIN_SECONDS

@@ -4,7 +4,8 @@ Three loops — transfer requests, finalization requests, balance changes —
 each list the accounts that have queued work and run that account's SQL batch
 processor in a pool of threads (one connection per thread). A loop wakes when
 the consumer's transaction NOTIFYs that rows arrived, and polls at least every
-APP_PROCESS_*_WAIT seconds. Within a loop an account is never processed by two
+APP_PROCESS_*_WAIT seconds; the loops share one LISTEN connection
+(db.SharedListener). Within a loop an account is never processed by two
 threads at once; across processes, SKIP LOCKED and the account lock keep the
 work disjoint. Beside the balance-changes loop runs the loop of prompt
 AccountUpdates (account_updates.py).
@@ -136,10 +137,16 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
         ", ".join(f"{stage.name} with threads {stage.threads}" for stage in selected),
     )
     failures: list[BaseException] = []
+    listener = db.SharedListener(
+        config.driver_postgres_url,
+        NOTIFY_CHANNEL,
+        [stage.table for stage in selected],
+        application_name="pyswpt workers listen",
+    )
 
-    def run_stage(stage: Stage) -> None:
+    def run_stage(stage: Stage, listener: db.SharedListener) -> None:
         try:
-            process_until_stopped(config, stage, stopping)
+            process_until_stopped(config, stage, listener, stopping)
         except ApiUnavailable as error:  # logged in one line where the process exits
             failures.append(error)
             stopping.set()
@@ -148,7 +155,8 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
             failures.append(error)
             stopping.set()
 
-    loops = [threading.Thread(target=run_stage, args=(stage,), name=stage.name) for stage in selected]
+    loops = [threading.Thread(target=run_stage, args=(stage, listener), name=stage.name) for stage in selected]
+    loops.append(threading.Thread(target=listener.run_until_stopped, args=(stopping,), name="listener"))
     # Accounts change in the balance-change and finalization stages; the
     # process that applies balance changes also announces them promptly.
     if any(stage.name == "balance_changes" for stage in selected):
@@ -197,7 +205,7 @@ class AccountBackoff:
             return {key for key, (_, due) in self._failures.items() if due > now}
 
 
-def process_until_stopped(config: Config, stage: Stage, stopping: threading.Event) -> None:
+def process_until_stopped(config: Config, stage: Stage, listener: db.SharedListener, stopping: threading.Event) -> None:
     """Serve `stage` until stopped, reconnecting with backoff after any error that escapes a round.
 
     Raises ApiUnavailable when the stage's SQL API stays missing too long.
@@ -207,7 +215,7 @@ def process_until_stopped(config: Config, stage: Stage, stopping: threading.Even
     api_wait = ApiWait(config.api_wait_seconds, f"the {stage.name} stage of the workers")
     while not stopping.is_set():
         try:
-            serve_stage(config, stage, accounts_backoff, api_wait, stopping)
+            serve_stage(config, stage, listener, accounts_backoff, api_wait, stopping)
         except Exception as error:  # noqa: BLE001 - a stage must outlive any error (logged)
             api_wait.failed(error)
             pause = reconnect_backoff.next_pause()
@@ -221,7 +229,12 @@ def process_until_stopped(config: Config, stage: Stage, stopping: threading.Even
 
 
 def serve_stage(
-    config: Config, stage: Stage, backoff: AccountBackoff, api_wait: ApiWait, stopping: threading.Event
+    config: Config,
+    stage: Stage,
+    listener: db.SharedListener,
+    backoff: AccountBackoff,
+    api_wait: ApiWait,
+    stopping: threading.Event,
 ) -> None:
     """Rounds of the stage on fresh connections, until stopped or an infrastructure error."""
     local = threading.local()
@@ -260,20 +273,22 @@ def serve_stage(
         else:
             backoff.succeeded(key)
 
-    listener = db.listen(config.driver_postgres_url, NOTIFY_CHANNEL, application_name=f"pyswpt {stage.name} listen")
+    lister = db.connect(config.driver_postgres_url, application_name=f"pyswpt {stage.name} list")
+    lister.autocommit = True  # its queries are single statements, and it must not sit in a transaction
     try:
         with concurrent.futures.ThreadPoolExecutor(stage.threads, thread_name_prefix=stage.name) as pool:
             while not stopping.is_set():
                 round_started = time.monotonic()
-                keys = list_keys(listener, stage, backoff.waiting(round_started))
+                listener.forget(stage.table)
+                keys = list_keys(lister, stage, backoff.waiting(round_started))
                 process_round(pool, process, keys)
                 metrics.WORKER_ROUNDS.labels(stage.name).inc()
                 metrics.WORKER_ROUND_ACCOUNTS.labels(stage.name).observe(len(keys))
                 api_wait.succeeded()
                 if len(keys) < stage.max_count:
-                    db.wait_for_notification(listener, round_started + stage.wait_seconds, stopping, stage.table)
+                    listener.wait(stage.table, round_started + stage.wait_seconds, stopping)
     finally:
-        listener.close()
+        lister.close()
         for conn in connections:
             conn.close()
 
@@ -289,12 +304,12 @@ def process_round(pool: concurrent.futures.ThreadPoolExecutor, process: Callable
             future.cancel()
 
 
-def list_keys(listener: psycopg.Connection, stage: Stage, waiting: set[Key]) -> list[Key]:
+def list_keys(lister: psycopg.Connection, stage: Stage, waiting: set[Key]) -> list[Key]:
     """Up to max_count accounts with queued work, none of the `waiting` ones.
 
     The list functions return accounts in no particular order: asking for as
     many more as there are waiting accounts keeps those from crowding out the others.
     """
     limit = min(stage.max_count + len(waiting), MAX_SQL_INTEGER)
-    rows = listener.execute(stage.list_query, {"max_count": limit}).fetchall()
+    rows = lister.execute(stage.list_query, {"max_count": limit}).fetchall()
     return [key for key in map(tuple, rows) if key not in waiting][: stage.max_count]
