@@ -167,21 +167,18 @@ def listen(url: str, channel: str, *, application_name: str) -> psycopg.Connecti
     return listener
 
 
-def wait_for_notification(
-    listener: psycopg.Connection,
-    deadline: float,
-    stopping: threading.Event,
-    payload: str | None = None,
-) -> None:
-    """Return on a NOTIFY (with `payload`, if given), at the `time.monotonic()` deadline,
-    or within a second after `stopping` is set."""
-    while not stopping.is_set():
+def wait_for_notifications(listener: psycopg.Connection, deadline: float, stopping: threading.Event) -> set[str]:
+    """The payloads of the NOTIFYs that came until a first one did, the `time.monotonic()`
+    deadline passed, or within a second after `stopping` was set; empty when none came."""
+    payloads: set[str] = set()
+    while not payloads and not stopping.is_set():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return
-        for notify in listener.notifies(timeout=min(remaining, 1.0)):
-            if payload is None or notify.payload == payload:
-                return
+            break
+        payloads.update(notify.payload for notify in listener.notifies(timeout=min(remaining, 1.0), stop_after=1))
+    # And those already received: one round serves them all.
+    payloads.update(notify.payload for notify in listener.notifies(timeout=0))
+    return payloads
 
 
 class SharedListener:

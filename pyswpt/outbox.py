@@ -176,6 +176,12 @@ class OutboxTable:
     key_columns: tuple[str, ...]  # the primary key: names a row in logs, never its contents
     shard_checked: bool = True
 
+    @property
+    def signal_table(self) -> str:
+        """The table in the database, whose inserts NOTIFY with its name (rejected_transfers:
+        rejected_transfer_signal)."""
+        return f"{self.name.removesuffix('s')}_signal"
+
 
 SIGNAL_KEY = ("debtor_id", "creditor_id", "signal_id")
 SENT_SIGNAL_KEY = ("debtor_id", "sender_creditor_id", "signal_id")

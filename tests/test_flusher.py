@@ -162,6 +162,44 @@ def test_running_flusher_wakes_on_notify_before_its_period(conn, database_url, r
     assert sorted(m.fields["other_creditor_id"] for m in messages) == [1, 2, 3]
 
 
+def test_every_outbox_table_notifies_the_flusher_with_its_name(conn):
+    rows = conn.execute(
+        "SELECT tgrelid::regclass::text, encode(tgargs, 'escape') FROM pg_trigger WHERE tgname = 'notify_filled'"
+    ).fetchall()
+    notifying = {table.removeprefix("pyswpt."): args for table, args in rows}
+    assert {table.signal_table: notifying.get(table.signal_table) for table in outbox.TABLES} == {
+        table.signal_table: f"{flusher.NOTIFY_CHANNEL}\\000" for table in outbox.TABLES
+    }
+
+
+def create_account_without_notify(conn: psycopg.Connection, creditor_id: int) -> None:
+    """Its AccountUpdate row as if its NOTIFY was lost: triggers do not fire for a replica session."""
+    conn.execute("SET session_replication_role = replica")
+    create_account(conn, DEBTOR, creditor_id)
+    conn.execute("SET session_replication_role = DEFAULT")
+
+
+def test_a_round_woken_by_notify_flushes_only_the_tables_it_names(conn, database_url, rabbitmq_url, tmp_path):
+    environ = driver_environment(database_url, rabbitmq_url, FLUSH_PERIOD="86400", FLUSH_PROCESSES="1")
+    recipient = 1099511627781
+    with catching_queue(rabbitmq_url, [("accounts_in", sharding.binary_routing_key(DEBTOR, recipient))]) as catcher:
+        with running(["run", "flusher"], environ, tmp_path):
+            wait_for(lambda: "LISTEN" in listening_queries(conn), "the flusher to LISTEN")
+            create_account_without_notify(conn, CREDITOR)
+            emit_balance_changes(conn, 1, recipient)
+            catcher.collect(1)
+            wait_for(lambda: outbox_count(conn, "pending_balance_change_signal") == 0, "the flushed row's commit")
+            assert outbox_count(conn, "account_update_signal") == 1
+
+
+def test_a_full_round_every_flush_period_flushes_what_no_notify_named(conn, database_url, rabbitmq_url, tmp_path):
+    environ = driver_environment(database_url, rabbitmq_url, FLUSH_PERIOD="0.5", FLUSH_PROCESSES="1")
+    with running(["run", "flusher"], environ, tmp_path):
+        wait_for(lambda: "LISTEN" in listening_queries(conn), "the flusher to LISTEN")
+        create_account_without_notify(conn, CREDITOR)
+        wait_for(lambda: outbox_count(conn, "account_update_signal") == 0, "a full round")
+
+
 def test_two_flushers_publish_every_row_once(conn, database_url, rabbitmq_url, tmp_path):
     environ = driver_environment(database_url, rabbitmq_url, FLUSH_PERIOD="0.2", FLUSH_PROCESSES="2")
     recipient = 1099511627781

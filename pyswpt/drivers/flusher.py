@@ -2,8 +2,9 @@
 
 Per table and round: take up to a burst of rows (deleted in an open
 transaction), publish them as one batch with publisher confirms, commit.
-Rounds start when a NOTIFY says rows arrived, and at least every
-FLUSH_PERIOD seconds.
+A round starts when a NOTIFY says rows arrived, and flushes the tables it
+names; at least every FLUSH_PERIOD seconds a round flushes every table and
+retries the parked messages that are due.
 
 One row never holds up the others (issue 8): a row that cannot be read,
 encoded or published (unroutable or nacked), or that belongs to another
@@ -117,16 +118,23 @@ def flush_rounds(
         ):
             # A random first pause keeps flushers started together from polling in
             # lockstep; a NOTIFY still wakes them at once.
-            first_round = time.monotonic() + random.uniform(0, config.flush_period_seconds)
-            db.wait_for_notification(listener, first_round, stopping)
+            next_full_round = time.monotonic() + random.uniform(0, config.flush_period_seconds)
+            notified = db.wait_for_notifications(listener, next_full_round, stopping)
             while not stopping.is_set():
+                # A round woken by NOTIFYs flushes the tables they name; every
+                # FLUSH_PERIOD a full round flushes every table and retries parked
+                # messages, so that nothing waits longer for a NOTIFY that was lost.
                 round_started = time.monotonic()
+                full_round = round_started >= next_full_round
                 for table in tables:
-                    flush_table(conn, publisher, table, config)
-                retry_parked_messages(conn, publisher, tables)
+                    if full_round or table.signal_table in notified:
+                        flush_table(conn, publisher, table, config)
+                if full_round:
+                    retry_parked_messages(conn, publisher, tables)
+                    next_full_round = round_started + config.flush_period_seconds
                 api_wait.succeeded()
                 publisher.keep_alive()
-                db.wait_for_notification(listener, round_started + config.flush_period_seconds, stopping)
+                notified = db.wait_for_notifications(listener, next_full_round, stopping)
     finally:
         publisher.close()
 
