@@ -34,7 +34,6 @@ from pyswpt.transactions import (
     describe_error,
     execute_calls,
     is_infrastructure_error,
-    with_retries,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class WindowApplier:
 
     def apply_together(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
-        rows = with_retries(conn, lambda c: execute_calls(c, calls))
+        rows = execute_calls(conn, calls)
         results: list[Result] = []
         for item, row in zip(items, rows, strict=True):
             if item.call is None:
@@ -164,7 +163,7 @@ class WindowApplier:
             return self.park(conn, item, item.refusal)
         call = item.call
         try:
-            row = with_retries(conn, lambda c: execute_calls(c, [call])[0])
+            row = execute_calls(conn, [call])[0]
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise
@@ -199,7 +198,7 @@ class WindowApplier:
     def park(self, conn: psycopg.Connection, item: Item, refusal: Refusal) -> Result:
         call = self.park_call(item, refusal)
         try:
-            outcome = with_retries(conn, lambda c: execute_calls(c, [call])[0])[0]
+            outcome = execute_calls(conn, [call])[0][0]
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise

@@ -111,10 +111,18 @@ def retrying(attempt: Callable[[], T]) -> T:
 
 
 def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tuple | None]:
-    """Every call in one round trip (pipeline mode); the first row of each result."""
-    with conn.pipeline():
-        cursors = [conn.execute(call.query, call.params) for call in calls]
-    return [cursor.fetchone() for cursor in cursors]
+    """Every call in one transaction, again after a serialization failure or deadlock; the first row of each result.
+
+    In pipeline mode BEGIN, the calls and COMMIT go out together: the whole
+    transaction is one round trip. A call that fails rolls it back.
+    """
+
+    def in_one_round_trip() -> list[tuple | None]:
+        with conn.pipeline(), conn.transaction():
+            cursors = [conn.execute(call.query, call.params) for call in calls]
+        return [cursor.fetchone() for cursor in cursors]
+
+    return retrying(in_one_round_trip)
 
 
 def is_infrastructure_error(error: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""Running statements with retries: a transaction around an action, or one statement alone in autocommit."""
+"""Running statements with retries: a transaction around an action or a list of calls, or one statement alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from pyswpt import db
-from pyswpt.transactions import SqlCall, execute_with_retries, with_retries
+from pyswpt.transactions import SqlCall, execute_calls, execute_with_retries, with_retries
 
 # Fails with a serialization failure on its first call in the session, then
 # returns how many times it was called: a sequence keeps counting across rollbacks.
@@ -61,3 +61,22 @@ def test_an_action_is_run_again_in_a_new_transaction_after_a_serialization_failu
         conn.execute(FAIL_ONCE)
         conn.commit()
         assert with_retries(conn, lambda c: c.execute("SELECT pg_temp.fail_once()").fetchone()) == (2,)
+
+
+def test_calls_run_in_one_transaction_that_a_failing_call_rolls_back(database_url, conn):
+    conn.execute("CREATE TABLE public.applied (value integer)")
+    conn.commit()
+    insert = SqlCall("INSERT INTO public.applied VALUES (%(value)s) RETURNING value", {"value": 1})
+    with db.connect(database_url) as caller:
+        assert execute_calls(caller, [insert, SqlCall("SELECT 2", ())]) == [(1,), (2,)]
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            execute_calls(caller, [insert, SqlCall("SELECT 1 / 0", ()), insert])
+        assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert execute_calls(caller, [SqlCall("SELECT count(*) FROM public.applied", ())]) == [(1,)]
+
+
+def test_calls_are_run_again_after_a_serialization_failure(database_url):
+    with db.connect(database_url) as caller:
+        caller.execute(FAIL_ONCE)
+        caller.commit()
+        assert execute_calls(caller, [SqlCall("SELECT pg_temp.fail_once()", ())]) == [(2,)]
