@@ -17,7 +17,7 @@ After a warm-up, a measuring window gives:
   (benchmarks/cpu.py): each driver of `run all` with the workers it forked,
   all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
   this load generator, and the rest of the machine; the node's total RSS;
-* commits per transfer (pg_stat_database), and with --sql-profile the SQL
+* commits and rollbacks per transfer (pg_stat_database), and with --sql-profile the SQL
   functions by self time per transfer (track_functions = all on the database).
 
 The same run measures the machine's ceilings: the cores, the load average,
@@ -150,6 +150,7 @@ class Measured:
     rss_mib: float  # the node's (or stand-in's) processes, largest sum sampled
     pss_mib: float
     commits: int = 0
+    rollbacks: int = 0  # transactions rolled back: serialization failures retried, refused calls
     functions: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by self time
     statements: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by total time
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -356,8 +357,10 @@ def measure(generator: LoadGenerator, sampler: cpu.Sampler, scenario: Scenario, 
 # --- PostgreSQL statistics -------------------------------------------------------------------
 
 
-def commits(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+def transaction_counts(conn: psycopg.Connection) -> tuple[int, int]:
+    """Transactions committed and rolled back in the node's database so far."""
+    query = "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+    return conn.execute(query).fetchone()
 
 
 def function_stats(conn: psycopg.Connection) -> dict[str, tuple[int, float, float]]:
@@ -495,9 +498,11 @@ def measure_on_node(
     options: Options,
     funding: list[chaos.Request],
 ) -> Measured:
-    commits_before, functions_before, statements_before = commits(stats), function_stats(stats), statement_stats(stats)
+    (commits_before, rollbacks_before), functions_before = transaction_counts(stats), function_stats(stats)
+    statements_before = statement_stats(stats)
     measured = measure(generator, sampler, scenario, options)
-    measured.commits = commits(stats) - commits_before
+    commits_after, rollbacks_after = transaction_counts(stats)
+    measured.commits, measured.rollbacks = commits_after - commits_before, rollbacks_after - rollbacks_before
     if options.sql_profile:
         measured.functions = function_deltas(functions_before, function_stats(stats), measured.transfers)
         measured.statements = statement_deltas(statements_before, statement_stats(stats), measured.transfers)
@@ -610,7 +615,7 @@ def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
     lines = [
         "| settings | placement | C | idle accounts | transfers/s | ÷ stand-in | prepare p50/p95/p99 ms"
         " | finalize p50/p95 ms | AccountTransfer p50/p95 ms | server+PG CPU ms/transfer | ÷ budget"
-        " | RSS MiB (PSS) | commits/transfer | load avg | checks |",
+        " | RSS MiB (PSS) | commits (rollbacks)/transfer | load avg | checks |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
@@ -628,6 +633,7 @@ def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
             f" | {cell('account transfer', (50, 95))} | {m.server_and_postgres_ms:.2f}"
             f" | {ratio(m.server_and_postgres_ms, ceilings.node_budget_ms(s.concurrency))}"
             f" | {m.rss_mib:.0f} ({m.pss_mib:.0f}) | {m.commits / max(m.transfers, 1):.1f}"
+            f" ({m.rollbacks / max(m.transfers, 1):.2f})"
             f" | {m.load_average[0]:.1f} | {'ok' if m.ok else 'FAILED'} |"
         )
     return lines

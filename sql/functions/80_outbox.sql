@@ -5,139 +5,165 @@
 -- after the broker confirmed every message; if publishing fails it rolls back
 -- and the rows are there again. SKIP LOCKED lets several flushers share a table.
 -- One function per table because each returns its table's own row type.
+-- PL/pgSQL rather than SQL: the statement's plan is cached for the session,
+-- where a SQL function with SET search_path is planned again at every call.
 
 -- Up to p_max_count rejected_transfer_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_rejected_transfer_signals(p_max_count integer)
 RETURNS SETOF rejected_transfer_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM rejected_transfer_signal
-    WHERE (debtor_id, sender_creditor_id, signal_id) IN (
-        SELECT debtor_id, sender_creditor_id, signal_id
-        FROM rejected_transfer_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM rejected_transfer_signal
+        WHERE (debtor_id, sender_creditor_id, signal_id) IN (
+            SELECT debtor_id, sender_creditor_id, signal_id
+            FROM rejected_transfer_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;
 
 -- Up to p_max_count prepared_transfer_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_prepared_transfer_signals(p_max_count integer)
 RETURNS SETOF prepared_transfer_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM prepared_transfer_signal
-    WHERE (debtor_id, sender_creditor_id, signal_id) IN (
-        SELECT debtor_id, sender_creditor_id, signal_id
-        FROM prepared_transfer_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM prepared_transfer_signal
+        WHERE (debtor_id, sender_creditor_id, signal_id) IN (
+            SELECT debtor_id, sender_creditor_id, signal_id
+            FROM prepared_transfer_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;
 
 -- Up to p_max_count finalized_transfer_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_finalized_transfer_signals(p_max_count integer)
 RETURNS SETOF finalized_transfer_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM finalized_transfer_signal
-    WHERE (debtor_id, sender_creditor_id, transfer_id) IN (
-        SELECT debtor_id, sender_creditor_id, transfer_id
-        FROM finalized_transfer_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM finalized_transfer_signal
+        WHERE (debtor_id, sender_creditor_id, transfer_id) IN (
+            SELECT debtor_id, sender_creditor_id, transfer_id
+            FROM finalized_transfer_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;
 
 -- Up to p_max_count account_transfer_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_account_transfer_signals(p_max_count integer)
 RETURNS SETOF account_transfer_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM account_transfer_signal
-    WHERE (debtor_id, creditor_id, creation_date, transfer_number) IN (
-        SELECT debtor_id, creditor_id, creation_date, transfer_number
-        FROM account_transfer_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM account_transfer_signal
+        WHERE (debtor_id, creditor_id, creation_date, transfer_number) IN (
+            SELECT debtor_id, creditor_id, creation_date, transfer_number
+            FROM account_transfer_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;
 
 -- Up to p_max_count account_update_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_account_update_signals(p_max_count integer)
 RETURNS SETOF account_update_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM account_update_signal
-    WHERE (debtor_id, creditor_id, signal_id) IN (
-        SELECT debtor_id, creditor_id, signal_id
-        FROM account_update_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM account_update_signal
+        WHERE (debtor_id, creditor_id, signal_id) IN (
+            SELECT debtor_id, creditor_id, signal_id
+            FROM account_update_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;
 
 -- Up to p_max_count account_purge_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_account_purge_signals(p_max_count integer)
 RETURNS SETOF account_purge_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM account_purge_signal
-    WHERE (debtor_id, creditor_id, creation_date) IN (
-        SELECT debtor_id, creditor_id, creation_date
-        FROM account_purge_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM account_purge_signal
+        WHERE (debtor_id, creditor_id, creation_date) IN (
+            SELECT debtor_id, creditor_id, creation_date
+            FROM account_purge_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;
 
 -- Up to p_max_count rejected_config_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_rejected_config_signals(p_max_count integer)
 RETURNS SETOF rejected_config_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM rejected_config_signal
-    WHERE (debtor_id, creditor_id, signal_id) IN (
-        SELECT debtor_id, creditor_id, signal_id
-        FROM rejected_config_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM rejected_config_signal
+        WHERE (debtor_id, creditor_id, signal_id) IN (
+            SELECT debtor_id, creditor_id, signal_id
+            FROM rejected_config_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;
 
 -- Up to p_max_count pending_balance_change_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_pending_balance_change_signals(p_max_count integer)
 RETURNS SETOF pending_balance_change_signal
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    DELETE FROM pending_balance_change_signal
-    WHERE (debtor_id, other_creditor_id, change_id) IN (
-        SELECT debtor_id, other_creditor_id, change_id
-        FROM pending_balance_change_signal
-        LIMIT p_max_count
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING *
+BEGIN
+    RETURN QUERY
+        DELETE FROM pending_balance_change_signal
+        WHERE (debtor_id, other_creditor_id, change_id) IN (
+            SELECT debtor_id, other_creditor_id, change_id
+            FROM pending_balance_change_signal
+            LIMIT p_max_count
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING *;
+END;
 $$;

@@ -173,19 +173,22 @@ CREATE FUNCTION pyswpt_api.take_due_parked_retries(
     p_now timestamptz DEFAULT now()
 )
 RETURNS SETOF parked_message
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
-    SELECT *
-    FROM parked_message
-    WHERE next_retry_at <= p_now
-        AND source_kind = 'outbox'
-        AND source_name = ANY (p_source_names)
-        AND body IS NOT NULL
-    ORDER BY next_retry_at
-    LIMIT p_max_count
-    FOR UPDATE SKIP LOCKED
+BEGIN
+    RETURN QUERY
+        SELECT *
+        FROM parked_message
+        WHERE next_retry_at <= p_now
+            AND source_kind = 'outbox'
+            AND source_name = ANY (p_source_names)
+            AND body IS NOT NULL
+        ORDER BY next_retry_at
+        LIMIT p_max_count
+        FOR UPDATE SKIP LOCKED;
+END;
 $$;
 
 -- A retry failed again: try later, twice as long after each failure, at most p_max_pause_seconds.
