@@ -580,6 +580,9 @@ class Ceilings:
     load_average_at_start: tuple[float, float, float]
     stand_in: list[Measured]
     pgbench_tps: dict[int, float]
+    # Server settings that change the figures: without autovacuum the queue and outbox
+    # tables keep their dead rows, and every scenario on a node runs slower than the last.
+    server_settings: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def stand_in_at(self, concurrency: int) -> Measured | None:
         return next((m for m in self.stand_in if m.scenario.concurrency == concurrency), None)
@@ -674,6 +677,8 @@ def ceilings_table(ceilings: Ceilings) -> list[str]:
         lines.append(f"| node CPU budget per transfer at the stand-in's rate, C={c} | {budget:.2f} ms |")
     for clients, tps in ceilings.pgbench_tps.items():
         lines.append(f"| pgbench TPC-B, {clients} clients | {tps:.0f} transactions/s |")
+    settings = ", ".join(f"{name} = {value!r}" for name, value in ceilings.server_settings.items())
+    lines.append(f"| PostgreSQL settings | {settings} |")
     return lines
 
 
@@ -821,6 +826,7 @@ def as_json(results: list[Measured], ceilings: Ceilings) -> dict:
         "cores": ceilings.cores,
         "load_average_at_start": ceilings.load_average_at_start,
         "pgbench_tps": ceilings.pgbench_tps,
+        "server_settings": ceilings.server_settings,
         "stand_in": [one(m) for m in ceilings.stand_in],
         "node_budget_ms": {
             m.scenario.concurrency: ceilings.node_budget_ms(m.scenario.concurrency) for m in ceilings.stand_in
@@ -831,6 +837,14 @@ def as_json(results: list[Measured], ceilings: Ceilings) -> dict:
 
 # --- the run ---------------------------------------------------------------------------------
 
+SERVER_SETTINGS = ("autovacuum", "synchronous_commit", "fsync", "shared_buffers", "shared_preload_libraries")
+
+
+def server_settings(postgres_url: str) -> dict[str, str]:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(SERVER_SETTINGS),))
+        return dict(rows.fetchall())
+
 
 def run(options: Options, postgres_url: str, rabbitmq_url: str, log_dir: Path) -> tuple[list[Measured], Ceilings]:
     ceilings = Ceilings(
@@ -838,6 +852,7 @@ def run(options: Options, postgres_url: str, rabbitmq_url: str, log_dir: Path) -
         load_average_at_start=os.getloadavg(),
         stand_in=run_stand_in(options, rabbitmq_url) if options.stand_in else [],
         pgbench_tps=run_pgbench(postgres_url) if options.pgbench else {},
+        server_settings=server_settings(postgres_url),
     )
     results = [
         m for profile in options.profiles for m in run_profile(profile, options, postgres_url, rabbitmq_url, log_dir)
