@@ -18,7 +18,7 @@ def load(**environ: str) -> config.Config:
     return config.load(environ, now=NOW)
 
 
-def test_defaults_are_the_reference_defaults_but_the_prefetch_windows():
+def test_defaults_are_the_reference_defaults_but_the_smp_prefetch_window():
     settings = load()
     assert settings.webserver_port == 8080
     assert settings.webserver_processes == 1
@@ -26,9 +26,9 @@ def test_defaults_are_the_reference_defaults_but_the_prefetch_windows():
     assert settings.protocol_broker_queue == "swpt_accounts"
     assert settings.protocol_broker_queue_routing_key == "#"
     assert settings.chores_broker_queue == "swpt_accounts_chores"
-    # Larger windows than the reference's 1, on purpose (config.DEFAULT_PROTOCOL_PREFETCH_COUNT).
+    # A larger window than the reference's 1, on purpose (config.DEFAULT_PROTOCOL_PREFETCH_COUNT).
     assert settings.protocol_broker_prefetch_count == 50
-    assert settings.chores_broker_prefetch_count == 10
+    assert settings.chores_broker_prefetch_count == 1
     assert settings.flush_period_seconds == 2.0
     assert settings.flush_burst_counts["account_updates"] == 5000
     assert settings.commit_period_seconds == 7776000
