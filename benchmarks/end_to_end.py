@@ -387,17 +387,19 @@ def statement_stats(conn: psycopg.Connection) -> dict[tuple[bool, str], tuple[in
 
 def statement_deltas(before: dict, after: dict, transfers: int) -> list[dict]:
     """Per transfer: calls and total milliseconds of each statement, by total time."""
-    per = max(transfers, 1)
-    rows = [
-        {
-            "statement": " ".join(query.split()),
-            "toplevel": toplevel,
-            "calls": (calls - before.get((toplevel, query), (0, 0.0))[0]) / per,
-            "total_ms": (total - before.get((toplevel, query), (0, 0.0))[1]) / per,
-        }
-        for (toplevel, query), (calls, total) in after.items()
-        if calls > before.get((toplevel, query), (0, 0.0))[0]
-    ]
+    rows = []
+    for (toplevel, query), (calls, total) in after.items():
+        calls0, total0 = before.get((toplevel, query), (0, 0.0))
+        if calls > calls0:
+            per = max(transfers, 1)
+            rows.append(
+                {
+                    "statement": " ".join(query.split()),
+                    "toplevel": toplevel,
+                    "calls": (calls - calls0) / per,
+                    "total_ms": (total - total0) / per,
+                }
+            )
     return sorted(rows, key=lambda row: -row["total_ms"])
 
 

@@ -211,6 +211,8 @@ class SharedListener:
                                 event.set()
             except psycopg.Error as error:
                 pause = backoff.next_pause()
+                # Not transactions.describe_error: that module loads prometheus_client, which
+                # pyswpt.cli must not import before the metrics directory is set.
                 reason = " ".join(str(error).split()) or type(error).__name__
                 logger.error("Lost the LISTEN connection (%s); listening again in %.0f s.", reason, pause)
                 self._wake_all()

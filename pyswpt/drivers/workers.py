@@ -144,7 +144,7 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
         application_name="pyswpt workers listen",
     )
 
-    def run_stage(stage: Stage, listener: db.SharedListener) -> None:
+    def run_stage(stage: Stage) -> None:
         try:
             process_until_stopped(config, stage, listener, stopping)
         except ApiUnavailable as error:  # logged in one line where the process exits
@@ -155,7 +155,7 @@ def run(config: Config, stage_names: list[str] | None = None) -> int:
             failures.append(error)
             stopping.set()
 
-    loops = [threading.Thread(target=run_stage, args=(stage, listener), name=stage.name) for stage in selected]
+    loops = [threading.Thread(target=run_stage, args=(stage,), name=stage.name) for stage in selected]
     loops.append(threading.Thread(target=listener.run_until_stopped, args=(stopping,), name="listener"))
     # Accounts change in the balance-change and finalization stages; the
     # process that applies balance changes also announces them promptly.

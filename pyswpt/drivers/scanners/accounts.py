@@ -243,7 +243,7 @@ def fetch_client(config: Config) -> FetchClient | None:
 
 
 def run(config: Config) -> int:
-    return engine.run_scanners([scanner_and_pace(config)], config.driver_postgres_url, config.api_wait_seconds)
+    return engine.run_scanners(config, [scanner_and_pace(config)])
 
 
 def scanner_and_pace(config: Config) -> tuple[engine.TableScanner, engine.Pace]:

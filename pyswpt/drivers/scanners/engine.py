@@ -47,6 +47,7 @@ import psycopg
 
 from pyswpt import amqp, db, metrics, processes, queries
 from pyswpt.backoff import Backoff
+from pyswpt.config import Config
 from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
 from pyswpt.upgrades import ApiUnavailable, ApiWait
 
@@ -231,13 +232,9 @@ class PassRecorder:
         self.recorded_at = time.monotonic()
 
 
-def run_scanner(scanner: TableScanner, pace: Pace, postgres_url: str, api_wait_seconds: float) -> int:
-    """The body of a `pyswpt run scan-*` process: scan until SIGTERM, SIGINT or SIGHUP."""
-    return run_scanners([(scanner, pace)], postgres_url, api_wait_seconds)
-
-
-def run_scanners(scanners: list[tuple[TableScanner, Pace]], postgres_url: str, api_wait_seconds: float) -> int:
-    """Run each scanner in a thread of this process until SIGTERM, SIGINT or SIGHUP.
+def run_scanners(config: Config, scanners: list[tuple[TableScanner, Pace]]) -> int:
+    """The body of `pyswpt run scan-*` and `run scanners`: each scanner in a thread
+    of this process, until SIGTERM, SIGINT or SIGHUP.
 
     A scanner whose loop ends with an error stops the others, and the process
     exits with status 1 for its supervisor to start it again; ApiUnavailable
@@ -254,9 +251,9 @@ def run_scanners(scanners: list[tuple[TableScanner, Pace]], postgres_url: str, a
             pace.beat_milliseconds,
             pace.blocks_per_query,
         )
-        api_wait = ApiWait(api_wait_seconds, f"the {scanner.table_name} scanner")
+        api_wait = ApiWait(config.api_wait_seconds, f"the {scanner.table_name} scanner")
         try:
-            scan_until_stopped(scanner, pace, postgres_url, stopping, api_wait)
+            scan_until_stopped(scanner, pace, config.driver_postgres_url, stopping, api_wait)
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             if not isinstance(error, ApiUnavailable):
                 logger.exception("The %s scanner failed.", scanner.table_name)

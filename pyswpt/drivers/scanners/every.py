@@ -14,5 +14,4 @@ from pyswpt.drivers.scanners import accounts, engine, prepared_transfers, regist
 
 def run(config: Config) -> int:
     modules = (accounts, prepared_transfers, registered_balance_changes)
-    scanners = [module.scanner_and_pace(config) for module in modules]
-    return engine.run_scanners(scanners, config.driver_postgres_url, config.api_wait_seconds)
+    return engine.run_scanners(config, [module.scanner_and_pace(config) for module in modules])
