@@ -7,10 +7,10 @@
 -- SQL function with SET search_path is never inlined: it is parsed and
 -- planned again in every transaction that calls it, which made these the
 -- costliest functions of a transfer (benchmarks/end_to_end.py --sql-profile).
--- They are
--- not STRICT where their body holds a CASE, greatest() or least(): PostgreSQL
--- inlines a STRICT function only when every construct in its body is strict.
--- Their NULL results are the same either way: a NULL argument gives NULL.
+-- They are not STRICT where their body holds a CASE, greatest() or least():
+-- PostgreSQL inlines a STRICT function only when every construct in its body
+-- is strict. A NULL argument still gives NULL, through the CASE, or through
+-- an explicit test where greatest() and least() would skip it.
 
 -- contain(x) of spec 02 §3.6: clamps an exact amount into bigint, never MIN_INT64.
 CREATE FUNCTION pyswpt_private.contain_principal(p_value numeric)
@@ -53,7 +53,8 @@ RETURN extract(EPOCH FROM (p_end - p_start))::double precision;
 
 -- The balance current_balance (spec 02 §3.3) grows from: principal plus interest,
 -- each clamped to ±4.999e23, at the 8 decimals of numeric(32,8), so that the
--- growth below cannot overflow it.
+-- growth below cannot overflow it. For calc_current_balance only, which tests
+-- for NULLs first: greatest() and least() skip a NULL argument.
 CREATE FUNCTION pyswpt_private.calc_clamped_balance(p_principal bigint, p_interest double precision)
 RETURNS numeric
 LANGUAGE sql
@@ -78,6 +79,8 @@ RETURNS numeric
 LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 RETURN CASE
+    WHEN num_nulls(p_creditor_id, p_principal, p_interest, p_interest_rate, p_last_change_ts, p_now) > 0
+        THEN NULL
     WHEN p_creditor_id = 0
         THEN p_principal::numeric
     WHEN calc_clamped_balance(p_principal, p_interest) > 0

@@ -171,3 +171,11 @@ def test_example_7_first_transfer_id_of_an_account_created_on_2024_05_20(conn):
     days = value(conn, "SELECT days_since_epoch(DATE '2024-05-20')")
     assert days == 19863
     assert days << 40 == 21839599462514688
+
+
+@pytest.mark.parametrize("missing", range(6))
+def test_current_balance_of_a_missing_value_is_null(conn, missing):
+    # As when calc_current_balance was STRICT: greatest() and least() in its body skip NULLs.
+    args: list = [CREDITOR_ID, 1000, 5.0, 10.0, NOW - YEAR, NOW]
+    args[missing] = None
+    assert value(conn, "SELECT calc_current_balance(%s, %s, %s, %s::real, %s, %s)", tuple(args)) is None
