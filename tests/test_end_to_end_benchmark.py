@@ -43,7 +43,8 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
         assert m.transfers > 0
         assert m.latencies_ms["prepare"] and m.latencies_ms["account transfer"]
         assert {"pyswpt consumer", "pyswpt workers", "pyswpt flusher", end_to_end.POSTGRES} <= set(m.cpu_seconds)
-        assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.rss_mib > 0
+        assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.total_rss_mib > 0
+        assert m.rss_mib["pyswpt workers"] > 0 and m.pss_mib["pyswpt workers"] > 0
         assert m.commits > 0 and m.functions
     checks = {check for m in results for check, *_rest in m.checks}
     assert {"sum of the debtor's principals", "parked messages in all", "pyswpt audit exit status"} <= checks
@@ -53,4 +54,5 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
     assert stand_in.ok and stand_in.transfers > 0 and stand_in.cpu_seconds[end_to_end.STAND_IN] > 0
     assert ceilings.node_budget_ms(5) is not None
     assert "| defaults | hot | 5 | 100 |" in text
+    assert "## Memory MiB, RSS (PSS), by process" in text
     json.dumps(end_to_end.as_json(results, ceilings), default=str)
