@@ -306,9 +306,10 @@ def command_run(config: settings.Config, args: argparse.Namespace) -> int:
     names = {driver.names_keyword: args.names or None} if driver.names_keyword else {}
     with metrics_of(args.driver, config):
         # Imported only now: the driver's modules import prometheus_client (see metrics_of),
-        # and so does pyswpt.upgrades, through pyswpt.transactions.
-        from pyswpt import upgrades
+        # and so do pyswpt.upgrades, through pyswpt.transactions, and pyswpt.processes.
+        from pyswpt import processes, upgrades
 
+        processes.die_with_supervisor()
         module = importlib.import_module(f"pyswpt.drivers.{driver.module}")
         switches = {switch.keyword: getattr(args, switch.keyword) for switch in driver.switches}
         try:

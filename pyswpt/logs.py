@@ -25,6 +25,7 @@ CONTEXT_FIELDS = (
     # The ready and stop lines of `pyswpt run all`.
     "drivers",
     "fetch_api_port",
+    "metrics_port",
     "routing_key",
     "shard_realm",
     "stop_reason",

@@ -304,6 +304,11 @@ def own_registry() -> CollectorRegistry:
     return registry
 
 
+def node_endpoint_port(metrics_port: int | None) -> int:
+    """Where a node serves its metrics: METRICS_PORT, or DEFAULT_METRICS_PORT when it is unset."""
+    return metrics_port if metrics_port is not None else DEFAULT_METRICS_PORT
+
+
 def serve(port: int, registry: CollectorRegistry) -> WSGIServer:
     """Serve `registry` at /metrics (any path, in fact) on `port`, from a daemon thread."""
     server, _thread = start_http_server(port, addr=LISTEN_HOST, registry=registry)

@@ -26,6 +26,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PARENT_DEATH_SIGNAL = signal.SIGTERM
 # prctl(2) option: the signal sent to this process when the thread that created it ends.
 PR_SET_PDEATHSIG = 1
+# The pid of `run all`'s supervisor, in the environment of each driver it starts (die_with_supervisor).
+SUPERVISOR_PID_VARIABLE = "PYSWPT_SUPERVISOR_PID"
 # Exit status of a child that found its parent already gone before it could start.
 ORPHANED_AT_START_STATUS = 1
 # Exit status of a worker whose target returned True: its work is finished (a drained queue is gone).
@@ -81,11 +83,12 @@ _prctl = _load_prctl()
 def die_with_parent(parent_pid: int) -> None:
     """Have PARENT_DEATH_SIGNAL sent to this process when `parent_pid`, its parent, dies.
 
-    Called in a child right after fork, on Linux (elsewhere a child outlives a
-    killed parent). The kernel sends the signal when the parent's thread that
-    forked the child ends, so children are started from the main thread. A
-    parent that died before the signal was armed sends nothing: the child then
-    finds another parent and exits at once, having done nothing yet.
+    Called in a child right after fork or, for a program the parent started,
+    first thing after exec (die_with_supervisor), on Linux (elsewhere a child
+    outlives a killed parent). The kernel sends the signal when the parent's
+    thread that forked the child ends, so children are started from the main
+    thread. A parent that died before the signal was armed sends nothing: the
+    child then finds another parent and exits at once, having done nothing yet.
     """
     if _prctl is None:
         return
@@ -94,6 +97,20 @@ def die_with_parent(parent_pid: int) -> None:
         raise OSError(error, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(error)}")
     if os.getppid() != parent_pid:
         os._exit(ORPHANED_AT_START_STATUS)
+
+
+def die_with_supervisor() -> None:
+    """Under `run all`, tie this driver's life to the supervisor that started it.
+
+    The supervisor names itself in SUPERVISOR_PID_VARIABLE rather than arming the
+    signal between fork and exec (preexec_fn), which is unsafe in a process
+    with threads, and the supervisor has some (its metrics endpoint). The
+    variable is removed at once, so that what this driver starts in turn does
+    not take the supervisor for its own parent.
+    """
+    parent_pid = os.environ.pop(SUPERVISOR_PID_VARIABLE, None)
+    if parent_pid is not None:
+        die_with_parent(int(parent_pid))
 
 
 def _worker_main(parent_pid: int, target: Callable[..., None], args: tuple) -> None:

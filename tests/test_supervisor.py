@@ -6,9 +6,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 
+import httpx
 import pytest
 
 # tests/test_full_stack.py imports free_port, healthy, is_alive and started_pids from here.
@@ -24,9 +26,10 @@ from drivers import (  # noqa: F401
 )
 
 from pyswpt import config as settings
-from pyswpt import logs
+from pyswpt import logs, metrics
 from pyswpt.drivers import supervisor
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
+from pyswpt.processes import ORPHANED_AT_START_STATUS, SUPERVISOR_PID_VARIABLE
 
 # Nine Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
 STARTED_WITHIN_SECONDS = 30.0
@@ -49,6 +52,45 @@ def test_all_starts_every_driver_and_restarts_a_killed_one(node_environment, tmp
         assert f"web (pid {web_pid}) exited with status -9 (killed by SIGKILL)" in node.log()
         wait_for(lambda: healthy(port), "the restarted fetch API")
         node.assert_alive()
+
+
+def test_all_serves_the_metrics_itself_and_waits_for_its_port_while_the_drivers_run(node_environment, tmp_path):
+    _port, environ = node_environment
+    metrics_port = int(environ["METRICS_PORT"])
+    with socket.socket() as squatter:
+        squatter.bind((metrics.LISTEN_HOST, metrics_port))
+        squatter.listen()
+        with running(["run", "all"], environ, tmp_path) as node:
+            wait_for(
+                lambda: set(started_pids(node.log())) == set(PROGRAMS), "every driver to start", STARTED_WITHIN_SECONDS
+            )
+            wait_for(lambda: f"cannot listen on port {metrics_port}" in node.log(), "the endpoint's failure")
+            assert "Node ready:" not in node.log()
+
+            squatter.close()
+
+            wait_for(lambda: "Node ready:" in node.log(), "the ready line once the port is free", NODE_START_SECONDS)
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            assert "pyswpt_database_metrics_up 1.0" in text
+            # No process of its own: the supervisor serves the drivers' metrics, and the drivers never stopped.
+            assert "metrics" not in started_pids(node.log())
+            assert all(len(pids) == 1 for pids in started_pids(node.log()).values())
+            node.assert_alive()
+
+
+def test_a_driver_whose_supervisor_is_gone_before_it_starts_exits_at_once(node_environment):
+    """The driver arms its parent-death signal itself, then finds another parent than the supervisor named."""
+    _port, environ = node_environment
+    # As under `run all`, where a driver serves no metrics endpoint of its own.
+    environ = {name: value for name, value in environ.items() if name != "METRICS_PORT"}
+    orphan = subprocess.run(
+        [*pyswpt_command(), "run", "web"],
+        env={**environ, SUPERVISOR_PID_VARIABLE: "1"},
+        capture_output=True,
+        timeout=NODE_START_SECONDS,
+    )
+    assert orphan.returncode == ORPHANED_AT_START_STATUS
+    assert orphan.stdout + orphan.stderr == b""
 
 
 def test_all_stops_every_driver_on_sigterm_within_the_bound(node_environment, tmp_path):
@@ -89,7 +131,7 @@ def test_all_prints_its_ready_and_stop_lines_on_stdout_at_log_level_warning(node
     [ready] = [line for line in lines if "Node ready:" in line]
     assert ready.endswith(
         f":INFO:pyswpt.node:Node ready: {len(PROGRAMS)} drivers running ({', '.join(PROGRAMS)}); "
-        f"fetch API on port {port}; "
+        f"fetch API on port {port}; metrics on port {environ['METRICS_PORT']}; "
         f"consuming queue {environ['PROTOCOL_BROKER_QUEUE']} with routing key #; "
         "shard realm 0x00000000/0x00000000 (realm/mask of the hash space)."
     )
@@ -114,7 +156,7 @@ def test_the_ready_line_in_json_keeps_the_reference_keys_and_adds_fields(capsys,
     logs.configure_logging(config)
     supervisor.show_node_lines()
 
-    supervisor.announce_ready(config, [supervisor.Child(program) for program in PROGRAMS])
+    supervisor.announce_ready(config, [supervisor.Child(program) for program in PROGRAMS], 9464)
 
     entry = json.loads(capsys.readouterr().out)
     assert (entry["levelname"], entry["name"]) == ("INFO", "pyswpt.node")
@@ -122,4 +164,5 @@ def test_the_ready_line_in_json_keeps_the_reference_keys_and_adds_fields(capsys,
     assert entry["asctime"][10] == "T"
     assert entry["drivers"] == list(PROGRAMS)
     assert (entry["fetch_api_port"], entry["queue"], entry["routing_key"]) == (8080, "swpt_accounts", "1.#")
+    assert entry["metrics_port"] == 9464
     assert entry["shard_realm"] == "0x80000000/0x80000000"

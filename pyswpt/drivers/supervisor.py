@@ -9,8 +9,11 @@ the ones still running after STOP_TIMEOUT_SECONDS.
 
 The drivers write their metrics to the node's PROMETHEUS_MULTIPROC_DIR,
 prepared by `pyswpt run` before this module is imported (pyswpt.cli.metrics_of),
-and the `metrics` program serves them on METRICS_PORT: this process stays
-single-threaded, as preexec_fn requires. It counts restarts there too.
+and the supervisor serves them on METRICS_PORT from threads of its own
+(MetricsEndpoint), with the restarts it counts: the same endpoint as `pyswpt
+run metrics`, without one more interpreter and its libraries (about 45 MiB
+resident) to keep. Threads are why no driver is prepared between fork and
+exec (preexec_fn): each arms its parent-death signal itself.
 
 A driver that gave up waiting for its SQL API (pyswpt.upgrades) is not
 restarted: the database belongs to a release this node cannot work with, and
@@ -20,7 +23,7 @@ status, so that the container shows the failure and its log ends with the
 driver's line saying what to do.
 
 Nothing of the tree outlives it. Each driver dies with the supervisor
-(processes.die_with_parent), and its worker processes die with the driver.
+(processes.die_with_supervisor), and its worker processes die with the driver.
 Each driver also leads a process group of its own, which its workers inherit
 and keep even once orphaned: the supervisor waits for a dead driver's group
 to empty before starting it again, so that old workers never run beside their
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import signal
@@ -46,20 +48,20 @@ import socket
 import subprocess
 import sys
 import time
+from wsgiref.simple_server import WSGIServer
 
 from pyswpt import metrics
 from pyswpt.config import Config
-from pyswpt.processes import StopRequest, die_with_parent, stop_event_on_signals
+from pyswpt.processes import SUPERVISOR_PID_VARIABLE, StopRequest, stop_event_on_signals
 from pyswpt.upgrades import EXIT_API_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 # The ready and stop lines, shown at any log level (see show_node_lines).
 node_logger = logging.getLogger("pyswpt.node")
 
-# The long-running programs of one node (spec 01 §8.2), and the node's metrics endpoint.
+# The long-running programs of one node (spec 01 §8.2); the supervisor serves the metrics itself.
 PROGRAMS = (
     "web",
-    "metrics",
     "consumer",
     "chores",
     "flusher",
@@ -95,8 +97,7 @@ class Child:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pyswpt.cli", "run", self.program],
             process_group=0,
-            # Nothing but the main thread runs here, so preexec_fn is safe.
-            preexec_fn=functools.partial(die_with_parent, os.getpid()),
+            env={**os.environ, SUPERVISOR_PID_VARIABLE: str(os.getpid())},
         )
         self.group = self.process.pid
         self.started_at = time.monotonic()
@@ -121,7 +122,7 @@ class Child:
                 self.process = None
                 return status
             self.quick_failures = 0 if ran_seconds >= STARTED_AFTER_SECONDS else self.quick_failures + 1
-            pause = RESTART_BACKOFF_SECONDS[min(self.quick_failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+            pause = backoff_seconds(self.quick_failures)
             logger.error(
                 "%s (pid %d) exited with status %s after %.1f s; restarting in %.0f s.",
                 self.program,
@@ -153,6 +154,47 @@ class Child:
             os.killpg(self.group, signal.SIGKILL)
 
 
+@dataclasses.dataclass
+class MetricsEndpoint:
+    """The node's metrics endpoint (pyswpt.metrics.node_registry), served from threads of the supervisor.
+
+    A port it cannot listen on is tried again after a pause that grows, as a
+    driver that keeps failing is restarted, while the drivers run on. A scrape
+    runs in a thread of its own and never fails (the database's figures are
+    left out when it cannot be read), so nothing of it reaches the main thread.
+    """
+
+    port: int
+    postgres_url: str
+    server: WSGIServer | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def check(self, now: float) -> None:
+        if self.server is not None or now < self.retry_at:
+            return
+        try:
+            self.server = metrics.serve(self.port, metrics.node_registry(self.postgres_url))
+        except OSError as error:
+            self.failures += 1
+            pause = backoff_seconds(self.failures)
+            logger.error(
+                "The metrics endpoint cannot listen on port %d (%s); trying again in %.0f s.", self.port, error, pause
+            )
+            self.retry_at = now + pause
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def backoff_seconds(failures: int) -> float:
+    """The pause before the next start after `failures` quick failures in a row."""
+    return RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+
+
 def group_is_running(group: int | None) -> bool:
     """Whether a process group still has members (zombies not yet reaped count too)."""
     if group is None:
@@ -175,13 +217,15 @@ def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     show_node_lines()
     logger.info("Starting the node's drivers: %s.", ", ".join(programs))
     children = [Child(program) for program in programs]
+    endpoint = MetricsEndpoint(metrics.node_endpoint_port(config.metrics_port), config.driver_postgres_url)
     try:
-        exit_status = supervise(config, children, stopping)
+        exit_status = supervise(config, children, endpoint, stopping)
     except Exception as error:
         # The drivers get their parent-death signal as this process exits.
         announce_stop(f"the supervisor failed: {type(error).__name__}: {error}", "the drivers stop with it")
         raise
     killed = stop_all(children)
+    endpoint.stop()
     stopped = f"{len(children)} drivers stopped" + (f", {', '.join(killed)} killed after a timeout" if killed else "")
     if exit_status == EXIT_API_UNAVAILABLE:
         announce_stop("a driver gave up waiting for its SQL API (its line above says why)", stopped)
@@ -195,17 +239,19 @@ def show_node_lines() -> None:
     node_logger.setLevel(min(node_logger.getEffectiveLevel(), logging.INFO))
 
 
-def supervise(config: Config, children: list[Child], stopping: StopRequest) -> int:
-    """Keep every driver running until a stop signal (0) or a driver that gave up waiting for its
-    SQL API (EXIT_API_UNAVAILABLE: restarting it cannot help); say once when the node is ready."""
+def supervise(config: Config, children: list[Child], endpoint: MetricsEndpoint, stopping: StopRequest) -> int:
+    """Keep every driver and the metrics endpoint running until a stop signal (0) or a driver that gave
+    up waiting for its SQL API (EXIT_API_UNAVAILABLE: restarting it cannot help); say once when the
+    node is ready."""
     announced = False
     while not stopping.is_set():
         now = time.monotonic()
         for child in children:
             if child.check(now) == EXIT_API_UNAVAILABLE:
                 return EXIT_API_UNAVAILABLE
-        if not announced and is_ready(config, children):
-            announce_ready(config, children)
+        endpoint.check(now)
+        if not announced and endpoint.server is not None and is_ready(config, children):
+            announce_ready(config, children, endpoint.port)
             announced = True
         stopping.wait(POLL_SECONDS)
     return 0
@@ -226,23 +272,25 @@ def accepts_connections(port: int) -> bool:
         return False
 
 
-def announce_ready(config: Config, children: list[Child]) -> None:
+def announce_ready(config: Config, children: list[Child], metrics_port: int) -> None:
     programs = [child.program for child in children]
     port = config.webserver_port if "web" in programs else None
     realm = config.realm
     shard_realm = f"{realm.realm:#010x}/{realm.mask:#010x}"
     node_logger.info(
-        "Node ready: %d drivers running (%s); fetch API on port %s; consuming queue %s with routing key %s; "
-        "shard realm %s (realm/mask of the hash space).",
+        "Node ready: %d drivers running (%s); fetch API on port %s; metrics on port %d; consuming queue %s"
+        " with routing key %s; shard realm %s (realm/mask of the hash space).",
         len(programs),
         ", ".join(programs),
         port if port is not None else "- (not run)",
+        metrics_port,
         config.protocol_broker_queue,
         config.protocol_broker_queue_routing_key,
         shard_realm,
         extra={
             "drivers": programs,
             "fetch_api_port": port,
+            "metrics_port": metrics_port,
             "queue": config.protocol_broker_queue,
             "routing_key": config.protocol_broker_queue_routing_key,
             "shard_realm": shard_realm,
