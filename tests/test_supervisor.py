@@ -65,11 +65,13 @@ def test_all_serves_the_metrics_itself_and_waits_for_its_port_while_the_drivers_
                 lambda: set(started_pids(node.log())) == set(PROGRAMS), "every driver to start", STARTED_WITHIN_SECONDS
             )
             wait_for(lambda: f"cannot listen on port {metrics_port}" in node.log(), "the endpoint's failure")
-            assert "Node ready:" not in node.log()
+            # The ledger does not wait for its metrics.
+            wait_for(lambda: "Node ready:" in node.log(), "the ready line", NODE_START_SECONDS)
+            assert f"; metrics not served yet (port {metrics_port} is taken; trying again); " in node.log()
 
             squatter.close()
 
-            wait_for(lambda: "Node ready:" in node.log(), "the ready line once the port is free", NODE_START_SECONDS)
+            wait_for(lambda: f"listens on port {metrics_port} now" in node.log(), "the endpoint", NODE_START_SECONDS)
             text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
             assert "pyswpt_database_metrics_up 1.0" in text
             # No process of its own: the supervisor serves the drivers' metrics, and the drivers never stopped.
@@ -156,7 +158,12 @@ def test_the_ready_line_in_json_keeps_the_reference_keys_and_adds_fields(capsys,
     logs.configure_logging(config)
     supervisor.show_node_lines()
 
-    supervisor.announce_ready(config, [supervisor.Child(program) for program in PROGRAMS], 9464)
+    endpoint = supervisor.MetricsEndpoint(free_port(), postgres_url="")
+    endpoint.check(time.monotonic())
+    try:
+        supervisor.announce_ready(config, [supervisor.Child(program) for program in PROGRAMS], endpoint)
+    finally:
+        endpoint.stop()
 
     entry = json.loads(capsys.readouterr().out)
     assert (entry["levelname"], entry["name"]) == ("INFO", "pyswpt.node")
@@ -164,5 +171,5 @@ def test_the_ready_line_in_json_keeps_the_reference_keys_and_adds_fields(capsys,
     assert entry["asctime"][10] == "T"
     assert entry["drivers"] == list(PROGRAMS)
     assert (entry["fetch_api_port"], entry["queue"], entry["routing_key"]) == (8080, "swpt_accounts", "1.#")
-    assert entry["metrics_port"] == 9464
+    assert entry["metrics_port"] == endpoint.port
     assert entry["shard_realm"] == "0x80000000/0x80000000"

@@ -159,7 +159,8 @@ class MetricsEndpoint:
     """The node's metrics endpoint (pyswpt.metrics.node_registry), served from threads of the supervisor.
 
     A port it cannot listen on is tried again after a pause that grows, as a
-    driver that keeps failing is restarted, while the drivers run on. A scrape
+    driver that keeps failing is restarted, while the drivers run on and the
+    node is ready without it: a ledger does not wait for its metrics. A scrape
     runs in a thread of its own and never fails (the database's figures are
     left out when it cannot be read), so nothing of it reaches the main thread.
     """
@@ -175,6 +176,10 @@ class MetricsEndpoint:
             return
         try:
             self.server = metrics.serve(self.port, metrics.node_registry(self.postgres_url))
+            if self.failures:
+                logger.warning(
+                    "The metrics endpoint listens on port %d now, after %d failed tries.", self.port, self.failures
+                )
         except OSError as error:
             self.failures += 1
             pause = backoff_seconds(self.failures)
@@ -250,8 +255,8 @@ def supervise(config: Config, children: list[Child], endpoint: MetricsEndpoint, 
             if child.check(now) == EXIT_API_UNAVAILABLE:
                 return EXIT_API_UNAVAILABLE
         endpoint.check(now)
-        if not announced and endpoint.server is not None and is_ready(config, children):
-            announce_ready(config, children, endpoint.port)
+        if not announced and is_ready(config, children):
+            announce_ready(config, children, endpoint)
             announced = True
         stopping.wait(POLL_SECONDS)
     return 0
@@ -272,18 +277,22 @@ def accepts_connections(port: int) -> bool:
         return False
 
 
-def announce_ready(config: Config, children: list[Child], metrics_port: int) -> None:
+def announce_ready(config: Config, children: list[Child], endpoint: MetricsEndpoint) -> None:
     programs = [child.program for child in children]
     port = config.webserver_port if "web" in programs else None
+    # The ledger does not wait for its metrics: a taken port is said here, and tried again meanwhile.
+    metrics_port = endpoint.port if endpoint.server is not None else None
     realm = config.realm
     shard_realm = f"{realm.realm:#010x}/{realm.mask:#010x}"
     node_logger.info(
-        "Node ready: %d drivers running (%s); fetch API on port %s; metrics on port %d; consuming queue %s"
+        "Node ready: %d drivers running (%s); fetch API on port %s; %s; consuming queue %s"
         " with routing key %s; shard realm %s (realm/mask of the hash space).",
         len(programs),
         ", ".join(programs),
         port if port is not None else "- (not run)",
-        metrics_port,
+        f"metrics on port {metrics_port}"
+        if metrics_port is not None
+        else f"metrics not served yet (port {endpoint.port} is taken; trying again)",
         config.protocol_broker_queue,
         config.protocol_broker_queue_routing_key,
         shard_realm,
