@@ -53,7 +53,7 @@ def outbox_count(conn: psycopg.Connection, table: str) -> int:
 
 def flush(database_url, publisher, table_name: str, cfg: config.Config) -> int:
     with db.connect(database_url) as flush_conn:
-        return flusher.flush_table(flush_conn, publisher, outbox.TABLES_BY_NAME[table_name], cfg)
+        return flusher.flush_tables(flush_conn, publisher, [outbox.TABLES_BY_NAME[table_name]], cfg)
 
 
 def test_account_update_goes_to_the_creditor_with_exact_properties(conn, database_url, rabbitmq_url, publisher):
@@ -148,6 +148,55 @@ def test_parent_shard_row_is_dropped_when_cleanup_is_on(conn, database_url, rabb
     )
     assert flush(database_url, publisher, "account_updates", cfg) == 1
     assert outbox_count(conn, "account_update_signal") == 0
+
+
+class CountingPublisher(amqp.BatchPublisher):
+    """The real publisher, counting its batches: each is one wait for the broker's confirms."""
+
+    batches = 0
+
+    def publish_each(self, messages):
+        self.batches += 1
+        return super().publish_each(messages)
+
+
+def test_a_round_publishes_every_table_in_one_batch_in_table_order(conn, database_url, rabbitmq_url):
+    recipient = 1099511627781
+    create_account(conn, DEBTOR, recipient)
+    emit_balance_changes(conn, 2, recipient)
+    cfg = settings(database_url, rabbitmq_url)
+    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+    bindings = [("to_creditors", sharding.hex_routing_key(recipient))]
+    bindings.append(("accounts_in", sharding.binary_routing_key(DEBTOR, recipient)))
+    publisher = CountingPublisher(rabbitmq_url)
+    try:
+        with catching_queue(rabbitmq_url, bindings) as catcher, db.connect(database_url) as flush_conn:
+            assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == 3
+            messages = catcher.collect(3)
+    finally:
+        publisher.close()
+
+    assert publisher.batches == 1
+    assert [m.properties.type for m in messages] == ["AccountUpdate", "PendingBalanceChange", "PendingBalanceChange"]
+    assert outbox_count(conn, "account_update_signal") == outbox_count(conn, "pending_balance_change_signal") == 0
+
+
+def test_a_full_burst_is_followed_by_another_of_its_table_only(conn, database_url, rabbitmq_url):
+    recipient = 1099511627781
+    create_account(conn, DEBTOR, recipient)
+    emit_balance_changes(conn, 3, recipient)
+    cfg = settings(database_url, rabbitmq_url, APP_FLUSH_PENDING_BALANCE_CHANGES_BURST_COUNT="2")
+    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+    publisher = CountingPublisher(rabbitmq_url)
+    try:
+        with db.connect(database_url) as flush_conn:
+            assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == 4
+    finally:
+        publisher.close()
+
+    # Both tables, then the rest of the full one.
+    assert publisher.batches == 2
+    assert outbox_count(conn, "pending_balance_change_signal") == 0
 
 
 def test_running_flusher_wakes_on_notify_before_its_period(conn, database_url, rabbitmq_url, tmp_path):

@@ -1,7 +1,10 @@
 """The outbox flusher (`pyswpt run flusher`): publishes outbox rows to RabbitMQ.
 
-Per table and round: take up to a burst of rows (deleted in an open
-transaction), publish them as one batch with publisher confirms, commit.
+Per round: take up to a burst of rows of each table to flush (deleted in one
+open transaction), publish them all as one batch with publisher confirms,
+commit; again for the tables whose burst was full. One transaction and one
+wait for confirms serve every table of the round: a transfer fills three to
+five tables, and a wait per table cost a commit and a broker round trip each.
 A round starts when a NOTIFY says rows arrived, and flushes the tables it
 names; at least every FLUSH_PERIOD seconds a round flushes every table and
 retries the parked messages that are due.
@@ -126,9 +129,7 @@ def flush_rounds(
                 # messages, so that nothing waits longer for a NOTIFY that was lost.
                 round_started = time.monotonic()
                 full_round = round_started >= next_full_round
-                for table in tables:
-                    if full_round or table.signal_table in notified:
-                        flush_table(conn, publisher, table, config)
+                flush_tables(conn, publisher, [t for t in tables if full_round or t.signal_table in notified], config)
                 if full_round:
                     retry_parked_messages(conn, publisher, tables)
                     next_full_round = round_started + config.flush_period_seconds
@@ -162,45 +163,66 @@ class SetAside:
     row_key: str
 
 
-def flush_table(
-    conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, config: Config
+@dataclasses.dataclass
+class Burst:
+    """The rows of one table taken in a burst, and what became of them."""
+
+    table: outbox.OutboxTable
+    rows: list[TakenRow]
+    set_aside: list[SetAside] = dataclasses.field(default_factory=list)
+    outgoing: list[tuple[TakenRow, amqp.OutgoingMessage]] = dataclasses.field(default_factory=list)
+    published: list[TakenRow] = dataclasses.field(default_factory=list)
+
+
+def flush_tables(
+    conn: psycopg.Connection, publisher: amqp.BatchPublisher, tables: Sequence[outbox.OutboxTable], config: Config
 ) -> int:
-    """Publish the table's rows in bursts until it is empty; return how many rows left the outbox.
+    """Publish the tables' rows in bursts until each is empty; return how many rows left the outbox.
 
     A row leaves the outbox when the broker confirmed it, when it is parked, or
     when it belongs to a parent shard and is to be dropped.
     """
-    burst = config.flush_burst_counts[table.name]
-    taken_count = 0
-    parked_count = 0
-    while True:
+    taken_counts = dict.fromkeys((table.name for table in tables), 0)
+    parked_counts = dict.fromkeys((table.name for table in tables), 0)
+    pending = list(tables)
+    while pending:
         # At REPEATABLE READ two flushers racing for a row fail with 40001 in
-        # take_rows, before anything is published: the burst is taken again.
-        rows, set_aside, published = with_retries(conn, lambda c: publish_burst(c, publisher, table, burst, config))
-        for item in set_aside:
-            log_parked(item)
-        count_burst(table, set_aside, published)
-        taken_count += len(rows)
-        parked_count += len(set_aside)
-        if len(rows) < burst:
-            if taken_count:
-                logger.info("Flushed %d %s (%d of them parked).", taken_count, table.name, parked_count)
-            return taken_count
+        # take_rows, before anything is published: the bursts are taken again.
+        bursts = with_retries(conn, lambda c, tables=pending: publish_bursts(c, publisher, tables, config))
+        pending = []
+        for burst in bursts:
+            name = burst.table.name
+            for item in burst.set_aside:
+                log_parked(item)
+            count_burst(burst.table, burst.set_aside, burst.published)
+            taken_counts[name] += len(burst.rows)
+            parked_counts[name] += len(burst.set_aside)
+            if len(burst.rows) == config.flush_burst_counts[name]:
+                pending.append(burst.table)
+            elif taken_counts[name]:
+                logger.info("Flushed %d %s (%d of them parked).", taken_counts[name], name, parked_counts[name])
+    return sum(taken_counts.values())
 
 
-def publish_burst(
-    conn: psycopg.Connection, publisher: amqp.BatchPublisher, table: outbox.OutboxTable, max_count: int, config: Config
-) -> tuple[list[TakenRow], list[SetAside], list[TakenRow]]:
-    """Take up to `max_count` rows in the caller's transaction, publish them and park what cannot go.
+def publish_bursts(
+    conn: psycopg.Connection, publisher: amqp.BatchPublisher, tables: Sequence[outbox.OutboxTable], config: Config
+) -> list[Burst]:
+    """Take a burst of each table in the caller's transaction, publish them together and park what cannot go.
 
-    The transaction's commit deletes the rows taken. Returns the rows taken,
-    those set aside (parked) and those the broker confirmed.
+    The transaction's commit deletes the rows taken. Every row is taken before
+    anything is published, so that a serialization failure comes first. The
+    messages go out in the order of `tables`, each table's in the order taken.
     """
-    rows = take_rows(conn, table, max_count)
-    set_aside, published = publish_rows(publisher, rows, table, config)
-    for item in set_aside:
-        parking.park(conn, item.parcel)
-    return rows, set_aside, published
+    bursts = [Burst(table, take_rows(conn, table, config.flush_burst_counts[table.name])) for table in tables]
+    for burst in bursts:
+        sort_rows(burst, config)
+    outcomes = iter(publisher.publish_each([message for burst in bursts for _row, message in burst.outgoing]))
+    retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
+    for burst in bursts:
+        settle_outcomes(burst, [next(outcomes) for _ in burst.outgoing], retry_at)
+        for item in burst.set_aside:
+            parking.park(conn, item.parcel)
+    return bursts
 
 
 def count_burst(table: outbox.OutboxTable, set_aside: list[SetAside], published: list[TakenRow]) -> None:
@@ -215,15 +237,12 @@ def count_burst(table: outbox.OutboxTable, set_aside: list[SetAside], published:
     )
 
 
-def publish_rows(
-    publisher: amqp.BatchPublisher, rows: list[TakenRow], table: outbox.OutboxTable, config: Config
-) -> tuple[list[SetAside], list[TakenRow]]:
-    """Publish what can be published; return the rows to park, with their reasons, and the rows published."""
-    set_aside: list[SetAside] = []
-    outgoing: list[tuple[TakenRow, amqp.OutgoingMessage]] = []
-    for row in rows:
+def sort_rows(burst: Burst, config: Config) -> None:
+    """The burst's messages to publish, and the rows to park with their reasons; a parent shard's rows go."""
+    table = burst.table
+    for row in burst.rows:
         if row.values is None:
-            set_aside.append(set_aside_row(row, table, UNREADABLE, f"cannot be read: {row.load_error}"))
+            burst.set_aside.append(set_aside_row(row, table, UNREADABLE, f"cannot be read: {row.load_error}"))
             continue
         owner = owner_of(row.values, table, config)
         if owner == "parent":
@@ -232,23 +251,23 @@ def publish_rows(
             message = message_of(row.values, table, config)
         except ROW_ERRORS as error:
             reason = f"cannot be encoded: {type(error).__name__}: {error}"
-            set_aside.append(set_aside_row(row, table, UNENCODABLE, reason))
+            burst.set_aside.append(set_aside_row(row, table, UNENCODABLE, reason))
             continue
         if owner == "foreign":
             reason = "the shard is not responsible for this account"
-            set_aside.append(set_aside_row(row, table, FOREIGN_SHARD, reason, message))
+            burst.set_aside.append(set_aside_row(row, table, FOREIGN_SHARD, reason, message))
             continue
-        outgoing.append((row, message))
-    outcomes = publisher.publish_each([message for _row, message in outgoing])
-    retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
-    published: list[TakenRow] = []
-    for (row, message), outcome in zip(outgoing, outcomes, strict=True):
+        burst.outgoing.append((row, message))
+
+
+def settle_outcomes(burst: Burst, outcomes: list[amqp.Outcome], retry_at: dt.datetime) -> None:
+    """The confirmed rows are published; the returned and nacked ones are parked, to be retried at `retry_at`."""
+    for (row, message), outcome in zip(burst.outgoing, outcomes, strict=True):
         if outcome is amqp.Outcome.CONFIRMED:
-            published.append(row)
+            burst.published.append(row)
         else:
             reason_code, reason = REASON_CODE_OF_OUTCOME[outcome], REASON_OF_OUTCOME[outcome]
-            set_aside.append(set_aside_row(row, table, reason_code, reason, message, retry_at))
-    return set_aside, published
+            burst.set_aside.append(set_aside_row(row, burst.table, reason_code, reason, message, retry_at))
 
 
 def owner_of(row: dict, table: outbox.OutboxTable, config: Config) -> str:
