@@ -148,7 +148,7 @@ class Measured:
     transfers: int
     latencies_ms: dict[str, dict[int, float]]  # kind -> percentile -> ms
     cpu_seconds: dict[str, float]  # process group -> CPU seconds in the window
-    rss_mib: dict[str, float]  # the node's (or stand-in's) process groups, largest sum sampled
+    rss_mib: dict[str, float]  # the node's (or stand-in's) process groups, each its largest sum sampled
     pss_mib: dict[str, float]  # at the end of the window
     commits: int = 0
     rollbacks: int = 0  # transactions rolled back: serialization failures retried, refused calls

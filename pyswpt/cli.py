@@ -323,8 +323,8 @@ def command_run(config: settings.Config, args: argparse.Namespace) -> int:
 def metrics_of(driver: str, config: settings.Config) -> Iterator[None]:
     """Where the command's metrics go while it runs, and the endpoint it serves itself, if any.
 
-    `run all` gets a fresh directory for the whole node, which its `metrics`
-    driver serves on METRICS_PORT. A driver run alone serves its own endpoint
+    `run all` gets a fresh directory for the whole node, which its supervisor
+    serves on METRICS_PORT. A driver run alone serves its own endpoint
     only when METRICS_PORT is set, unless PROMETHEUS_MULTIPROC_DIR is set
     already: then it writes there, beside other processes (under `run all`,
     or sharing a volume), and whoever serves that directory serves it.

@@ -96,6 +96,8 @@ def die_with_parent(parent_pid: int) -> None:
         error = ctypes.get_errno()
         raise OSError(error, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(error)}")
     if os.getppid() != parent_pid:
+        # Nothing is set up yet, logging included: one plain line says why the process ends.
+        os.write(2, f"The parent process (pid {parent_pid}) is gone; exiting before anything started.\n".encode())
         os._exit(ORPHANED_AT_START_STATUS)
 
 

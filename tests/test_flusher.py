@@ -181,12 +181,26 @@ def test_a_round_publishes_every_table_in_one_batch_in_table_order(conn, databas
     assert outbox_count(conn, "account_update_signal") == outbox_count(conn, "pending_balance_change_signal") == 0
 
 
-def test_a_full_burst_is_followed_by_another_of_its_table_only(conn, database_url, rabbitmq_url):
+def recorded_takes(monkeypatch) -> list[str]:
+    """The tables take_rows is called with, in order (it still takes the rows)."""
+    taken: list[str] = []
+    take_rows = flusher.take_rows
+
+    def recording(conn, table, max_count):
+        taken.append(table.name)
+        return take_rows(conn, table, max_count)
+
+    monkeypatch.setattr(flusher, "take_rows", recording)
+    return taken
+
+
+def test_a_full_burst_is_followed_by_another_of_its_table_only(conn, database_url, rabbitmq_url, monkeypatch):
     recipient = 1099511627781
     create_account(conn, DEBTOR, recipient)
     emit_balance_changes(conn, 3, recipient)
     cfg = settings(database_url, rabbitmq_url, APP_FLUSH_PENDING_BALANCE_CHANGES_BURST_COUNT="2")
     tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+    taken = recorded_takes(monkeypatch)
     publisher = CountingPublisher(rabbitmq_url)
     try:
         with db.connect(database_url) as flush_conn:
@@ -194,9 +208,34 @@ def test_a_full_burst_is_followed_by_another_of_its_table_only(conn, database_ur
     finally:
         publisher.close()
 
-    # Both tables, then the rest of the full one.
+    assert taken == ["account_updates", "pending_balance_changes", "pending_balance_changes"]
     assert publisher.batches == 2
     assert outbox_count(conn, "pending_balance_change_signal") == 0
+
+
+def test_tables_past_the_rows_of_one_transaction_wait_for_the_next_in_order(
+    conn, database_url, rabbitmq_url, monkeypatch
+):
+    recipient = 1099511627781
+    create_account(conn, DEBTOR, recipient)
+    emit_balance_changes(conn, 1, recipient)
+    cfg = settings(database_url, rabbitmq_url, APP_FLUSH_ACCOUNT_UPDATES_BURST_COUNT="1")
+    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+    monkeypatch.setattr(flusher, "MAX_ROWS_PER_TRANSACTION", 1)
+    taken = recorded_takes(monkeypatch)
+    bindings = [("to_creditors", sharding.hex_routing_key(recipient))]
+    bindings.append(("accounts_in", sharding.binary_routing_key(DEBTOR, recipient)))
+    publisher = CountingPublisher(rabbitmq_url)
+    try:
+        with catching_queue(rabbitmq_url, bindings) as catcher, db.connect(database_url) as flush_conn:
+            assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == 2
+            messages = catcher.collect(2)
+    finally:
+        publisher.close()
+
+    # The full account_updates burst is taken again before the table that was not reached.
+    assert taken == ["account_updates", "account_updates", "pending_balance_changes"]
+    assert [m.properties.type for m in messages] == ["AccountUpdate", "PendingBalanceChange"]
 
 
 def test_running_flusher_wakes_on_notify_before_its_period(conn, database_url, rabbitmq_url, tmp_path):

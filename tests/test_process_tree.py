@@ -34,7 +34,7 @@ from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 WORKER_PROCESSES = 2
 # A process whose parent died stops as on SIGTERM; that takes well under this.
 GONE_WITHIN_SECONDS = STOP_TIMEOUT_SECONDS
-# Nine Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
+# Seven Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
 STARTED_WITHIN_SECONDS = 30.0
 # The drivers of `run all` that can fork worker processes. With one process
 # each (the default) they run their worker themselves; the tests of a whole

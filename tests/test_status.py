@@ -24,7 +24,7 @@ OUTBOX_TABLES = {
     "pending_balance_change_signal",
 }
 STAGES = {"transfer_request", "finalization_request", "pending_balance_change"}
-# A node on this small shared machine takes a while to start its eight drivers.
+# A node on this small shared machine takes a while to start its six drivers.
 NODE_START_SECONDS = 90.0
 
 

@@ -1,10 +1,11 @@
 """The outbox flusher (`pyswpt run flusher`): publishes outbox rows to RabbitMQ.
 
 Per round: take up to a burst of rows of each table to flush (deleted in one
-open transaction), publish them all as one batch with publisher confirms,
-commit; again for the tables whose burst was full. One transaction and one
-wait for confirms serve every table of the round: a transfer fills three to
-five tables, and a wait per table cost a commit and a broker round trip each.
+open transaction, until MAX_ROWS_PER_TRANSACTION rows are taken), publish
+them all as one batch with publisher confirms, commit; again for the tables
+whose burst was full or that were not reached. One transaction and one wait
+for confirms serve the tables of a round: a transfer fills three to five
+tables, and a wait per table cost a commit and a broker round trip each.
 A round starts when a NOTIFY says rows arrived, and flushes the tables it
 names; at least every FLUSH_PERIOD seconds a round flushes every table and
 retries the parked messages that are due.
@@ -56,6 +57,9 @@ FIRST_RETRY_PAUSE_SECONDS = 1.0
 MAX_RETRY_PAUSE_SECONDS = 3600.0
 # Parked messages republished per round, so that retries never crowd out the outbox.
 MAX_RETRIES_PER_ROUND = 100
+# Once this many rows are taken in a transaction, the round's other tables wait for the next
+# one: a failure replays what one transaction took, so this bounds it (to this plus one burst).
+MAX_ROWS_PER_TRANSACTION = 5000
 
 UNREADABLE = "unreadable"
 UNENCODABLE = "unencodable"
@@ -189,6 +193,7 @@ def flush_tables(
         # At REPEATABLE READ two flushers racing for a row fail with 40001 in
         # take_rows, before anything is published: the bursts are taken again.
         bursts = with_retries(conn, lambda c, tables=pending: publish_bursts(c, publisher, tables, config))
+        unreached = pending[len(bursts) :]
         pending = []
         for burst in bursts:
             name = burst.table.name
@@ -201,25 +206,35 @@ def flush_tables(
                 pending.append(burst.table)
             elif taken_counts[name]:
                 logger.info("Flushed %d %s (%d of them parked).", taken_counts[name], name, parked_counts[name])
+        # A full table's next burst still goes before the tables not reached: the order of `tables` holds.
+        pending += unreached
     return sum(taken_counts.values())
 
 
 def publish_bursts(
     conn: psycopg.Connection, publisher: amqp.BatchPublisher, tables: Sequence[outbox.OutboxTable], config: Config
 ) -> list[Burst]:
-    """Take a burst of each table in the caller's transaction, publish them together and park what cannot go.
+    """Take a burst of the first `tables` in the caller's transaction, publish them together and park
+    what cannot go; return the bursts, one for each table reached (MAX_ROWS_PER_TRANSACTION).
 
     The transaction's commit deletes the rows taken. Every row is taken before
     anything is published, so that a serialization failure comes first. The
     messages go out in the order of `tables`, each table's in the order taken.
     """
-    bursts = [Burst(table, take_rows(conn, table, config.flush_burst_counts[table.name])) for table in tables]
+    bursts: list[Burst] = []
+    for table in tables:
+        if sum(len(burst.rows) for burst in bursts) >= MAX_ROWS_PER_TRANSACTION:
+            break
+        bursts.append(Burst(table, take_rows(conn, table, config.flush_burst_counts[table.name])))
     for burst in bursts:
         sort_rows(burst, config)
-    outcomes = iter(publisher.publish_each([message for burst in bursts for _row, message in burst.outgoing]))
+    outcomes = publisher.publish_each([message for burst in bursts for _row, message in burst.outgoing])
     retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
+    start = 0
     for burst in bursts:
-        settle_outcomes(burst, [next(outcomes) for _ in burst.outgoing], retry_at)
+        end = start + len(burst.outgoing)
+        settle_outcomes(burst, outcomes[start:end], retry_at)
+        start = end
         for item in burst.set_aside:
             parking.park(conn, item.parcel)
     return bursts

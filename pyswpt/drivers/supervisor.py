@@ -170,6 +170,7 @@ class MetricsEndpoint:
     server: WSGIServer | None = None
     failures: int = 0
     retry_at: float = 0.0
+    last_error: OSError | None = None
 
     def check(self, now: float) -> None:
         if self.server is not None or now < self.retry_at:
@@ -181,6 +182,7 @@ class MetricsEndpoint:
                     "The metrics endpoint listens on port %d now, after %d failed tries.", self.port, self.failures
                 )
         except OSError as error:
+            self.last_error = error
             self.failures += 1
             pause = backoff_seconds(self.failures)
             logger.error(
@@ -292,7 +294,7 @@ def announce_ready(config: Config, children: list[Child], endpoint: MetricsEndpo
         port if port is not None else "- (not run)",
         f"metrics on port {metrics_port}"
         if metrics_port is not None
-        else f"metrics not served yet (port {endpoint.port} is taken; trying again)",
+        else f"metrics not served yet (port {endpoint.port}: {endpoint.last_error}; trying again)",
         config.protocol_broker_queue,
         config.protocol_broker_queue_routing_key,
         shard_realm,
