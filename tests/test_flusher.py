@@ -160,25 +160,32 @@ class CountingPublisher(amqp.BatchPublisher):
         return super().publish_each(messages)
 
 
-def test_a_round_publishes_every_table_in_one_batch_in_table_order(conn, database_url, rabbitmq_url):
-    recipient = 1099511627781
-    create_account(conn, DEBTOR, recipient)
-    emit_balance_changes(conn, 2, recipient)
-    cfg = settings(database_url, rabbitmq_url)
-    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
-    bindings = [("to_creditors", sharding.hex_routing_key(recipient))]
-    bindings.append(("accounts_in", sharding.binary_routing_key(DEBTOR, recipient)))
+@pytest.fixture
+def counting_publisher(rabbitmq_url):
     publisher = CountingPublisher(rabbitmq_url)
-    try:
-        with catching_queue(rabbitmq_url, bindings) as catcher, db.connect(database_url) as flush_conn:
-            assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == 3
-            messages = catcher.collect(3)
-    finally:
-        publisher.close()
+    yield publisher
+    publisher.close()
 
-    assert publisher.batches == 1
-    assert [m.properties.type for m in messages] == ["AccountUpdate", "PendingBalanceChange", "PendingBalanceChange"]
-    assert outbox_count(conn, "account_update_signal") == outbox_count(conn, "pending_balance_change_signal") == 0
+
+RECIPIENT = 1099511627781
+
+
+def recipient_with_changes(conn: psycopg.Connection, count: int) -> None:
+    """RECIPIENT's account (an AccountUpdate row) and `count` PendingBalanceChange rows to it."""
+    create_account(conn, DEBTOR, RECIPIENT)
+    emit_balance_changes(conn, count, RECIPIENT)
+
+
+def flush_both_tables(database_url, rabbitmq_url, publisher, cfg: config.Config, expected: int) -> list:
+    """One flush_tables call over the AccountUpdates and PendingBalanceChanges; the messages, as received."""
+    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+    bindings = [
+        ("to_creditors", sharding.hex_routing_key(RECIPIENT)),
+        ("accounts_in", sharding.binary_routing_key(DEBTOR, RECIPIENT)),
+    ]
+    with catching_queue(rabbitmq_url, bindings) as catcher, db.connect(database_url) as flush_conn:
+        assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == expected
+        return catcher.collect(expected)
 
 
 def recorded_takes(monkeypatch) -> list[str]:
@@ -194,44 +201,41 @@ def recorded_takes(monkeypatch) -> list[str]:
     return taken
 
 
-def test_a_full_burst_is_followed_by_another_of_its_table_only(conn, database_url, rabbitmq_url, monkeypatch):
-    recipient = 1099511627781
-    create_account(conn, DEBTOR, recipient)
-    emit_balance_changes(conn, 3, recipient)
+def test_a_round_publishes_every_table_in_one_batch_in_table_order(
+    conn, database_url, rabbitmq_url, counting_publisher
+):
+    recipient_with_changes(conn, 2)
+    cfg = settings(database_url, rabbitmq_url)
+
+    messages = flush_both_tables(database_url, rabbitmq_url, counting_publisher, cfg, 3)
+
+    assert counting_publisher.batches == 1
+    assert [m.properties.type for m in messages] == ["AccountUpdate", "PendingBalanceChange", "PendingBalanceChange"]
+    assert outbox_count(conn, "account_update_signal") == outbox_count(conn, "pending_balance_change_signal") == 0
+
+
+def test_a_full_burst_is_followed_by_another_of_its_table_only(
+    conn, database_url, rabbitmq_url, counting_publisher, monkeypatch
+):
+    recipient_with_changes(conn, 3)
     cfg = settings(database_url, rabbitmq_url, APP_FLUSH_PENDING_BALANCE_CHANGES_BURST_COUNT="2")
-    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
     taken = recorded_takes(monkeypatch)
-    publisher = CountingPublisher(rabbitmq_url)
-    try:
-        with db.connect(database_url) as flush_conn:
-            assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == 4
-    finally:
-        publisher.close()
+
+    flush_both_tables(database_url, rabbitmq_url, counting_publisher, cfg, 4)
 
     assert taken == ["account_updates", "pending_balance_changes", "pending_balance_changes"]
-    assert publisher.batches == 2
-    assert outbox_count(conn, "pending_balance_change_signal") == 0
+    assert counting_publisher.batches == 2
 
 
 def test_tables_past_the_rows_of_one_transaction_wait_for_the_next_in_order(
-    conn, database_url, rabbitmq_url, monkeypatch
+    conn, database_url, rabbitmq_url, counting_publisher, monkeypatch
 ):
-    recipient = 1099511627781
-    create_account(conn, DEBTOR, recipient)
-    emit_balance_changes(conn, 1, recipient)
+    recipient_with_changes(conn, 1)
     cfg = settings(database_url, rabbitmq_url, APP_FLUSH_ACCOUNT_UPDATES_BURST_COUNT="1")
-    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
     monkeypatch.setattr(flusher, "MAX_ROWS_PER_TRANSACTION", 1)
     taken = recorded_takes(monkeypatch)
-    bindings = [("to_creditors", sharding.hex_routing_key(recipient))]
-    bindings.append(("accounts_in", sharding.binary_routing_key(DEBTOR, recipient)))
-    publisher = CountingPublisher(rabbitmq_url)
-    try:
-        with catching_queue(rabbitmq_url, bindings) as catcher, db.connect(database_url) as flush_conn:
-            assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == 2
-            messages = catcher.collect(2)
-    finally:
-        publisher.close()
+
+    messages = flush_both_tables(database_url, rabbitmq_url, counting_publisher, cfg, 2)
 
     # The full account_updates burst is taken again before the table that was not reached.
     assert taken == ["account_updates", "account_updates", "pending_balance_changes"]
