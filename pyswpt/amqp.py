@@ -157,6 +157,7 @@ class BatchPublisher:
                 mandatory=message.mandatory,
             )
             self._next_delivery_tag += 1
+        self._coalesce_output()
         self._wait_until(lambda: not batch.unconfirmed, "publisher confirms")
         outcomes = batch.outcomes()
         count_published(messages, outcomes)
@@ -169,6 +170,23 @@ class BatchPublisher:
     def close(self) -> None:
         if self.connection.is_open:
             self.connection.close()
+
+    def _coalesce_output(self) -> None:
+        """Join the frames waiting to be sent into one buffer, sent with one syscall.
+
+        pika buffers each frame (three per message) apart and sends each with a
+        syscall, and with TCP_NODELAY a segment, of its own: for a batch, that
+        cost the flusher and the broker more CPU than the messages themselves.
+        Nothing is sent before the wait that follows, so the whole batch is
+        buffered here. Where pika keeps its buffers elsewhere this does nothing
+        (tests/test_amqp.py says so).
+        """
+        transport = getattr(self.connection._impl, "_transport", None)
+        buffers = getattr(transport, "_tx_buffers", None)
+        if buffers is not None and len(buffers) > 1:
+            joined = b"".join(buffers)
+            buffers.clear()
+            buffers.append(joined)
 
     def _wait_until(self, condition, what: str) -> None:
         deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS

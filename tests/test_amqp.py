@@ -6,6 +6,7 @@ import time
 import uuid
 
 import pika
+from pika.adapters.utils import io_services_utils
 
 from pyswpt import amqp, topology
 
@@ -75,3 +76,39 @@ def test_publisher_says_which_messages_of_a_batch_were_returned_or_nacked(rabbit
     confirmed, returned, nacked = amqp.Outcome.CONFIRMED, amqp.Outcome.RETURNED, amqp.Outcome.NACKED
     assert outcomes == [confirmed, returned, confirmed, nacked, returned, confirmed]
     assert delivered == 3
+
+
+def test_a_batch_leaves_in_one_send_and_arrives_whole_and_in_order(rabbitmq_url, monkeypatch):
+    queue = f"test_amqp_{uuid.uuid4().hex[:10]}"
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.queue_declare(queue)
+    batch = [
+        amqp.OutgoingMessage("", queue, str(n).encode(), pika.BasicProperties(delivery_mode=2), mandatory=True)
+        for n in range(30)
+    ]
+    # Counted where pika sends its buffered output: a syscall (and a TCP segment) each.
+    sends = []
+    send = io_services_utils._AsyncTransportBase._sigint_safe_send
+    monkeypatch.setattr(
+        io_services_utils._AsyncTransportBase,
+        "_sigint_safe_send",
+        staticmethod(lambda sock, data: sends.append(len(data)) or send(sock, data)),
+    )
+    try:
+        publisher = amqp.BatchPublisher(rabbitmq_url)
+        try:
+            sends.clear()
+            outcomes = publisher.publish_each(batch)
+            batch_sends = len(sends)
+        finally:
+            publisher.close()
+        with topology.open_channel(rabbitmq_url) as channel:
+            bodies = [channel.basic_get(queue, auto_ack=True)[2] for _ in batch]
+    finally:
+        with topology.open_channel(rabbitmq_url) as channel:
+            channel.queue_delete(queue)
+
+    assert outcomes == [amqp.Outcome.CONFIRMED] * len(batch)
+    assert bodies == [message.body for message in batch]
+    # Three frames a message went out one send each; a partial send may split the batch once.
+    assert batch_sends <= 2
