@@ -29,9 +29,10 @@ Before each scenario the node's database is vacuumed, as autovacuum would have
 done where it runs. After each scenario the loop stops, the node settles, and
 benchmarks/chaos.py's checks run: every request answered one way only, every
 principal as the coordinators' books say, the debtor's principals sum to zero,
-nothing parked, `pyswpt audit` passes. With --idle-accounts N each profile runs its scenarios
-again after N idle accounts of another debtor were bulk-inserted (benchmark
-setup only: one set-based INSERT as the superuser, not how accounts are made).
+nothing parked, `pyswpt audit` passes. With --idle-accounts N each profile
+runs its scenarios again after N idle accounts of another debtor were
+bulk-inserted (benchmark setup only: one set-based INSERT as the superuser,
+not how accounts are made).
 
     PYSWPT_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/postgres \\
     PYSWPT_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2F \\
