@@ -121,6 +121,11 @@ def test_a_missing_or_changed_api_is_an_infrastructure_error_and_data_errors_are
     scratch.execute("CREATE TABLE api.outbox (a integer)")
     scratch.execute("CREATE FUNCTION api.take() RETURNS SETOF api.outbox LANGUAGE sql AS 'SELECT a FROM api.outbox'")
     scratch.execute("ALTER TABLE api.outbox ADD COLUMN b integer")
+    # The same for a PL/pgSQL function: its RETURN QUERY names the table's columns of before.
+    scratch.execute(
+        "CREATE FUNCTION api.take_plpgsql() RETURNS SETOF api.outbox LANGUAGE plpgsql"
+        " AS 'BEGIN RETURN QUERY SELECT a FROM api.outbox; END'"
+    )
     scratch.execute("CREATE FUNCTION api.rows(p_n integer) RETURNS TABLE (a integer) LANGUAGE sql AS 'SELECT p_n'")
     # psycopg prepares a statement on the server once it ran five times on a connection.
     for _ in range(6):
@@ -141,6 +146,7 @@ def test_a_missing_or_changed_api_is_an_infrastructure_error_and_data_errors_are
         "missing table": server_error(scratch, "SELECT * FROM api.nowhere"),
         "missing result column": server_error(scratch, "SELECT c FROM api.rows(p_n => 1)"),
         "table changed under its function": server_error(scratch, "SELECT * FROM api.take()"),
+        "table changed under its PL/pgSQL function": server_error(scratch, "SELECT * FROM api.take_plpgsql()"),
     }
     assert {what: error.sqlstate for what, error in api_errors.items()} == {
         "changed result of a prepared statement": "0A000",
@@ -150,6 +156,7 @@ def test_a_missing_or_changed_api_is_an_infrastructure_error_and_data_errors_are
         "missing table": "42P01",
         "missing result column": "42703",
         "table changed under its function": "42P13",
+        "table changed under its PL/pgSQL function": "42804",
     }
     for error in api_errors.values():
         assert is_api_missing(error) and is_infrastructure_error(error)
