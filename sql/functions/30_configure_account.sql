@@ -22,6 +22,7 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     v_account account;

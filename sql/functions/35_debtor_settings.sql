@@ -17,6 +17,7 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     c_seconds_in_day CONSTANT double precision := 86400.0;
@@ -70,6 +71,7 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     v_account account;
@@ -117,6 +119,7 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     v_config record;

@@ -38,6 +38,7 @@ LANGUAGE plpgsql
 VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     -- T∞ of spec 01 §0.2: the latest instant an SMP date-time can express.
@@ -107,6 +108,7 @@ LANGUAGE plpgsql
 VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     v_requests transfer_request[];

@@ -33,6 +33,7 @@ LANGUAGE plpgsql
 VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 BEGIN
     INSERT INTO finalization_request (
@@ -82,6 +83,7 @@ LANGUAGE plpgsql
 VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     v_requests finalization_request[];

@@ -21,6 +21,7 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 BEGIN
     -- Older than the threshold: the archive may have forgotten that it was applied.
@@ -90,6 +91,7 @@ RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 DECLARE
     -- Bounds the work (and the lock time of a hot root account) of one transaction.

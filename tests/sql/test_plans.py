@@ -1,0 +1,82 @@
+"""The per-account entry points reach their rows through an index whatever the statistics say.
+
+PL/pgSQL keeps a generic plan for each statement for the rest of the session,
+costed at the size the table had when the plan was made. A work queue analyzed
+while nearly empty makes a whole-table scan the cheapest plan for a lookup by
+key, and the session would go on scanning the whole table after it grew or
+filled with dead rows (issue 10: 20 % fewer transfers per second after an
+ANALYZE). So these entry points run with enable_seqscan = off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from conftest import new_database
+from factories import insert_account
+from transfer_steps import (
+    DEBTOR_ID,
+    RECIPIENT_ID,
+    SENDER_ID,
+    deliver_balance_changes,
+    finalize,
+    prepare,
+)
+
+from pyswpt import schema
+
+# Tables the transfer path reads by key. The outbox tables are left out: the
+# test's own reads of them (transfer_steps) scan them, and the flusher takes any rows.
+KEYED_TABLES = (
+    "account",
+    "transfer_request",
+    "prepared_transfer",
+    "finalization_request",
+    "pending_balance_change",
+    "registered_balance_change",
+)
+
+# More than the five custom plans PL/pgSQL makes before it settles on a generic one.
+TRANSFERS = 8
+
+
+@pytest.fixture
+def analyzed_conn(postgres_server_url: str) -> Iterator[psycopg.Connection]:
+    """A database of its own (ANALYZE changes plans for every later session), with two
+    accounts, analyzed while its work queues are empty."""
+    with new_database(postgres_server_url, "pyswpt_test_plans") as url:
+        schema.apply_migrations(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
+            insert_account(conn, DEBTOR_ID, SENDER_ID, principal=1_000_000)
+            insert_account(conn, DEBTOR_ID, RECIPIENT_ID)
+            conn.execute("ANALYZE")
+            yield conn
+
+
+def scans(conn: psycopg.Connection) -> dict[str, tuple[int, int]]:
+    """(sequential scans, index scans) of each keyed table, with this session's counts flushed."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    found = conn.execute(
+        "SELECT relname, seq_scan, idx_scan FROM pg_stat_user_tables"
+        " WHERE schemaname = 'pyswpt' AND relname = ANY (%s)",
+        (list(KEYED_TABLES),),
+    ).fetchall()
+    return {name: (seq, idx or 0) for name, seq, idx in found}
+
+
+def test_transfers_after_analyze_of_empty_queues_scan_no_table(analyzed_conn: psycopg.Connection) -> None:
+    before = scans(analyzed_conn)
+    for request_id in range(1, TRANSFERS + 1):
+        prepared = prepare(analyzed_conn, min_locked=10, max_locked=10, request_id=request_id)
+        assert prepared is not None
+        assert finalize(analyzed_conn, prepared, 10) is not None
+        deliver_balance_changes(analyzed_conn)
+    after = scans(analyzed_conn)
+
+    sequential = {name: after[name][0] - before[name][0] for name in KEYED_TABLES}
+    by_index = {name: after[name][1] - before[name][1] for name in KEYED_TABLES}
+    assert sequential == dict.fromkeys(KEYED_TABLES, 0)
+    assert all(count >= TRANSFERS for count in by_index.values()), by_index
