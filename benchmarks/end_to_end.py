@@ -18,7 +18,8 @@ After a warm-up, a measuring window gives:
   all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
   this load generator, and the rest of the machine; the node's total RSS;
 * commits and rollbacks per transfer (pg_stat_database), and with --sql-profile the SQL
-  functions by self time per transfer (track_functions = all on the database).
+  functions by self time per transfer (track_functions = all on the database) and the
+  scans of each table per transfer.
 
 The same run measures the machine's ceilings: the cores, the load average,
 the broker + load generator against a stand-in that answers from memory
@@ -155,6 +156,7 @@ class Measured:
     rollbacks: int = 0  # transactions rolled back: serialization failures retried, refused calls
     functions: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by self time
     statements: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by total time
+    tables: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by sequential scans
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
     checks: list[tuple[str, str, str, bool]] = dataclasses.field(default_factory=list)
 
@@ -379,6 +381,39 @@ def function_stats(conn: psycopg.Connection) -> dict[str, tuple[int, float, floa
     return {name: (calls, total, own) for name, calls, total, own in rows}
 
 
+def table_stats(conn: psycopg.Connection) -> dict[str, tuple[int, int, int]]:
+    """Sequential scans, rows they read, and index scans of each table of pyswpt."""
+    rows = conn.execute(
+        """
+        SELECT relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0)
+        FROM pg_stat_user_tables
+        WHERE schemaname = 'pyswpt'
+        """
+    ).fetchall()
+    return {name: (seq_scans, seq_rows, index_scans) for name, seq_scans, seq_rows, index_scans in rows}
+
+
+def table_deltas(before: dict, after: dict, transfers: int) -> list[dict]:
+    """Per transfer: scans of each table that was scanned, by sequential scans (a lookup by key
+    that scans a whole table is a plan gone wrong; tests/sql/test_plans.py)."""
+    per = max(transfers, 1)
+    rows = []
+    for name, counts in after.items():
+        seq_scans, seq_rows, index_scans = (
+            now - then for now, then in zip(counts, before.get(name, (0, 0, 0)), strict=True)
+        )
+        if seq_scans or index_scans:
+            rows.append(
+                {
+                    "table": name,
+                    "seq_scans": seq_scans / per,
+                    "seq_rows": seq_rows / per,
+                    "index_scans": index_scans / per,
+                }
+            )
+    return sorted(rows, key=lambda row: (-row["seq_scans"], -row["index_scans"]))
+
+
 def statement_stats(conn: psycopg.Connection) -> dict[tuple[bool, str], tuple[int, float]]:
     """Calls and total milliseconds (planning and execution) of each statement run in this
     database, top-level or nested in a function (pg_stat_statements); empty where it is not loaded."""
@@ -512,13 +547,14 @@ def measure_on_node(
 ) -> Measured:
     vacuum(stats)
     (commits_before, rollbacks_before), functions_before = transaction_counts(stats), function_stats(stats)
-    statements_before = statement_stats(stats)
+    statements_before, tables_before = statement_stats(stats), table_stats(stats)
     measured = measure(generator, sampler, scenario, options)
     commits_after, rollbacks_after = transaction_counts(stats)
     measured.commits, measured.rollbacks = commits_after - commits_before, rollbacks_after - rollbacks_before
     if options.sql_profile:
         measured.functions = function_deltas(functions_before, function_stats(stats), measured.transfers)
         measured.statements = statement_deltas(statements_before, statement_stats(stats), measured.transfers)
+        measured.tables = table_deltas(tables_before, table_stats(stats), measured.transfers)
     measured.checks.append(generator.drain())
     chaos.wait_until_quiet(generator, node.database_url)
     creditors = generator.creditors
@@ -812,6 +848,18 @@ def functions_table(results: list[Measured]) -> list[str]:
                 f" | {row['calls']:.2f} | {row['total_ms']:.3f} |"
                 for row in m.statements[:TOP_FUNCTIONS]
             ]
+        lines += [
+            "",
+            f"Table scans, {s.profile} {s.placement} C={s.concurrency} idle={s.idle_accounts}"
+            " (pg_stat_user_tables; the flusher takes outbox rows with sequential scans)",
+            "",
+            "| table | sequential scans/transfer | rows they read/transfer | index scans/transfer |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['table']} | {row['seq_scans']:.2f} | {row['seq_rows']:.1f} | {row['index_scans']:.2f} |"
+            for row in m.tables
+        ]
     return lines
 
 
@@ -909,7 +957,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=defaults.seconds, help="measuring window per scenario")
     parser.add_argument("--warmup-seconds", type=float, default=defaults.warmup_seconds)
     parser.add_argument("--idle-accounts", type=int, default=0, help="run every scenario again with N idle accounts")
-    parser.add_argument("--sql-profile", action="store_true", help="track_functions = all; SQL functions per transfer")
+    parser.add_argument(
+        "--sql-profile", action="store_true", help="track_functions = all; SQL functions and table scans per transfer"
+    )
     parser.add_argument("--no-stand-in", action="store_true", help="leave out the stand-in ceiling")
     parser.add_argument("--no-pgbench", action="store_true", help="leave out the pgbench ceiling")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")

@@ -46,6 +46,7 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
         assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.total_rss_mib > 0
         assert m.rss_mib["pyswpt workers"] > 0 and m.pss_mib["pyswpt workers"] > 0
         assert m.commits > 0 and m.functions
+        assert next(row for row in m.tables if row["table"] == "account")["index_scans"] > 0
     checks = {check for m in results for check, *_rest in m.checks}
     assert {"sum of the debtor's principals", "parked messages in all", "pyswpt audit exit status"} <= checks
     assert "processes of the node left after it stopped" in checks
@@ -55,4 +56,5 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
     assert ceilings.node_budget_ms(5) is not None
     assert "| defaults | hot | 5 | 100 |" in text
     assert "## Memory MiB, RSS (PSS), by process" in text
+    assert "| table | sequential scans/transfer |" in text
     json.dumps(end_to_end.as_json(results, ceilings), default=str)
