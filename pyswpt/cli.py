@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from pyswpt import config as settings
-from pyswpt import logs, metrics_directory, schema, sharding
+from pyswpt import logs, metrics_directory, sharding
 
 logger = logging.getLogger(__name__)
 # A setting that cannot work: like argparse, status 2.
@@ -174,7 +174,7 @@ def with_backoff(what: str, action: Callable[[], object]) -> None:
 
 
 def command_configure(config: settings.Config, args: argparse.Namespace) -> int:
-    from pyswpt import topology
+    from pyswpt import schema, topology
 
     if problem := schema.missing_sql():
         print(f"pyswpt configure: {problem}", file=sys.stderr)
@@ -204,6 +204,8 @@ def command_configure(config: settings.Config, args: argparse.Namespace) -> int:
 
 
 def command_await_migrations(config: settings.Config, args: argparse.Namespace) -> int:
+    from pyswpt import schema
+
     print("Awaiting database migrations to be applied...", flush=True)
     while True:
         try:

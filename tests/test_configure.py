@@ -424,3 +424,17 @@ def test_configure_without_the_sql_folder_says_so_instead_of_applying_nothing(fr
         "pyswpt configure: no migrations in /nonexistent/sql/migrations;"
         " set PYSWPT_SQL_DIR to the folder holding migrations/ and functions/"
     ]
+
+
+def test_no_driver_loads_the_migration_tool():
+    # yoyo and sqlparse cost each process of `run all` about 3 MiB of resident memory,
+    # and only configure and await-migrations use them.
+    check = (
+        "import importlib, sys, pyswpt.cli\n"
+        "from pyswpt import processes, upgrades\n"
+        "for driver in pyswpt.cli.DRIVERS.values():\n"
+        "    importlib.import_module(f'pyswpt.drivers.{driver.module}')\n"
+        "print(sorted({'yoyo', 'sqlparse'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
