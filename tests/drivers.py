@@ -23,8 +23,8 @@ from pyswpt import topology
 POLL_INTERVAL_SECONDS = 0.05
 STOP_DEADLINE_SECONDS = 30.0
 ZOMBIE_STATE = "Z"
-# What `pyswpt run all` logs for each driver it starts.
-STARTED = re.compile(r"Started (\S+) \(pid (\d+)\)")
+# What `pyswpt run all` logs for each driver it starts; one in a thread gives the supervisor's pid.
+STARTED = re.compile(r"Started (\S+) (?:in a thread )?\(pid (\d+)\)")
 
 
 def free_port() -> int:

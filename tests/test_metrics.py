@@ -41,7 +41,7 @@ SCAN_SETTINGS = {
     "APP_REGISTERED_BALANCE_CHANGES_SCAN_BEAT_MILLISECS": "50",
 }
 TRANSFERS = 3
-# Seven Python processes start at once; on a loaded two-core machine none had logged a line after 30 s.
+# Five Python processes start at once; on a loaded two-core machine none had logged a line after 30 s.
 STARTED_WITHIN_SECONDS = 60.0
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

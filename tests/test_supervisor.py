@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -24,14 +25,16 @@ from drivers import (  # noqa: F401
     started_pids,
     wait_for,
 )
+from prometheus_client import REGISTRY
 
 from pyswpt import config as settings
 from pyswpt import logs, metrics
 from pyswpt.drivers import supervisor
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 from pyswpt.processes import ORPHANED_AT_START_STATUS, SUPERVISOR_PID_VARIABLE
+from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
 
-# Seven Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
+# Five Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
 STARTED_WITHIN_SECONDS = 30.0
 # A node on this small shared machine takes a while to start its six drivers.
 NODE_START_SECONDS = 90.0
@@ -52,6 +55,68 @@ def test_all_starts_every_driver_and_restarts_a_killed_one(node_environment, tmp
         assert f"web (pid {web_pid}) exited with status -9 (killed by SIGKILL)" in node.log()
         wait_for(lambda: healthy(port), "the restarted fetch API")
         node.assert_alive()
+
+
+def test_a_driver_in_a_thread_that_fails_is_started_again_alone(caplog):
+    """As a driver's process that exits: logged, started again after the backoff, the others untouched."""
+    runs = []
+
+    def fails_on_its_first_run(stopping: threading.Event) -> None:
+        runs.append(threading.current_thread())
+        if len(runs) == 1:
+            raise RuntimeError("boom")
+        stopping.wait()
+
+    failing = supervisor.InThread("failing", target=fails_on_its_first_run)
+    steady = supervisor.InThread("steady", target=lambda stopping: stopping.wait())
+    restarts_before = restarts_of("failing")
+    for driver in (failing, steady):
+        driver.check(time.monotonic())
+    steady_thread = steady.thread
+    wait_for(lambda: not failing.thread.is_alive(), "the first run to fail")
+
+    failed_at = time.monotonic()
+    assert failing.check(failed_at) is None
+    assert not failing.is_running()
+    assert "failing (in a thread) failed (RuntimeError: boom) after 0.0 s; restarting in 1 s." in caplog.text
+    failing.check(failed_at + supervisor.backoff_seconds(1))
+
+    assert failing.is_running() and len(runs) == 2
+    assert restarts_of("failing") == restarts_before + 1
+    assert steady.thread is steady_thread and steady.is_running()
+    assert supervisor.stop_all([failing, steady]) == []
+    assert not failing.thread.is_alive() and not steady.thread.is_alive()
+
+
+def restarts_of(program: str) -> float:
+    return REGISTRY.get_sample_value("pyswpt_driver_restarts_total", {"driver": program}) or 0.0
+
+
+def test_a_driver_in_a_thread_that_gave_up_on_its_sql_api_stops_the_node_without_a_restart(caplog):
+    def gives_up(_stopping: threading.Event) -> None:
+        raise ApiUnavailable("Stopping the scanner: its SQL API stayed missing.")
+
+    driver = supervisor.InThread("scanners", target=gives_up)
+    driver.check(time.monotonic())
+    wait_for(lambda: not driver.thread.is_alive(), "the driver to give up")
+
+    assert driver.check(time.monotonic()) == EXIT_API_UNAVAILABLE
+    assert driver.thread is None and driver.runs == 1
+    assert "Stopping the scanner: its SQL API stayed missing." in caplog.text
+    assert "scanners found no SQL API it can use; stopping the node." in caplog.text
+
+
+def test_a_driver_in_a_thread_that_does_not_stop_in_time_is_left_to_end_with_the_supervisor(monkeypatch, caplog):
+    released = threading.Event()
+    stubborn = supervisor.InThread("stubborn", target=lambda _stopping: released.wait())
+    stubborn.check(time.monotonic())
+    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_SECONDS", 0.1)
+    try:
+        assert supervisor.stop_all([stubborn]) == ["stubborn"]
+        assert stubborn.thread.daemon and stubborn.thread.is_alive()
+        assert "stubborn (in a thread) did not stop in time; it ends as the supervisor exits." in caplog.text
+    finally:
+        released.set()
 
 
 def test_all_serves_the_metrics_itself_and_waits_for_its_port_while_the_drivers_run(node_environment, tmp_path):

@@ -47,7 +47,7 @@ ENTRY_POINTS = {
 # Short enough for a test, long enough for a driver to meet the missing function.
 SHORT_API_WAIT_SECONDS = "3"
 EXIT_DEADLINE_SECONDS = 60.0
-# Six Python processes start at once under `run all`, on a shared machine.
+# Five Python processes start at once under `run all`, on a shared machine.
 START_SECONDS = 60.0
 # Generous: the machine running the tests may be shared and busy.
 ROUND_TIMEOUT_SECONDS = 120.0
@@ -369,29 +369,38 @@ def test_a_driver_whose_function_stays_missing_exits_with_one_line_naming_it(sha
     assert parked_count(shard) == 0
 
 
-def test_run_all_stops_the_node_when_a_driver_gives_up_on_its_api(shard, rabbitmq_url, tmp_path):
+@pytest.fixture
+def run_all_environment(shard, rabbitmq_url) -> Iterator[tuple[int, dict[str, str]]]:
+    """The fetch API's port and the environment of `run all` on `shard`, with a chores queue of its own."""
     port = free_port()
     chores_queue = f"pyswpt_test_upgrade_chores_{uuid.uuid4().hex[:8]}"
     topology.declare_chores_queue(rabbitmq_url, chores_queue)
-    environ = shard.environment(
-        APP_API_WAIT_SECONDS=SHORT_API_WAIT_SECONDS,
-        CHORES_BROKER_QUEUE=chores_queue,
-        WEBSERVER_PORT=str(port),
-        FETCH_API_URL=f"http://127.0.0.1:{port}",
-    )
-    log_path = tmp_path / "run-all.log"
     try:
-        with process_group(["run", "all"], environ, log_path) as node:
-            wait_for(lambda: set(started_pids(log_path.read_text())) == set(PROGRAMS), "every driver", START_SECONDS)
-            wait_for(lambda: healthy(port), "the fetch API", START_SECONDS)
-            sender = shard.creditor()
-            open_account(shard, sender)
-            drop_functions(shard, "enqueue_transfer_request")
-            prepare_transfers(shard, sender, shard.creditor(), range(1, 4))
-            wait_for(lambda: node.poll() is not None, "the node to stop", EXIT_DEADLINE_SECONDS + STOP_TIMEOUT_SECONDS)
+        yield (
+            port,
+            shard.environment(
+                APP_API_WAIT_SECONDS=SHORT_API_WAIT_SECONDS,
+                CHORES_BROKER_QUEUE=chores_queue,
+                WEBSERVER_PORT=str(port),
+                FETCH_API_URL=f"http://127.0.0.1:{port}",
+            ),
+        )
     finally:
         with topology.open_channel(rabbitmq_url) as channel:
             channel.queue_delete(chores_queue)
+
+
+def test_run_all_stops_the_node_when_a_driver_gives_up_on_its_api(shard, run_all_environment, tmp_path):
+    port, environ = run_all_environment
+    log_path = tmp_path / "run-all.log"
+    with process_group(["run", "all"], environ, log_path) as node:
+        wait_for(lambda: set(started_pids(log_path.read_text())) == set(PROGRAMS), "every driver", START_SECONDS)
+        wait_for(lambda: healthy(port), "the fetch API", START_SECONDS)
+        sender = shard.creditor()
+        open_account(shard, sender)
+        drop_functions(shard, "enqueue_transfer_request")
+        prepare_transfers(shard, sender, shard.creditor(), range(1, 4))
+        wait_for(lambda: node.poll() is not None, "the node to stop", EXIT_DEADLINE_SECONDS + STOP_TIMEOUT_SECONDS)
     assert node.returncode == EXIT_API_UNAVAILABLE
     log = log_path.read_text()
     [reason] = [line for line in log.splitlines() if "Stopping the consumer" in line]
@@ -401,6 +410,25 @@ def test_run_all_stops_the_node_when_a_driver_gives_up_on_its_api(shard, rabbitm
     assert started_pids(log)["consumer"] == started_pids(log)["consumer"][:1]
     assert "Node stopped: a driver gave up waiting for its SQL API" in log
     assert parked_count(shard) == 0
+
+
+def test_run_all_stops_the_node_when_a_driver_in_one_of_its_threads_gives_up_on_its_api(
+    shard, run_all_environment, tmp_path
+):
+    """The scanners run in a thread of the supervisor, and stop the node the same way as a process."""
+    _port, environ = run_all_environment
+    drop_functions(shard, "get_scanned_table_size")
+    log_path = tmp_path / "run-all.log"
+    with process_group(["run", "all"], environ, log_path) as node:
+        wait_for(lambda: node.poll() is not None, "the node to stop", EXIT_DEADLINE_SECONDS + STOP_TIMEOUT_SECONDS)
+    assert node.returncode == EXIT_API_UNAVAILABLE
+    log = log_path.read_text()
+    [reason] = [line for line in log.splitlines() if "Stopping the" in line]
+    assert f"{ENTRY_POINTS['get_scanned_table_size']}(" in reason
+    assert "scanners found no SQL API it can use; stopping the node." in log
+    assert "restarting" not in log
+    assert f"Started scanners in a thread (pid {node.pid})" in log
+    assert "Node stopped: a driver gave up waiting for its SQL API" in log
 
 
 # The fetch API ------------------------------------------------------------------------------------------

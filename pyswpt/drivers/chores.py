@@ -31,6 +31,18 @@ logger = logging.getLogger(__name__)
 
 
 def run(config: Config) -> int:
+    announce(config)
+    return processes.run_worker_processes(config.chores_broker_processes, consume, config)
+
+
+def run_in_thread(config: Config, stopping: threading.Event) -> None:
+    """The chores consumer as `run all` runs it with one process: in a thread of the supervisor,
+    until `stopping` is set; raises the error of a consumer thread that failed."""
+    announce(config)
+    consume(config, stopping)
+
+
+def announce(config: Config) -> None:
     logger.info(
         "Starting the chores consumer: processes %d, threads per process %d, queue %s, prefetch count %d.",
         config.chores_broker_processes,
@@ -39,7 +51,6 @@ def run(config: Config) -> int:
         config.chores_broker_prefetch_count,
         extra={"queue": config.chores_broker_queue},
     )
-    return processes.run_worker_processes(config.chores_broker_processes, consume, config)
 
 
 def consume(config: Config, stopping: threading.Event) -> None:

@@ -1,11 +1,15 @@
 """`pyswpt run all`: every driver of one node, restarted when it dies.
 
-Each driver runs as its own `pyswpt run <name>` process, so that what runs
-under the supervisor is exactly what the tests start one by one. A driver that
-exits is started again after a backoff that grows while it keeps failing
-quickly. SIGTERM or SIGINT stops every driver with SIGTERM — each finishes its
-current batch, acks what committed and closes its connections — and kills
-the ones still running after STOP_TIMEOUT_SECONDS.
+The busy drivers run as their own `pyswpt run <name>` processes, so that what
+runs under the supervisor is exactly what the tests start one by one. The
+drivers that wait most of the time, the chores consumer and the scanners, run
+in threads of the supervisor (in_thread_target): an interpreter with its
+libraries is about 42 MiB of resident memory, and two fewer bring a node's
+total under 250 MiB. A driver whose process exits, or whose thread ends, is
+started again alone, after a backoff that grows while it keeps failing
+quickly. SIGTERM or SIGINT stops every driver, a process with SIGTERM — each
+finishes its current batch, acks what committed and closes its connections —
+and kills the processes still running after STOP_TIMEOUT_SECONDS.
 
 The drivers write their metrics to the node's PROMETHEUS_MULTIPROC_DIR,
 prepared by `pyswpt run` before this module is imported (pyswpt.cli.metrics_of),
@@ -15,12 +19,12 @@ run metrics`, without one more interpreter and its libraries (about 45 MiB
 resident) to keep. Threads are why no driver is prepared between fork and
 exec (preexec_fn): each arms its parent-death signal itself.
 
-A driver that gave up waiting for its SQL API (pyswpt.upgrades) is not
-restarted: the database belongs to a release this node cannot work with, and
-a restart would only wait out the same bound again while the node looked
-healthy. The whole node stops the same way and exits with the driver's
-status, so that the container shows the failure and its log ends with the
-driver's line saying what to do.
+A driver that gave up waiting for its SQL API (pyswpt.upgrades), in a process
+or a thread, is not restarted: the database belongs to a release this node
+cannot work with, and a restart would only wait out the same bound again while
+the node looked healthy. The whole node stops the same way and exits with the
+driver's status, so that the container shows the failure and its log ends
+with the driver's line saying what to do.
 
 Nothing of the tree outlives it. Each driver dies with the supervisor
 (processes.die_with_supervisor), and its worker processes die with the driver.
@@ -29,7 +33,8 @@ and keep even once orphaned: the supervisor waits for a dead driver's group
 to empty before starting it again, so that old workers never run beside their
 replacements, and on the way out it kills every group that is not empty
 after STOP_TIMEOUT_SECONDS. An operator can stop one driver with everything
-it started likewise: `kill -- -PID`.
+it started likewise: `kill -- -PID`. A thread cannot be killed: one that does
+not stop in time ends as the supervisor exits.
 
 Whatever APP_LOG_LEVEL says, the supervisor logs one line at INFO when the
 node is ready (every driver running and the fetch API accepting connections)
@@ -41,19 +46,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from pyswpt import metrics
 from pyswpt.config import Config
+from pyswpt.drivers import chores
+from pyswpt.drivers.scanners import every
 from pyswpt.processes import SUPERVISOR_PID_VARIABLE, StopRequest, stop_event_on_signals
-from pyswpt.upgrades import EXIT_API_UNAVAILABLE
+from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
 
 logger = logging.getLogger(__name__)
 # The ready and stop lines, shown at any log level (see show_node_lines).
@@ -66,7 +76,7 @@ PROGRAMS = (
     "chores",
     "flusher",
     "workers",
-    # scan-accounts, scan-prepared-transfers and scan-registered-balance-changes, in one process.
+    # scan-accounts, scan-prepared-transfers and scan-registered-balance-changes.
     "scanners",
 )
 STOP_TIMEOUT_SECONDS = 25.0
@@ -80,28 +90,52 @@ LOCALHOST = "127.0.0.1"
 
 
 @dataclasses.dataclass
-class Child:
+class Supervised:
+    """What a driver's restarts have in common, whether it runs in a process or a thread."""
+
     program: str
-    process: subprocess.Popen | None = None
     started_at: float = 0.0
     quick_failures: int = 0
     restart_at: float = 0.0
+    runs: int = 0
+
+    def count_start(self) -> None:
+        if self.runs:
+            metrics.DRIVER_RESTARTS.labels(self.program).inc()
+        self.runs += 1
+        self.started_at = time.monotonic()
+
+    def schedule_restart(self, now: float, what: str, how: str) -> None:
+        """Say how the driver ended (`what` names it, `how` says what happened) and when it starts again."""
+        ran_seconds = now - self.started_at
+        self.quick_failures = 0 if ran_seconds >= STARTED_AFTER_SECONDS else self.quick_failures + 1
+        pause = backoff_seconds(self.quick_failures)
+        logger.error("%s %s after %.1f s; restarting in %.0f s.", what, how, ran_seconds, pause)
+        self.restart_at = now + pause
+
+
+@dataclasses.dataclass
+class Child(Supervised):
+    """A driver in a process of its own, with the process group it leads."""
+
+    process: subprocess.Popen | None = None
     # The process group of the driver's last run (its pid), and when to kill what still runs in it.
     group: int | None = None
     group_kill_at: float = 0.0
 
     def start(self) -> None:
         # Called from the main thread only: the parent-death signal follows the thread that forks.
-        if self.group is not None:
-            metrics.DRIVER_RESTARTS.labels(self.program).inc()
+        self.count_start()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pyswpt.cli", "run", self.program],
             process_group=0,
             env={**os.environ, SUPERVISOR_PID_VARIABLE: str(os.getpid())},
         )
         self.group = self.process.pid
-        self.started_at = time.monotonic()
         logger.info("Started %s (pid %d).", self.program, self.process.pid)
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def check(self, now: float) -> int | None:
         """Restart the driver if it exited, after a backoff if it keeps failing fast.
@@ -112,7 +146,6 @@ class Child:
             status = self.process.poll()
             if status is None:
                 return None
-            ran_seconds = now - self.started_at
             if status == EXIT_API_UNAVAILABLE:
                 logger.critical(
                     "%s (pid %d) found no SQL API it can use (see its line above); stopping the node.",
@@ -121,23 +154,38 @@ class Child:
                 )
                 self.process = None
                 return status
-            self.quick_failures = 0 if ran_seconds >= STARTED_AFTER_SECONDS else self.quick_failures + 1
-            pause = backoff_seconds(self.quick_failures)
-            logger.error(
-                "%s (pid %d) exited with status %s after %.1f s; restarting in %.0f s.",
-                self.program,
-                self.process.pid,
-                describe_status(status),
-                ran_seconds,
-                pause,
-            )
+            what = f"{self.program} (pid {self.process.pid})"
+            self.schedule_restart(now, what, f"exited with status {describe_status(status)}")
             metrics.forget_process(self.process.pid)
             self.process = None
-            self.restart_at = now + pause
             self.group_kill_at = now + STOP_TIMEOUT_SECONDS
         if now >= self.restart_at and self.group_is_gone(now):
             self.start()
         return None
+
+    def request_stop(self) -> None:
+        if self.is_running():
+            self.process.send_signal(signal.SIGTERM)
+
+    def finish_stop(self, deadline: float) -> bool:
+        """Wait for the driver until `deadline`, then kill it; True if it had to be killed."""
+        if self.process is None:
+            return False
+        try:
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.error("%s (pid %d) did not stop in time; killing it.", self.program, self.process.pid)
+            self.process.kill()
+            self.process.wait()
+            return True
+        return False
+
+    def clear_group(self, deadline: float) -> None:
+        """The driver stops its own workers, but a driver that was killed left its workers behind."""
+        while group_is_running(self.group) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+        if group_is_running(self.group):
+            self.kill_group()
 
     def group_is_gone(self, now: float) -> bool:
         """Whether the last run's workers have ended; they are killed after STOP_TIMEOUT_SECONDS."""
@@ -152,6 +200,70 @@ class Child:
         logger.error("Processes of %s's group %d did not stop in time; killing them.", self.program, self.group)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.group, signal.SIGKILL)
+
+
+@dataclasses.dataclass
+class InThread(Supervised):
+    """A driver in a thread of the supervisor: `target(stopping)` runs until `stopping` is set.
+
+    Its failure is the thread's own: the other drivers run on, and the thread
+    is started again with the same backoff as a process.
+    """
+
+    target: Callable[[threading.Event], None] | None = None
+    thread: threading.Thread | None = None
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def start(self) -> None:
+        self.count_start()
+        self.stopping = threading.Event()
+        self.error = None
+        # A daemon: a thread that does not stop in time must not hold up the supervisor's exit.
+        self.thread = threading.Thread(target=self.run, name=self.program, daemon=True)
+        self.thread.start()
+        logger.info("Started %s in a thread (pid %d).", self.program, os.getpid())
+
+    def run(self) -> None:
+        try:
+            self.target(self.stopping)
+        except BaseException as error:  # noqa: BLE001 - reported by check(), in the main thread
+            self.error = error
+
+    def is_running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def check(self, now: float) -> int | None:
+        """As Child.check: restart the driver if its thread ended, unless it gave up on its SQL API."""
+        if self.thread is not None:
+            if self.thread.is_alive():
+                return None
+            self.thread = None
+            if isinstance(self.error, ApiUnavailable):
+                logger.critical("%s", self.error)
+                logger.critical("%s found no SQL API it can use; stopping the node.", self.program)
+                return EXIT_API_UNAVAILABLE
+            how = "ended" if self.error is None else f"failed ({type(self.error).__name__}: {self.error})"
+            self.schedule_restart(now, f"{self.program} (in a thread)", how)
+        if now >= self.restart_at:
+            self.start()
+        return None
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    def finish_stop(self, deadline: float) -> bool:
+        """Wait for the thread until `deadline`; True if it is still running (it ends as the supervisor exits)."""
+        if self.thread is None:
+            return False
+        self.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.thread.is_alive():
+            logger.error("%s (in a thread) did not stop in time; it ends as the supervisor exits.", self.program)
+            return True
+        return False
+
+    def clear_group(self, deadline: float) -> None:
+        """A thread leads no process group."""
 
 
 @dataclasses.dataclass
@@ -223,7 +335,7 @@ def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     stopping = stop_event_on_signals()
     show_node_lines()
     logger.info("Starting the node's drivers: %s.", ", ".join(programs))
-    children = [Child(program) for program in programs]
+    children = [supervised(program, config) for program in programs]
     endpoint = MetricsEndpoint(metrics.node_endpoint_port(config.metrics_port), config.driver_postgres_url)
     try:
         exit_status = supervise(config, children, endpoint, stopping)
@@ -241,12 +353,30 @@ def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     return exit_status
 
 
+def supervised(program: str, config: Config) -> Child | InThread:
+    target = in_thread_target(program, config)
+    return Child(program) if target is None else InThread(program, target=target)
+
+
+def in_thread_target(program: str, config: Config) -> Callable[[threading.Event], None] | None:
+    """What runs `program` in a thread of the supervisor, or None if it runs in a process.
+
+    The chores consumer runs in a thread when it is to have one process
+    (CHORES_BROKER_PROCESSES=1, the default); more are processes of its own.
+    """
+    if program == "scanners":
+        return functools.partial(every.scan_every_table, config)
+    if program == "chores" and config.chores_broker_processes == 1:
+        return functools.partial(chores.run_in_thread, config)
+    return None
+
+
 def show_node_lines() -> None:
     """The ready and stop lines are the command's output: INFO, whatever the level of the other lines."""
     node_logger.setLevel(min(node_logger.getEffectiveLevel(), logging.INFO))
 
 
-def supervise(config: Config, children: list[Child], endpoint: MetricsEndpoint, stopping: StopRequest) -> int:
+def supervise(config: Config, children: list[Supervised], endpoint: MetricsEndpoint, stopping: StopRequest) -> int:
     """Keep every driver and the metrics endpoint running until a stop signal (0) or a driver that gave
     up waiting for its SQL API (EXIT_API_UNAVAILABLE: restarting it cannot help); say once when the
     node is ready."""
@@ -264,9 +394,9 @@ def supervise(config: Config, children: list[Child], endpoint: MetricsEndpoint, 
     return 0
 
 
-def is_ready(config: Config, children: list[Child]) -> bool:
+def is_ready(config: Config, children: list[Supervised]) -> bool:
     """Every driver runs, and the fetch API (when it is one of them) accepts connections."""
-    if not all(child.process is not None and child.process.poll() is None for child in children):
+    if not all(child.is_running() for child in children):
         return False
     return all(child.program != "web" or accepts_connections(config.webserver_port) for child in children)
 
@@ -279,7 +409,7 @@ def accepts_connections(port: int) -> bool:
         return False
 
 
-def announce_ready(config: Config, children: list[Child], endpoint: MetricsEndpoint) -> None:
+def announce_ready(config: Config, children: list[Supervised], endpoint: MetricsEndpoint) -> None:
     programs = [child.program for child in children]
     port = config.webserver_port if "web" in programs else None
     # The ledger does not wait for its metrics: a taken port is said here, and tried again meanwhile.
@@ -313,27 +443,15 @@ def announce_stop(reason: str, outcome: str) -> None:
     node_logger.info("Node stopped: %s; %s.", reason, outcome, extra={"stop_reason": reason})
 
 
-def stop_all(children: list[Child]) -> list[str]:
-    """SIGTERM to every driver; after STOP_TIMEOUT_SECONDS, SIGKILL to what is left of their groups.
+def stop_all(children: list[Supervised]) -> list[str]:
+    """Ask every driver to stop (SIGTERM to a process); after STOP_TIMEOUT_SECONDS, SIGKILL to what is
+    left of their groups.
 
-    Returns the drivers that had to be killed."""
-    killed = []
-    running = [child for child in children if child.process is not None and child.process.poll() is None]
-    for child in running:
-        child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-    for child in running:
-        try:
-            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            logger.error("%s (pid %d) did not stop in time; killing it.", child.program, child.process.pid)
-            killed.append(child.program)
-            child.process.kill()
-            child.process.wait()
-    # The drivers stop their own workers, but a driver that was killed left its workers behind.
+    Returns the drivers that had to be killed, or left running in their thread."""
     for child in children:
-        while group_is_running(child.group) and time.monotonic() < deadline:
-            time.sleep(POLL_SECONDS)
-        if group_is_running(child.group):
-            child.kill_group()
+        child.request_stop()
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    killed = [child.program for child in children if child.finish_stop(deadline)]
+    for child in children:
+        child.clear_group(deadline)
     return killed

@@ -233,14 +233,26 @@ class PassRecorder:
 
 
 def run_scanners(config: Config, scanners: list[tuple[TableScanner, Pace]]) -> int:
-    """The body of `pyswpt run scan-*` and `run scanners`: each scanner in a thread
-    of this process, until SIGTERM, SIGINT or SIGHUP.
+    """The body of `pyswpt run scan-*` and `run scanners`: scan_in_threads until
+    SIGTERM, SIGINT or SIGHUP.
 
     A scanner whose loop ends with an error stops the others, and the process
     exits with status 1 for its supervisor to start it again; ApiUnavailable
     (its SQL API stayed missing) propagates, so the process exits with its status.
     """
-    stopping = processes.stop_event_on_signals()
+    try:
+        scan_in_threads(config, scanners, processes.stop_event_on_signals())
+    except ApiUnavailable:
+        raise
+    except Exception:  # noqa: BLE001 - logged by the scanner's thread
+        return 1
+    return 0
+
+
+def scan_in_threads(config: Config, scanners: list[tuple[TableScanner, Pace]], stopping: threading.Event) -> None:
+    """Each scanner in a thread of its own until `stopping` is set, or until one of them
+    fails: that one's error (logged here) is raised once every scanner has stopped,
+    ApiUnavailable before any other."""
     failures: list[BaseException] = []
 
     def scan(scanner: TableScanner, pace: Pace) -> None:
@@ -254,7 +266,7 @@ def run_scanners(config: Config, scanners: list[tuple[TableScanner, Pace]]) -> i
         api_wait = ApiWait(config.api_wait_seconds, f"the {scanner.table_name} scanner")
         try:
             scan_until_stopped(scanner, pace, config.driver_postgres_url, stopping, api_wait)
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+        except BaseException as error:  # noqa: BLE001 - raised again by the calling thread
             if not isinstance(error, ApiUnavailable):
                 logger.exception("The %s scanner failed.", scanner.table_name)
             failures.append(error)
@@ -270,10 +282,9 @@ def run_scanners(config: Config, scanners: list[tuple[TableScanner, Pace]]) -> i
     for thread in threads:
         thread.start()
     processes.join_threads(threads)
-    for failure in failures:
-        if isinstance(failure, ApiUnavailable):
-            raise failure
-    return 1 if failures else 0
+    failures.sort(key=lambda failure: not isinstance(failure, ApiUnavailable))
+    if failures:
+        raise failures[0]
 
 
 def scan_until_stopped(
