@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -50,13 +49,13 @@ from pathlib import Path
 import pika
 import psycopg
 
-from pyswpt.drivers.supervisor import PROGRAMS
+from pyswpt.drivers.supervisor import PROGRAMS, THREAD_TARGETS
 from pyswpt.sharding import Realm, u64_string
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import vhosts  # noqa: E402  (tests/vhosts.py, shared with the test sessions)
 from conftest import new_database  # noqa: E402
-from drivers import free_port, pyswpt_command  # noqa: E402
+from drivers import STARTED, free_port, pyswpt_command  # noqa: E402
 from peers import OUTBOX_TABLES, WORK_TABLES  # noqa: E402
 
 UTC = dt.UTC
@@ -93,11 +92,12 @@ NODE_SETTINGS = {
     "APP_REGISTERED_BALANCE_CHANGES_SCAN_DAYS": "0.0001",
     "APP_LOG_LEVEL": "info",
 }
-STARTED = re.compile(r"Started (\S+) \(pid (\d+)\)")
 # A fault whose target is not running is tried again this often in its round.
 MAX_TRIES_PER_FAULT = 10
-# Every driver is killed once a round.
-DRIVERS = PROGRAMS
+# Every driver in a process of its own is killed once a round. The chores consumer
+# (the run has one chores process) and the scanners run in threads of `run all`:
+# the backend terminations and the closed broker connections reach them.
+DRIVERS = tuple(program for program in PROGRAMS if program not in THREAD_TARGETS)
 
 
 @dataclasses.dataclass(frozen=True)

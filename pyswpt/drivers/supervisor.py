@@ -79,6 +79,11 @@ PROGRAMS = (
     # scan-accounts, scan-prepared-transfers and scan-registered-balance-changes.
     "scanners",
 )
+# The drivers that wait most of the time, run in threads of the supervisor (in_thread_target).
+THREAD_TARGETS: dict[str, Callable[[Config, threading.Event], None]] = {
+    "chores": chores.run_in_thread,
+    "scanners": every.scan_every_table,
+}
 STOP_TIMEOUT_SECONDS = 25.0
 # A driver that stayed up this long counts as started: its next failure restarts at once.
 STARTED_AFTER_SECONDS = 30.0
@@ -359,16 +364,15 @@ def supervised(program: str, config: Config) -> Child | InThread:
 
 
 def in_thread_target(program: str, config: Config) -> Callable[[threading.Event], None] | None:
-    """What runs `program` in a thread of the supervisor, or None if it runs in a process.
+    """What runs `program` in a thread of the supervisor (THREAD_TARGETS), or None if it runs in a process.
 
     The chores consumer runs in a thread when it is to have one process
     (CHORES_BROKER_PROCESSES=1, the default); more are processes of its own.
     """
-    if program == "scanners":
-        return functools.partial(every.scan_every_table, config)
-    if program == "chores" and config.chores_broker_processes == 1:
-        return functools.partial(chores.run_in_thread, config)
-    return None
+    target = THREAD_TARGETS.get(program)
+    if target is None or (program == "chores" and config.chores_broker_processes != 1):
+        return None
+    return functools.partial(target, config)
 
 
 def show_node_lines() -> None:
