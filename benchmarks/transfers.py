@@ -8,10 +8,10 @@ transaction on a driver's connection (pyswpt.db, REPEATABLE READ), retried on
     2. transfer worker                  process_transfer_requests (sender)
     3. flusher + coordinator            the PreparedTransfer row gives the transfer id
     4. FinalizeTransfer intake          enqueue_finalization_request
-    5. finalization worker              process_finalization_requests (sender)
-    6. flusher + consumer + worker      register_balance_change, process_balance_changes
-                                        (recipient) — only with --credit and when those
-                                        functions are installed
+    5. finalization worker              process_finalization_requests (sender), which
+                                        queues the recipient's balance change (one shard)
+    6. balance-change worker            process_balance_changes (recipient) — unless
+                                        --no-credit, and when that function is installed
 
 Scenarios: "hot" — every sender pays one merchant (the merchant's row is the
 contended one in step 6); "spread" — every pair has its own sender and recipient.
@@ -108,9 +108,9 @@ def has_balance_change_functions(url: str) -> bool:
     with psycopg.connect(url) as conn:
         found = conn.execute(
             "SELECT count(*) FROM pg_proc WHERE pronamespace = 'pyswpt_api'::regnamespace"
-            " AND proname IN ('register_balance_change', 'process_balance_changes')"
+            " AND proname = 'process_balance_changes'"
         ).fetchone()[0]
-    return found == 2
+    return found == 1
 
 
 def create_accounts(url: str, creditor_ids: list[int], principal: int, now: dt.datetime) -> None:
@@ -206,32 +206,12 @@ def one_round(
             )
 
     def finalize(c: psycopg.Connection) -> None:
-        c.execute("SELECT process_finalization_requests(%s, %s, false, %s)", (DEBTOR_ID, sender_id, now))
-
-    def deliver_credit(c: psycopg.Connection) -> None:
-        # Flusher and consumer: PendingBalanceChange rows travel to the recipient's intake.
-        changes = c.execute(
-            """
-            DELETE FROM pending_balance_change_signal
-            WHERE debtor_id = %s AND other_creditor_id = %s
-            RETURNING change_id, creditor_id, coordinator_type, committed_at, principal_delta
-            """,
-            (DEBTOR_ID, sender_id),
-        ).fetchall()
-        for change_id, creditor_id, coordinator_type, committed_at, principal_delta in changes:
-            c.execute(
-                "SELECT register_balance_change(%s, %s, %s, %s, %s, '', '', %s, %s, %s)",
-                (
-                    DEBTOR_ID,
-                    sender_id,
-                    change_id,
-                    creditor_id,
-                    coordinator_type,
-                    committed_at,
-                    principal_delta,
-                    dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
-                ),
-            )
+        # The realm of a single shard (SHARDING_REALM's default), as the workers give it:
+        # the recipient's balance change is queued by this transaction.
+        c.execute(
+            "SELECT process_finalization_requests(%s, %s, false, %s, p_realm_mask => 0, p_realm => 0)",
+            (DEBTOR_ID, sender_id, now),
+        )
 
     def apply_credit(c: psycopg.Connection) -> None:
         c.execute("SELECT process_balance_changes(%s, %s, %s)", (DEBTOR_ID, recipient_id, now))
@@ -243,7 +223,6 @@ def one_round(
     retries += with_retries(conn, lambda c: finalize_intake(c, prepared))[1]
     retries += with_retries(conn, finalize)[1]
     if credit:
-        retries += with_retries(conn, deliver_credit)[1]
         retries += with_retries(conn, apply_credit)[1]
     return retries
 

@@ -166,7 +166,9 @@ PROCESS_FINALIZATION_REQUESTS = """
     SELECT pyswpt_api.process_finalization_requests(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
-        p_ignore_all => %(ignore_all)s
+        p_ignore_all => %(ignore_all)s,
+        p_realm_mask => %(realm_mask)s,
+        p_realm => %(realm)s
     )
 """
 

@@ -43,7 +43,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from psycopg.rows import dict_row
 
 from pyswpt import topology
-from pyswpt.sharding import Realm, binary_routing_key, hex_routing_key, u64_string
+from pyswpt.sharding import Realm, binary_routing_key, hex_routing_key, shard_key, u64_string
 
 UTC = dt.UTC
 JSON = "application/json"
@@ -605,9 +605,20 @@ def issue(shard: Shard, recipient: int, amount: int, request_id: int = 1) -> Non
     shard.finalize(prepared, amount)
     shard.inbox.expect(
         Like("FinalizedTransfer", creditor_id=0, transfer_id=prepared["transfer_id"], status_code="OK"),
-        Like("PendingBalanceChange", creditor_id=recipient, other_creditor_id=0, principal_delta=amount),
+        *balance_change_message(shard, 0, recipient, principal_delta=amount),
         Like("AccountTransfer", creditor_id=recipient, coordinator_type="issuing", acquired_amount=amount),
     )
+
+
+def balance_change_message(shard: Shard, sender: int, recipient: int, **fields: Any) -> list[Match]:
+    """The PendingBalanceChange a payment from `sender` sends to `recipient`'s shard, if any.
+
+    Within one shard there is none: the finalization queues the change itself.
+    """
+    mask = 0 if shard.realm is None else shard.realm.mask
+    if shard_key(shard.debtor_id, sender) & mask == shard_key(shard.debtor_id, recipient) & mask:
+        return []
+    return [Like("PendingBalanceChange", creditor_id=recipient, other_creditor_id=sender, **fields)]
 
 
 def funded_pair(shard: Shard, amount: int) -> tuple[int, int]:

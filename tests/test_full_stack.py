@@ -36,6 +36,7 @@ from peers import (
     Shard,
     account_update_fields,
     assert_smp_message,
+    balance_change_message,
     issue,
     now,
     open_root_account,
@@ -187,10 +188,10 @@ def transfer(shard: Shard, sender: int, recipient: int, amount: int, request_id:
     prepared = prepare_and_take(shard, sender, recipient, request_id=request_id, min_locked=amount, max_locked=amount)
     assert prepared["locked_amount"] == amount
     shard.finalize(prepared, amount, note=note)
-    finalized, sent, _change, received = shard.inbox.expect(
+    finalized, sent, *_change, received = shard.inbox.expect(
         Like("FinalizedTransfer", creditor_id=sender, transfer_id=prepared["transfer_id"]),
         Like("AccountTransfer", creditor_id=sender, transfer_note=note),
-        Like("PendingBalanceChange", creditor_id=recipient, other_creditor_id=sender, transfer_note=note),
+        *balance_change_message(shard, sender, recipient, transfer_note=note),
         Like("AccountTransfer", creditor_id=recipient, transfer_note=note),
     )
     assert (finalized.fields["status_code"], finalized.fields["committed_amount"]) == ("OK", amount)
@@ -367,9 +368,9 @@ def test_a_day_of_a_currency_under_run_all(node):
         amount = redeemed["locked_amount"]
         assert amount > LARGE_PRINCIPAL - 1500
         shard.finalize(redeemed, amount, note="redeem")
-        finalized, _to_root = shard.inbox.expect(
+        finalized, *_to_root = shard.inbox.expect(
             Like("FinalizedTransfer", transfer_id=redeemed["transfer_id"], status_code="OK", committed_amount=amount),
-            Like("PendingBalanceChange", creditor_id=0, other_creditor_id=alice, principal_delta=amount),
+            *balance_change_message(shard, alice, 0, principal_delta=amount),
         )
 
         # Once the last interest worth paying is paid, nothing moves any more.

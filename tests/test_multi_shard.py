@@ -32,6 +32,7 @@ from peers import (
     Inbox,
     Like,
     Shard,
+    balance_change_message,
     issue,
     now,
     open_root_account,
@@ -233,7 +234,7 @@ def redeem(money: Currency, creditor: int, request_id: int) -> None:
     money.home.finalize(redeemed, amount, note="redeem")
     money.home.inbox.expect(
         Like("FinalizedTransfer", transfer_id=redeemed["transfer_id"], status_code="OK", committed_amount=amount),
-        Like("PendingBalanceChange", creditor_id=0, other_creditor_id=creditor, principal_delta=amount),
+        *balance_change_message(money.home, creditor, 0, principal_delta=amount),
     )
 
 

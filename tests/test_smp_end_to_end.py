@@ -32,7 +32,7 @@ from peers import (
     MAX_COMMIT_DELAY_SECONDS,
     MAX_INT32,
     WAIT_SECONDS,
-    AnyPositiveInt,
+    Like,
     Recent,
     Shard,
     account_update_fields,
@@ -52,7 +52,7 @@ from peers import (
 from test_web import web_server
 
 from pyswpt import schema, topology
-from pyswpt.sharding import Realm, binary_routing_key, hex_routing_key, u64_string
+from pyswpt.sharding import Realm, hex_routing_key, u64_string
 
 # Before RabbitMQ 3.12 a message dead-lettered into a stream is dropped.
 STREAM_DEAD_LETTERING_SINCE = (3, 12)
@@ -229,7 +229,7 @@ def prepared_transfer_fields(
     }
 
 
-def test_issuing_transfer_credits_the_recipient_through_a_pending_balance_change(shard):
+def test_issuing_transfer_credits_a_recipient_in_the_shard_without_a_pending_balance_change(shard):
     start_all(shard)
     recipient = shard.creditor()
     root = open_root_account(shard)
@@ -254,7 +254,9 @@ def test_issuing_transfer_credits_the_recipient_through_a_pending_balance_change
 
     note = "Issued — добре дошли"
     shard.finalize(prepared.fields, 1000, note=note, note_format="text")
-    arrived = by_type(shard.inbox.take(3))
+    # The recipient is in this shard: the change is queued by the finalization, not sent through accounts_in.
+    arrived = by_type(shard.inbox.take(2))
+    assert sorted(arrived) == ["AccountTransfer", "FinalizedTransfer"]
     finalized = arrived["FinalizedTransfer"]
     assert_smp_message(
         finalized,
@@ -276,24 +278,7 @@ def test_issuing_transfer_credits_the_recipient_through_a_pending_balance_change
         },
     )
     committed_at = finalized.fields["ts"]
-    assert_smp_message(
-        arrived["PendingBalanceChange"],
-        "accounts_in",
-        binary_routing_key(shard.debtor_id, recipient),
-        {
-            "type": "PendingBalanceChange",
-            "debtor_id": shard.debtor_id,
-            "creditor_id": recipient,
-            "change_id": AnyPositiveInt(),
-            "coordinator_type": "issuing",
-            "transfer_note_format": "text",
-            "transfer_note": note,
-            "committed_at": committed_at,
-            "principal_delta": 1000,
-            "other_creditor_id": 0,
-        },
-    )
-    # The root account sends no AccountTransfer; the recipient's comes after the loop.
+    # The root account sends no AccountTransfer.
     assert_smp_message(
         arrived["AccountTransfer"],
         "to_creditors",
@@ -335,8 +320,12 @@ def test_committed_direct_transfer_moves_money_and_reports_both_sides(shard):
     assert_smp_message(prepared, "to_coordinators", hex_routing_key(sender), expected)
 
     shard.finalize(prepared.fields, 300, note="Hello, Мир")
-    first = by_type(shard.inbox.take(3))
-    finalized = first["FinalizedTransfer"]
+    # Both sides' AccountTransfers, in either order, and no PendingBalanceChange (one shard).
+    finalized, sender_transfer, recipient_transfer = shard.inbox.expect(
+        Like("FinalizedTransfer"),
+        Like("AccountTransfer", creditor_id=sender),
+        Like("AccountTransfer", creditor_id=recipient),
+    )
     assert_smp_message(
         finalized,
         "to_coordinators",
@@ -357,7 +346,6 @@ def test_committed_direct_transfer_moves_money_and_reports_both_sides(shard):
         },
     )
     committed_at = finalized.fields["ts"]
-    sender_transfer = first["AccountTransfer"]
     assert_smp_message(
         sender_transfer,
         "to_creditors",
@@ -380,10 +368,6 @@ def test_committed_direct_transfer_moves_money_and_reports_both_sides(shard):
             "ts": Recent(since),
         },
     )
-    assert first["PendingBalanceChange"].fields["principal_delta"] == 300
-    assert first["PendingBalanceChange"].fields["other_creditor_id"] == sender
-
-    [recipient_transfer] = shard.inbox.take(1)
     assert_smp_message(
         recipient_transfer,
         "to_creditors",
@@ -442,7 +426,7 @@ def test_dismissal_releases_the_lock_and_moves_nothing(shard):
         },
     )
     shard.settle()
-    shard.inbox.assert_empty()  # no AccountTransfer, no PendingBalanceChange
+    shard.inbox.assert_empty()  # no AccountTransfer
     account = shard.account(sender)
     assert (account["principal"], account["total_locked_amount"], account["pending_transfers_count"]) == (1000, 0, 0)
 
@@ -594,9 +578,12 @@ def test_redelivered_finalize_transfer_commits_once(shard):
 
     finalize = shard.finalize(prepared, 300)
     shard.publish("FinalizeTransfer", finalize)  # redelivered before it was processed
-    arrived = by_type(shard.inbox.take(3))
-    assert arrived["FinalizedTransfer"].fields["committed_amount"] == 300
-    [arrived_at_recipient] = shard.inbox.take(1)
+    finalized, _sent, arrived_at_recipient = shard.inbox.expect(
+        Like("FinalizedTransfer"),
+        Like("AccountTransfer", creditor_id=sender),
+        Like("AccountTransfer", creditor_id=recipient),
+    )
+    assert finalized.fields["committed_amount"] == 300
     assert arrived_at_recipient.fields["acquired_amount"] == 300
     shard.publish("FinalizeTransfer", finalize)  # redelivered after it was processed
     shard.settle()

@@ -81,7 +81,14 @@ def stages(config: Config) -> list[Stage]:
 
     def process_finalization_requests(key: Key) -> SqlCall:
         debtor_id, creditor_id = key
-        params = {"debtor_id": debtor_id, "sender_creditor_id": creditor_id, "ignore_all": ignore_all(config, key)}
+        params = {
+            "debtor_id": debtor_id,
+            "sender_creditor_id": creditor_id,
+            "ignore_all": ignore_all(config, key),
+            # Recipients in this realm get their balance changes without a trip through the broker.
+            "realm_mask": config.realm.mask,
+            "realm": config.realm.realm,
+        }
         return SqlCall(queries.PROCESS_FINALIZATION_REQUESTS, params)
 
     def process_balance_changes(key: Key) -> SqlCall:

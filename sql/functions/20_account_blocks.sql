@@ -403,8 +403,12 @@ BEGIN
 END;
 $$;
 
--- Outbox row for a principal change of (p_debtor_id, p_creditor_id), paid by or to
--- p_other_creditor_id; the flusher routes it to the shard that owns the account.
+-- A principal change of (p_debtor_id, p_creditor_id), paid by or to
+-- p_other_creditor_id. Normally an outbox row, which the flusher routes to the
+-- shard that owns the account. When the caller gives its realm (SHARDING_REALM)
+-- and the account is in it, the change is queued here at once, as the consumer
+-- would queue the PendingBalanceChange: that message would only come back to
+-- this shard's own queue, through the flusher, the broker and the consumer.
 CREATE FUNCTION pyswpt_private.emit_pending_balance_change(
     p_debtor_id bigint,
     p_other_creditor_id bigint,
@@ -414,13 +418,33 @@ CREATE FUNCTION pyswpt_private.emit_pending_balance_change(
     p_transfer_note text,
     p_committed_at timestamptz,
     p_principal_delta bigint,
-    p_now timestamptz
+    p_now timestamptz,
+    p_realm_mask bigint DEFAULT NULL,
+    p_realm bigint DEFAULT NULL
 )
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
+    -- Without a realm is_in_realm is NULL: through the outbox.
+    IF is_in_realm(p_debtor_id, p_creditor_id, p_realm_mask, p_realm) THEN
+        -- The outbox's sequence, so that change ids stay unique per sender
+        -- whichever way the change travels.
+        PERFORM queue_balance_change(
+            p_debtor_id,
+            p_other_creditor_id,
+            nextval('pending_balance_change_signal_change_id_seq'),
+            p_creditor_id,
+            p_coordinator_type,
+            p_transfer_note_format,
+            p_transfer_note,
+            p_committed_at,
+            p_principal_delta
+        );
+        RETURN;
+    END IF;
+
     INSERT INTO pending_balance_change_signal (
         debtor_id,
         other_creditor_id,

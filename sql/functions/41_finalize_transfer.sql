@@ -2,7 +2,8 @@
 -- the intake queues at most one request per prepared transfer, and the batch
 -- processor locks the sender account once, commits or dismisses every matching
 -- prepared transfer, and moves the committed amounts: the sender's principal at
--- once, the recipient's through a PendingBalanceChange.
+-- once, the recipient's through a PendingBalanceChange (queued at once when the
+-- recipient is in the realm the worker gives).
 --
 -- Status codes of a FinalizedTransfer (spec 01 §0.2): OK, TIMEOUT,
 -- NEWER_INTEREST_RATE, INSUFFICIENT_AVAILABLE_AMOUNT.
@@ -71,12 +72,16 @@ $$;
 -- transfer-id order (the spec allows any order). A request without a match, of a
 -- missing sender, or any request when p_ignore_all (parent-shard cleanup, spec 01
 -- §4.3) is only deleted. The committed amounts leave the principal in one B2.
--- Returns the number of requests handled.
+-- p_realm_mask and p_realm are the worker's SHARDING_REALM: the recipients in it
+-- get their balance changes queued here (emit_pending_balance_change); without
+-- them every change goes through the outbox. Returns the number of requests handled.
 CREATE FUNCTION pyswpt_api.process_finalization_requests(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_ignore_all boolean,
-    p_now timestamptz DEFAULT now()
+    p_now timestamptz DEFAULT now(),
+    p_realm_mask bigint DEFAULT NULL,
+    p_realm bigint DEFAULT NULL
 )
 RETURNS integer
 LANGUAGE plpgsql
@@ -145,7 +150,9 @@ BEGIN
             v_status,
             v_committed_amount,
             v_starting_principal,
-            p_now
+            p_now,
+            p_realm_mask,
+            p_realm
         );
         v_principal_delta := v_principal_delta - v_committed_amount;
         v_finalized_count := v_finalized_count + 1;
@@ -261,7 +268,8 @@ $$;
 
 -- Finalize one prepared transfer (spec 02 §2.5 step 3, items 3-5): release its lock,
 -- emit FinalizedTransfer, and for a commit emit the sender's AccountTransfer and
--- the recipient's PendingBalanceChange. The sender's principal_after is the
+-- the recipient's PendingBalanceChange (emit_pending_balance_change, with the
+-- caller's realm). The sender's principal_after is the
 -- principal before the batch minus this amount (quirk of spec 02 §2.5, example 5).
 -- The caller applies the principal change and stores the account.
 CREATE FUNCTION pyswpt_private.finalize_prepared_transfer(
@@ -271,7 +279,9 @@ CREATE FUNCTION pyswpt_private.finalize_prepared_transfer(
     p_status_code text,
     p_committed_amount bigint,
     p_starting_principal bigint,
-    p_now timestamptz
+    p_now timestamptz,
+    p_realm_mask bigint,
+    p_realm bigint
 )
 LANGUAGE plpgsql
 VOLATILE
@@ -336,7 +346,9 @@ BEGIN
             p_request.transfer_note,
             p_now,
             p_committed_amount,
-            p_now
+            p_now,
+            p_realm_mask,
+            p_realm
         );
     END IF;
 END;

@@ -39,6 +39,40 @@ BEGIN
         RETURN false;
     END IF;
 
+    PERFORM queue_balance_change(
+        p_debtor_id,
+        p_other_creditor_id,
+        p_change_id,
+        p_creditor_id,
+        p_coordinator_type,
+        p_transfer_note_format,
+        p_transfer_note,
+        p_committed_at,
+        p_principal_delta
+    );
+    RETURN true;
+END;
+$$;
+
+-- Archive a balance change as not yet applied and queue it for the balance_changes
+-- stage: the end of the intake above, and what a finalization does at once when
+-- the recipient is in its own shard (emit_pending_balance_change). Takes no lock.
+CREATE FUNCTION pyswpt_private.queue_balance_change(
+    p_debtor_id bigint,
+    p_other_creditor_id bigint,
+    p_change_id bigint,
+    p_creditor_id bigint,
+    p_coordinator_type text,
+    p_transfer_note_format text,
+    p_transfer_note text,
+    p_committed_at timestamptz,
+    p_principal_delta bigint
+)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pyswpt, pyswpt_private, pg_temp
+AS $$
+BEGIN
     INSERT INTO registered_balance_change (debtor_id, other_creditor_id, change_id, committed_at, is_applied)
     VALUES (p_debtor_id, p_other_creditor_id, p_change_id, p_committed_at, false)
     ON CONFLICT DO NOTHING;
@@ -72,7 +106,6 @@ BEGIN
         p_committed_at,
         p_principal_delta
     );
-    RETURN true;
 END;
 $$;
 

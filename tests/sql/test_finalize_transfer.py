@@ -30,6 +30,8 @@ from transfer_steps import (
     signals,
 )
 
+from pyswpt.sharding import Realm, shard_key
+
 SECOND = dt.timedelta(seconds=1)
 FAR_DEADLINE = DEFAULT_NOW + 1000 * DAY
 
@@ -283,6 +285,65 @@ def test_commit_debits_the_sender_now_and_credits_the_recipient_by_message(conn,
         "rent",
     )
     assert change["committed_at"] == later
+
+
+def test_commit_to_a_recipient_in_the_workers_realm_is_queued_without_a_message(conn, recipient):
+    transfer = prepared_with(conn, 100, 100)
+    later = DEFAULT_NOW + dt.timedelta(hours=2)
+    enqueue_finalize(conn, transfer, 40, note_format="text", note="rent", now=later)
+    process_finalizations(conn, now=later, realm=Realm.from_binding_key("#"))
+    assert signals(conn, "pending_balance_change_signal") == []
+    [queued] = rows(conn, "SELECT * FROM pending_balance_change")
+    assert {key: queued[key] for key in ("other_creditor_id", "creditor_id", "principal_delta", "committed_at")} == {
+        "other_creditor_id": SENDER_ID,
+        "creditor_id": RECIPIENT_ID,
+        "principal_delta": 40,
+        "committed_at": later,
+    }
+    assert (queued["coordinator_type"], queued["transfer_note_format"], queued["transfer_note"]) == (
+        "direct",
+        "text",
+        "rent",
+    )
+    [archived] = rows(conn, "SELECT * FROM registered_balance_change")
+    assert (archived["change_id"], archived["is_applied"]) == (queued["change_id"], False)
+
+    conn.execute("SELECT process_balance_changes(%s, %s, %s)", (DEBTOR_ID, RECIPIENT_ID, later))
+    assert account(conn, RECIPIENT_ID)["principal"] == 40
+    [received] = [row for row in signals(conn, "account_transfer_signal") if row["creditor_id"] == RECIPIENT_ID]
+    assert (received["acquired_amount"], received["other_creditor_id"], received["committed_at"]) == (
+        40,
+        SENDER_ID,
+        later,
+    )
+
+
+def test_commit_to_a_recipient_outside_the_workers_realm_goes_through_the_outbox(conn, recipient):
+    transfer = prepared_with(conn, 100, 100)
+    recipients_half = shard_key(DEBTOR_ID, RECIPIENT_ID) >> 31
+    other_half = Realm.from_binding_key(f"{1 - recipients_half}.#")
+    enqueue_finalize(conn, transfer, 40)
+    process_finalizations(conn, realm=other_half)
+    [change] = signals(conn, "pending_balance_change_signal")
+    assert (change["creditor_id"], change["principal_delta"]) == (RECIPIENT_ID, 40)
+    assert rows(conn, "SELECT * FROM pending_balance_change") == []
+
+
+def test_change_ids_stay_unique_whichever_way_a_change_travels(conn, recipient):
+    insert_account(conn, DEBTOR_ID, SENDER_ID, principal=100)
+    for request_id in (1, 2):
+        enqueue_prepare(conn, min_locked=10, max_locked=10, request_id=request_id)
+    process_prepares(conn)
+    through_the_outbox, queued_at_once = signals(conn, "prepared_transfer_signal")
+    enqueue_finalize(conn, through_the_outbox, 10)
+    process_finalizations(conn)
+    enqueue_finalize(conn, queued_at_once, 10)
+    process_finalizations(conn, realm=Realm.from_binding_key("#"))
+    [sent] = signals(conn, "pending_balance_change_signal")
+    [queued] = rows(conn, "SELECT * FROM pending_balance_change")
+    assert sent["change_id"] != queued["change_id"]
+    deliver_balance_changes(conn)
+    assert account(conn, RECIPIENT_ID)["principal"] == 20
 
 
 def test_committed_amount_reaches_the_recipient(conn, recipient):

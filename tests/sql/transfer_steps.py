@@ -14,6 +14,8 @@ import psycopg
 from factories import DEFAULT_NOW, T0
 from psycopg.rows import dict_row
 
+from pyswpt.sharding import Realm
+
 DEBTOR_ID = -2
 SENDER_ID = 1099511627778
 RECIPIENT_ID = 1234
@@ -178,11 +180,15 @@ def process_finalizations(
     debtor: int = DEBTOR_ID,
     ignore_all: bool = False,
     now: dt.datetime = DEFAULT_NOW,
+    realm: Realm | None = None,
 ) -> int:
+    """The sender's finalization batch; with `realm`, as a worker of that shard runs it."""
+    if realm is None:
+        return value(conn, "SELECT process_finalization_requests(%s, %s, %s, %s)", (debtor, sender, ignore_all, now))
     return value(
         conn,
-        "SELECT process_finalization_requests(%s, %s, %s, %s)",
-        (debtor, sender, ignore_all, now),
+        "SELECT process_finalization_requests(%s, %s, %s, %s, p_realm_mask => %s, p_realm => %s)",
+        (debtor, sender, ignore_all, now, realm.mask, realm.realm),
     )
 
 
