@@ -17,7 +17,8 @@ After a warm-up, a measuring window gives:
   (benchmarks/cpu.py): each driver of `run all` with the workers it forked,
   all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
   this load generator, and the rest of the machine; the node's total RSS;
-* commits and rollbacks per transfer (pg_stat_database), and with --sql-profile the SQL
+* commits and rollbacks per transfer (pg_stat_database), and the server's WAL flushes
+  (pg_stat_wal: fsyncs, most of them for commits); with --sql-profile the SQL
   functions by self time per transfer (track_functions = all on the database) and the
   scans of each table per transfer.
 
@@ -154,6 +155,7 @@ class Measured:
     pss_mib: dict[str, float]  # at the end of the window
     commits: int = 0
     rollbacks: int = 0  # transactions rolled back: serialization failures retried, refused calls
+    wal_syncs: int = 0  # WAL flushes to disk of the whole server (nothing else runs on it meanwhile)
     functions: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by self time
     statements: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by total time
     tables: list[dict] = dataclasses.field(default_factory=list)  # per transfer, by sequential scans
@@ -369,9 +371,13 @@ def measure(generator: LoadGenerator, sampler: cpu.Sampler, scenario: Scenario, 
 # --- PostgreSQL statistics -------------------------------------------------------------------
 
 
-def transaction_counts(conn: psycopg.Connection) -> tuple[int, int]:
-    """Transactions committed and rolled back in the node's database so far."""
-    query = "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+def transaction_counts(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """Transactions committed and rolled back in the node's database so far, and the server's WAL flushes."""
+    query = """
+        SELECT d.xact_commit, d.xact_rollback, w.wal_sync
+        FROM pg_stat_database AS d, pg_stat_wal AS w
+        WHERE d.datname = current_database()
+    """
     return conn.execute(query).fetchone()
 
 
@@ -546,11 +552,12 @@ def measure_on_node(
     funding: list[chaos.Request],
 ) -> Measured:
     vacuum(stats)
-    (commits_before, rollbacks_before), functions_before = transaction_counts(stats), function_stats(stats)
+    counts_before, functions_before = transaction_counts(stats), function_stats(stats)
     statements_before, tables_before = statement_stats(stats), table_stats(stats)
     measured = measure(generator, sampler, scenario, options)
-    commits_after, rollbacks_after = transaction_counts(stats)
-    measured.commits, measured.rollbacks = commits_after - commits_before, rollbacks_after - rollbacks_before
+    measured.commits, measured.rollbacks, measured.wal_syncs = (
+        after - before for before, after in zip(counts_before, transaction_counts(stats), strict=True)
+    )
     if options.sql_profile:
         measured.functions = function_deltas(functions_before, function_stats(stats), measured.transfers)
         measured.statements = statement_deltas(statements_before, statement_stats(stats), measured.transfers)
@@ -673,8 +680,8 @@ def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
     lines = [
         "| settings | placement | C | idle accounts | transfers/s | ÷ stand-in | prepare p50/p95/p99 ms"
         " | finalize p50/p95 ms | AccountTransfer p50/p95 ms | server+PG CPU ms/transfer | ÷ budget"
-        " | RSS MiB (PSS) | commits (rollbacks)/transfer | load avg | checks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | RSS MiB (PSS) | commits (rollbacks)/transfer | WAL flushes/transfer | load avg | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
         s = m.scenario
@@ -691,7 +698,7 @@ def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
             f" | {cell('account transfer', (50, 95))} | {m.server_and_postgres_ms:.2f}"
             f" | {ratio(m.server_and_postgres_ms, ceilings.node_budget_ms(s.concurrency))}"
             f" | {m.total_rss_mib:.0f} ({m.total_pss_mib:.0f}) | {m.commits / max(m.transfers, 1):.1f}"
-            f" ({m.rollbacks / max(m.transfers, 1):.2f})"
+            f" ({m.rollbacks / max(m.transfers, 1):.2f}) | {m.wal_syncs / max(m.transfers, 1):.2f}"
             f" | {m.load_average[0]:.1f} | {'ok' if m.ok else 'FAILED'} |"
         )
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -115,7 +116,7 @@ class Config:
     status_max_parked_messages: int
     status_max_scanner_silence_seconds: float
 
-    @property
+    @functools.cached_property  # parsed once: the workers and the consumer ask for it per account
     def realm(self) -> sharding.Realm:
         return sharding.Realm.from_binding_key(self.protocol_broker_queue_routing_key)
 

@@ -45,7 +45,7 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
         assert {"pyswpt consumer", "pyswpt workers", "pyswpt flusher", end_to_end.POSTGRES} <= set(m.cpu_seconds)
         assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.total_rss_mib > 0
         assert m.rss_mib["pyswpt workers"] > 0 and m.pss_mib["pyswpt workers"] > 0
-        assert m.commits > 0 and m.functions
+        assert m.commits > 0 and m.wal_syncs > 0 and m.functions
         assert next(row for row in m.tables if row["table"] == "account")["index_scans"] > 0
     checks = {check for m in results for check, *_rest in m.checks}
     assert {"sum of the debtor's principals", "parked messages in all", "pyswpt audit exit status"} <= checks
