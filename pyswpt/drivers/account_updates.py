@@ -43,12 +43,28 @@ def announce_until_stopped(config: Config, stopping: threading.Event) -> None:
     backoff = Backoff()
     while not stopping.is_set():
         try:
-            with db.connect(config.driver_postgres_url, application_name="pyswpt account updates") as conn:
+            with connect(config) as conn:
                 announce_on(conn, config, stopping)
         except Exception as error:  # noqa: BLE001 - the loop must outlive any error (logged); the scanner is the net
             pause = backoff.next_pause()
             logger.error("Prompt AccountUpdates failed (%s); trying again in %.0f s.", describe_error(error), pause)
             stopping.wait(pause)
+
+
+def connect(config: Config) -> psycopg.Connection:
+    """The loop's connection. Unlike every other driver's, its transactions run at READ COMMITTED.
+
+    A call locks up to MAX_ACCOUNTS_PER_CALL accounts, the ones the workers are
+    busy changing. At REPEATABLE READ, locking an account that a worker changed
+    after the call's snapshot fails the whole call (40001); under steady load
+    every retry fails the same way, and the changes wait for the scanner. The
+    call reads nothing but the rows it locks, and at READ COMMITTED a lock
+    returns the row's latest version, checked again against the query's
+    conditions, so each AccountUpdate states what its account holds.
+    """
+    conn = db.connect(config.driver_postgres_url, application_name="pyswpt account updates")
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    return conn
 
 
 def announce_on(conn: psycopg.Connection, config: Config, stopping: threading.Event) -> None:

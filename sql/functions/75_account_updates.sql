@@ -11,6 +11,9 @@
 -- how many. SKIP LOCKED: an account a worker holds is announced on a later
 -- call, and this function never waits for a lock, so taking several account
 -- locks in one transaction cannot deadlock (the heartbeat step does the same).
+-- It reads only the rows it locks, so it is correct at READ COMMITTED, where the
+-- workers' loop calls it: at REPEATABLE READ an account changed after the
+-- call's snapshot fails the whole call.
 CREATE FUNCTION pyswpt_api.send_due_account_updates(
     p_min_interval_seconds double precision,
     p_max_count integer,
