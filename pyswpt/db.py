@@ -15,9 +15,9 @@ the server's defaults are:
   their `now()`, and an account's transfers are never dated before the ones
   numbered before them. The queue takes (`FOR UPDATE SKIP LOCKED`) may fail
   the same way when two takers race for one row, and are retried alike. At
-  READ COMMITTED the same schedules pass silently with stale reads. (One
-  loop reads only rows it locks and locks many: the prompt AccountUpdates
-  of pyswpt.drivers.account_updates, which runs at READ COMMITTED.)
+  READ COMMITTED the same schedules pass silently with stale reads. (The
+  transactions that announce many accounts' state read only rows they lock,
+  and run at READ COMMITTED: pyswpt.transactions.at_read_committed.)
 * A statement timeout and a lock timeout, so that a stuck statement or a
   forgotten lock holder makes a driver fail loudly instead of hanging.
 * The UTC time zone: SMP carries date-times up to 9999-12-31T23:59:59Z (T∞),

@@ -85,6 +85,19 @@ def with_retries(conn: psycopg.Connection, action: Callable[[psycopg.Connection]
     return retrying(in_transaction)
 
 
+def at_read_committed(conn: psycopg.Connection) -> None:
+    """Make the transaction just begun READ COMMITTED; it must not have run a statement yet.
+
+    For a transaction that reads nothing but the rows it locks and locks many
+    that the workers keep changing (announcing accounts' state). At REPEATABLE
+    READ, locking a row changed after the transaction's snapshot fails the whole
+    transaction (40001), and under steady load so does every retry. At READ
+    COMMITTED a lock returns the row's latest version, checked again against
+    the query's conditions, so what is announced is what the row holds.
+    """
+    conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+
 def execute_with_retries(conn: psycopg.Connection, call: SqlCall) -> psycopg.Cursor:
     """Run one statement as a transaction of its own, again after a serialization failure or deadlock.
 

@@ -6,12 +6,14 @@ helpers write the complete rows so that a test names only what it is about.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+from drivers import wait_for
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -25,6 +27,11 @@ T0 = dt.datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_NOW = dt.datetime(2024, 1, 15, 12, 0, tzinfo=UTC)
 EPOCH_DATE = dt.date(1970, 1, 1)
 TRANSFER_ID_DAY_SHIFT = 40
+# Pending accounts to announce in one call: well past the rows a PL/pgSQL FOR loop
+# fetches (and so locks) at once, ten, so that the last ones are locked later.
+ACCOUNTS_IN_ONE_ANNOUNCEMENT = 50
+
+T = TypeVar("T")
 
 
 def initial_transfer_id(creation_date: dt.date) -> int:
@@ -123,3 +130,29 @@ def failing_account_writes(conn: psycopg.Connection, creditor_id: int, statement
         yield stop_failing
     finally:
         stop_failing()
+
+
+def announce_while_accounts_change(
+    conn: psycopg.Connection, database_url: str, announcer_pid: int, announce: Callable[[], T], change: str
+) -> T:
+    """`announce()` (run on the connection of `announcer_pid`) as under load, where workers
+    change accounts while it runs: it takes its snapshot, locks the first accounts and
+    stalls on the AccountUpdate outbox, which this holds; then the `change` statement
+    runs and commits, the outbox is let go, and announce() goes on. Returns its result.
+    """
+    with (
+        contextlib.closing(psycopg.connect(database_url)) as outbox_holder,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        outbox_holder.execute("LOCK TABLE pyswpt.account_update_signal IN SHARE MODE")
+        announced = pool.submit(announce)
+        wait_for(
+            lambda: (
+                conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (announcer_pid,)).fetchone()
+                == ("Lock",)
+            ),
+            "the announcement to wait for the outbox",
+        )
+        conn.execute(change)
+        outbox_holder.rollback()
+        return announced.result(timeout=30)

@@ -20,7 +20,7 @@ import psycopg
 from pyswpt import db, queries
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
-from pyswpt.transactions import describe_error, with_retries
+from pyswpt.transactions import at_read_committed, describe_error, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -43,28 +43,12 @@ def announce_until_stopped(config: Config, stopping: threading.Event) -> None:
     backoff = Backoff()
     while not stopping.is_set():
         try:
-            with connect(config) as conn:
+            with db.connect(config.driver_postgres_url, application_name="pyswpt account updates") as conn:
                 announce_on(conn, config, stopping)
         except Exception as error:  # noqa: BLE001 - the loop must outlive any error (logged); the scanner is the net
             pause = backoff.next_pause()
             logger.error("Prompt AccountUpdates failed (%s); trying again in %.0f s.", describe_error(error), pause)
             stopping.wait(pause)
-
-
-def connect(config: Config) -> psycopg.Connection:
-    """The loop's connection. Unlike every other driver's, its transactions run at READ COMMITTED.
-
-    A call locks up to MAX_ACCOUNTS_PER_CALL accounts, the ones the workers are
-    busy changing. At REPEATABLE READ, locking an account that a worker changed
-    after the call's snapshot fails the whole call (40001); under steady load
-    every retry fails the same way, and the changes wait for the scanner. The
-    call reads nothing but the rows it locks, and at READ COMMITTED a lock
-    returns the row's latest version, checked again against the query's
-    conditions, so each AccountUpdate states what its account holds.
-    """
-    conn = db.connect(config.driver_postgres_url, application_name="pyswpt account updates")
-    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-    return conn
 
 
 def announce_on(conn: psycopg.Connection, config: Config, stopping: threading.Event) -> None:
@@ -76,6 +60,9 @@ def announce_on(conn: psycopg.Connection, config: Config, stopping: threading.Ev
 
 
 def send_due_account_updates(conn: psycopg.Connection, config: Config) -> int:
+    """One call, in the transaction the caller has just begun: up to MAX_ACCOUNTS_PER_CALL accounts
+    that the workers are busy changing, so at READ COMMITTED (transactions.at_read_committed)."""
+    at_read_committed(conn)
     params = {
         "min_interval_seconds": config.account_update_delay_seconds,
         "max_count": MAX_ACCOUNTS_PER_CALL,

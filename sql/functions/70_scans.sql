@@ -114,6 +114,7 @@ $$;
 -- max(ACCOUNT_HEARTBEAT_DAYS, MESSAGE_MAX_DELAY_DAYS). The message carries the
 -- stored state with ts = max(now, last_change_ts); seqnum, last_change_ts and
 -- interest stay as they are. Deleted accounts get no heartbeats.
+-- Reads only the rows it locks: called at READ COMMITTED (see send_due_account_updates).
 CREATE FUNCTION pyswpt_api.send_account_heartbeats(
     p_debtor_ids bigint[],
     p_creditor_ids bigint[],

@@ -13,7 +13,8 @@
 -- locks in one transaction cannot deadlock (the heartbeat step does the same).
 -- It reads only the rows it locks, so it is correct at READ COMMITTED, where the
 -- workers' loop calls it: at REPEATABLE READ an account changed after the
--- call's snapshot fails the whole call.
+-- call's snapshot fails the whole call. The accounts scanner calls
+-- send_account_heartbeats at READ COMMITTED for the same reason.
 CREATE FUNCTION pyswpt_api.send_due_account_updates(
     p_min_interval_seconds double precision,
     p_max_count integer,

@@ -32,7 +32,7 @@ from pyswpt.config import Config
 from pyswpt.drivers.scanners import engine
 from pyswpt.fetch import FetchClient, FetchError
 from pyswpt.messages import CapitalizeInterest, ChangeInterestRate, TryToDeleteAccount, UpdateDebtorInfo
-from pyswpt.transactions import with_retries
+from pyswpt.transactions import at_read_committed, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,12 @@ class AccountsScanner:
             "realm": config.realm.realm,
             "now": now,
         }
-        return self.call(conn, queries.SEND_ACCOUNT_HEARTBEATS, params)
+
+        def at_read_committed_call(c: psycopg.Connection) -> int:
+            at_read_committed(c)  # the beat's accounts may be busy ones
+            return c.execute(queries.SEND_ACCOUNT_HEARTBEATS, params).fetchone()[0]
+
+        return with_retries(conn, at_read_committed_call)
 
     def publish_account_chores(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> None:
         """Steps 4 and 5: deletion attempts, then capitalizations, one batch each."""
