@@ -50,6 +50,12 @@ ACCOUNT_RETRY_PAUSES_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 MAX_ACCOUNTS_IN_BACKOFF = 10_000
 # The list functions take an SQL integer.
 MAX_SQL_INTEGER = 2**31 - 1
+# Rounds of the balance-changes stage start at least this far apart. A committed
+# transfer queues its recipient's change at once and NOTIFYs; without a gap a busy
+# recipient (a merchant) is locked, updated and announced once per transfer. With
+# it, the changes of a few dozen milliseconds are applied together, as they were
+# when each came through the broker and the consumer's windows.
+BALANCE_CHANGES_ROUND_GAP_SECONDS = 0.02
 
 Key = tuple[int, int]
 
@@ -67,6 +73,7 @@ class Stage:
     wait_seconds: float
     max_count: int
     process: Callable[[Key], SqlCall]  # the call of the account's batch processor
+    round_gap_seconds: float = 0.0  # a round starts at least this long after the previous one
 
 
 def stages(config: Config) -> list[Stage]:
@@ -122,6 +129,7 @@ def stages(config: Config) -> list[Stage]:
             config.process_balance_changes_wait_seconds,
             config.process_balance_changes_max_count,
             process_balance_changes,
+            BALANCE_CHANGES_ROUND_GAP_SECONDS,
         ),
     ]
 
@@ -293,11 +301,19 @@ def serve_stage(
                 metrics.WORKER_ROUND_ACCOUNTS.labels(stage.name).observe(len(keys))
                 api_wait.succeeded()
                 if len(keys) < stage.max_count:
-                    listener.wait(stage.table, round_started + stage.wait_seconds, stopping)
+                    wait_for_next_round(listener, stage, round_started, stopping)
     finally:
         lister.close()
         for conn in connections:
             conn.close()
+
+
+def wait_for_next_round(
+    listener: db.SharedListener, stage: Stage, round_started: float, stopping: threading.Event
+) -> None:
+    """Until work for the stage is notified or its longest pause is over, and its round gap too."""
+    listener.wait(stage.table, round_started + stage.wait_seconds, stopping)
+    stopping.wait(max(0.0, round_started + stage.round_gap_seconds - time.monotonic()))
 
 
 def process_round(pool: concurrent.futures.ThreadPoolExecutor, process: Callable[[Key], None], keys: list[Key]) -> None:
