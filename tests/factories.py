@@ -140,9 +140,10 @@ def announce_while_accounts_change(
     stalls on the AccountUpdate outbox, which this holds; then the `change` statement
     runs and commits, the outbox is let go, and announce() goes on. Returns its result.
     """
+    # The holder closes first, so that a failing test never leaves announce() waiting for it.
     with (
-        contextlib.closing(psycopg.connect(database_url)) as outbox_holder,
         concurrent.futures.ThreadPoolExecutor(1) as pool,
+        contextlib.closing(psycopg.connect(database_url)) as outbox_holder,
     ):
         outbox_holder.execute("LOCK TABLE pyswpt.account_update_signal IN SHARE MODE")
         announced = pool.submit(announce)
