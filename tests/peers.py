@@ -100,14 +100,6 @@ class Recent:
         return f"<a wire date-time after {self.since.isoformat()}>"
 
 
-class AnyPositiveInt:
-    def __eq__(self, other: object) -> bool:
-        return type(other) is int and other > 0
-
-    def __repr__(self) -> str:
-        return "<a positive integer>"
-
-
 class Like:
     """Matches a received SMP message of one type whose named fields are equal to these."""
 
