@@ -32,6 +32,16 @@ its own at the same isolation level (transactions.execute_with_retries). A
 LISTEN connection is in autocommit and gets the same settings; its listing
 queries are single statements. The fetch API's connections are
 read-only (enforced by PostgreSQL) with a shorter statement timeout.
+
+The workers and the flushers commit asynchronously (synchronous_commit off):
+a commit returns before its WAL is on the disk, so it costs no flush of its
+own. A PostgreSQL crash may then undo their last commits, which is safe
+because nothing they changed has left the database yet: a worker's effects
+leave only through the outbox, and the flusher makes every commit it saw
+durable before it publishes (pyswpt_api.make_commits_durable); undone work
+is done again from the queued requests, which the consumers' synchronous
+commits made durable before they acked the messages. An undone flusher
+commit only publishes its rows again (at least once).
 Options an operator put in the URL come after these, so they win.
 """
 
@@ -80,7 +90,7 @@ LOCK_TIMEOUT_SECONDS = 30
 READ_ONLY_STATEMENT_TIMEOUT_SECONDS = 5
 
 
-def session_settings(*, read_only: bool = False) -> dict[str, str]:
+def session_settings(*, read_only: bool = False, asynchronous_commit: bool = False) -> dict[str, str]:
     """The server settings of every connection this module makes."""
     settings = {
         "default_transaction_isolation": ISOLATION_LEVEL,
@@ -88,19 +98,23 @@ def session_settings(*, read_only: bool = False) -> dict[str, str]:
         "lock_timeout": f"{LOCK_TIMEOUT_SECONDS}s",
         "TimeZone": "UTC",
     }
+    if asynchronous_commit:
+        settings["synchronous_commit"] = "off"
     if read_only:
         settings["default_transaction_read_only"] = "on"
         settings["statement_timeout"] = f"{READ_ONLY_STATEMENT_TIMEOUT_SECONDS}s"
     return settings
 
 
-def connection_kwargs(url: str, application_name: str, *, read_only: bool = False) -> dict[str, Any]:
+def connection_kwargs(
+    url: str, application_name: str, *, read_only: bool = False, asynchronous_commit: bool = False
+) -> dict[str, Any]:
     """Connect keyword arguments: the session settings, a connect timeout and a name in pg_stat_activity."""
     name = application_name.encode()[:APPLICATION_NAME_MAX_BYTES].decode(errors="ignore")
     # libpq splits options at spaces, except those escaped with a backslash.
     options = " ".join(
         "-c " + setting + "=" + value.replace(" ", "\\ ")
-        for setting, value in session_settings(read_only=read_only).items()
+        for setting, value in session_settings(read_only=read_only, asynchronous_commit=asynchronous_commit).items()
     )
     operator_options = conninfo_to_dict(url).get("options")
     return {
@@ -116,10 +130,15 @@ def connect(
     *,
     application_name: str = "pyswpt",
     read_only: bool = False,
+    asynchronous_commit: bool = False,
     connect_timeout_seconds: int = CONNECT_TIMEOUT_SECONDS,
 ) -> psycopg.Connection:
-    """One connection with autocommit off and the session settings; the caller closes it."""
-    kwargs = connection_kwargs(url, application_name, read_only=read_only)
+    """One connection with autocommit off and the session settings; the caller closes it.
+
+    With `asynchronous_commit` its commits do not wait for the WAL flush: only
+    for the workers and the flushers (see the module's docstring).
+    """
+    kwargs = connection_kwargs(url, application_name, read_only=read_only, asynchronous_commit=asynchronous_commit)
     return psycopg.connect(url, **{**kwargs, "connect_timeout": connect_timeout_seconds})
 
 

@@ -222,6 +222,11 @@ TAKE_PENDING_BALANCE_CHANGE_SIGNALS = """
     SELECT * FROM pyswpt_api.take_pending_balance_change_signals(p_max_count => %(max_count)s)
 """
 
+# In a transaction of its own, before the taken rows are published: see sql/functions/80_outbox.sql.
+MAKE_COMMITS_DURABLE = """
+    SELECT pyswpt_api.make_commits_durable()
+"""
+
 # Parked messages (parking, the flushers' retries, `pyswpt parked`) ---------------------------
 
 # Park one message; says 'parked', 'parked_again' or 'over_cap'.

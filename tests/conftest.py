@@ -14,7 +14,7 @@ import dataclasses
 import os
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -162,6 +162,24 @@ def conn(database_url: str) -> Iterator[psycopg.Connection]:
     with contextlib.closing(psycopg.connect(database_url, autocommit=True)) as connection:
         connection.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         yield connection
+
+
+@pytest.fixture
+def flushed_wal_records(conn: psycopg.Connection) -> Iterator[Callable[[str], list[tuple[str, str, str]]]]:
+    """Reads the WAL records from a position up to the last one flushed to disk: (resource manager,
+    record type, description) each. pg_walinspect (PostgreSQL's contrib) is installed for the test only.
+
+    Raises when the position lies past the flushed WAL.
+    """
+    conn.execute("CREATE EXTENSION pg_walinspect SCHEMA public")
+    try:
+        yield lambda start: conn.execute(
+            "SELECT resource_manager, record_type, description"
+            " FROM public.pg_get_wal_records_info(%s, pg_current_wal_flush_lsn())",
+            (start,),
+        ).fetchall()
+    finally:
+        conn.execute("DROP EXTENSION pg_walinspect")
 
 
 @pytest.fixture(scope="session")

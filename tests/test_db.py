@@ -11,7 +11,14 @@ import pytest
 
 from pyswpt import db
 
-SETTINGS = ("transaction_isolation", "statement_timeout", "lock_timeout", "transaction_read_only", "TimeZone")
+SETTINGS = (
+    "transaction_isolation",
+    "statement_timeout",
+    "lock_timeout",
+    "transaction_read_only",
+    "TimeZone",
+    "synchronous_commit",
+)
 
 
 def session(conn: psycopg.Connection) -> dict[str, str]:
@@ -24,6 +31,7 @@ DRIVER_SESSION = {
     "lock_timeout": "30s",
     "transaction_read_only": "off",
     "TimeZone": "UTC",
+    "synchronous_commit": "on",
 }
 
 
@@ -34,9 +42,15 @@ def test_driver_connections_run_at_repeatable_read_with_timeouts(fresh_database_
 
 
 def test_a_listening_connection_is_in_autocommit_with_the_same_settings(fresh_database_url):
+    # Synchronous commits too: the flusher's durability barriers run on its listener.
     with db.listen(fresh_database_url, "some_channel", application_name="pyswpt test") as listener:
         assert listener.autocommit
         assert session(listener) == DRIVER_SESSION
+
+
+def test_a_connection_for_asynchronous_commits_differs_in_that_only(fresh_database_url):
+    with db.connect(fresh_database_url, asynchronous_commit=True) as conn:
+        assert session(conn) == {**DRIVER_SESSION, "synchronous_commit": "off"}
 
 
 def test_read_only_pool_connections_refuse_writes_and_time_out_sooner(fresh_database_url):

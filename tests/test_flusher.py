@@ -9,7 +9,7 @@ import pytest
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, running, wait_for
 
-from pyswpt import amqp, config, db, outbox, sharding, topology
+from pyswpt import amqp, config, outbox, sharding, topology
 from pyswpt.drivers import flusher
 
 UTC = dt.UTC
@@ -52,8 +52,8 @@ def outbox_count(conn: psycopg.Connection, table: str) -> int:
 
 
 def flush(database_url, publisher, table_name: str, cfg: config.Config) -> int:
-    with db.connect(database_url) as flush_conn:
-        return flusher.flush_tables(flush_conn, publisher, [outbox.TABLES_BY_NAME[table_name]], cfg)
+    with flusher.connections(database_url) as (flush_conn, barrier_conn):
+        return flusher.flush_tables(flush_conn, barrier_conn, publisher, [outbox.TABLES_BY_NAME[table_name]], cfg)
 
 
 def test_account_update_goes_to_the_creditor_with_exact_properties(conn, database_url, rabbitmq_url, publisher):
@@ -114,6 +114,31 @@ def test_pending_balance_change_goes_to_accounts_in_by_binary_key(conn, database
         "principal_delta": 5,
         "other_creditor_id": 1,
     }
+
+
+def test_the_flusher_commits_asynchronously_and_its_barriers_synchronously(database_url):
+    with flusher.connections(database_url) as (conn, barrier_conn):
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        assert barrier_conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+
+
+def test_the_commits_of_a_burst_are_made_durable_before_it_is_published(
+    conn, database_url, rabbitmq_url, flushed_wal_records
+):
+    # The row comes from an asynchronous commit, as a worker's rows do.
+    conn.execute("SET synchronous_commit = off")
+    create_account(conn, DEBTOR, CREDITOR)
+    committed_up_to = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+    closed = amqp.BatchPublisher(rabbitmq_url)
+    closed.close()  # publishing fails at once
+
+    with pytest.raises(amqp.CONNECTION_ERRORS):
+        flush(database_url, closed, "account_updates", settings(database_url, rabbitmq_url))
+
+    # The barrier ran before the publishing that failed, and is on disk with what came before it.
+    kinds = [record[:2] for record in flushed_wal_records(committed_up_to)]
+    assert ("LogicalMessage", "MESSAGE") in kinds
+    assert outbox_count(conn, "account_update_signal") == 1
 
 
 def test_unroutable_message_is_parked_for_a_retry(conn, database_url, rabbitmq_url, publisher):
@@ -183,8 +208,8 @@ def flush_both_tables(database_url, rabbitmq_url, publisher, cfg: config.Config,
         ("to_creditors", sharding.hex_routing_key(RECIPIENT)),
         ("accounts_in", sharding.binary_routing_key(DEBTOR, RECIPIENT)),
     ]
-    with catching_queue(rabbitmq_url, bindings) as catcher, db.connect(database_url) as flush_conn:
-        assert flusher.flush_tables(flush_conn, publisher, tables, cfg) == expected
+    with catching_queue(rabbitmq_url, bindings) as catcher, flusher.connections(database_url) as connections:
+        assert flusher.flush_tables(*connections, publisher, tables, cfg) == expected
         return catcher.collect(expected)
 
 

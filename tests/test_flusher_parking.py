@@ -125,8 +125,8 @@ def test_parked_unroutable_message_is_delivered_once_a_queue_is_bound(conn, data
     insert_rejected_transfer(conn, UNBOUND_COORDINATOR_TYPE, coordinator_id, 7)
     cfg = settings(database_url, rabbitmq_url)
     table = outbox.TABLES_BY_NAME["rejected_transfers"]
-    with psycopg.connect(database_url) as flush_conn:
-        flusher.flush_tables(flush_conn, publisher, [table], cfg)
+    with flusher.connections(database_url) as (flush_conn, barrier_conn):
+        flusher.flush_tables(flush_conn, barrier_conn, publisher, [table], cfg)
         # Arrangement: the first retry is due now instead of in a second.
         conn.execute("UPDATE parked_message SET next_retry_at = now()")
         assert flusher.retry_parked_messages(flush_conn, publisher, [table]) == 0
@@ -182,8 +182,8 @@ def test_unencodable_row_is_parked_with_its_columns(conn, database_url, rabbitmq
     # A float that JSON cannot carry.
     conn.execute("UPDATE account_update_signal SET interest_rate = 'NaN'")
     cfg = settings(database_url, rabbitmq_url)
-    with psycopg.connect(database_url) as flush_conn:
-        assert flusher.flush_tables(flush_conn, publisher, [outbox.TABLES_BY_NAME["account_updates"]], cfg) == 1
+    with flusher.connections(database_url) as connections:
+        assert flusher.flush_tables(*connections, publisher, [outbox.TABLES_BY_NAME["account_updates"]], cfg) == 1
 
     [row] = parked_rows(conn)
     assert (row["reason_code"], row["next_retry_at"], row["body"]) == ("unencodable", None, None)

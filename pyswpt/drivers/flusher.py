@@ -1,8 +1,9 @@
 """The outbox flusher (`pyswpt run flusher`): publishes outbox rows to RabbitMQ.
 
 Per round: take up to a burst of rows of each table to flush (deleted in one
-open transaction, until MAX_ROWS_PER_TRANSACTION rows are taken), publish
-them all as one batch with publisher confirms, commit; again for the tables
+open transaction, until MAX_ROWS_PER_TRANSACTION rows are taken), make the
+commits that wrote them durable (the workers commit asynchronously, see
+pyswpt.db), publish them all as one batch with publisher confirms, commit; again for the tables
 whose burst was full or that were not reached. One transaction and one wait
 for confirms serve the tables of a round: a transfer fills three to five
 tables, and a wait per table cost a commit and a broker round trip each.
@@ -22,6 +23,7 @@ function while an upgrade runs, up to APP_API_WAIT_SECONDS (pyswpt.upgrades).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -29,7 +31,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pika
@@ -119,10 +121,7 @@ def flush_rounds(
 ) -> None:
     publisher = amqp.BatchPublisher(config.protocol_broker_url)
     try:
-        with (
-            db.connect(config.driver_postgres_url, application_name="pyswpt flusher") as conn,
-            db.listen(config.driver_postgres_url, NOTIFY_CHANNEL, application_name="pyswpt flusher listen") as listener,
-        ):
+        with connections(config.driver_postgres_url) as (conn, listener):
             # A random first pause keeps flushers started together from polling in
             # lockstep; a NOTIFY still wakes them at once.
             next_full_round = time.monotonic() + random.uniform(0, config.flush_period_seconds)
@@ -133,7 +132,8 @@ def flush_rounds(
                 # messages, so that nothing waits longer for a NOTIFY that was lost.
                 round_started = time.monotonic()
                 full_round = round_started >= next_full_round
-                flush_tables(conn, publisher, [t for t in tables if full_round or t.signal_table in notified], config)
+                flushed = [t for t in tables if full_round or t.signal_table in notified]
+                flush_tables(conn, listener, publisher, flushed, config)
                 if full_round:
                     retry_parked_messages(conn, publisher, tables)
                     next_full_round = round_started + config.flush_period_seconds
@@ -142,6 +142,21 @@ def flush_rounds(
                 notified = db.wait_for_notifications(listener, next_full_round, stopping)
     finally:
         publisher.close()
+
+
+@contextlib.contextmanager
+def connections(url: str) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+    """The flusher's two sessions: one for its transactions, and one in autocommit that
+    LISTENs for NOTIFYs and runs the durability barriers, each a transaction of its own.
+
+    The transactions commit asynchronously (pyswpt.db): an undone one only
+    publishes its rows again, and the next barrier makes it durable.
+    """
+    with (
+        db.connect(url, application_name="pyswpt flusher", asynchronous_commit=True) as conn,
+        db.listen(url, NOTIFY_CHANNEL, application_name="pyswpt flusher listen") as listener,
+    ):
+        yield conn, listener
 
 
 # Flushing an outbox table --------------------------------------------------------------------
@@ -179,9 +194,16 @@ class Burst:
 
 
 def flush_tables(
-    conn: psycopg.Connection, publisher: amqp.BatchPublisher, tables: Sequence[outbox.OutboxTable], config: Config
+    conn: psycopg.Connection,
+    barrier_conn: psycopg.Connection,
+    publisher: amqp.BatchPublisher,
+    tables: Sequence[outbox.OutboxTable],
+    config: Config,
 ) -> int:
     """Publish the tables' rows in bursts until each is empty; return how many rows left the outbox.
+
+    `barrier_conn`, another session in autocommit, makes the commits that
+    wrote the rows durable before they are published.
 
     A row leaves the outbox when the broker confirmed it, when it is parked, or
     when it belongs to a parent shard and is to be dropped.
@@ -192,7 +214,9 @@ def flush_tables(
     while pending:
         # At REPEATABLE READ two flushers racing for a row fail with 40001 in
         # take_rows, before anything is published: the bursts are taken again.
-        bursts = with_retries(conn, lambda c, tables=pending: publish_bursts(c, publisher, tables, config))
+        bursts = with_retries(
+            conn, lambda c, tables=pending: publish_bursts(c, barrier_conn, publisher, tables, config)
+        )
         unreached = pending[len(bursts) :]
         pending = []
         for burst in bursts:
@@ -212,14 +236,20 @@ def flush_tables(
 
 
 def publish_bursts(
-    conn: psycopg.Connection, publisher: amqp.BatchPublisher, tables: Sequence[outbox.OutboxTable], config: Config
+    conn: psycopg.Connection,
+    barrier_conn: psycopg.Connection,
+    publisher: amqp.BatchPublisher,
+    tables: Sequence[outbox.OutboxTable],
+    config: Config,
 ) -> list[Burst]:
     """Take a burst of the first `tables` in the caller's transaction, publish them together and park
     what cannot go; return the bursts, one for each table reached (MAX_ROWS_PER_TRANSACTION).
 
     The transaction's commit deletes the rows taken. Every row is taken before
-    anything is published, so that a serialization failure comes first. The
-    messages go out in the order of `tables`, each table's in the order taken.
+    anything is published, so that a serialization failure comes first. Then
+    the barrier: every commit this transaction's snapshot saw is in the WAL
+    before the barrier's commit, which waits for the flush. The messages go
+    out in the order of `tables`, each table's in the order taken.
     """
     bursts: list[Burst] = []
     for table in tables:
@@ -228,6 +258,8 @@ def publish_bursts(
         bursts.append(Burst(table, take_rows(conn, table, config.flush_burst_counts[table.name])))
     for burst in bursts:
         sort_rows(burst, config)
+    if any(burst.rows for burst in bursts):
+        barrier_conn.execute(queries.MAKE_COMMITS_DURABLE)
     outcomes = publisher.publish_each([message for burst in bursts for _row, message in burst.outgoing])
     retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
     start = 0

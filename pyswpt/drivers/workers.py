@@ -257,7 +257,10 @@ def serve_stage(
 
     def connection() -> psycopg.Connection:
         if not hasattr(local, "conn"):
-            local.conn = db.connect(config.driver_postgres_url, application_name=f"pyswpt {stage.name}")
+            # Asynchronous commits: the flusher makes them durable before their outbox rows leave (pyswpt.db).
+            local.conn = db.connect(
+                config.driver_postgres_url, application_name=f"pyswpt {stage.name}", asynchronous_commit=True
+            )
             # A batch processor is one statement: in autocommit it is its own
             # transaction, without the round trips of BEGIN and COMMIT.
             local.conn.autocommit = True

@@ -167,3 +167,22 @@ BEGIN
         RETURNING *;
 END;
 $$;
+
+-- The flusher's durability barrier. The workers commit without waiting for
+-- their WAL to reach the disk (pyswpt/drivers/workers.py): their changes
+-- leave the database only through the outbox, and the flusher calls this in a
+-- transaction of its own after taking rows and before publishing them. A
+-- commit with synchronous_commit on waits until the WAL up to its commit
+-- record is flushed, and the commit of every row the flusher saw lies before
+-- it. A commit that wrote no WAL does not wait, so the barrier writes one
+-- small record: a transactional logical message, which nothing decodes.
+CREATE FUNCTION pyswpt_api.make_commits_durable()
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_logical_emit_message(true, 'pyswpt', 'durable');
+END;
+$$;
