@@ -6,8 +6,9 @@ whose accounts are funded by issuing; then C simulated coordinators run a
 closed loop of PrepareTransfer → PreparedTransfer → FinalizeTransfer →
 FinalizedTransfer until N transfers are done, resending what goes
 unanswered. Meanwhile a fault thread SIGKILLs processes of the node's tree,
-terminates its database backends and closes its broker connections, and
-poison messages of every kind are mixed into the queue. At the end it checks:
+terminates its database backends and closes its broker connections (and
+with --crash-postgres crashes the PostgreSQL server), and poison messages
+of every kind are mixed into the queue. At the end it checks:
 
 * every request was answered, and at most one distinct way (duplicates of the
   same message are allowed: delivery is at least once);
@@ -23,7 +24,11 @@ poison messages of every kind are mixed into the queue. At the end it checks:
 
 The run makes a vhost of its own, like a test session (tests/vhosts.py); it
 closes the node's broker connections with rabbitmqctl, so it runs on the
-broker's machine.
+broker's machine. --crash-postgres SIGKILLs a backend of the node, so that
+the postmaster restarts every backend of the server and recovers from the WAL
+on disk: the workers' and flusher's asynchronous commits not yet written are
+undone (pyswpt.db). It needs the database server's machine and the right to
+signal its processes, and it disturbs every other user of the server.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class Settings:
     fault_interval_seconds: float = 3.0
     poison_every: int = 100  # one poison message per this many transfers started
     min_fault_rounds: int = 1  # transfers go on until every kind of fault was injected this often
+    crash_postgres: bool = False
     deadline_seconds: float = 1800.0
 
 
@@ -197,13 +203,14 @@ class Faults(threading.Thread):
 
     A round SIGKILLs each driver of `run all` and one worker forked by a
     driver, terminates a database backend and closes the node's broker
-    connections.
+    connections; with `crash_postgres` it also crashes the database server.
     """
 
-    def __init__(self, node: Node, interval_seconds: float):
+    def __init__(self, node: Node, interval_seconds: float, crash_postgres: bool = False):
         super().__init__(name="faults", daemon=True)
         self.node = node
         self.interval_seconds = interval_seconds
+        self.crash_postgres = crash_postgres
         self.stopping = threading.Event()
         self.rounds = 0
         self.injected: collections.Counter[str] = collections.Counter()
@@ -211,6 +218,8 @@ class Faults(threading.Thread):
     def run(self) -> None:
         actions = [functools.partial(self.kill_driver, program) for program in DRIVERS]
         actions += [self.kill_a_forked_worker, self.terminate_a_backend, self.close_broker_connections]
+        if self.crash_postgres:
+            actions.append(self.kill_a_backend)
         while not self.stopping.is_set():
             due = random.sample(actions, len(actions))
             # A target that is not running now (a driver being restarted) is tried
@@ -260,20 +269,34 @@ class Faults(threading.Thread):
         return True
 
     def terminate_a_backend(self) -> bool:
+        pid = self.a_backend_of_the_node()
+        if pid is None:
+            return False
         with psycopg.connect(self.node.database_url, autocommit=True) as conn:
-            terminated = conn.execute(
-                """
-                SELECT count(pg_terminate_backend(pid))
-                FROM (
-                    SELECT pid FROM pg_stat_activity
-                    WHERE datname = current_database() AND application_name LIKE 'pyswpt%'
-                    ORDER BY random()
-                    LIMIT 1
-                ) AS chosen
-                """
-            ).fetchone()[0]
+            terminated = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
         self.injected["database backend terminated"] += terminated
-        return terminated > 0
+        return terminated
+
+    def kill_a_backend(self) -> bool:
+        """A crash of the server: after a backend dies by SIGKILL, the postmaster restarts them all."""
+        pid = self.a_backend_of_the_node()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL)
+        self.injected["PostgreSQL crashed (a backend SIGKILLed)"] += 1
+        return True
+
+    def a_backend_of_the_node(self) -> int | None:
+        with psycopg.connect(self.node.database_url, autocommit=True) as conn:
+            row = conn.execute(
+                """
+                SELECT pid FROM pg_stat_activity
+                WHERE datname = current_database() AND application_name LIKE 'pyswpt%'
+                ORDER BY random()
+                LIMIT 1
+                """
+            ).fetchone()
+        return row[0] if row else None
 
     def close_broker_connections(self) -> bool:
         """Close the node's broker connections (not the coordinators')."""
@@ -699,7 +722,7 @@ def drive(
     deadline = time.monotonic() + settings.deadline_seconds
     funding = open_and_fund_accounts(coordinators, node.database_url, creditors, deadline)
 
-    faults = Faults(node, settings.fault_interval_seconds)
+    faults = Faults(node, settings.fault_interval_seconds, settings.crash_postgres)
     faults.start()
     started_at = time.monotonic()
     transfers: list[Request] = []
@@ -872,6 +895,7 @@ def main() -> int:
     parser.add_argument("--poison-every", type=int, default=Settings.poison_every)
     parser.add_argument("--min-fault-rounds", type=int, default=Settings.min_fault_rounds)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--crash-postgres", action="store_true", help="also crash the database server, once a round")
     args = parser.parse_args()
     settings = Settings(
         transfers=args.transfers,
@@ -880,6 +904,7 @@ def main() -> int:
         fault_interval_seconds=args.fault_interval,
         poison_every=args.poison_every,
         min_fault_rounds=args.min_fault_rounds,
+        crash_postgres=args.crash_postgres,
     )
     report = run_chaos(
         os.environ["PYSWPT_TEST_POSTGRES_URL"], os.environ["PYSWPT_TEST_RABBITMQ_URL"], settings, args.log_dir
