@@ -129,12 +129,8 @@ class AccountsScanner:
             "realm": config.realm.realm,
             "now": now,
         }
-
-        def at_read_committed_call(c: psycopg.Connection) -> int:
-            at_read_committed(c)  # the beat's accounts may be busy ones
-            return c.execute(queries.SEND_ACCOUNT_HEARTBEATS, params).fetchone()[0]
-
-        return with_retries(conn, at_read_committed_call)
+        # The beat's accounts may be ones the workers are busy changing.
+        return self.call(conn, queries.SEND_ACCOUNT_HEARTBEATS, params, read_committed=True)
 
     def publish_account_chores(self, conn: psycopg.Connection, keys: list[engine.Key], now: dt.datetime) -> None:
         """Steps 4 and 5: deletion attempts, then capitalizations, one batch each."""
@@ -213,8 +209,17 @@ class AccountsScanner:
             logger.exception("Caught error while making a fetch request.")
             return None
 
-    def call(self, conn: psycopg.Connection, query: str, params: dict[str, object]) -> int:
-        return with_retries(conn, lambda c: c.execute(query, params).fetchone()[0])
+    def call(
+        self, conn: psycopg.Connection, query: str, params: dict[str, object], *, read_committed: bool = False
+    ) -> int:
+        """One call in a transaction of its own, retried; at READ COMMITTED when asked (at_read_committed)."""
+
+        def in_transaction(c: psycopg.Connection) -> int:
+            if read_committed:
+                at_read_committed(c)
+            return c.execute(query, params).fetchone()[0]
+
+        return with_retries(conn, in_transaction)
 
     def keep_alive(self) -> None:
         self.publisher.keep_alive()
