@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
+from psycopg.pq import TransactionStatus
 
 from pyswpt import metrics
 
@@ -85,6 +87,30 @@ def with_retries(conn: psycopg.Connection, action: Callable[[psycopg.Connection]
     return retrying(in_transaction)
 
 
+@contextlib.contextmanager
+def pipelined_transaction(conn: psycopg.Connection) -> Iterator[psycopg.Pipeline]:
+    """A transaction in pipeline mode whose BEGIN goes out with its first statements, and COMMIT with its last.
+
+    Yields the pipeline: the block calls its sync() where it needs results
+    (fetching a result waits for it too). psycopg's own transaction() in
+    pipeline mode waits for the result of BEGIN before anything else, and
+    syncs again before COMMIT, as does entering a nested pipeline block: round
+    trips of their own. Sent as statements on a connection in autocommit,
+    BEGIN and COMMIT wait for nothing. A failure rolls the transaction back.
+    """
+    if not conn.autocommit:
+        raise ValueError("a pipelined transaction needs a connection in autocommit")
+    try:
+        with conn.pipeline() as pipeline:
+            conn.execute("BEGIN")
+            yield pipeline
+            conn.execute("COMMIT")
+    except BaseException:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def at_read_committed(conn: psycopg.Connection) -> None:
     """Make the transaction just begun READ COMMITTED; it must not have run a statement yet.
 
@@ -128,16 +154,30 @@ def retrying(attempt: Callable[[], T]) -> T:
 def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tuple | None]:
     """Every call in one transaction, again after a serialization failure or deadlock; the first row of each result.
 
-    In pipeline mode BEGIN, the calls and COMMIT go out together: the whole
-    transaction is one round trip. A call that fails rolls it back.
+    The whole transaction is one round trip: in pipeline mode, on a connection
+    in autocommit (for the duration), the statements up to a Sync run as one
+    implicit transaction, committed at the Sync; a call that fails rolls it
+    back. With psycopg's transaction() in pipeline mode, BEGIN and COMMIT
+    would each wait for a round trip of their own (pipelined_transaction).
     """
 
     def in_one_round_trip() -> list[tuple | None]:
-        with conn.pipeline(), conn.transaction():
+        with in_autocommit(conn), conn.pipeline():
             cursors = [conn.execute(call.query, call.params) for call in calls]
         return [cursor.fetchone() for cursor in cursors]
 
     return retrying(in_one_round_trip)
+
+
+@contextlib.contextmanager
+def in_autocommit(conn: psycopg.Connection) -> Iterator[None]:
+    """The connection in autocommit for the block (a setting of the client: it costs no round trip)."""
+    was = conn.autocommit
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        conn.autocommit = was
 
 
 def is_infrastructure_error(error: BaseException) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from libpq_trace import round_trips, sent_statements, traced
 
 from pyswpt import db
-from pyswpt.transactions import SqlCall, execute_calls, execute_with_retries, with_retries
+from pyswpt.transactions import SqlCall, execute_calls, execute_with_retries, pipelined_transaction, with_retries
 
 # Fails with a serialization failure on its first call in the session, then
 # returns how many times it was called: a sequence keeps counting across rollbacks.
@@ -80,3 +81,70 @@ def test_calls_are_run_again_after_a_serialization_failure(database_url):
         caller.execute(FAIL_ONCE)
         caller.commit()
         assert execute_calls(caller, [SqlCall("SELECT pg_temp.fail_once()", ())]) == [(2,)]
+
+
+def test_calls_are_one_round_trip(database_url):
+    with db.connect(database_url) as caller:
+        with traced(caller) as lines:
+            assert execute_calls(caller, [SqlCall("SELECT 1", ()), SqlCall("SELECT 2", ())]) == [(1,), (2,)]
+        assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert not caller.autocommit  # as it was
+    assert round_trips(lines) == 1
+
+
+def test_calls_run_at_the_sessions_isolation_level_with_one_snapshot(database_url):
+    calls = [SqlCall("SELECT current_setting('transaction_isolation'), pg_current_xact_id()", ())] * 2
+    with db.connect(database_url) as caller:
+        first, second = execute_calls(caller, calls)
+    assert first == second
+    assert first[0] == db.ISOLATION_LEVEL
+
+
+def test_a_pipelined_transaction_begins_with_its_first_statements_and_commits_with_its_last(database_url, conn):
+    conn.execute("CREATE TABLE public.pipelined_rows (value integer)")
+    conn.commit()
+    with db.connect(database_url) as caller:
+        caller.autocommit = True
+        with traced(caller) as lines, pipelined_transaction(caller) as pipeline:
+            caller.execute("INSERT INTO public.pipelined_rows VALUES (1)")
+            selected = caller.execute("SELECT count(*) FROM public.pipelined_rows")
+            pipeline.sync()
+            assert selected.fetchone() == (1,)
+            caller.execute("INSERT INTO public.pipelined_rows VALUES (2)")
+    # BEGIN goes with the first statements, COMMIT with the last: two round trips.
+    assert round_trips(lines) == 2
+    assert sent_statements(lines) == [
+        "BEGIN",
+        "INSERT INTO public.pipelined_rows VALUES (1)",
+        "SELECT count(*) FROM public.pipelined_rows",
+        "INSERT INTO public.pipelined_rows VALUES (2)",
+        "COMMIT",
+    ]
+    assert conn.execute("SELECT value FROM public.pipelined_rows ORDER BY value").fetchall() == [(1,), (2,)]
+
+
+def test_a_failing_pipelined_transaction_is_rolled_back(database_url, conn):
+    conn.execute("CREATE TABLE public.rolled_back_rows (value integer)")
+    conn.commit()
+    with db.connect(database_url) as caller:
+        caller.autocommit = True
+        with pytest.raises(RuntimeError), pipelined_transaction(caller):
+            caller.execute("INSERT INTO public.rolled_back_rows VALUES (1) RETURNING value").fetchone()
+            raise RuntimeError("the broker is gone")
+        assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert conn.execute("SELECT count(*) FROM public.rolled_back_rows").fetchone() == (0,)
+
+
+def test_a_pipelined_transaction_that_a_statement_fails_is_rolled_back(database_url):
+    with db.connect(database_url) as caller:
+        caller.autocommit = True
+        with pytest.raises(psycopg.errors.DivisionByZero), pipelined_transaction(caller) as pipeline:
+            caller.execute("SELECT 1 / 0")
+            pipeline.sync()
+        assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_a_pipelined_transaction_needs_autocommit(database_url):
+    with db.connect(database_url) as caller, pytest.raises(ValueError, match="autocommit"):
+        with pipelined_transaction(caller):
+            pass
