@@ -28,7 +28,12 @@ Connections start with autocommit off: a driver step is one explicit
 transaction (pyswpt.transactions.with_retries), committed or rolled back as a
 whole. A step that is one statement (a worker's batch processor) may instead
 run on a connection in autocommit, where that statement is a transaction of
-its own at the same isolation level (transactions.execute_with_retries). A
+its own at the same isolation level (transactions.execute_with_retries). Two
+hot steps send their statements in pipeline mode, in autocommit, so that
+BEGIN and COMMIT cost no round trips of their own: a consumer's window, one
+implicit transaction that the protocol's Sync commits
+(transactions.execute_calls), and a flusher's round, which BEGINs and
+COMMITs itself around publishing (transactions.pipelined_transaction). A
 LISTEN connection is in autocommit and gets the same settings; its listing
 queries are single statements. The fetch API's connections are
 read-only (enforced by PostgreSQL) with a shorter statement timeout.
@@ -38,7 +43,8 @@ a commit returns before its WAL is on the disk, so it costs no flush of its
 own. A PostgreSQL crash may then undo their last commits, which is safe
 because nothing they changed has left the database yet: a worker's effects
 leave only through the outbox, and the flusher makes every commit it saw
-durable before it publishes (pyswpt_api.make_commits_durable); undone work
+durable before it publishes (pyswpt_api.make_commits_durable, which waits
+only when the WAL is not yet flushed past them); undone work
 is done again from the queued requests, which the consumers' synchronous
 commits made durable before they acked the messages. An undone flusher
 commit only publishes its rows again (at least once).

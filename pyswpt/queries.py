@@ -222,9 +222,14 @@ TAKE_PENDING_BALANCE_CHANGE_SIGNALS = """
     SELECT * FROM pyswpt_api.take_pending_balance_change_signals(p_max_count => %(max_count)s)
 """
 
-# In a transaction of its own, before the taken rows are published: see sql/functions/80_outbox.sql.
+# The flusher's durability barrier (sql/functions/80_outbox.sql): the position is read
+# after the rows are taken; the barrier runs in a transaction of its own before they are published.
+CURRENT_WAL_POSITION = """
+    SELECT pyswpt_api.current_wal_position()
+"""
+
 MAKE_COMMITS_DURABLE = """
-    SELECT pyswpt_api.make_commits_durable()
+    SELECT pyswpt_api.make_commits_durable(p_through => %(through)s::pg_lsn)
 """
 
 # Parked messages (parking, the flushers' retries, `pyswpt parked`) ---------------------------

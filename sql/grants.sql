@@ -38,6 +38,7 @@ GRANT EXECUTE ON FUNCTION
     pyswpt_api.take_account_purge_signals,
     pyswpt_api.take_rejected_config_signals,
     pyswpt_api.take_pending_balance_change_signals,
+    pyswpt_api.current_wal_position,
     pyswpt_api.make_commits_durable,
     pyswpt_api.take_due_parked_retries,
     pyswpt_api.postpone_parked_retry,

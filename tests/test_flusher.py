@@ -8,6 +8,7 @@ import psycopg
 import pytest
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, running, wait_for
+from libpq_trace import round_trips, sent_statements, traced
 
 from pyswpt import amqp, config, outbox, sharding, topology
 from pyswpt.drivers import flusher
@@ -122,9 +123,7 @@ def test_the_flusher_commits_asynchronously_and_its_barriers_synchronously(datab
         assert barrier_conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
 
 
-def test_the_commits_of_a_burst_are_made_durable_before_it_is_published(
-    conn, database_url, rabbitmq_url, flushed_wal_records
-):
+def test_the_commits_of_a_burst_are_made_durable_before_it_is_published(conn, database_url, rabbitmq_url):
     # The row comes from an asynchronous commit, as a worker's rows do.
     conn.execute("SET synchronous_commit = off")
     create_account(conn, DEBTOR, CREDITOR)
@@ -135,9 +134,8 @@ def test_the_commits_of_a_burst_are_made_durable_before_it_is_published(
     with pytest.raises(amqp.CONNECTION_ERRORS):
         flush(database_url, closed, "account_updates", settings(database_url, rabbitmq_url))
 
-    # The barrier ran before the publishing that failed, and is on disk with what came before it.
-    kinds = [record[:2] for record in flushed_wal_records(committed_up_to)]
-    assert ("LogicalMessage", "MESSAGE") in kinds
+    # The barrier ran before the publishing that failed: the row's commit is on disk.
+    assert conn.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (committed_up_to,)).fetchone()[0]
     assert outbox_count(conn, "account_update_signal") == 1
 
 
@@ -214,15 +212,15 @@ def flush_both_tables(database_url, rabbitmq_url, publisher, cfg: config.Config,
 
 
 def recorded_takes(monkeypatch) -> list[str]:
-    """The tables take_rows is called with, in order (it still takes the rows)."""
+    """The tables start_take is called with, in order (it still takes the rows)."""
     taken: list[str] = []
-    take_rows = flusher.take_rows
+    start_take = flusher.start_take
 
     def recording(conn, table, max_count):
         taken.append(table.name)
-        return take_rows(conn, table, max_count)
+        return start_take(conn, table, max_count)
 
-    monkeypatch.setattr(flusher, "take_rows", recording)
+    monkeypatch.setattr(flusher, "start_take", recording)
     return taken
 
 
@@ -264,6 +262,46 @@ def test_tables_past_the_rows_of_one_transaction_wait_for_the_next_in_order(
 
     # The full account_updates burst is taken again before the table that was not reached.
     assert taken == ["account_updates", "account_updates", "pending_balance_changes"]
+    assert [m.properties.type for m in messages] == ["AccountUpdate", "PendingBalanceChange"]
+
+
+def test_a_round_takes_its_tables_in_one_round_trip_and_commits_in_another(conn, database_url, rabbitmq_url, publisher):
+    recipient_with_changes(conn, 2)
+    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+    bindings = [
+        ("to_creditors", sharding.hex_routing_key(RECIPIENT)),
+        ("accounts_in", sharding.binary_routing_key(DEBTOR, RECIPIENT)),
+    ]
+    with catching_queue(rabbitmq_url, bindings) as catcher, flusher.connections(database_url) as connections:
+        with traced(connections[0]) as lines:
+            assert flusher.flush_tables(*connections, publisher, tables, settings(database_url, rabbitmq_url)) == 3
+        assert len(catcher.collect(3)) == 3
+
+    # BEGIN, the WAL position, both takes; then COMMIT, after the broker confirmed.
+    assert round_trips(lines) == 2
+    assert [statement.split("(")[0] for statement in sent_statements(lines)] == [
+        "BEGIN",
+        "SELECT pyswpt_api.current_wal_position",
+        "SELECT * FROM pyswpt_api.take_account_update_signals",
+        "SELECT * FROM pyswpt_api.take_pending_balance_change_signals",
+        "COMMIT",
+    ]
+    assert outbox_count(conn, "account_update_signal") == outbox_count(conn, "pending_balance_change_signal") == 0
+
+
+def test_a_transaction_takes_no_table_whose_full_burst_would_pass_its_rows(
+    conn, database_url, rabbitmq_url, counting_publisher, monkeypatch
+):
+    recipient_with_changes(conn, 1)
+    cfg = settings(database_url, rabbitmq_url, APP_FLUSH_ACCOUNT_UPDATES_BURST_COUNT="2")
+    monkeypatch.setattr(flusher, "MAX_ROWS_PER_TRANSACTION", 3)
+    taken = recorded_takes(monkeypatch)
+
+    messages = flush_both_tables(database_url, rabbitmq_url, counting_publisher, cfg, 2)
+
+    # One AccountUpdate was taken, but a full burst of the other table (5000) would pass 3 rows.
+    assert taken == ["account_updates", "pending_balance_changes"]
+    assert counting_publisher.batches == 2
     assert [m.properties.type for m in messages] == ["AccountUpdate", "PendingBalanceChange"]
 
 

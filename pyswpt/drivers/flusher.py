@@ -42,7 +42,7 @@ from psycopg.rows import dict_row
 from pyswpt import amqp, db, metrics, outbox, parking, processes, queries, wire
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
-from pyswpt.transactions import describe_error, is_infrastructure_error, with_retries
+from pyswpt.transactions import describe_error, is_infrastructure_error, pipelined_transaction, retrying
 from pyswpt.upgrades import ApiWait
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ FIRST_RETRY_PAUSE_SECONDS = 1.0
 MAX_RETRY_PAUSE_SECONDS = 3600.0
 # Parked messages republished per round, so that retries never crowd out the outbox.
 MAX_RETRIES_PER_ROUND = 100
-# Once this many rows are taken in a transaction, the round's other tables wait for the next
-# one: a failure replays what one transaction took, so this bounds it (to this plus one burst).
-MAX_ROWS_PER_TRANSACTION = 5000
+# A transaction takes at most this many rows, counting every burst it sends for as full: a
+# failure replays what one transaction took. The tables that do not fit wait for the next one.
+MAX_ROWS_PER_TRANSACTION = 10000
 
 UNREADABLE = "unreadable"
 UNENCODABLE = "unencodable"
@@ -146,8 +146,9 @@ def flush_rounds(
 
 @contextlib.contextmanager
 def connections(url: str) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
-    """The flusher's two sessions: one for its transactions, and one in autocommit that
-    LISTENs for NOTIFYs and runs the durability barriers, each a transaction of its own.
+    """The flusher's two sessions: one for its transactions, and one that LISTENs for NOTIFYs
+    and runs the durability barriers, each a transaction of its own. Both are in autocommit:
+    the first begins its transactions itself (pipelined_transaction).
 
     The transactions commit asynchronously (pyswpt.db): an undone one only
     publishes its rows again, and the next barrier makes it durable.
@@ -156,6 +157,7 @@ def connections(url: str) -> Iterator[tuple[psycopg.Connection, psycopg.Connecti
         db.connect(url, application_name="pyswpt flusher", asynchronous_commit=True) as conn,
         db.listen(url, NOTIFY_CHANNEL, application_name="pyswpt flusher listen") as listener,
     ):
+        conn.autocommit = True
         yield conn, listener
 
 
@@ -213,10 +215,8 @@ def flush_tables(
     pending = list(tables)
     while pending:
         # At REPEATABLE READ two flushers racing for a row fail with 40001 in
-        # take_rows, before anything is published: the bursts are taken again.
-        bursts = with_retries(
-            conn, lambda c, tables=pending: publish_bursts(c, barrier_conn, publisher, tables, config)
-        )
+        # the takes, before anything is published: the bursts are taken again.
+        bursts = retrying(functools.partial(publish_in_transaction, conn, barrier_conn, publisher, pending, config))
         unreached = pending[len(bursts) :]
         pending = []
         for burst in bursts:
@@ -235,31 +235,44 @@ def flush_tables(
     return sum(taken_counts.values())
 
 
-def publish_bursts(
+def publish_in_transaction(
     conn: psycopg.Connection,
     barrier_conn: psycopg.Connection,
     publisher: amqp.BatchPublisher,
     tables: Sequence[outbox.OutboxTable],
     config: Config,
 ) -> list[Burst]:
-    """Take a burst of the first `tables` in the caller's transaction, publish them together and park
-    what cannot go; return the bursts, one for each table reached (MAX_ROWS_PER_TRANSACTION).
+    with pipelined_transaction(conn) as pipeline:
+        return publish_bursts(conn, pipeline, barrier_conn, publisher, tables, config)
 
-    The transaction's commit deletes the rows taken. Every row is taken before
-    anything is published, so that a serialization failure comes first. Then
-    the barrier: every commit this transaction's snapshot saw is in the WAL
-    before the barrier's commit, which waits for the flush. The messages go
-    out in the order of `tables`, each table's in the order taken.
+
+def publish_bursts(
+    conn: psycopg.Connection,
+    pipeline: psycopg.Pipeline,
+    barrier_conn: psycopg.Connection,
+    publisher: amqp.BatchPublisher,
+    tables: Sequence[outbox.OutboxTable],
+    config: Config,
+) -> list[Burst]:
+    """Take a burst of the first `tables` in the caller's pipelined transaction, publish them together
+    and park what cannot go; return the bursts, one for each table reached (MAX_ROWS_PER_TRANSACTION).
+
+    The transaction's commit deletes the rows taken. Its first statement reads
+    the WAL position past every commit its snapshot sees, the commits of the
+    rows it takes among them; BEGIN, that and the takes go out together. Every
+    row is taken before anything is published, so that a serialization failure
+    comes first. Then the barrier: it returns once the WAL is flushed through
+    that position. The messages go out in the order of `tables`, each table's
+    in the order taken.
     """
+    snapshot_position = conn.execute(queries.CURRENT_WAL_POSITION)
     bursts: list[Burst] = []
-    for table in tables:
-        if sum(len(burst.rows) for burst in bursts) >= MAX_ROWS_PER_TRANSACTION:
-            break
-        bursts.append(Burst(table, take_rows(conn, table, config.flush_burst_counts[table.name])))
+    while group := next_take_group(tables[len(bursts) :], sum(len(burst.rows) for burst in bursts), config):
+        bursts += take_group(conn, pipeline, group, config)
     for burst in bursts:
         sort_rows(burst, config)
     if any(burst.rows for burst in bursts):
-        barrier_conn.execute(queries.MAKE_COMMITS_DURABLE)
+        barrier_conn.execute(queries.MAKE_COMMITS_DURABLE, {"through": snapshot_position.fetchone()[0]})
     outcomes = publisher.publish_each([message for burst in bursts for _row, message in burst.outgoing])
     retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
     start = 0
@@ -270,6 +283,29 @@ def publish_bursts(
         for item in burst.set_aside:
             parking.park(conn, item.parcel)
     return bursts
+
+
+def next_take_group(tables: Sequence[outbox.OutboxTable], taken_count: int, config: Config) -> list[outbox.OutboxTable]:
+    """The next tables to take from in one round trip: as many as fit in MAX_ROWS_PER_TRANSACTION
+    with the `taken_count` rows taken so far, were each burst full. While nothing is taken,
+    a group has at least one table, whatever its burst count."""
+    group: list[outbox.OutboxTable] = []
+    planned = taken_count
+    for table in tables:
+        planned += config.flush_burst_counts[table.name]
+        if planned > MAX_ROWS_PER_TRANSACTION and (group or taken_count):
+            break
+        group.append(table)
+    return group
+
+
+def take_group(
+    conn: psycopg.Connection, pipeline: psycopg.Pipeline, tables: Sequence[outbox.OutboxTable], config: Config
+) -> list[Burst]:
+    """A burst of each table, taken in one round trip with what the pipeline holds before them."""
+    cursors = [start_take(conn, table, config.flush_burst_counts[table.name]) for table in tables]
+    pipeline.sync()
+    return [Burst(table, load_rows(cursor)) for table, cursor in zip(tables, cursors, strict=True)]
 
 
 def count_burst(table: outbox.OutboxTable, set_aside: list[SetAside], published: list[TakenRow]) -> None:
@@ -406,14 +442,17 @@ def log_parked(item: SetAside) -> None:
     )
 
 
-def take_rows(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: int) -> list[TakenRow]:
-    """Up to `max_count` rows, deleted in the caller's transaction.
+def start_take(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: int) -> psycopg.Cursor:
+    """Send the take of up to `max_count` rows, deleted in the caller's transaction (load_rows reads them)."""
+    cursor = conn.cursor(row_factory=dict_row)
+    cursor.execute(table.take_query, {"max_count": max_count})
+    return cursor
 
-    Rows are loaded one by one, so that one that Python cannot load (a
-    timestamp past year 9999) is kept as text instead of failing the burst.
-    """
-    with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(table.take_query, {"max_count": max_count})
+
+def load_rows(cursor: psycopg.Cursor) -> list[TakenRow]:
+    """The rows of a take, loaded one by one, so that one that Python cannot
+    load (a timestamp past year 9999) is kept as text instead of failing the burst."""
+    with cursor:
         return [load_row(cursor, index) for index in range(cursor.pgresult.ntuples)]
 
 

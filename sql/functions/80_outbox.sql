@@ -168,21 +168,46 @@ BEGIN
 END;
 $$;
 
+-- A WAL position past the commit record of every transaction the caller's
+-- snapshot sees: a commit becomes visible only once its record is in the WAL.
+-- The flusher reads it first in its REPEATABLE READ transaction, which then
+-- takes rows with that snapshot, so the commits that wrote them lie before
+-- it. NULL at READ COMMITTED, where every statement sees newer commits: the
+-- barrier then always waits.
+CREATE FUNCTION pyswpt_api.current_wal_position()
+RETURNS pg_lsn
+LANGUAGE sql VOLATILE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+RETURN CASE
+    WHEN current_setting('transaction_isolation') <> 'read committed'
+        THEN pg_current_wal_insert_lsn()
+END;
+
 -- The flusher's durability barrier. The workers commit without waiting for
 -- their WAL to reach the disk (pyswpt/drivers/workers.py): their changes
 -- leave the database only through the outbox, and the flusher calls this in a
--- transaction of its own after taking rows and before publishing them. A
--- commit with synchronous_commit on waits until the WAL up to its commit
--- record is flushed, and the commit of every row the flusher saw lies before
--- it. A commit that wrote no WAL does not wait, so the barrier writes one
--- small record: a transactional logical message, which nothing decodes.
-CREATE FUNCTION pyswpt_api.make_commits_durable()
-RETURNS void
+-- transaction of its own after taking rows and before publishing them, with
+-- the position its snapshot covers (current_wal_position). When the
+-- WAL is already flushed that far (the consumers' synchronous commits flush
+-- all the WAL before theirs), there is nothing to wait for. Otherwise the
+-- barrier writes one small record, a transactional logical message that
+-- nothing decodes: a commit that wrote WAL, with synchronous_commit on, waits
+-- until the WAL up to its commit record is flushed. A synchronous standby is
+-- always waited for: the local flush position says nothing about it.
+-- Returns whether the barrier waited.
+CREATE FUNCTION pyswpt_api.make_commits_durable(p_through pg_lsn)
+RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
+    IF pg_current_wal_flush_lsn() >= p_through
+        AND current_setting('synchronous_standby_names') = '' THEN
+        RETURN false;
+    END IF;
     PERFORM pg_logical_emit_message(true, 'pyswpt', 'durable');
+    RETURN true;
 END;
 $$;
