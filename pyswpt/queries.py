@@ -222,8 +222,8 @@ TAKE_PENDING_BALANCE_CHANGE_SIGNALS = """
     SELECT * FROM pyswpt_api.take_pending_balance_change_signals(p_max_count => %(max_count)s)
 """
 
-# The flusher's durability barrier (sql/functions/80_outbox.sql): the position is read
-# after the rows are taken; the barrier runs in a transaction of its own before they are published.
+# The flusher's durability barrier (sql/functions/80_outbox.sql): the position is read first in
+# the transaction that takes the rows; the barrier runs in a transaction of its own before they are published.
 CURRENT_WAL_POSITION = """
     SELECT pyswpt_api.current_wal_position()
 """

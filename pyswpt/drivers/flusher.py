@@ -1,12 +1,13 @@
 """The outbox flusher (`pyswpt run flusher`): publishes outbox rows to RabbitMQ.
 
 Per round: take up to a burst of rows of each table to flush (deleted in one
-open transaction, until MAX_ROWS_PER_TRANSACTION rows are taken), make the
-commits that wrote them durable (the workers commit asynchronously, see
-pyswpt.db), publish them all as one batch with publisher confirms, commit;
-again for the tables whose burst was full or that were not reached. One transaction and one wait
-for confirms serve the tables of a round: a transfer fills three to five
-tables, and a wait per table cost a commit and a broker round trip each.
+open transaction, as many tables as MAX_ROWS_PER_TRANSACTION allows, their
+takes sent together with BEGIN), make the commits that wrote them durable
+(the workers commit asynchronously, see pyswpt.db), publish them all as one
+batch with publisher confirms, commit; again for the tables whose burst was
+full or that were not reached. One transaction and one wait for confirms serve
+the tables of a round: a transfer fills three to five tables, and a wait per
+table cost a commit and a broker round trip each.
 A round starts when a NOTIFY says rows arrived, and flushes the tables it
 names; at least every FLUSH_PERIOD seconds a round flushes every table and
 retries the parked messages that are due.
