@@ -88,23 +88,19 @@ def with_retries(conn: psycopg.Connection, action: Callable[[psycopg.Connection]
 
 
 @contextlib.contextmanager
-def pipelined_transaction(conn: psycopg.Connection) -> Iterator[psycopg.Pipeline]:
-    """A transaction in pipeline mode whose BEGIN goes out with its first statements, and COMMIT with its last.
+def transaction_begun_in_block(conn: psycopg.Connection) -> Iterator[None]:
+    """A transaction whose BEGIN the block sends together with its first statements, in one query.
 
-    Yields the pipeline: the block calls its sync() where it needs results
-    (fetching a result waits for it too). psycopg's own transaction() in
-    pipeline mode waits for the result of BEGIN before anything else, and
-    syncs again before COMMIT, as does entering a nested pipeline block: round
-    trips of their own. Sent as statements on a connection in autocommit,
-    BEGIN and COMMIT wait for nothing. A failure rolls the transaction back.
+    psycopg's own transaction() waits for the result of BEGIN before anything
+    else: a round trip of its own. On a connection in autocommit BEGIN can go
+    out with the statements that follow it. COMMIT after the block; a failure
+    rolls the transaction back.
     """
     if not conn.autocommit:
-        raise ValueError("a pipelined transaction needs a connection in autocommit")
+        raise ValueError("a transaction begun in its block needs a connection in autocommit")
     try:
-        with conn.pipeline() as pipeline:
-            conn.execute("BEGIN")
-            yield pipeline
-            conn.execute("COMMIT")
+        yield
+        conn.execute("COMMIT")
     except BaseException:
         if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
             conn.execute("ROLLBACK")
@@ -158,7 +154,7 @@ def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tu
     in autocommit (for the duration), the statements up to a Sync run as one
     implicit transaction, committed at the Sync; a call that fails rolls it
     back. With psycopg's transaction() in pipeline mode, BEGIN and COMMIT
-    would each wait for a round trip of their own (pipelined_transaction).
+    would each wait for a round trip of their own.
     """
 
     def in_one_round_trip() -> list[tuple | None]:

@@ -43,6 +43,13 @@ def round_trips(lines: list[str]) -> int:
     return directions.count("FB")
 
 
-def sent_statements(lines: list[str]) -> list[str]:
-    """The text of each statement sent (extended protocol: one Parse message each), in order."""
-    return [line.split('"')[3].strip() for line in lines if line.startswith("F Parse")]
+def sent_queries(lines: list[str]) -> list[list[str]]:
+    """The statements of each query sent, in order: one per Parse message (extended protocol),
+    those of a Query message (simple protocol, maybe several) together."""
+    queries = []
+    for line in lines:
+        if line.startswith("F Parse"):
+            queries.append([line.split('"')[3].strip()])
+        elif line.startswith("F Query"):
+            queries.append([statement.strip() for statement in line.split('"')[1].split(";")])
+    return queries

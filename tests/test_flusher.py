@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from broker import catching_queue, declare_smp_exchanges
 from drivers import driver_environment, running, wait_for
-from libpq_trace import round_trips, sent_statements, traced
+from libpq_trace import round_trips, sent_queries, traced
 
 from pyswpt import amqp, config, outbox, sharding, topology
 from pyswpt.drivers import flusher
@@ -212,15 +212,15 @@ def flush_both_tables(database_url, rabbitmq_url, publisher, cfg: config.Config,
 
 
 def recorded_takes(monkeypatch) -> list[str]:
-    """The tables start_take is called with, in order (it still takes the rows)."""
+    """The tables taken from, in order (they are still taken)."""
     taken: list[str] = []
-    start_take = flusher.start_take
+    take_group = flusher.take_group
 
-    def recording(conn, table, max_count):
-        taken.append(table.name)
-        return start_take(conn, table, max_count)
+    def recording(conn, tables, config, **options):
+        taken.extend(table.name for table in tables)
+        return take_group(conn, tables, config, **options)
 
-    monkeypatch.setattr(flusher, "start_take", recording)
+    monkeypatch.setattr(flusher, "take_group", recording)
     return taken
 
 
@@ -279,12 +279,14 @@ def test_a_round_takes_its_tables_in_one_round_trip_and_commits_in_another(conn,
 
     # BEGIN, the WAL position, both takes; then COMMIT, after the broker confirmed.
     assert round_trips(lines) == 2
-    assert [statement.split("(")[0] for statement in sent_statements(lines)] == [
-        "BEGIN",
-        "SELECT pyswpt_api.current_wal_position",
-        "SELECT * FROM pyswpt_api.take_account_update_signals",
-        "SELECT * FROM pyswpt_api.take_pending_balance_change_signals",
-        "COMMIT",
+    assert [[statement.split("(")[0] for statement in query] for query in sent_queries(lines)] == [
+        [
+            "BEGIN",
+            "SELECT pyswpt_api.current_wal_position",
+            "SELECT * FROM pyswpt_api.take_account_update_signals",
+            "SELECT * FROM pyswpt_api.take_pending_balance_change_signals",
+        ],
+        ["COMMIT"],
     ]
     assert outbox_count(conn, "account_update_signal") == outbox_count(conn, "pending_balance_change_signal") == 0
 

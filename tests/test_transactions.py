@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from libpq_trace import round_trips, sent_statements, traced
+from libpq_trace import round_trips, sent_queries, traced
 
 from pyswpt import db
-from pyswpt.transactions import SqlCall, execute_calls, execute_with_retries, pipelined_transaction, with_retries
+from pyswpt.transactions import SqlCall, execute_calls, execute_with_retries, transaction_begun_in_block, with_retries
 
 # Fails with a serialization failure on its first call in the session, then
 # returns how many times it was called: a sequence keeps counting across rollbacks.
@@ -100,51 +100,41 @@ def test_calls_run_at_the_sessions_isolation_level_with_one_snapshot(database_ur
     assert first[0] == db.ISOLATION_LEVEL
 
 
-def test_a_pipelined_transaction_begins_with_its_first_statements_and_commits_with_its_last(database_url, conn):
-    conn.execute("CREATE TABLE public.pipelined_rows (value integer)")
+def test_a_transaction_begun_in_its_block_sends_begin_with_its_first_statements(database_url, conn):
+    conn.execute("CREATE TABLE public.begun_rows (value integer)")
     conn.commit()
     with db.connect(database_url) as caller:
         caller.autocommit = True
-        with traced(caller) as lines, pipelined_transaction(caller) as pipeline:
-            caller.execute("INSERT INTO public.pipelined_rows VALUES (1)")
-            selected = caller.execute("SELECT count(*) FROM public.pipelined_rows")
-            pipeline.sync()
-            assert selected.fetchone() == (1,)
-            caller.execute("INSERT INTO public.pipelined_rows VALUES (2)")
-    # BEGIN goes with the first statements, COMMIT with the last: two round trips.
+        with traced(caller) as lines, transaction_begun_in_block(caller):
+            caller.execute("BEGIN; INSERT INTO public.begun_rows VALUES (1); INSERT INTO public.begun_rows VALUES (2)")
+            assert caller.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    # BEGIN goes with the first statements; COMMIT after the block.
     assert round_trips(lines) == 2
-    assert sent_statements(lines) == [
-        "BEGIN",
-        "INSERT INTO public.pipelined_rows VALUES (1)",
-        "SELECT count(*) FROM public.pipelined_rows",
-        "INSERT INTO public.pipelined_rows VALUES (2)",
-        "COMMIT",
-    ]
-    assert conn.execute("SELECT value FROM public.pipelined_rows ORDER BY value").fetchall() == [(1,), (2,)]
+    assert sent_queries(lines)[-1] == ["COMMIT"]
+    assert conn.execute("SELECT value FROM public.begun_rows ORDER BY value").fetchall() == [(1,), (2,)]
 
 
-def test_a_failing_pipelined_transaction_is_rolled_back(database_url, conn):
+def test_a_failing_transaction_begun_in_its_block_is_rolled_back(database_url, conn):
     conn.execute("CREATE TABLE public.rolled_back_rows (value integer)")
     conn.commit()
     with db.connect(database_url) as caller:
         caller.autocommit = True
-        with pytest.raises(RuntimeError), pipelined_transaction(caller):
-            caller.execute("INSERT INTO public.rolled_back_rows VALUES (1) RETURNING value").fetchone()
+        with pytest.raises(RuntimeError), transaction_begun_in_block(caller):
+            caller.execute("BEGIN; INSERT INTO public.rolled_back_rows VALUES (1)")
             raise RuntimeError("the broker is gone")
         assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert conn.execute("SELECT count(*) FROM public.rolled_back_rows").fetchone() == (0,)
 
 
-def test_a_pipelined_transaction_that_a_statement_fails_is_rolled_back(database_url):
+def test_a_transaction_begun_in_its_block_that_a_statement_fails_is_rolled_back(database_url):
     with db.connect(database_url) as caller:
         caller.autocommit = True
-        with pytest.raises(psycopg.errors.DivisionByZero), pipelined_transaction(caller) as pipeline:
-            caller.execute("SELECT 1 / 0")
-            pipeline.sync()
+        with pytest.raises(psycopg.errors.DivisionByZero), transaction_begun_in_block(caller):
+            caller.execute("BEGIN; SELECT 1 / 0")
         assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
-def test_a_pipelined_transaction_needs_autocommit(database_url):
+def test_a_transaction_begun_in_its_block_needs_autocommit(database_url):
     with db.connect(database_url) as caller, pytest.raises(ValueError, match="autocommit"):
-        with pipelined_transaction(caller):
+        with transaction_begun_in_block(caller):
             pass

@@ -43,7 +43,7 @@ from psycopg.rows import dict_row
 from pyswpt import amqp, db, metrics, outbox, parking, processes, queries, wire
 from pyswpt.backoff import Backoff
 from pyswpt.config import Config
-from pyswpt.transactions import describe_error, is_infrastructure_error, pipelined_transaction, retrying
+from pyswpt.transactions import describe_error, is_infrastructure_error, retrying, transaction_begun_in_block
 from pyswpt.upgrades import ApiWait
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def flush_rounds(
 def connections(url: str) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
     """The flusher's two sessions: one for its transactions, and one that LISTENs for NOTIFYs
     and runs the durability barriers, each a transaction of its own. Both are in autocommit:
-    the first begins its transactions itself (pipelined_transaction).
+    the first begins its transactions itself (transaction_begun_in_block).
 
     The transactions commit asynchronously (pyswpt.db): an undone one only
     publishes its rows again, and the next barrier makes it durable.
@@ -243,37 +243,35 @@ def publish_in_transaction(
     tables: Sequence[outbox.OutboxTable],
     config: Config,
 ) -> list[Burst]:
-    with pipelined_transaction(conn) as pipeline:
-        return publish_bursts(conn, pipeline, barrier_conn, publisher, tables, config)
+    with transaction_begun_in_block(conn):
+        return publish_bursts(conn, barrier_conn, publisher, tables, config)
 
 
 def publish_bursts(
     conn: psycopg.Connection,
-    pipeline: psycopg.Pipeline,
     barrier_conn: psycopg.Connection,
     publisher: amqp.BatchPublisher,
     tables: Sequence[outbox.OutboxTable],
     config: Config,
 ) -> list[Burst]:
-    """Take a burst of the first `tables` in the caller's pipelined transaction, publish them together
-    and park what cannot go; return the bursts, one for each table reached (MAX_ROWS_PER_TRANSACTION).
+    """Begin the caller's transaction and take a burst of the first `tables` in it, publish them
+    together and park what cannot go; return the bursts, one for each table reached
+    (MAX_ROWS_PER_TRANSACTION).
 
     The transaction's commit deletes the rows taken. Its first statement reads
     the WAL position past every commit its snapshot sees, the commits of the
-    rows it takes among them; BEGIN, that and the takes go out together. Every
-    row is taken before anything is published, so that a serialization failure
-    comes first. Then the barrier: it returns once the WAL is flushed through
-    that position. The messages go out in the order of `tables`, each table's
-    in the order taken.
+    rows it takes among them. Every row is taken before anything is published,
+    so that a serialization failure comes first. Then the barrier: it returns
+    once the WAL is flushed through that position. The messages go out in the
+    order of `tables`, each table's in the order taken.
     """
-    snapshot_position = conn.execute(queries.CURRENT_WAL_POSITION)
-    bursts: list[Burst] = []
+    snapshot_position, bursts = take_group(conn, next_take_group(tables, 0, config), config, begin=True)
     while group := next_take_group(tables[len(bursts) :], sum(len(burst.rows) for burst in bursts), config):
-        bursts += take_group(conn, pipeline, group, config)
+        bursts += take_group(conn, group, config)[1]
     for burst in bursts:
         sort_rows(burst, config)
     if any(burst.rows for burst in bursts):
-        barrier_conn.execute(queries.MAKE_COMMITS_DURABLE, {"through": snapshot_position.fetchone()[0]})
+        barrier_conn.execute(queries.MAKE_COMMITS_DURABLE, {"through": snapshot_position})
     outcomes = publisher.publish_each([message for burst in bursts for _row, message in burst.outgoing])
     retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
     start = 0
@@ -301,12 +299,31 @@ def next_take_group(tables: Sequence[outbox.OutboxTable], taken_count: int, conf
 
 
 def take_group(
-    conn: psycopg.Connection, pipeline: psycopg.Pipeline, tables: Sequence[outbox.OutboxTable], config: Config
-) -> list[Burst]:
-    """A burst of each table, taken in one round trip with what the pipeline holds before them."""
-    cursors = [start_take(conn, table, config.flush_burst_counts[table.name]) for table in tables]
-    pipeline.sync()
-    return [Burst(table, load_rows(cursor)) for table, cursor in zip(tables, cursors, strict=True)]
+    conn: psycopg.Connection, tables: Sequence[outbox.OutboxTable], config: Config, *, begin: bool = False
+) -> tuple[str | None, list[Burst]]:
+    """A burst of each table, in one query; with `begin`, after BEGIN and the WAL position of the
+    transaction's snapshot, which the query also returns."""
+    head = [("BEGIN", {}), (queries.CURRENT_WAL_POSITION, {})] if begin else []
+    takes = [(table.take_query, {"max_count": config.flush_burst_counts[table.name]}) for table in tables]
+    with psycopg.ClientCursor(conn, row_factory=dict_row) as cursor:
+        cursor.execute(joined(cursor, head + takes))
+        position = None
+        if begin:
+            cursor.nextset()
+            position = cursor.fetchone()["current_wal_position"]
+            cursor.nextset()
+        bursts = [Burst(tables[0], load_rows(cursor))]
+        for table in tables[1:]:
+            cursor.nextset()
+            bursts.append(Burst(table, load_rows(cursor)))
+        return position, bursts
+
+
+def joined(cursor: psycopg.ClientCursor, statements: list[tuple[str, dict[str, int]]]) -> str:
+    """The statements as one query of the simple protocol: one message and one round trip, where
+    psycopg's pipeline mode also costs one send and one poll per statement. Their parameters
+    are bound by psycopg (mogrify), and the protocol allows none in a query of several statements."""
+    return ";".join(cursor.mogrify(statement, params) for statement, params in statements)
 
 
 def count_burst(table: outbox.OutboxTable, set_aside: list[SetAside], published: list[TakenRow]) -> None:
@@ -443,18 +460,10 @@ def log_parked(item: SetAside) -> None:
     )
 
 
-def start_take(conn: psycopg.Connection, table: outbox.OutboxTable, max_count: int) -> psycopg.Cursor:
-    """Send the take of up to `max_count` rows, deleted in the caller's transaction (load_rows reads them)."""
-    cursor = conn.cursor(row_factory=dict_row)
-    cursor.execute(table.take_query, {"max_count": max_count})
-    return cursor
-
-
 def load_rows(cursor: psycopg.Cursor) -> list[TakenRow]:
-    """The rows of a take, loaded one by one, so that one that Python cannot
-    load (a timestamp past year 9999) is kept as text instead of failing the burst."""
-    with cursor:
-        return [load_row(cursor, index) for index in range(cursor.pgresult.ntuples)]
+    """The rows of the cursor's current result (a take), loaded one by one, so that one that Python
+    cannot load (a timestamp past year 9999) is kept as text instead of failing the burst."""
+    return [load_row(cursor, index) for index in range(cursor.pgresult.ntuples)]
 
 
 def load_row(cursor: psycopg.Cursor, index: int) -> TakenRow:
