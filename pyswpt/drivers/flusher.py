@@ -217,7 +217,7 @@ def flush_tables(
     while pending:
         # At REPEATABLE READ two flushers racing for a row fail with 40001 in
         # the takes, before anything is published: the bursts are taken again.
-        bursts = retrying(functools.partial(publish_in_transaction, conn, barrier_conn, publisher, pending, config))
+        bursts = retrying(functools.partial(publish_bursts, conn, barrier_conn, publisher, pending, config))
         unreached = pending[len(bursts) :]
         pending = []
         for burst in bursts:
@@ -236,17 +236,6 @@ def flush_tables(
     return sum(taken_counts.values())
 
 
-def publish_in_transaction(
-    conn: psycopg.Connection,
-    barrier_conn: psycopg.Connection,
-    publisher: amqp.BatchPublisher,
-    tables: Sequence[outbox.OutboxTable],
-    config: Config,
-) -> list[Burst]:
-    with transaction_begun_in_block(conn):
-        return publish_bursts(conn, barrier_conn, publisher, tables, config)
-
-
 def publish_bursts(
     conn: psycopg.Connection,
     barrier_conn: psycopg.Connection,
@@ -254,9 +243,8 @@ def publish_bursts(
     tables: Sequence[outbox.OutboxTable],
     config: Config,
 ) -> list[Burst]:
-    """Begin the caller's transaction and take a burst of the first `tables` in it, publish them
-    together and park what cannot go; return the bursts, one for each table reached
-    (MAX_ROWS_PER_TRANSACTION).
+    """In a transaction of its own, take a burst of the first `tables`, publish them together and
+    park what cannot go; return the bursts, one for each table reached (MAX_ROWS_PER_TRANSACTION).
 
     The transaction's commit deletes the rows taken. Its first statement reads
     the WAL position past every commit its snapshot sees, the commits of the
@@ -265,13 +253,21 @@ def publish_bursts(
     once the WAL is flushed through that position. The messages go out in the
     order of `tables`, each table's in the order taken.
     """
-    snapshot_position, bursts = take_group(conn, next_take_group(tables, 0, config), config, begin=True)
-    while group := next_take_group(tables[len(bursts) :], sum(len(burst.rows) for burst in bursts), config):
-        bursts += take_group(conn, group, config)[1]
-    for burst in bursts:
-        sort_rows(burst, config)
-    if any(burst.rows for burst in bursts):
-        barrier_conn.execute(queries.MAKE_COMMITS_DURABLE, {"through": snapshot_position})
+    with transaction_begun_in_block(conn):
+        snapshot_position, bursts = take_group(conn, next_take_group(tables, 0, config), config, begin=True)
+        while group := next_take_group(tables[len(bursts) :], sum(len(burst.rows) for burst in bursts), config):
+            bursts += take_group(conn, group, config)[1]
+        for burst in bursts:
+            sort_rows(burst, config)
+        if any(burst.rows for burst in bursts):
+            barrier_conn.execute(queries.MAKE_COMMITS_DURABLE, {"through": snapshot_position})
+        publish_and_park(conn, publisher, bursts)
+        return bursts
+
+
+def publish_and_park(conn: psycopg.Connection, publisher: amqp.BatchPublisher, bursts: list[Burst]) -> None:
+    """Publish the bursts' messages as one batch; park, in the caller's transaction, what the
+    broker would not take and what was set aside."""
     outcomes = publisher.publish_each([message for burst in bursts for _row, message in burst.outgoing])
     retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=FIRST_RETRY_PAUSE_SECONDS)
     start = 0
@@ -281,7 +277,6 @@ def publish_bursts(
         start = end
         for item in burst.set_aside:
             parking.park(conn, item.parcel)
-    return bursts
 
 
 def next_take_group(tables: Sequence[outbox.OutboxTable], taken_count: int, config: Config) -> list[outbox.OutboxTable]:
