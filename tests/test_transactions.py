@@ -92,7 +92,7 @@ def test_calls_are_one_round_trip(database_url):
     assert round_trips(lines) == 1
 
 
-def test_calls_run_at_the_sessions_isolation_level_with_one_snapshot(database_url):
+def test_calls_run_in_one_transaction_at_the_sessions_isolation_level(database_url):
     calls = [SqlCall("SELECT current_setting('transaction_isolation'), pg_current_xact_id()", ())] * 2
     with db.connect(database_url) as caller:
         first, second = execute_calls(caller, calls)
