@@ -201,14 +201,21 @@ def recipient_with_changes(conn: psycopg.Connection, count: int) -> None:
 
 def flush_both_tables(database_url, rabbitmq_url, publisher, cfg: config.Config, expected: int) -> list:
     """One flush_tables call over the AccountUpdates and PendingBalanceChanges; the messages, as received."""
-    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+    with catching_both_tables(rabbitmq_url) as catcher, flusher.connections(database_url) as connections:
+        assert flusher.flush_tables(*connections, publisher, BOTH_TABLES, cfg) == expected
+        return catcher.collect(expected)
+
+
+BOTH_TABLES = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
+
+
+def catching_both_tables(rabbitmq_url):
+    """A queue bound for RECIPIENT's AccountUpdates and PendingBalanceChanges."""
     bindings = [
         ("to_creditors", sharding.hex_routing_key(RECIPIENT)),
         ("accounts_in", sharding.binary_routing_key(DEBTOR, RECIPIENT)),
     ]
-    with catching_queue(rabbitmq_url, bindings) as catcher, flusher.connections(database_url) as connections:
-        assert flusher.flush_tables(*connections, publisher, tables, cfg) == expected
-        return catcher.collect(expected)
+    return catching_queue(rabbitmq_url, bindings)
 
 
 def recorded_takes(monkeypatch) -> list[str]:
@@ -267,14 +274,9 @@ def test_tables_past_the_rows_of_one_transaction_wait_for_the_next_in_order(
 
 def test_a_round_takes_its_tables_in_one_round_trip_and_commits_in_another(conn, database_url, rabbitmq_url, publisher):
     recipient_with_changes(conn, 2)
-    tables = [outbox.TABLES_BY_NAME[name] for name in ("account_updates", "pending_balance_changes")]
-    bindings = [
-        ("to_creditors", sharding.hex_routing_key(RECIPIENT)),
-        ("accounts_in", sharding.binary_routing_key(DEBTOR, RECIPIENT)),
-    ]
-    with catching_queue(rabbitmq_url, bindings) as catcher, flusher.connections(database_url) as connections:
+    with catching_both_tables(rabbitmq_url) as catcher, flusher.connections(database_url) as connections:
         with traced(connections[0]) as lines:
-            assert flusher.flush_tables(*connections, publisher, tables, settings(database_url, rabbitmq_url)) == 3
+            assert flusher.flush_tables(*connections, publisher, BOTH_TABLES, settings(database_url, rabbitmq_url)) == 3
         assert len(catcher.collect(3)) == 3
 
     # BEGIN, the WAL position, both takes; then COMMIT, after the broker confirmed.
