@@ -1,7 +1,9 @@
-"""When a worker stage starts its next round (pyswpt.drivers.workers.wait_for_next_round)."""
+"""A worker stage's rounds: which threads process a round's accounts (process_round), and when
+the next round starts (wait_for_next_round)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 from test_db import CHANNEL, NOTIFIED_WITHIN_SECONDS, shared_listener  # noqa: F401 - the fixture
@@ -35,3 +37,50 @@ def test_only_the_balance_changes_stage_has_a_round_gap():
         "finalization_requests": 0.0,
         "balance_changes": workers.BALANCE_CHANGES_ROUND_GAP_SECONDS,
     }
+
+
+def stage_with_threads(threads: int) -> workers.Stage:
+    return workers.Stage("test", "a", "", threads, NOTIFIED_WITHIN_SECONDS, 100, lambda key: None)
+
+
+def threads_of_round(threads: int, keys: list[workers.Key]) -> dict[workers.Key, threading.Thread]:
+    """Which thread processed each account of one round of a stage with `threads` threads."""
+    processed_in: dict[workers.Key, threading.Thread] = {}
+
+    def process(key: workers.Key) -> None:
+        processed_in[key] = threading.current_thread()
+
+    with workers.pool_beside(stage_with_threads(threads)) as pool:
+        workers.process_round(pool, process, keys)
+    return processed_in
+
+
+def test_a_round_of_one_account_is_processed_in_the_stages_own_thread():
+    assert threads_of_round(10, [(1, 2)]) == {(1, 2): threading.current_thread()}
+
+
+def test_a_stage_of_one_thread_processes_every_account_in_its_own_thread():
+    keys = [(1, 2), (1, 3), (1, 4)]
+    assert threads_of_round(1, keys) == dict.fromkeys(keys, threading.current_thread())
+
+
+def test_a_round_of_several_accounts_is_shared_with_the_pool():
+    keys = [(1, 2), (1, 3), (1, 4)]
+    processed_in = threads_of_round(3, keys)
+    assert set(processed_in) == set(keys)
+    assert processed_in[(1, 4)] is threading.current_thread()
+    assert threading.current_thread() not in (processed_in[(1, 2)], processed_in[(1, 3)])
+
+
+def test_a_round_processes_as_many_accounts_at_once_as_the_stage_has_threads():
+    # Each account waits for the other two: the round ends only if the three run at once.
+    all_started = threading.Barrier(3, timeout=NOTIFIED_WITHIN_SECONDS)
+    with workers.pool_beside(stage_with_threads(3)) as pool:
+        workers.process_round(pool, lambda _key: all_started.wait(), [(1, 2), (1, 3), (1, 4)])
+    assert not all_started.broken
+
+
+def test_a_round_uses_no_more_threads_than_the_stage_has():
+    processed_in = threads_of_round(3, [(1, creditor_id) for creditor_id in range(20)])
+    assert len(processed_in) == 20
+    assert len(set(processed_in.values())) <= 3
