@@ -158,8 +158,13 @@ def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tu
     """
 
     def in_one_round_trip() -> list[tuple | None]:
-        with in_autocommit(conn), conn.pipeline():
-            cursors = [conn.execute(call.query, call.params) for call in calls]
+        with in_autocommit(conn):
+            if len(calls) == 1:
+                # Alone, a statement is such a transaction without pipeline mode, which would
+                # add a Flush message and about 50 µs of client CPU (measured) to a window of one.
+                return [conn.execute(calls[0].query, calls[0].params).fetchone()]
+            with conn.pipeline():
+                cursors = [conn.execute(call.query, call.params) for call in calls]
         return [cursor.fetchone() for cursor in cursors]
 
     return retrying(in_one_round_trip)

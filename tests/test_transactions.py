@@ -92,6 +92,18 @@ def test_calls_are_one_round_trip(database_url):
     assert round_trips(lines) == 1
 
 
+def test_a_single_call_is_sent_as_a_statement_alone(database_url, autocommit_conn):
+    call = SqlCall("SELECT 1", ())
+    with traced(autocommit_conn) as alone:
+        execute_with_retries(autocommit_conn, call)
+    with db.connect(database_url) as caller:
+        with traced(caller) as lines:
+            assert execute_calls(caller, [call]) == [(1,)]
+        assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert not caller.autocommit  # as it was
+    assert lines == alone  # in pipeline mode, a Flush message followed the Sync
+
+
 def test_calls_run_in_one_transaction_at_the_sessions_isolation_level(database_url):
     calls = [SqlCall("SELECT current_setting('transaction_isolation'), pg_current_xact_id()", ())] * 2
     with db.connect(database_url) as caller:
