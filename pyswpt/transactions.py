@@ -150,11 +150,11 @@ def retrying(attempt: Callable[[], T]) -> T:
 def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tuple | None]:
     """Every call in one transaction, again after a serialization failure or deadlock; the first row of each result.
 
-    The whole transaction is one round trip: in pipeline mode, on a connection
-    in autocommit (for the duration), the statements up to a Sync run as one
-    implicit transaction, committed at the Sync; a call that fails rolls it
-    back. With psycopg's transaction() in pipeline mode, BEGIN and COMMIT
-    would each wait for a round trip of their own.
+    The whole transaction is one round trip: on a connection in autocommit
+    (for the duration), a statement alone is an implicit transaction, and so
+    are statements sent in pipeline mode up to a Sync, committed at the Sync; a
+    call that fails rolls it back. With psycopg's transaction() in pipeline
+    mode, BEGIN and COMMIT would each wait for a round trip of their own.
     """
 
     def in_one_round_trip() -> list[tuple | None]:
