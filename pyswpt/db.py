@@ -30,9 +30,10 @@ whole. A step that is one statement (a worker's batch processor) may instead
 run on a connection in autocommit, where that statement is a transaction of
 its own at the same isolation level (transactions.execute_with_retries). Two
 hot steps run in autocommit so that BEGIN costs no round trip of its own: a
-consumer's window is sent in pipeline mode, one implicit transaction that the
-protocol's Sync commits (transactions.execute_calls), and a flusher's round
-sends BEGIN in the query that takes its rows (transactions.transaction_begun_in_block). A
+consumer's window is one implicit transaction, a call alone or several sent
+in pipeline mode, which the protocol's Sync commits
+(transactions.execute_calls), and a flusher's round sends BEGIN in the query
+that takes its rows (transactions.transaction_begun_in_block). A
 LISTEN connection is in autocommit and gets the same settings; its listing
 queries are single statements. The fetch API's connections are
 read-only (enforced by PostgreSQL) with a shorter statement timeout.

@@ -14,9 +14,9 @@ from pyswpt.drivers import workers
 GAP_SECONDS = 0.3
 
 
-def stage_of_payload_a(round_gap_seconds: float) -> workers.Stage:
+def stage_of_payload_a(threads: int = 1, round_gap_seconds: float = 0.0) -> workers.Stage:
     """A stage woken by the shared listener's payload 'a', polling only after NOTIFIED_WITHIN_SECONDS."""
-    return workers.Stage("test", "a", "", 1, NOTIFIED_WITHIN_SECONDS, 100, lambda key: None, round_gap_seconds)
+    return workers.Stage("test", "a", "", threads, NOTIFIED_WITHIN_SECONDS, 100, lambda key: None, round_gap_seconds)
 
 
 def test_a_notified_round_waits_for_the_round_gap(shared_listener):  # noqa: F811 - the fixture
@@ -25,7 +25,7 @@ def test_a_notified_round_waits_for_the_round_gap(shared_listener):  # noqa: F81
     listener.forget("a")
     notifier.execute(f"NOTIFY {CHANNEL}, 'a'")
 
-    workers.wait_for_next_round(listener, stage_of_payload_a(GAP_SECONDS), round_started, stopping)
+    workers.wait_for_next_round(listener, stage_of_payload_a(round_gap_seconds=GAP_SECONDS), round_started, stopping)
 
     assert GAP_SECONDS <= time.monotonic() - round_started < NOTIFIED_WITHIN_SECONDS
 
@@ -39,10 +39,6 @@ def test_only_the_balance_changes_stage_has_a_round_gap():
     }
 
 
-def stage_with_threads(threads: int) -> workers.Stage:
-    return workers.Stage("test", "a", "", threads, NOTIFIED_WITHIN_SECONDS, 100, lambda key: None)
-
-
 def threads_of_round(threads: int, keys: list[workers.Key]) -> dict[workers.Key, threading.Thread]:
     """Which thread processed each account of one round of a stage with `threads` threads."""
     processed_in: dict[workers.Key, threading.Thread] = {}
@@ -50,7 +46,7 @@ def threads_of_round(threads: int, keys: list[workers.Key]) -> dict[workers.Key,
     def process(key: workers.Key) -> None:
         processed_in[key] = threading.current_thread()
 
-    with workers.pool_beside(stage_with_threads(threads)) as pool:
+    with workers.pool_beside(stage_of_payload_a(threads)) as pool:
         workers.process_round(pool, process, keys)
     return processed_in
 
@@ -75,7 +71,7 @@ def test_a_round_of_several_accounts_is_shared_with_the_pool():
 def test_a_round_processes_as_many_accounts_at_once_as_the_stage_has_threads():
     # Each account waits for the other two: the round ends only if the three run at once.
     all_started = threading.Barrier(3, timeout=NOTIFIED_WITHIN_SECONDS)
-    with workers.pool_beside(stage_with_threads(3)) as pool:
+    with workers.pool_beside(stage_of_payload_a(3)) as pool:
         workers.process_round(pool, lambda _key: all_started.wait(), [(1, 2), (1, 3), (1, 4)])
     assert not all_started.broken
 

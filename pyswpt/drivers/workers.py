@@ -341,14 +341,11 @@ def process_round(
     thread and waiting for it cost more CPU (locks, wake-ups, the GIL changing
     threads) than its processing in Python.
     """
-    if pool is None:
-        for key in keys:
-            process(key)
-        return
-    futures = [pool.submit(process, key) for key in keys[:-1]]
+    here, elsewhere = (keys, []) if pool is None else (keys[-1:], keys[:-1])
+    futures = [pool.submit(process, key) for key in elsewhere]
     try:
-        if keys:
-            process(keys[-1])
+        for key in here:
+            process(key)
         for future in futures:
             future.result()
     finally:
