@@ -17,6 +17,9 @@ After a warm-up, a measuring window gives:
   (benchmarks/cpu.py): each driver of `run all` with the workers it forked,
   all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
   this load generator, and the rest of the machine; the node's total RSS;
+* the backends' CPU per transfer again, by the connection each serves (the
+  application_name its driver gave it: a workers stage, its list and LISTEN
+  sessions, the consumer, the flusher), to see which step costs the database what;
 * commits and rollbacks per transfer (pg_stat_database), and the server's WAL flushes
   (pg_stat_wal: fsyncs, most of them for commits); with --sql-profile the SQL
   functions by self time per transfer (track_functions = all on the database) and the
@@ -107,6 +110,9 @@ TOP_FUNCTIONS = 15
 STATEMENT_WIDTH = 120  # characters of a statement's text in the table
 # Process groups (the node's drivers are "pyswpt <program>").
 POSTGRES = "postgres backends"
+# A backend's group while sampling, by the application_name its driver gave the
+# connection; folded into POSTGRES, and kept apart in Measured.postgres_cpu_seconds.
+POSTGRES_CONNECTION_PREFIX = "postgres backend of "
 BROKER = "rabbitmq"
 LOAD_GENERATOR = "load generator"
 STAND_IN = "stand-in"
@@ -151,6 +157,7 @@ class Measured:
     transfers: int
     latencies_ms: dict[str, dict[int, float]]  # kind -> percentile -> ms
     cpu_seconds: dict[str, float]  # process group -> CPU seconds in the window
+    postgres_cpu_seconds: dict[str, float]  # POSTGRES's, by the connection's application_name
     rss_mib: dict[str, float]  # the node's (or stand-in's) process groups, each its largest sum sampled
     pss_mib: dict[str, float]  # at the end of the window
     commits: int = 0
@@ -301,15 +308,19 @@ class Classifier:
         self.stand_in_pid = stand_in_pid
         self.own_pid = os.getpid()
         self.programs: dict[int, str] = {}
-        self.backends: set[int] = set()
+        self.backends: dict[int, str] = {}  # pid -> application_name of the connection it serves
         self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
 
     def refresh(self) -> None:
         if self.conn is not None:
             rows = self.conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                """
+                SELECT pid, application_name
+                FROM pg_stat_activity
+                WHERE datname = current_database() AND pid <> pg_backend_pid()
+                """
             ).fetchall()
-            self.backends = {pid for (pid,) in rows}
+            self.backends = {pid: name or "(no name)" for pid, name in rows}
 
     def __call__(self, stat: cpu.ProcessStat) -> str | None:
         if stat.pid == self.own_pid:
@@ -317,7 +328,7 @@ class Classifier:
         if stat.command == "beam.smp":
             return BROKER
         if stat.pid in self.backends:
-            return POSTGRES
+            return POSTGRES_CONNECTION_PREFIX + self.backends[stat.pid]
         if stat.pid == self.stand_in_pid:
             return STAND_IN
         if self.node_pid and stat.session == self.node_pid:
@@ -352,7 +363,7 @@ def measure(generator: LoadGenerator, sampler: cpu.Sampler, scenario: Scenario, 
     generator.receive(options.seconds)
     window = sampler.stop()
     transfers, latencies = generator.close_window()
-    cpu_seconds = dict(window.cpu_seconds)
+    cpu_seconds, postgres_cpu_seconds = fold_postgres_connections(window.cpu_seconds)
     ours = sum(seconds for group, seconds in cpu_seconds.items() if group != cpu.MACHINE)
     cpu_seconds[REST] = cpu_seconds[cpu.MACHINE] - ours
     own = [group for group in window.max_rss_bytes if group.startswith(NODE_PREFIX) or group == STAND_IN]
@@ -362,10 +373,24 @@ def measure(generator: LoadGenerator, sampler: cpu.Sampler, scenario: Scenario, 
         transfers=transfers,
         latencies_ms=latencies,
         cpu_seconds=cpu_seconds,
+        postgres_cpu_seconds=postgres_cpu_seconds,
         rss_mib={group: window.max_rss_bytes[group] / MIB for group in own},
         pss_mib={group: window.pss_bytes.get(group, 0) / MIB for group in own},
         load_average=os.getloadavg(),
     )
+
+
+def fold_postgres_connections(sampled: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """The groups sampled, the backends' summed into POSTGRES; and the backends' CPU by connection."""
+    groups: dict[str, float] = {POSTGRES: 0.0}
+    connections: dict[str, float] = {}
+    for group, seconds in sampled.items():
+        if group.startswith(POSTGRES_CONNECTION_PREFIX):
+            connections[group.removeprefix(POSTGRES_CONNECTION_PREFIX)] = seconds
+            groups[POSTGRES] += seconds
+        else:
+            groups[group] = seconds
+    return groups, connections
 
 
 # --- PostgreSQL statistics -------------------------------------------------------------------
@@ -720,6 +745,24 @@ def cpu_table(results: list[Measured]) -> list[str]:
     return lines
 
 
+def postgres_connections_table(results: list[Measured]) -> list[str]:
+    """The postgres backends' column of cpu_table split by the application_name of the connection
+    each serves (a driver's stage, its LISTEN session...): one row per name, the costliest first."""
+    names = sorted(
+        {name for m in results for name in m.postgres_cpu_seconds},
+        key=lambda name: -max(m.postgres_cpu_seconds.get(name, 0.0) / max(m.transfers, 1) for m in results),
+    )
+    columns = [
+        f"{m.scenario.profile} {m.scenario.placement} C={m.scenario.concurrency} idle={m.scenario.idle_accounts}"
+        for m in results
+    ]
+    lines = ["| connection | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name in names:
+        per_transfer = (1000 * m.postgres_cpu_seconds.get(name, 0.0) / max(m.transfers, 1) for m in results)
+        lines.append(f"| {name} | " + " | ".join(f"{ms:.3f}" for ms in per_transfer) + " |")
+    return lines
+
+
 def memory_table(results: list[Measured]) -> list[str]:
     """RSS (PSS) MiB by process group: RSS counts the shared libraries in every process, PSS shares them out."""
     groups = sorted({group for m in results for group in m.rss_mib})
@@ -889,6 +932,10 @@ def report(results: list[Measured], ceilings: Ceilings) -> str:
         "## CPU ms per completed transfer, by process",
         "",
         *cpu_table(results),
+        "",
+        "## PostgreSQL CPU ms per completed transfer, by the connection its backend serves",
+        "",
+        *postgres_connections_table(results),
         "",
         "## Memory MiB, RSS (PSS), by process",
         "",

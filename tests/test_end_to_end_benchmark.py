@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import end_to_end  # noqa: E402
@@ -44,6 +46,8 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
         assert m.latencies_ms["prepare"] and m.latencies_ms["account transfer"]
         assert {"pyswpt consumer", "pyswpt workers", "pyswpt flusher", end_to_end.POSTGRES} <= set(m.cpu_seconds)
         assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.total_rss_mib > 0
+        assert sum(m.postgres_cpu_seconds.values()) == pytest.approx(m.cpu_seconds[end_to_end.POSTGRES])
+        assert {"pyswpt transfer_requests", "pyswpt flusher", "pyswpt workers listen"} <= set(m.postgres_cpu_seconds)
         assert m.rss_mib["pyswpt workers"] > 0 and m.pss_mib["pyswpt workers"] > 0
         assert m.commits > 0 and m.wal_syncs > 0 and m.functions
         assert next(row for row in m.tables if row["table"] == "account")["index_scans"] > 0
@@ -56,5 +60,6 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
     assert ceilings.node_budget_ms(5) is not None
     assert "| defaults | hot | 5 | 100 |" in text
     assert "## Memory MiB, RSS (PSS), by process" in text
+    assert "| pyswpt finalization_requests | " in text
     assert "| table | sequential scans/transfer |" in text
     json.dumps(end_to_end.as_json(results, ceilings), default=str)
