@@ -28,6 +28,9 @@ PARENT_DEATH_SIGNAL = signal.SIGTERM
 PR_SET_PDEATHSIG = 1
 # The pid of `run all`'s supervisor, in the environment of each driver it starts (die_with_supervisor).
 SUPERVISOR_PID_VARIABLE = "PYSWPT_SUPERVISOR_PID"
+# Set by `run all` for each process of a fetch API of several (pyswpt.drivers.web): serve
+# alone, on a socket that the others bind too (SO_REUSEPORT; the kernel spreads the connections).
+WEBSERVER_SHARES_PORT_VARIABLE = "PYSWPT_WEBSERVER_SHARES_PORT"
 # Exit status of a child that found its parent already gone before it could start.
 ORPHANED_AT_START_STATUS = 1
 # Exit status of a worker whose target returned True: its work is finished (a drained queue is gone).

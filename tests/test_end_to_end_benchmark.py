@@ -44,7 +44,7 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
         assert m.ok, end_to_end.failed_checks([m])
         assert m.transfers > 0
         assert m.latencies_ms["prepare"] and m.latencies_ms["account transfer"]
-        assert {"pyswpt consumer", "pyswpt workers", "pyswpt flusher", end_to_end.POSTGRES} <= set(m.cpu_seconds)
+        assert {"pyswpt all", "pyswpt consumer", "pyswpt workers", end_to_end.POSTGRES} <= set(m.cpu_seconds)
         assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.total_rss_mib > 0
         assert sum(m.postgres_cpu_seconds.values()) == pytest.approx(m.cpu_seconds[end_to_end.POSTGRES])
         assert {"pyswpt transfer_requests", "pyswpt flusher", "pyswpt workers listen"} <= set(m.postgres_cpu_seconds)

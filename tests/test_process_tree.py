@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import signal
+from pathlib import Path
 
 import pika
 import psycopg
@@ -20,6 +21,7 @@ import pytest
 from drivers import (  # noqa: F401 (node_environment is a fixture)
     children,
     descendants,
+    healthy,
     is_alive,
     node_environment,
     running,
@@ -134,9 +136,9 @@ def test_run_all_kills_what_a_killed_driver_left_before_starting_it_again(
         assert killed < log.rindex("Started consumer")
 
 
-def test_with_the_defaults_run_all_is_five_processes(node_environment, tmp_path):
-    """A driver runs its one worker itself, and the chores consumer and the scanners run in threads of
-    the supervisor: a process less each (about 42 MiB of resident memory)."""
+def test_with_the_defaults_run_all_is_four_processes(node_environment, tmp_path):
+    """A driver runs its one worker itself, and the chores consumer, the flusher and the scanners run in
+    threads of the supervisor: a process less each (about 42 MiB of resident memory)."""
     _port, environ = node_environment
     with running(["run", "all"], environ, tmp_path) as node:
         wait_for(
@@ -146,9 +148,36 @@ def test_with_the_defaults_run_all_is_five_processes(node_environment, tmp_path)
         wait_for(lambda: "Starting the flusher" in node.log(), "the flusher's first line")
 
         in_processes = {program: pid for program, pid in drivers.items() if pid != node.process.pid}
-        assert sorted(in_processes) == ["consumer", "flusher", "web", "workers"]
+        assert sorted(in_processes) == ["consumer", "web", "workers"]
         assert descendants(node.process.pid) == set(in_processes.values())
         assert all(is_alive(pid) for pid in in_processes.values())
+
+
+def test_run_all_runs_each_web_process_as_a_driver_sharing_the_port(node_environment, tmp_path):
+    """No uvicorn parent process that only watches its workers: the supervisor starts and restarts each."""
+    port, environ = node_environment
+    with running(["run", "all"], {**environ, "WEBSERVER_PROCESSES": "2"}, tmp_path) as node:
+        wait_for(lambda: len(started_pids(node.log()).get("web", [])) == 2, "two web drivers", STARTED_WITHIN_SECONDS)
+        first, second = started_pids(node.log())["web"]
+        wait_for(lambda: listening_sockets(port) == 2, "both to listen on the port", STARTED_WITHIN_SECONDS)
+        assert healthy(port)
+        assert {first, second} <= set(children(node.process.pid))
+        assert children(first) == children(second) == []
+
+        os.kill(first, signal.SIGKILL)
+
+        wait_for(lambda: len(started_pids(node.log())["web"]) == 3, "the killed web driver to be restarted")
+        third = started_pids(node.log())["web"][-1]
+        wait_for(lambda: listening_sockets(port) == 2, "the restarted web driver to listen beside the other")
+        assert is_alive(second) and is_alive(third) and not is_alive(first)
+        assert healthy(port)
+        assert node.log().count("this one of them, sharing the port") == 3
+
+
+def listening_sockets(port: int) -> int:
+    """The TCP sockets listening on `port` (/proc/net/tcp: local address, then state 0A)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
 
 
 def publish_configure_account(rabbitmq_url: str, queue: str) -> None:

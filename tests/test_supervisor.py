@@ -88,6 +88,14 @@ def test_a_driver_in_a_thread_that_fails_is_started_again_alone(caplog):
     assert not failing.thread.is_alive() and not steady.thread.is_alive()
 
 
+@pytest.mark.parametrize(
+    ("program", "processes_setting"), [("chores", "CHORES_BROKER_PROCESSES"), ("flusher", "FLUSH_PROCESSES")]
+)
+def test_a_driver_of_one_process_runs_in_a_thread_and_of_several_in_processes(program, processes_setting):
+    assert supervisor.in_thread_target(program, settings.load({processes_setting: "1"})) is not None
+    assert supervisor.in_thread_target(program, settings.load({processes_setting: "2"})) is None
+
+
 def restarts_of(program: str) -> float:
     return REGISTRY.get_sample_value("pyswpt_driver_restarts_total", {"driver": program}) or 0.0
 

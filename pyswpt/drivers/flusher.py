@@ -78,13 +78,25 @@ REASON_OF_OUTCOME = {
 
 def run(config: Config, table_names: Sequence[str] | None = None) -> int:
     tables = [outbox.TABLES_BY_NAME[name] for name in table_names] if table_names else list(outbox.TABLES)
+    announce(config, tables)
+    return processes.run_worker_processes(config.flush_processes, flush_until_stopped, config, tables)
+
+
+def run_in_thread(config: Config, stopping: threading.Event) -> None:
+    """The flusher as `run all` runs it with one process: every table, in a thread of the
+    supervisor, until `stopping` is set."""
+    tables = list(outbox.TABLES)
+    announce(config, tables)
+    flush_until_stopped(config, tables, stopping)
+
+
+def announce(config: Config, tables: list[outbox.OutboxTable]) -> None:
     logger.info(
         "Starting the flusher: processes %d, tables %s, a round at least every %g s.",
         config.flush_processes,
         ", ".join(table.name for table in tables),
         config.flush_period_seconds,
     )
-    return processes.run_worker_processes(config.flush_processes, flush_until_stopped, config, tables)
 
 
 def flush_until_stopped(config: Config, tables: list[outbox.OutboxTable], stopping: threading.Event) -> None:

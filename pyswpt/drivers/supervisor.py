@@ -2,10 +2,13 @@
 
 The busy drivers run as their own `pyswpt run <name>` processes, so that what
 runs under the supervisor is exactly what the tests start one by one. The
-drivers that wait most of the time, the chores consumer and the scanners, run
-in threads of the supervisor (in_thread_target): an interpreter with its
-libraries is about 42 MiB of resident memory, and two fewer bring a node's
-total under 250 MiB. A driver whose process exits, or whose thread ends, is
+drivers that wait most of the time — the chores consumer, the scanners, and
+the flusher, which waits for its takes, the WAL flush and the broker's
+confirms — run in threads of the supervisor (in_thread_target): an
+interpreter with its libraries is about 42 MiB of resident memory. A fetch
+API of several processes (WEBSERVER_PROCESSES) runs as that many `run web`
+drivers sharing the port, instead of one whose uvicorn parent process does
+nothing but watch the others. A driver whose process exits, or whose thread ends, is
 started again alone, after a backoff that grows while it keeps failing
 quickly. SIGTERM or SIGINT stops every driver, a process with SIGTERM — each
 finishes its current batch, acks what committed and closes its connections —
@@ -60,9 +63,14 @@ from wsgiref.simple_server import WSGIServer
 
 from pyswpt import metrics
 from pyswpt.config import Config
-from pyswpt.drivers import chores
+from pyswpt.drivers import chores, flusher
 from pyswpt.drivers.scanners import every
-from pyswpt.processes import SUPERVISOR_PID_VARIABLE, StopRequest, stop_event_on_signals
+from pyswpt.processes import (
+    SUPERVISOR_PID_VARIABLE,
+    WEBSERVER_SHARES_PORT_VARIABLE,
+    StopRequest,
+    stop_event_on_signals,
+)
 from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
 
 logger = logging.getLogger(__name__)
@@ -82,6 +90,7 @@ PROGRAMS = (
 # The drivers that wait most of the time, run in threads of the supervisor (in_thread_target).
 THREAD_TARGETS: dict[str, Callable[[Config, threading.Event], None]] = {
     "chores": chores.run_in_thread,
+    "flusher": flusher.run_in_thread,
     "scanners": every.scan_every_table,
 }
 STOP_TIMEOUT_SECONDS = 25.0
@@ -123,6 +132,7 @@ class Supervised:
 class Child(Supervised):
     """A driver in a process of its own, with the process group it leads."""
 
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)  # set for the driver alone
     process: subprocess.Popen | None = None
     # The process group of the driver's last run (its pid), and when to kill what still runs in it.
     group: int | None = None
@@ -134,7 +144,7 @@ class Child(Supervised):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pyswpt.cli", "run", self.program],
             process_group=0,
-            env={**os.environ, SUPERVISOR_PID_VARIABLE: str(os.getpid())},
+            env={**os.environ, **self.environment, SUPERVISOR_PID_VARIABLE: str(os.getpid())},
         )
         self.group = self.process.pid
         logger.info("Started %s (pid %d).", self.program, self.process.pid)
@@ -340,7 +350,7 @@ def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     stopping = stop_event_on_signals()
     show_node_lines()
     logger.info("Starting the node's drivers: %s.", ", ".join(programs))
-    children = [supervised(program, config) for program in programs]
+    children = [child for program in programs for child in supervised(program, config)]
     endpoint = MetricsEndpoint(metrics.node_endpoint_port(config.metrics_port), config.driver_postgres_url)
     try:
         exit_status = supervise(config, children, endpoint, stopping)
@@ -358,19 +368,26 @@ def run(config: Config, programs: tuple[str, ...] = PROGRAMS) -> int:
     return exit_status
 
 
-def supervised(program: str, config: Config) -> Child | InThread:
+def supervised(program: str, config: Config) -> list[Child | InThread]:
+    """The drivers that run `program`: one, but for a fetch API of several processes, one per process."""
+    if program == "web" and config.webserver_processes > 1:
+        return [
+            Child(program, environment={WEBSERVER_SHARES_PORT_VARIABLE: "1"}) for _ in range(config.webserver_processes)
+        ]
     target = in_thread_target(program, config)
-    return Child(program) if target is None else InThread(program, target=target)
+    return [Child(program) if target is None else InThread(program, target=target)]
 
 
 def in_thread_target(program: str, config: Config) -> Callable[[threading.Event], None] | None:
     """What runs `program` in a thread of the supervisor (THREAD_TARGETS), or None if it runs in a process.
 
-    The chores consumer runs in a thread when it is to have one process
-    (CHORES_BROKER_PROCESSES=1, the default); more are processes of its own.
+    The chores consumer and the flusher run in a thread when each is to have
+    one process (CHORES_BROKER_PROCESSES=1 and FLUSH_PROCESSES=1, the
+    defaults); more are processes of their own.
     """
     target = THREAD_TARGETS.get(program)
-    if target is None or (program == "chores" and config.chores_broker_processes != 1):
+    processes = {"chores": config.chores_broker_processes, "flusher": config.flush_processes}.get(program, 1)
+    if target is None or processes != 1:
         return None
     return functools.partial(target, config)
 

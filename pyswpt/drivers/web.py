@@ -3,7 +3,10 @@ and read a root account's configuration.
 
 A Starlette app served by uvicorn on WEBSERVER_PORT with WEBSERVER_PROCESSES
 worker processes. Each process runs at most WEBSERVER_THREADS database reads
-at a time, through a pool of as many connections. The only SQL called is the
+at a time, through a pool of as many connections. Under `run all` the
+supervisor starts each of the WEBSERVER_PROCESSES as a driver of its own,
+and they share the port (processes.WEBSERVER_SHARES_PORT_VARIABLE): the supervisor restarts one
+that dies, and no uvicorn parent process is kept whose only work is that. The only SQL called is the
 two read-only functions of sql/functions/60_fetch_api.sql. Beside the
 liveness probe /accounts/healthz (no database access, spec 01 §6.1), the
 readiness probe /accounts/readyz says whether the node reaches its database
@@ -26,6 +29,8 @@ import contextlib
 import datetime as dt
 import logging
 import multiprocessing
+import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -413,18 +418,31 @@ def serving_options(port: int) -> dict[str, Any]:
 
 
 def run(config: settings.Config) -> int:
+    shares_port = os.environ.pop(processes.WEBSERVER_SHARES_PORT_VARIABLE, None) is not None
     logger.info(
-        "Starting the fetch API: port %d, processes %d, threads per process %d.",
+        "Starting the fetch API: port %d, processes %d%s, threads per process %d.",
         config.webserver_port,
         config.webserver_processes,
+        " (this one of them, sharing the port)" if shares_port else "",
         config.webserver_threads,
     )
     options = serving_options(config.webserver_port)
-    if config.webserver_processes == 1:
+    if shares_port:
+        uvicorn.Server(uvicorn.Config(create_app(config), **options)).run([shared_socket(config.webserver_port)])
+    elif config.webserver_processes == 1:
         uvicorn.run(create_app(config), **options)
     else:
         uvicorn.run(APP_FACTORY, factory=True, workers=config.webserver_processes, **options)
     return 0
+
+
+def shared_socket(port: int) -> socket.socket:
+    """A socket bound to `port` that other processes bind too; uvicorn listens on it."""
+    shared = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    shared.bind((LISTEN_HOST, port))
+    return shared
 
 
 class AccessLog:
