@@ -3,10 +3,10 @@ and read a root account's configuration.
 
 A Starlette app served by uvicorn on WEBSERVER_PORT with WEBSERVER_PROCESSES
 worker processes. Each process runs at most WEBSERVER_THREADS database reads
-at a time, through a pool of as many connections. Under `run all` the
-supervisor starts each of the WEBSERVER_PROCESSES as a driver of its own,
-and they share the port (processes.WEBSERVER_SHARES_PORT_VARIABLE): the supervisor restarts one
-that dies, and no uvicorn parent process is kept whose only work is that. The only SQL called is the
+at a time, through a pool of as many connections. Under `run all` each of the
+WEBSERVER_PROCESSES is a driver of its own, and they share the port
+(processes.WEBSERVER_SHARES_PORT_VARIABLE): the supervisor restarts one that
+dies, so no uvicorn parent process is kept for that alone. The only SQL called is the
 two read-only functions of sql/functions/60_fetch_api.sql. Beside the
 liveness probe /accounts/healthz (no database access, spec 01 §6.1), the
 readiness probe /accounts/readyz says whether the node reaches its database
@@ -47,6 +47,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pyswpt import amqp, db, logs, metrics, processes, queries, sharding
@@ -428,8 +429,11 @@ def run(config: settings.Config) -> int:
     )
     options = serving_options(config.webserver_port)
     if shares_port:
-        uvicorn.Server(uvicorn.Config(create_app(config), **options)).run([shared_socket(config.webserver_port)])
-    elif config.webserver_processes == 1:
+        server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
+        server.run([shared_socket(config.webserver_port)])
+        # As uvicorn.run exits when the app did not start (its lifespan failed).
+        return 0 if server.started else STARTUP_FAILURE
+    if config.webserver_processes == 1:
         uvicorn.run(create_app(config), **options)
     else:
         uvicorn.run(APP_FACTORY, factory=True, workers=config.webserver_processes, **options)
