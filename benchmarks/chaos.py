@@ -54,7 +54,9 @@ from pathlib import Path
 import pika
 import psycopg
 
-from pyswpt.drivers.supervisor import PROGRAMS, THREAD_TARGETS
+from pyswpt import config as settings
+from pyswpt.drivers import supervisor
+from pyswpt.drivers.supervisor import PROGRAMS
 from pyswpt.sharding import Realm, u64_string
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -99,10 +101,12 @@ NODE_SETTINGS = {
 }
 # A fault whose target is not running is tried again this often in its round.
 MAX_TRIES_PER_FAULT = 10
-# Every driver in a process of its own is killed once a round. The chores consumer
-# (the run has one chores process) and the scanners run in threads of `run all`:
-# the backend terminations and the closed broker connections reach them.
-DRIVERS = tuple(program for program in PROGRAMS if program not in THREAD_TARGETS)
+# Every driver in a process of its own is killed once a round: with these settings the
+# flusher too (two processes). The chores consumer (one process) and the scanners run in
+# threads of `run all`: the backend terminations and the closed broker connections reach them.
+DRIVERS = tuple(
+    program for program in PROGRAMS if supervisor.in_thread_target(program, settings.load(NODE_SETTINGS)) is None
+)
 
 
 @dataclasses.dataclass(frozen=True)
