@@ -14,8 +14,9 @@ After a warm-up, a measuring window gives:
 * p50/p95/p99 latency of PrepareTransfer → PreparedTransfer, FinalizeTransfer →
   FinalizedTransfer, and FinalizeTransfer → the recipient's AccountTransfer;
 * CPU per completed transfer split by process, sampled from /proc
-  (benchmarks/cpu.py): each driver of `run all` with the workers it forked,
-  all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
+  (benchmarks/cpu.py): each driver of `run all` with the workers it forked
+  ("pyswpt all" is the supervisor with the drivers in its threads: the chores
+  consumer, the flusher, the scanners), all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
   this load generator, and the rest of the machine; the node's total RSS;
 * the backends' CPU per transfer again, by the connection each serves (the
   application_name its driver gave it: a workers stage, its list and LISTEN

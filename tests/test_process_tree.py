@@ -36,12 +36,12 @@ from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 WORKER_PROCESSES = 2
 # A process whose parent died stops as on SIGTERM; that takes well under this.
 GONE_WITHIN_SECONDS = STOP_TIMEOUT_SECONDS
-# Five Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
+# Several Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
 STARTED_WITHIN_SECONDS = 30.0
 # The drivers of `run all` that can fork worker processes. With one process
 # each (the default) they run their worker themselves, and the chores consumer
-# runs in a thread of the supervisor; the tests of a whole node ask for two, so
-# that there are worker processes to leave behind.
+# and the flusher run in threads of the supervisor; the tests of a whole node
+# ask for two, so that there are worker processes to leave behind.
 FORKING_DRIVERS = ("consumer", "chores", "flusher")
 TWO_WORKER_PROCESSES_EACH = {"PROTOCOL_BROKER_PROCESSES": "2", "CHORES_BROKER_PROCESSES": "2", "FLUSH_PROCESSES": "2"}
 
@@ -166,12 +166,16 @@ def test_run_all_runs_each_web_process_as_a_driver_sharing_the_port(node_environ
 
         os.kill(first, signal.SIGKILL)
 
-        wait_for(lambda: len(started_pids(node.log())["web"]) == 3, "the killed web driver to be restarted")
+        wait_for(lambda: len(started_pids(node.log())["web"]) == 3, "the web restart", STARTED_WITHIN_SECONDS)
         third = started_pids(node.log())["web"][-1]
-        wait_for(lambda: listening_sockets(port) == 2, "the restarted web driver to listen beside the other")
+        wait_for(lambda: listening_sockets(port) == 2, "the restarted one to listen", STARTED_WITHIN_SECONDS)
         assert is_alive(second) and is_alive(third) and not is_alive(first)
         assert healthy(port)
         assert node.log().count("this one of them, sharing the port") == 3
+
+        assert node.stop(signal.SIGTERM) == 0
+    assert "did not stop in time" not in node.log()
+    assert not is_alive(second) and not is_alive(third)
 
 
 def listening_sockets(port: int) -> int:

@@ -31,7 +31,7 @@ from pyswpt import config as settings
 from pyswpt import logs, metrics
 from pyswpt.drivers import supervisor
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
-from pyswpt.processes import ORPHANED_AT_START_STATUS, SUPERVISOR_PID_VARIABLE
+from pyswpt.processes import ORPHANED_AT_START_STATUS, SUPERVISOR_PID_VARIABLE, WEBSERVER_SHARES_PORT_VARIABLE
 from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
 
 # Five Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
@@ -79,6 +79,7 @@ def test_a_driver_in_a_thread_that_fails_is_started_again_alone(caplog):
     assert failing.check(failed_at) is None
     assert not failing.is_running()
     assert "failing (in a thread) failed (RuntimeError: boom) after 0.0 s; restarting in 1 s." in caplog.text
+    assert 'raise RuntimeError("boom")' in caplog.text  # its traceback, as a driver process logs
     failing.check(failed_at + supervisor.backoff_seconds(1))
 
     assert failing.is_running() and len(runs) == 2
@@ -94,6 +95,15 @@ def test_a_driver_in_a_thread_that_fails_is_started_again_alone(caplog):
 def test_a_driver_of_one_process_runs_in_a_thread_and_of_several_in_processes(program, processes_setting):
     assert supervisor.in_thread_target(program, settings.load({processes_setting: "1"})) is not None
     assert supervisor.in_thread_target(program, settings.load({processes_setting: "2"})) is None
+
+
+def test_a_fetch_api_of_several_processes_is_as_many_web_drivers_sharing_the_port():
+    web = supervisor.supervised("web", settings.load({"WEBSERVER_PROCESSES": "3"}))
+    assert len(web) == 3 and len({id(child) for child in web}) == 3
+    assert all(isinstance(child, supervisor.Child) and child.program == "web" for child in web)
+    assert all(child.environment == {WEBSERVER_SHARES_PORT_VARIABLE: "1"} for child in web)
+    [alone] = supervisor.supervised("web", settings.load({"WEBSERVER_PROCESSES": "1"}))
+    assert alone.environment == {}
 
 
 def restarts_of(program: str) -> float:

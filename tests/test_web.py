@@ -22,8 +22,10 @@ import psycopg
 import pytest
 from drivers import free_port, pyswpt_command, spawned_children, wait_for
 from factories import CONFIG_SCHEDULED_FOR_DELETION, STATUS_DELETED, insert_account
+from uvicorn.config import STARTUP_FAILURE
 
 from pyswpt.drivers.web import CONCURRENCY_LIMIT, REQUEST_HEAD_TIMEOUT_SECONDS
+from pyswpt.processes import WEBSERVER_SHARES_PORT_VARIABLE
 
 STARTUP_DEADLINE_SECONDS = 30.0
 REQUEST_TIMEOUT_SECONDS = 10.0
@@ -453,6 +455,31 @@ def test_two_worker_processes_serve(database_url, conn, tmp_path):
             assert forked.get("/accounts/5/7/reachable").status_code == 204
             assert forked.get("/accounts/5/7/config").text == "seven"
             assert forked.get("/accounts/5/8/reachable").status_code == 404
+
+
+def test_a_process_sharing_the_port_exits_with_one_line_when_the_port_is_taken(database_url, tmp_path):
+    """As `run all` starts each of several web processes: a port held without SO_REUSEPORT cannot be shared."""
+    with socket.create_server(("0.0.0.0", 0)) as holder:
+        port = holder.getsockname()[1]
+        environ = {
+            **os.environ,
+            "POSTGRES_URL": database_url,
+            "WEBSERVER_PORT": str(port),
+            "PROTOCOL_BROKER_QUEUE_ROUTING_KEY": "#",
+            "APP_LOG_FORMAT": "text",
+            WEBSERVER_SHARES_PORT_VARIABLE: "1",
+        }
+        finished = subprocess.run(
+            [*pyswpt_command(), "run", "web"],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=STARTUP_DEADLINE_SECONDS,
+        )
+    assert finished.returncode == STARTUP_FAILURE
+    assert f"Cannot bind the fetch API's port {port}: [Errno 98] Address already in use." in finished.stdout
+    assert "Traceback" not in finished.stdout
 
 
 def test_access_log_is_written_at_debug_level(database_url, tmp_path):

@@ -1,7 +1,7 @@
 """`pyswpt run all`: every driver of one node, restarted when it dies.
 
 The busy drivers run as their own `pyswpt run <name>` processes, so that what
-runs under the supervisor is exactly what the tests start one by one. The
+runs under the supervisor is what the tests start one by one. The
 drivers that wait most of the time — the chores consumer, the scanners, and
 the flusher, which waits for its takes, the WAL flush and the broker's
 confirms — run in threads of the supervisor (in_thread_target): an
@@ -119,12 +119,13 @@ class Supervised:
         self.runs += 1
         self.started_at = time.monotonic()
 
-    def schedule_restart(self, now: float, what: str, how: str) -> None:
-        """Say how the driver ended (`what` names it, `how` says what happened) and when it starts again."""
+    def schedule_restart(self, now: float, what: str, how: str, error: BaseException | None = None) -> None:
+        """Say how the driver ended (`what` names it, `how` says what happened, `error` is what it
+        raised, if it ran in a thread) and when it starts again."""
         ran_seconds = now - self.started_at
         self.quick_failures = 0 if ran_seconds >= STARTED_AFTER_SECONDS else self.quick_failures + 1
         pause = backoff_seconds(self.quick_failures)
-        logger.error("%s %s after %.1f s; restarting in %.0f s.", what, how, ran_seconds, pause)
+        logger.error("%s %s after %.1f s; restarting in %.0f s.", what, how, ran_seconds, pause, exc_info=error)
         self.restart_at = now + pause
 
 
@@ -259,7 +260,8 @@ class InThread(Supervised):
                 logger.critical("%s found no SQL API it can use; stopping the node.", self.program)
                 return EXIT_API_UNAVAILABLE
             how = "ended" if self.error is None else f"failed ({type(self.error).__name__}: {self.error})"
-            self.schedule_restart(now, f"{self.program} (in a thread)", how)
+            # With its traceback, as a driver's process logs what ended it.
+            self.schedule_restart(now, f"{self.program} (in a thread)", how, self.error)
         if now >= self.restart_at:
             self.start()
         return None

@@ -429,10 +429,7 @@ def run(config: settings.Config) -> int:
     )
     options = serving_options(config.webserver_port)
     if shares_port:
-        server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
-        server.run([shared_socket(config.webserver_port)])
-        # As uvicorn.run exits when the app did not start (its lifespan failed).
-        return 0 if server.started else STARTUP_FAILURE
+        return serve_on_shared_port(config, options)
     if config.webserver_processes == 1:
         uvicorn.run(create_app(config), **options)
     else:
@@ -440,8 +437,27 @@ def run(config: settings.Config) -> int:
     return 0
 
 
+def serve_on_shared_port(config: settings.Config, options: dict[str, Any]) -> int:
+    """One of `run all`'s web processes; a port it cannot bind ends it as uvicorn.run would, in one line."""
+    try:
+        sock = shared_socket(config.webserver_port)
+    except OSError as error:
+        logger.error("Cannot bind the fetch API's port %d: %s.", config.webserver_port, error)
+        return STARTUP_FAILURE
+    server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
+    server.run([sock])
+    # uvicorn exits by itself when the app's lifespan fails; a release that returns instead leaves `started` false.
+    return 0 if server.started else STARTUP_FAILURE
+
+
 def shared_socket(port: int) -> socket.socket:
-    """A socket bound to `port` that other processes bind too; uvicorn listens on it."""
+    """A socket bound to `port` that other processes bind too; uvicorn listens on it.
+
+    Each process has its own accept queue: the kernel spreads new connections
+    over them by a hash of their addresses, and connections still queued at a
+    process that dies are reset (the caching proxy in front asks again). Any
+    process of the same user that sets SO_REUSEPORT may join; in a node's
+    container there is none but the node's own."""
     shared = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
