@@ -104,9 +104,8 @@ MAX_TRIES_PER_FAULT = 10
 # Every driver in a process of its own is killed once a round: with these settings the
 # flusher too (two processes). The chores consumer (one process) and the scanners run in
 # threads of `run all`: the backend terminations and the closed broker connections reach them.
-DRIVERS = tuple(
-    program for program in PROGRAMS if supervisor.in_thread_target(program, settings.load(NODE_SETTINGS)) is None
-)
+NODE_CONFIG = settings.load(NODE_SETTINGS)
+DRIVERS = tuple(program for program in PROGRAMS if supervisor.in_thread_target(program, NODE_CONFIG) is None)
 
 
 @dataclasses.dataclass(frozen=True)

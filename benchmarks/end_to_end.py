@@ -16,8 +16,9 @@ After a warm-up, a measuring window gives:
 * CPU per completed transfer split by process, sampled from /proc
   (benchmarks/cpu.py): each driver of `run all` with the workers it forked
   ("pyswpt all" is the supervisor with the drivers in its threads: the chores
-  consumer, the flusher, the scanners), all PostgreSQL backends of the node's database, the RabbitMQ server (beam),
-  this load generator, and the rest of the machine; the node's total RSS;
+  consumer, the flusher, the scanners), all PostgreSQL backends of the node's
+  database, the RabbitMQ server (beam), this load generator, and the rest of
+  the machine; the node's total RSS;
 * the backends' CPU per transfer again, by the connection each serves (the
   application_name its driver gave it: a workers stage, its list and LISTEN
   sessions, the consumer, the flusher), to see which step costs the database what;

@@ -1,15 +1,15 @@
 """`pyswpt run all`: every driver of one node, restarted when it dies.
 
 The busy drivers run as their own `pyswpt run <name>` processes, so that what
-runs under the supervisor is what the tests start one by one. The
-drivers that wait most of the time — the chores consumer, the scanners, and
-the flusher, which waits for its takes, the WAL flush and the broker's
-confirms — run in threads of the supervisor (in_thread_target): an
-interpreter with its libraries is about 42 MiB of resident memory. A fetch
-API of several processes (WEBSERVER_PROCESSES) runs as that many `run web`
-drivers sharing the port, instead of one whose uvicorn parent process does
-nothing but watch the others. A driver whose process exits, or whose thread ends, is
-started again alone, after a backoff that grows while it keeps failing
+runs under the supervisor is what the tests start one by one. The drivers
+that wait most of the time — the chores consumer, the scanners, and the
+flusher, which waits for its takes, the WAL flush and the broker's confirms —
+run in threads of the supervisor (in_thread_target): an interpreter with its
+libraries is about 42 MiB of resident memory. A fetch API of several
+processes (WEBSERVER_PROCESSES) runs as that many `run web` drivers sharing
+the port, instead of one whose uvicorn parent process does nothing but watch
+the others. A driver whose process exits, or whose thread ends, is started
+again alone, after a backoff that grows while it keeps failing
 quickly. SIGTERM or SIGINT stops every driver, a process with SIGTERM — each
 finishes its current batch, acks what committed and closes its connections —
 and kills the processes still running after STOP_TIMEOUT_SECONDS.
