@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import signal
-from pathlib import Path
 
 import pika
 import psycopg
@@ -31,7 +30,7 @@ from drivers import (  # noqa: F401 (node_environment is a fixture)
 )
 
 from pyswpt import topology
-from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
+from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS, listening_sockets
 
 WORKER_PROCESSES = 2
 # A process whose parent died stops as on SIGTERM; that takes well under this.
@@ -176,12 +175,6 @@ def test_run_all_runs_each_web_process_as_a_driver_sharing_the_port(node_environ
         assert node.stop(signal.SIGTERM) == 0
     assert "did not stop in time" not in node.log()
     assert not is_alive(second) and not is_alive(third)
-
-
-def listening_sockets(port: int) -> int:
-    """The TCP sockets listening on `port` (/proc/net/tcp: local address, then state 0A)."""
-    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(1 for line in lines if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
 
 
 def publish_configure_account(rabbitmq_url: str, queue: str) -> None:

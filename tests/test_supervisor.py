@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -30,6 +32,7 @@ from prometheus_client import REGISTRY
 from pyswpt import config as settings
 from pyswpt import logs, metrics
 from pyswpt.drivers import supervisor
+from pyswpt.drivers import web as web_driver
 from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 from pyswpt.processes import ORPHANED_AT_START_STATUS, SUPERVISOR_PID_VARIABLE, WEBSERVER_SHARES_PORT_VARIABLE
 from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
@@ -104,6 +107,33 @@ def test_a_fetch_api_of_several_processes_is_as_many_web_drivers_sharing_the_por
     assert all(child.environment == {WEBSERVER_SHARES_PORT_VARIABLE: "1"} for child in web)
     [alone] = supervisor.supervised("web", settings.load({"WEBSERVER_PROCESSES": "1"}))
     assert alone.environment == {}
+
+
+def test_a_fetch_api_of_several_processes_is_ready_when_each_listens():
+    """A connection succeeds once the first of them listens: the ready line waits for the others."""
+    port = free_port()
+    config = settings.load({"WEBSERVER_PORT": str(port)})
+    web = [supervisor.InThread("web", target=lambda stopping: stopping.wait()) for _ in range(2)]
+    for driver in web:
+        driver.check(time.monotonic())
+    try:
+        with shared_listening_socket(port):
+            assert supervisor.listening_sockets(port) == 1
+            assert not supervisor.is_ready(config, web)
+            with shared_listening_socket(port):
+                assert supervisor.listening_sockets(port) == 2
+                assert supervisor.is_ready(config, web)
+        assert not supervisor.is_ready(config, web)
+    finally:
+        supervisor.stop_all(web)
+
+
+@contextlib.contextmanager
+def shared_listening_socket(port: int) -> Iterator[socket.socket]:
+    """A socket listening on `port` as each web process of `run all` does (pyswpt.drivers.web.shared_socket)."""
+    with web_driver.shared_socket(port) as listening:
+        listening.listen()
+        yield listening
 
 
 def restarts_of(program: str) -> float:

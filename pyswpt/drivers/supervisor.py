@@ -40,8 +40,8 @@ it started likewise: `kill -- -PID`. A thread cannot be killed: one that does
 not stop in time ends as the supervisor exits.
 
 Whatever APP_LOG_LEVEL says, the supervisor logs one line at INFO when the
-node is ready (every driver running and the fetch API accepting connections)
-and one when it stopped, with why: an operator who starts a node sees that it
+node is ready (every driver running and each process of the fetch API
+listening, a connection to it accepted) and one when it stopped, with why: an operator who starts a node sees that it
 is up, where, and on which queue, without turning on the drivers' chatter.
 """
 
@@ -59,6 +59,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from pyswpt import metrics
@@ -101,6 +102,9 @@ POLL_SECONDS = 0.5
 # The fetch API is ready once a connection to its port succeeds within this time.
 PORT_PROBE_TIMEOUT_SECONDS = 0.2
 LOCALHOST = "127.0.0.1"
+# The kernel's table of IPv4 TCP sockets (the fetch API listens on 0.0.0.0), and its LISTEN state.
+TCP_SOCKETS_TABLE = Path("/proc/net/tcp")
+TCP_LISTEN = "0A"
 
 
 @dataclasses.dataclass
@@ -418,10 +422,28 @@ def supervise(config: Config, children: list[Supervised], endpoint: MetricsEndpo
 
 
 def is_ready(config: Config, children: list[Supervised]) -> bool:
-    """Every driver runs, and the fetch API (when it is one of them) accepts connections."""
+    """Every driver runs, and the fetch API (when it is one of them) accepts connections in each of
+    its processes."""
     if not all(child.is_running() for child in children):
         return False
-    return all(child.program != "web" or accepts_connections(config.webserver_port) for child in children)
+    web_processes = sum(child.program == "web" for child in children)
+    if web_processes == 0:
+        return True
+    listeners = listening_sockets(config.webserver_port)
+    # A connection succeeds once one process of several listens: the others are counted too.
+    return (listeners is None or listeners >= web_processes) and accepts_connections(config.webserver_port)
+
+
+def listening_sockets(port: int) -> int | None:
+    """The IPv4 TCP sockets of this network namespace listening on `port`, one for each process
+    that shares it (SO_REUSEPORT); None without /proc/net/tcp (not Linux)."""
+    try:
+        lines = TCP_SOCKETS_TABLE.read_text().splitlines()[1:]
+    except FileNotFoundError:
+        return None
+    # Each line: slot, local address as HEX_IP:HEX_PORT, remote address, state (0A is LISTEN), ...
+    local_port = f":{port:04X}"
+    return sum(1 for fields in map(str.split, lines) if fields[1].endswith(local_port) and fields[3] == TCP_LISTEN)
 
 
 def accepts_connections(port: int) -> bool:
