@@ -115,6 +115,7 @@ POSTGRES = "postgres backends"
 # A backend's group while sampling, by the application_name its driver gave the
 # connection; folded into POSTGRES, and kept apart in Measured.postgres_cpu_seconds.
 POSTGRES_CONNECTION_PREFIX = "postgres backend of "
+QUEUE = "QUEUE"  # the node's queue in a connection's name, whatever its run called it
 BROKER = "rabbitmq"
 LOAD_GENERATOR = "load generator"
 STAND_IN = "stand-in"
@@ -305,8 +306,11 @@ class Classifier:
     program the driver runs), a backend of the node's database, the broker, the stand-in, or
     this load generator."""
 
-    def __init__(self, database_url: str | None = None, node_pid: int = 0, stand_in_pid: int = 0):
+    def __init__(
+        self, database_url: str | None = None, node_pid: int = 0, stand_in_pid: int = 0, queue: str | None = None
+    ):
         self.node_pid = node_pid
+        self.queue = queue  # named in the consumer's application_name; each run has a queue of its own
         self.stand_in_pid = stand_in_pid
         self.own_pid = os.getpid()
         self.programs: dict[int, str] = {}
@@ -322,7 +326,13 @@ class Classifier:
                 WHERE datname = current_database() AND pid <> pg_backend_pid()
                 """
             ).fetchall()
-            self.backends = {pid: name or "(no name)" for pid, name in rows}
+            self.backends = {pid: self.connection_name(name) for pid, name in rows}
+
+    def connection_name(self, application_name: str) -> str:
+        """The application_name, the run's queue said as QUEUE: one row for the consumer across runs."""
+        if not application_name:
+            return "(no name)"
+        return application_name.replace(self.queue, QUEUE) if self.queue else application_name
 
     def __call__(self, stat: cpu.ProcessStat) -> str | None:
         if stat.pid == self.own_pid:
@@ -549,7 +559,7 @@ def drive_node(node: chaos.Node, profile: str, options: Options) -> list[Measure
     creditors = chaos.pick_creditors(realm, debtor_id, options.accounts)
     generator = LoadGenerator(node.broker_url, node.queue, debtor_id, creditors)
     funding = chaos.open_and_fund_accounts(generator, node.database_url, creditors, time.monotonic() + SETUP_SECONDS)
-    classifier = Classifier(node.database_url, node_pid=node.process.pid)
+    classifier = Classifier(node.database_url, node_pid=node.process.pid, queue=node.queue)
     sampler = cpu.Sampler(classifier, classifier.refresh)
     measured = []
     idle_levels = (0, options.idle_accounts) if options.idle_accounts else (0,)
