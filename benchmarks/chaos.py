@@ -5,10 +5,11 @@ RabbitMQ vhost of its own; `pyswpt configure` and `pyswpt run all`; one debtor
 whose accounts are funded by issuing; then C simulated coordinators run a
 closed loop of PrepareTransfer → PreparedTransfer → FinalizeTransfer →
 FinalizedTransfer until N transfers are done, resending what goes
-unanswered. Meanwhile a fault thread SIGKILLs processes of the node's tree,
-terminates its database backends and closes its broker connections (and
-with --crash-postgres crashes the PostgreSQL server), and poison messages
-of every kind are mixed into the queue. At the end it checks:
+unanswered. Meanwhile a fault thread SIGKILLs processes of the node's tree
+and the whole node (then starts `run all` again, as a container's restart
+would), terminates its database backends and closes its broker connections
+(and with --crash-postgres crashes the PostgreSQL server), and poison
+messages of every kind are mixed into the queue. At the end it checks:
 
 * every request was answered, and at most one distinct way (duplicates of the
   same message are allowed: delivery is at least once);
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -85,7 +87,6 @@ NODE_SETTINGS = {
     "PROTOCOL_BROKER_QUEUE_ROUTING_KEY": REALM,
     "PROTOCOL_BROKER_PROCESSES": "2",
     "PROTOCOL_BROKER_PREFETCH_COUNT": "50",
-    "FLUSH_PROCESSES": "2",
     "FLUSH_PERIOD": "0.5",
     "APP_PROCESS_TRANSFER_REQUESTS_WAIT": "0.5",
     "APP_PROCESS_FINALIZATION_REQUESTS_WAIT": "0.5",
@@ -101,11 +102,6 @@ NODE_SETTINGS = {
 }
 # A fault whose target is not running is tried again this often in its round.
 MAX_TRIES_PER_FAULT = 10
-# Every driver in a process of its own is killed once a round: with these settings the
-# flusher too (two processes). The chores consumer (one process) and the scanners run in
-# threads of `run all`: the backend terminations and the closed broker connections reach them.
-NODE_CONFIG = settings.load(NODE_SETTINGS)
-DRIVERS = tuple(program for program in PROGRAMS if supervisor.in_thread_target(program, NODE_CONFIG) is None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +113,22 @@ class Settings:
     poison_every: int = 100  # one poison message per this many transfers started
     min_fault_rounds: int = 1  # transfers go on until every kind of fault was injected this often
     crash_postgres: bool = False
+    # Two: the flusher is a process with forked workers, killed like the other drivers. One (the
+    # default of `run all`): a thread of the supervisor, killed with the whole node.
+    flush_processes: int = 2
     deadline_seconds: float = 1800.0
+
+    def node_settings(self) -> dict[str, str]:
+        return {**NODE_SETTINGS, "FLUSH_PROCESSES": str(self.flush_processes)}
+
+
+def drivers_in_processes(node_settings: dict[str, str]) -> tuple[str, ...]:
+    """The drivers that `run all` runs in processes of their own, each killed once a round. The
+    others (the chores consumer with one process, the scanners, the flusher with one) run in
+    threads of the supervisor: the backend terminations, the closed broker connections and the
+    node's own kill reach them."""
+    config = settings.load(node_settings)
+    return tuple(program for program in PROGRAMS if supervisor.in_thread_target(program, config) is None)
 
 
 # --- servers ------------------------------------------------------------------------------
@@ -204,14 +215,17 @@ def node_environment(
 class Faults(threading.Thread):
     """Faults one after another, each kind once a round in random order.
 
-    A round SIGKILLs each driver of `run all` and one worker forked by a
-    driver, terminates a database backend and closes the node's broker
-    connections; with `crash_postgres` it also crashes the database server.
+    A round SIGKILLs each driver of `run all` in a process of its own
+    (`drivers`) and one worker forked by a driver, terminates a database
+    backend, closes the node's broker connections and SIGKILLs the whole node
+    before starting it again; with `crash_postgres` it also crashes the
+    database server.
     """
 
-    def __init__(self, node: Node, interval_seconds: float, crash_postgres: bool = False):
+    def __init__(self, node: Node, interval_seconds: float, drivers: tuple[str, ...], crash_postgres: bool = False):
         super().__init__(name="faults", daemon=True)
         self.node = node
+        self.drivers = drivers
         self.interval_seconds = interval_seconds
         self.crash_postgres = crash_postgres
         self.stopping = threading.Event()
@@ -219,8 +233,9 @@ class Faults(threading.Thread):
         self.injected: collections.Counter[str] = collections.Counter()
 
     def run(self) -> None:
-        actions = [functools.partial(self.kill_driver, program) for program in DRIVERS]
+        actions = [functools.partial(self.kill_driver, program) for program in self.drivers]
         actions += [self.kill_a_forked_worker, self.terminate_a_backend, self.close_broker_connections]
+        actions.append(self.kill_and_restart_the_node)
         if self.crash_postgres:
             actions.append(self.kill_a_backend)
         while not self.stopping.is_set():
@@ -269,6 +284,20 @@ class Faults(threading.Thread):
         program = self.children().get(pid, (0, "?"))[1].split()[-1]
         os.kill(pid, signal.SIGKILL)
         self.injected[f"SIGKILL a worker forked by {program}"] += 1
+        return True
+
+    def kill_and_restart_the_node(self) -> bool:
+        """What a crash of the node's container and its restart do: SIGKILL to every process of
+        `run all`, the supervisor first (so that it starts no other), then `run all` again."""
+        os.kill(self.node.process.pid, signal.SIGKILL)
+        self.node.process.wait()
+        while left := self.node.tree_pids():
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.stopping.wait(POLL_SECONDS)
+        self.node.start()
+        self.injected["SIGKILL the node, then run all again"] += 1
         return True
 
     def terminate_a_backend(self) -> bool:
@@ -695,7 +724,7 @@ def run_chaos(postgres_server_url: str, rabbitmq_server_url: str, settings: Sett
             broker_url,
             vhost,
             queue,
-            node_environment(database_url, broker_url, queue, free_port()),
+            node_environment(database_url, broker_url, queue, free_port(), settings.node_settings()),
             log_dir / f"{queue}.log",
         )
         node.configure()
@@ -725,7 +754,8 @@ def drive(
     deadline = time.monotonic() + settings.deadline_seconds
     funding = open_and_fund_accounts(coordinators, node.database_url, creditors, deadline)
 
-    faults = Faults(node, settings.fault_interval_seconds, settings.crash_postgres)
+    drivers = drivers_in_processes(settings.node_settings())
+    faults = Faults(node, settings.fault_interval_seconds, drivers, settings.crash_postgres)
     faults.start()
     started_at = time.monotonic()
     transfers: list[Request] = []
@@ -899,6 +929,9 @@ def main() -> int:
     parser.add_argument("--min-fault-rounds", type=int, default=Settings.min_fault_rounds)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--crash-postgres", action="store_true", help="also crash the database server, once a round")
+    parser.add_argument(
+        "--flush-processes", type=int, default=Settings.flush_processes, help="1: the flusher in a thread of run all"
+    )
     args = parser.parse_args()
     settings = Settings(
         transfers=args.transfers,
@@ -908,6 +941,7 @@ def main() -> int:
         poison_every=args.poison_every,
         min_fault_rounds=args.min_fault_rounds,
         crash_postgres=args.crash_postgres,
+        flush_processes=args.flush_processes,
     )
     report = run_chaos(
         os.environ["PYSWPT_TEST_POSTGRES_URL"], os.environ["PYSWPT_TEST_RABBITMQ_URL"], settings, args.log_dir

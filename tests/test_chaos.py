@@ -5,10 +5,12 @@ The long run is on demand: `python benchmarks/chaos.py --transfers 10000`.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pika
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -20,18 +22,31 @@ SHORT_RUN = chaos.Settings(
     accounts=20,
     fault_interval_seconds=1.0,
     poison_every=25,  # at least twelve poison messages: every kind at least once
-    min_fault_rounds=1,  # every driver killed once, a forked worker, a backend, the broker connections
+    min_fault_rounds=1,  # every driver killed once, a forked worker, a backend, the broker connections, the node
     deadline_seconds=400.0,
 )
 
 
-def test_transfers_survive_faults_and_poison_exactly_once(postgres_server_url, rabbitmq_url, tmp_path):
+@pytest.mark.parametrize(
+    ("flush_processes", "drivers_in_processes"),
+    [
+        # The flusher a process with forked workers, killed like the other drivers.
+        (2, {"web", "consumer", "flusher", "workers"}),
+        # As `run all` runs it by default: a thread of the supervisor, killed with the whole node.
+        (1, {"web", "consumer", "workers"}),
+    ],
+)
+def test_transfers_survive_faults_and_poison_exactly_once(
+    postgres_server_url, rabbitmq_url, tmp_path, flush_processes, drivers_in_processes
+):
+    run = dataclasses.replace(SHORT_RUN, flush_processes=flush_processes)
+    assert set(chaos.drivers_in_processes(run.node_settings())) == drivers_in_processes
     # A client of another vhost (the run makes one of its own): the faults must leave it alone.
     parameters = pika.URLParameters(rabbitmq_url)
     parameters.heartbeat = 0  # idle for the whole run, and must not be closed for that either
     bystander = pika.BlockingConnection(parameters)
     try:
-        report = chaos.run_chaos(postgres_server_url, rabbitmq_url, SHORT_RUN, tmp_path)
+        report = chaos.run_chaos(postgres_server_url, rabbitmq_url, run, tmp_path)
         bystander.process_data_events(time_limit=0)  # raises if the broker closed it
     finally:
         if bystander.is_open:
@@ -40,8 +55,7 @@ def test_transfers_survive_faults_and_poison_exactly_once(postgres_server_url, r
     assert report.ok, report.table()
     assert report.injected.get("broker connection closed", 0) >= 1
     killed = {what.removeprefix("SIGKILL ") for what in report.injected if what.startswith("SIGKILL ")}
-    # The flusher too: the run gives it two processes, so it is not a thread of `run all`.
-    assert {"web", "consumer", "flusher", "workers"} == set(chaos.DRIVERS) <= killed
+    assert drivers_in_processes | {"the node, then run all again"} <= killed
     poisoned = {what.removeprefix("poison: ") for what in report.injected if what.startswith("poison: ")}
     assert poisoned == {poison.kind for poison in chaos.POISON}
     assert report.injected.get("database backend terminated", 0) >= 1
