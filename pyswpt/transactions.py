@@ -163,11 +163,31 @@ def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tu
                 # Alone, a statement is such a transaction without pipeline mode, which would
                 # add a Flush message and about 50 µs of client CPU (measured) to a window of one.
                 return [conn.execute(calls[0].query, calls[0].params).fetchone()]
-            with conn.pipeline():
-                cursors = [conn.execute(call.query, call.params) for call in calls]
+            try:
+                with conn.pipeline():
+                    cursors = [conn.execute(call.query, call.params) for call in calls]
+            except psycopg.Error:
+                forget_prepared_statements(conn)
+                raise
         return [cursor.fetchone() for cursor in cursors]
 
     return retrying(in_one_round_trip)
+
+
+def forget_prepared_statements(conn: psycopg.Connection) -> None:
+    """After a pipeline that failed, DEALLOCATE ALL, on the server and in psycopg's cache alike.
+
+    psycopg (3.3) prepares a query on its prepare_threshold-th run. When that
+    run follows a failed statement in the same pipeline, the server skips its
+    Parse, but psycopg records the statement as prepared, and every later run
+    of the query on the connection fails with 26000 (no such prepared
+    statement): the good messages of a window with a bad one would have failed
+    alone too, and been parked. psycopg empties its cache when it sees
+    DEALLOCATE ALL succeed. A connection that broke is left to its owner.
+    """
+    if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+        return
+    conn.execute("DEALLOCATE ALL")
 
 
 @contextlib.contextmanager

@@ -76,6 +76,21 @@ def test_calls_run_in_one_transaction_that_a_failing_call_rolls_back(database_ur
         assert execute_calls(caller, [SqlCall("SELECT count(*) FROM public.applied", ())]) == [(1,)]
 
 
+@pytest.mark.parametrize("runs_before", range(1, 6))
+def test_calls_that_failed_leave_no_statement_that_psycopg_believes_prepared(database_url, runs_before):
+    """psycopg (3.3) prepares a query on its sixth run; when that run follows a failed call in the
+    same pipeline, the server skips the Parse, yet psycopg still believed the statement prepared and
+    every later run of the query on the connection failed (26000): a window with one bad message
+    had the good ones after it fail alone too, and parked."""
+    good = SqlCall("SELECT %(value)s::integer + 1", {"value": 1})
+    window = [good] * runs_before + [SqlCall("SELECT 1 / 0", ())] + [good] * 8
+    with db.connect(database_url) as caller:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            execute_calls(caller, window)
+        assert execute_calls(caller, [good]) == [(2,)]
+        assert execute_calls(caller, [good, good]) == [(2,), (2,)]
+
+
 def test_calls_are_run_again_after_a_serialization_failure(database_url):
     with db.connect(database_url) as caller:
         caller.execute(FAIL_ONCE)
