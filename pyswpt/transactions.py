@@ -56,7 +56,11 @@ CHANGED_RESULT_SOURCE_FUNCTION = "RevalidateCachedQuery"
 # is unwell: never the fault of the message or row at hand. Connection
 # exceptions, failed authentication, configuration file errors, lack of
 # resources, shutdowns, system errors, a database that does not exist, a
-# read-only server. A missing SQL API is the infrastructure's too (is_api_missing).
+# read-only server; a statement that psycopg believes prepared on the
+# connection and the server does not have (26000: pyswpt prepares nothing by
+# name, so only the connection's state can be at fault, and a new one has
+# none; see forget_prepared_statements). A missing SQL API is the
+# infrastructure's too (is_api_missing).
 INFRASTRUCTURE_SQLSTATE_PREFIXES = (
     "08",
     "28",
@@ -66,6 +70,7 @@ INFRASTRUCTURE_SQLSTATE_PREFIXES = (
     "58",
     "3D000",
     "25006",
+    "26000",
 )
 
 

@@ -159,6 +159,7 @@ def test_workers_reconnect_after_losing_their_database_connections(conn, databas
         (psycopg.errors.TooManyConnections(), True),
         (psycopg.errors.DiskFull(), True),
         (psycopg.errors.ReadOnlySqlTransaction(), True),
+        (psycopg.errors.InvalidSqlStatementName(), True),
         (psycopg.errors.UndefinedFunction(), True),
         (psycopg.errors.InsufficientPrivilege(), True),
         (psycopg.errors.UndefinedTable(), True),
