@@ -102,6 +102,7 @@ NODE_SETTINGS = {
 }
 # A fault whose target is not running is tried again this often in its round.
 MAX_TRIES_PER_FAULT = 10
+NODE_KILLED = "SIGKILL the node, then run all again"  # the fault's line in the report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +298,7 @@ class Faults(threading.Thread):
                     os.kill(pid, signal.SIGKILL)
             self.stopping.wait(POLL_SECONDS)
         self.node.start()
-        self.injected["SIGKILL the node, then run all again"] += 1
+        self.injected[NODE_KILLED] += 1
         return True
 
     def terminate_a_backend(self) -> bool:
@@ -786,7 +787,7 @@ def drive(
     verified.append(("run all exit status after SIGTERM", "0", str(stop_status), stop_status == 0))
     verified.append(("processes of the node left after it stopped", "0", str(len(left)), not left))
     injected = dict(faults.injected) | {k: v for k, v in coordinators.counts.items() if k.startswith("poison")}
-    injected |= restarts(node.log())
+    injected |= restarts(node.log(), 1 + faults.injected[NODE_KILLED])
     committed = sum(request.state == "committed" for request in transfers)
     return Report(injected, verified, committed / duration, duration)
 
@@ -839,9 +840,11 @@ def queue_is_empty(coordinators: Coordinators, queue: str) -> bool:
     return coordinators.channel.queue_declare(queue, passive=True).method.message_count == 0
 
 
-def restarts(log: str) -> dict[str, int]:
+def restarts(log: str, node_starts: int) -> dict[str, int]:
+    """How often `run all` started each driver again; each start of the node starts every driver once."""
     started = collections.Counter(program for program, _pid in STARTED.findall(log))
-    return {f"restarts by run all: {program}": count - 1 for program, count in started.items() if count > 1}
+    counts = {program: count - node_starts for program, count in started.items()}
+    return {f"restarts by run all: {program}": count for program, count in counts.items() if count > 0}
 
 
 def verify(

@@ -55,7 +55,7 @@ def test_transfers_survive_faults_and_poison_exactly_once(
     assert report.ok, report.table()
     assert report.injected.get("broker connection closed", 0) >= 1
     killed = {what.removeprefix("SIGKILL ") for what in report.injected if what.startswith("SIGKILL ")}
-    assert drivers_in_processes | {"the node, then run all again"} <= killed
+    assert drivers_in_processes | {chaos.NODE_KILLED.removeprefix("SIGKILL ")} <= killed
     poisoned = {what.removeprefix("poison: ") for what in report.injected if what.startswith("poison: ")}
     assert poisoned == {poison.kind for poison in chaos.POISON}
     assert report.injected.get("database backend terminated", 0) >= 1
