@@ -103,6 +103,9 @@ NODE_SETTINGS = {
 # A fault whose target is not running is tried again this often in its round.
 MAX_TRIES_PER_FAULT = 10
 NODE_KILLED = "SIGKILL the node, then run all again"  # the fault's line in the report
+NODE_KILL_SECONDS = 30.0
+# The supervisor's first line at each start of the node (pyswpt.drivers.supervisor.run).
+NODE_STARTING = "Starting the node's drivers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,15 +291,32 @@ class Faults(threading.Thread):
         return True
 
     def kill_and_restart_the_node(self) -> bool:
-        """What a crash of the node's container and its restart do: SIGKILL to every process of
-        `run all`, the supervisor first (so that it starts no other), then `run all` again."""
-        os.kill(self.node.process.pid, signal.SIGKILL)
-        self.node.process.wait()
-        while left := self.node.tree_pids():
-            for pid in left:
+        """What a crash of the node's container and its restart do: every process of `run all` dies
+        at once, by SIGKILL, then `run all` starts again.
+
+        Each process is stopped (SIGSTOP) first, the supervisor first: a stopped
+        process starts no other, cannot begin a graceful stop when its parent
+        dies (the drivers' parent-death signal is SIGTERM), and keeps its pid
+        until the SIGKILL.
+        """
+        deadline = time.monotonic() + NODE_KILL_SECONDS
+        stopped: set[int] = set()
+        os.kill(self.node.process.pid, signal.SIGSTOP)
+        while running := set(self.node.tree_pids()) - stopped:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes of the node still running: {sorted(running)}")
+            for pid in running:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGSTOP)
+            stopped |= running
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while self.node.tree_pids():
+            if time.monotonic() > deadline:
+                raise TimeoutError("processes of the node outlived their SIGKILL")
             self.stopping.wait(POLL_SECONDS)
+        self.node.process.wait()
         self.node.start()
         self.injected[NODE_KILLED] += 1
         return True
@@ -787,7 +807,7 @@ def drive(
     verified.append(("run all exit status after SIGTERM", "0", str(stop_status), stop_status == 0))
     verified.append(("processes of the node left after it stopped", "0", str(len(left)), not left))
     injected = dict(faults.injected) | {k: v for k, v in coordinators.counts.items() if k.startswith("poison")}
-    injected |= restarts(node.log(), 1 + faults.injected[NODE_KILLED])
+    injected |= restarts(node.log())
     committed = sum(request.state == "committed" for request in transfers)
     return Report(injected, verified, committed / duration, duration)
 
@@ -840,11 +860,13 @@ def queue_is_empty(coordinators: Coordinators, queue: str) -> bool:
     return coordinators.channel.queue_declare(queue, passive=True).method.message_count == 0
 
 
-def restarts(log: str, node_starts: int) -> dict[str, int]:
-    """How often `run all` started each driver again; each start of the node starts every driver once."""
-    started = collections.Counter(program for program, _pid in STARTED.findall(log))
-    counts = {program: count - node_starts for program, count in started.items()}
-    return {f"restarts by run all: {program}": count for program, count in counts.items() if count > 0}
+def restarts(log: str) -> dict[str, int]:
+    """How often `run all` started each driver again, counted within each start of the node."""
+    counts: collections.Counter[str] = collections.Counter()
+    for node_run in log.split(NODE_STARTING)[1:]:
+        started = collections.Counter(program for program, _pid in STARTED.findall(node_run))
+        counts.update({program: count - 1 for program, count in started.items() if count > 1})
+    return {f"restarts by run all: {program}": count for program, count in counts.items()}
 
 
 def verify(
@@ -936,6 +958,8 @@ def main() -> int:
         "--flush-processes", type=int, default=Settings.flush_processes, help="1: the flusher in a thread of run all"
     )
     args = parser.parse_args()
+    if args.flush_processes < 1:
+        parser.error("--flush-processes must be at least 1")
     settings = Settings(
         transfers=args.transfers,
         concurrency=args.concurrency,

@@ -180,19 +180,28 @@ def execute_calls(conn: psycopg.Connection, calls: Sequence[SqlCall]) -> list[tu
 
 
 def forget_prepared_statements(conn: psycopg.Connection) -> None:
-    """After a pipeline that failed, DEALLOCATE ALL, on the server and in psycopg's cache alike.
+    """After a pipeline that failed, make psycopg forget the statements it prepared on the connection.
 
     psycopg (3.3) prepares a query on its prepare_threshold-th run. When that
     run follows a failed statement in the same pipeline, the server skips its
     Parse, but psycopg records the statement as prepared, and every later run
     of the query on the connection fails with 26000 (no such prepared
     statement): the good messages of a window with a bad one would have failed
-    alone too, and been parked. psycopg empties its cache when it sees
-    DEALLOCATE ALL succeed. A connection that broke is left to its owner.
+    alone too, and been parked. psycopg empties its cache, and deallocates the
+    server's statements, whenever one of its transaction blocks rolls back: an
+    empty block rolled back on purpose does only that. (A DEALLOCATE ALL of our
+    own would not do: psycopg looks at its outcome only the first time it sees
+    the text.) The caller raises the pipeline's error in any case; a connection
+    that could not be reset fails its next statement with 26000, an
+    infrastructure error, and is replaced.
     """
     if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
         return
-    conn.execute("DEALLOCATE ALL")
+    try:
+        with conn.transaction(force_rollback=True):
+            pass
+    except psycopg.Error as error:
+        logger.warning("Could not reset the prepared statements of a connection (%s).", describe_error(error))
 
 
 @contextlib.contextmanager

@@ -81,14 +81,20 @@ def test_calls_that_failed_leave_no_statement_that_psycopg_believes_prepared(dat
     """psycopg (3.3) prepares a query on its sixth run; when that run follows a failed call in the
     same pipeline, the server skips the Parse, yet psycopg still believed the statement prepared and
     every later run of the query on the connection failed (26000): a window with one bad message
-    had the good ones after it fail alone too, and parked."""
+    had the good ones after it fail alone too, and parked. Again and again on one connection, after
+    a first failure with nothing prepared yet."""
     good = SqlCall("SELECT %(value)s::integer + 1", {"value": 1})
-    window = [good] * runs_before + [SqlCall("SELECT 1 / 0", ())] + [good] * 8
+    bad = SqlCall("SELECT 1 / 0", ())
+    window = [good] * runs_before + [bad] + [good] * 8
     with db.connect(database_url) as caller:
         with pytest.raises(psycopg.errors.DivisionByZero):
-            execute_calls(caller, window)
-        assert execute_calls(caller, [good]) == [(2,)]
-        assert execute_calls(caller, [good, good]) == [(2,), (2,)]
+            execute_calls(caller, [bad, good])
+        for _ in range(4):
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                execute_calls(caller, window)
+            assert execute_calls(caller, [good]) == [(2,)]
+            assert execute_calls(caller, [good, good]) == [(2,), (2,)]
+        assert caller.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 def test_calls_are_run_again_after_a_serialization_failure(database_url):

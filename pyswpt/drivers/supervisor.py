@@ -436,10 +436,11 @@ def is_ready(config: Config, children: list[Supervised]) -> bool:
 
 def listening_sockets(port: int) -> int | None:
     """The IPv4 TCP sockets of this network namespace listening on `port`, one for each process
-    that shares it (SO_REUSEPORT); None without /proc/net/tcp (not Linux)."""
+    that shares it (SO_REUSEPORT); None where /proc/net/tcp cannot be read (not Linux, a /proc
+    that hides it): the connection probe alone decides then."""
     try:
         lines = TCP_SOCKETS_TABLE.read_text().splitlines()[1:]
-    except FileNotFoundError:
+    except OSError:
         return None
     # Each line: slot, local address as HEX_IP:HEX_PORT, remote address, state (0A is LISTEN), ...
     local_port = f":{port:04X}"
