@@ -41,8 +41,9 @@ not stop in time ends as the supervisor exits.
 
 Whatever APP_LOG_LEVEL says, the supervisor logs one line at INFO when the
 node is ready (every driver running and each process of the fetch API
-listening, a connection to it accepted) and one when it stopped, with why: an operator who starts a node sees that it
-is up, where, and on which queue, without turning on the drivers' chatter.
+listening, a connection to it accepted) and one when it stopped, with why: an
+operator who starts a node sees that it is up, where, and on which queue,
+without turning on the drivers' chatter.
 """
 
 from __future__ import annotations
