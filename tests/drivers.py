@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import re
 import signal
 import socket
@@ -21,6 +22,10 @@ import pytest
 from pyswpt import topology
 
 POLL_INTERVAL_SECONDS = 0.05
+# Where the kernel picks the local ports of outgoing connections (free_port stays below it).
+EPHEMERAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PICKED_PORT = 10_000
+PORT_PICKS = 100
 STOP_DEADLINE_SECONDS = 30.0
 ZOMBIE_STATE = "Z"
 # What `pyswpt run all` logs for each driver it starts; one in a thread gives the supervisor's pid.
@@ -28,10 +33,36 @@ STARTED = re.compile(r"Started (\S+) (?:in a thread )?\(pid (\d+)\)")
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port that nothing uses now and that no outgoing connection will take.
+
+    A port the kernel hands out for bind(0) comes from its ephemeral range, the
+    one it also gives the client end of every outgoing connection: before a
+    node's web driver bound it, the node's own connections to PostgreSQL and
+    RabbitMQ could take it, and the fetch API never started (seen in CI). So
+    the port is picked below that range, where only an explicit bind can take it.
+    """
+    ephemeral_start = ephemeral_port_range_start()
+    if ephemeral_start is None or ephemeral_start <= LOWEST_PICKED_PORT:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+    for _ in range(PORT_PICKS):
+        port = random.randrange(LOWEST_PICKED_PORT, ephemeral_start)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port among {PORT_PICKS} picked below {ephemeral_start}")
+
+
+def ephemeral_port_range_start() -> int | None:
+    """The first port of the kernel's ephemeral range (Linux); None where it cannot be read."""
+    try:
+        return int(EPHEMERAL_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pyswpt_command() -> list[str]:
