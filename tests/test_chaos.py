@@ -6,6 +6,7 @@ The long run is on demand: `python benchmarks/chaos.py --transfers 10000`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -59,3 +60,18 @@ def test_transfers_survive_faults_and_poison_exactly_once(
     poisoned = {what.removeprefix("poison: ") for what in report.injected if what.startswith("poison: ")}
     assert poisoned == {poison.kind for poison in chaos.POISON}
     assert report.injected.get("database backend terminated", 0) >= 1
+
+
+def test_an_answer_parked_twice_for_one_request_counts_once():
+    """A poison request delivered again after a crash (between its commit and its ack) is rejected
+    twice: both answers are parked, and that is at-least-once delivery, not a second poison."""
+    [unroutable] = [poison for poison in chaos.POISON if poison.source_kind == "outbox"]
+    request = json.dumps({"coordinator_type": "zzz", "coordinator_id": 7, "coordinator_request_id": 1}).encode()
+    answer = {"type": "RejectedTransfer", "coordinator_type": "zzz", "coordinator_id": 7, "coordinator_request_id": 1}
+    parked_twice = [("outbox", "unroutable", json.dumps(answer).encode(), "RejectedTransfer")] * 2
+    assert all(ok for *_row, ok in chaos.verify_parked([(unroutable, request)], parked_twice))
+
+    other = {**answer, "coordinator_request_id": 2}  # a good request's answer, parked: a failure
+    parked_too = [*parked_twice, ("outbox", "unroutable", json.dumps(other).encode(), "RejectedTransfer")]
+    [*_, total] = chaos.verify_parked([(unroutable, request)], parked_too)
+    assert total == ("parked messages in all", "1", "2", False)
