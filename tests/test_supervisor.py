@@ -37,7 +37,7 @@ from pyswpt.drivers.supervisor import PROGRAMS, STOP_TIMEOUT_SECONDS
 from pyswpt.processes import ORPHANED_AT_START_STATUS, SUPERVISOR_PID_VARIABLE, WEBSERVER_SHARES_PORT_VARIABLE
 from pyswpt.upgrades import EXIT_API_UNAVAILABLE, ApiUnavailable
 
-# Five Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
+# Several Python processes start at once: on a loaded two-core machine that takes a while (as in test_full_stack).
 STARTED_WITHIN_SECONDS = 30.0
 # A node on this small shared machine takes a while to start its six drivers.
 NODE_START_SECONDS = 90.0

@@ -6,8 +6,8 @@ worker processes. Each process runs at most WEBSERVER_THREADS database reads
 at a time, through a pool of as many connections. Under `run all` each of the
 WEBSERVER_PROCESSES is a driver of its own, and they share the port
 (processes.WEBSERVER_SHARES_PORT_VARIABLE): the supervisor restarts one that
-dies, so no uvicorn parent process is kept for that alone. The only SQL
-called is the two read-only functions of sql/functions/60_fetch_api.sql. Beside the
+dies, so no uvicorn parent process is kept for that alone. The only SQL called
+is the two read-only functions of sql/functions/60_fetch_api.sql. Beside the
 liveness probe /accounts/healthz (no database access, spec 01 §6.1), the
 readiness probe /accounts/readyz says whether the node reaches its database
 and brokers (Readiness).
