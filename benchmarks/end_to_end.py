@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import os
 import random
@@ -104,7 +105,9 @@ PLACEMENTS = ("spread", "hot")
 MAX_AMOUNT = 1000
 DRAIN_SECONDS = 300.0
 SETUP_SECONDS = 600.0
-LATENCIES = ("prepare", "finalize", "account transfer")
+# "to ledger" ends and "from ledger" begins at the PreparedTransfer's prepared_at: the
+# start of the transaction in which the transfer-requests stage prepared it.
+LATENCIES = ("prepare", "prepare to ledger", "prepare from ledger", "finalize", "account transfer")
 PERCENTILES = (50, 95, 99)
 PGBENCH_CLIENTS = (1, 8)
 PGBENCH_SECONDS = 10
@@ -245,12 +248,19 @@ class LoadGenerator(chaos.Coordinators):
             return
         if state == "preparing" and fields["type"] == "PreparedTransfer":
             self.record("prepare", now - sent_at)
+            self.record_prepare_split(fields["prepared_at"], now - sent_at)
         if request.done:
             if request.state == "committed":
                 self.record("finalize", now - sent_at)
             self.in_flight -= 1
             self.completed_in_window += self.window_open
             self.top_up()
+
+    def record_prepare_split(self, prepared_at: str, prepare_seconds: float) -> None:
+        """Split a prepare latency at prepared_at (both clocks are this machine's)."""
+        from_ledger = time.time() - dt.datetime.fromisoformat(prepared_at).timestamp()
+        self.record("prepare to ledger", prepare_seconds - from_ledger)
+        self.record("prepare from ledger", from_ledger)
 
     def record(self, kind: str, seconds: float) -> None:
         if self.window_open:
@@ -716,9 +726,10 @@ def ratio(value: float | None, reference: float | None) -> str:
 def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
     lines = [
         "| settings | placement | C | idle accounts | transfers/s | ÷ stand-in | prepare p50/p95/p99 ms"
+        " | prepare to ledger p50/p95 ms | prepare from ledger p50/p95 ms"
         " | finalize p50/p95 ms | AccountTransfer p50/p95 ms | server+PG CPU ms/transfer | ÷ budget"
         " | RSS MiB (PSS) | commits (rollbacks)/transfer | WAL flushes/transfer | load avg | checks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
         s = m.scenario
@@ -731,7 +742,8 @@ def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
         lines.append(
             f"| {s.profile} | {s.placement} | {s.concurrency} | {s.idle_accounts} | {m.transfers_per_second:.1f}"
             f" | {ratio(m.transfers_per_second, ceiling.transfers_per_second if ceiling else None)}"
-            f" | {cell('prepare', (50, 95, 99))} | {cell('finalize', (50, 95))}"
+            f" | {cell('prepare', (50, 95, 99))} | {cell('prepare to ledger', (50, 95))}"
+            f" | {cell('prepare from ledger', (50, 95))} | {cell('finalize', (50, 95))}"
             f" | {cell('account transfer', (50, 95))} | {m.server_and_postgres_ms:.2f}"
             f" | {ratio(m.server_and_postgres_ms, ceilings.node_budget_ms(s.concurrency))}"
             f" | {m.total_rss_mib:.0f} ({m.total_pss_mib:.0f}) | {m.commits / max(m.transfers, 1):.1f}"
