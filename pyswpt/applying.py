@@ -1,7 +1,10 @@
 """Applying a window of consumed messages: together if possible, else one at a time.
 
-A window's SQL calls run in one transaction. When the database refuses it,
-the calls run again one per transaction, so that the message at fault is
+A window's SQL calls run in one transaction, except the calls that must be a
+transaction of their own (Item.alone: a call that may lock an account, since a
+transaction locks at most one): the window is cut around those, and its
+transactions run in the order of its messages. When the database refuses one,
+its calls run again one per transaction, so that the message at fault is
 found and the others still commit. A message is parked (stored in
 pyswpt.parked_message, then rejected to the dead-letter queue) when
 
@@ -63,6 +66,7 @@ class Item:
     refusal: Refusal | None = None
     debtor_id: int | None = None
     creditor_id: int | None = None
+    alone: bool = False  # the call is a transaction of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,17 @@ def delivery_attempts(delivery: Delivery) -> int:
     return MAX_DELIVERY_ATTEMPTS if delivery.redelivered else 1
 
 
+def transactions_of(items: list[Item]) -> list[list[Item]]:
+    """The window's items grouped into the transactions that apply them, in order."""
+    transactions: list[list[Item]] = []
+    for item in items:
+        if item.alone or not transactions or transactions[-1][-1].alone:
+            transactions.append([item])
+        else:
+            transactions[-1].append(item)
+    return transactions
+
+
 class WindowApplier:
     """Applies windows of one queue's deliveries; remembers when a message last passed."""
 
@@ -119,16 +134,25 @@ class WindowApplier:
         self.last_success_at: float | None = None
 
     def apply(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
-        """Apply every item; the result of each, in order."""
-        if not items:
-            return []
+        """Apply every item; the result of each, in order.
+
+        An infrastructure error propagates even when some of the window's
+        transactions committed: the caller applies the window again, as it
+        would after a crash between a commit and the acks.
+        """
+        results: list[Result] = []
+        for transaction in transactions_of(items):
+            results.extend(self.apply_transaction(conn, transaction))
+        return results
+
+    def apply_transaction(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
         try:
             return self.apply_together(conn, items)
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise
             logger.warning(
-                "A window of %d messages from %s failed (%s); applying them one at a time.",
+                "A transaction of %d messages from %s failed (%s); applying them one at a time.",
                 len(items),
                 self.queue,
                 describe_error(error),

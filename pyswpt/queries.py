@@ -28,9 +28,10 @@ CONFIGURE_ACCOUNT = """
     )
 """
 
-# Queue a PrepareTransfer for the transfer_requests stage.
-ENQUEUE_TRANSFER_REQUEST = """
-    SELECT pyswpt_api.enqueue_transfer_request(
+# A PrepareTransfer: served at once when its sender is free, else queued for the
+# transfer_requests stage. A transaction of its own (it may lock the sender).
+RECEIVE_TRANSFER_REQUEST = """
+    SELECT pyswpt_api.receive_transfer_request(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_coordinator_type => %(coordinator_type)s,
@@ -42,13 +43,15 @@ ENQUEUE_TRANSFER_REQUEST = """
         p_final_interest_rate_ts => %(final_interest_rate_ts)s,
         p_max_commit_delay_seconds => %(max_commit_delay_seconds)s,
         p_ts => %(ts)s,
+        p_commit_period_seconds => %(commit_period_seconds)s,
         p_recipient_reachable => %(recipient_reachable)s
     )
 """
 
-# Queue a FinalizeTransfer for the finalization_requests stage.
-ENQUEUE_FINALIZATION_REQUEST = """
-    SELECT pyswpt_api.enqueue_finalization_request(
+# A FinalizeTransfer: served at once when its sender is free, else queued for the
+# finalization_requests stage. A transaction of its own (it may lock the sender).
+RECEIVE_FINALIZATION_REQUEST = """
+    SELECT pyswpt_api.receive_finalization_request(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_transfer_id => %(transfer_id)s,
@@ -58,7 +61,9 @@ ENQUEUE_FINALIZATION_REQUEST = """
         p_committed_amount => %(committed_amount)s,
         p_transfer_note_format => %(transfer_note_format)s,
         p_transfer_note => %(transfer_note)s,
-        p_ts => %(ts)s
+        p_ts => %(ts)s,
+        p_realm_mask => %(realm_mask)s,
+        p_realm => %(realm)s
     )
 """
 

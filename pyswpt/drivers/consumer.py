@@ -1,7 +1,9 @@
 """The SMP consumer (`pyswpt run consumer`): incoming SMP messages into SQL calls.
 
 A batch of deliveries is decoded and validated, each valid message becomes one
-SQL function call, and the calls run in one transaction; acks follow the commit.
+SQL function call, and the calls run in one transaction, but for PrepareTransfer
+and FinalizeTransfer, each a transaction of its own: served at once when the
+sender's account is free (pyswpt.applying); acks follow the commits.
 Malformed messages, messages for accounts of another shard and messages the
 database refuses are parked in PostgreSQL, logged in one line and rejected to
 the dead-letter queue (pyswpt.applying) — the reference loops forever on some
@@ -22,7 +24,7 @@ import threading
 
 import psycopg
 
-from pyswpt import applying, consuming, messages, processes, queries
+from pyswpt import applying, consuming, messages, metrics, processes, queries
 from pyswpt.applying import Applied, Item, Refusal, WindowApplier
 from pyswpt.config import Config
 from pyswpt.fetch import FetchClient, FetchError
@@ -108,6 +110,8 @@ class SmpBatchHandler:
                 outcome.acked.append(tag)
                 if isinstance(d.message, ConfigureAccount) and result.row is not None and result.row[0]:
                     new_accounts.append(d.message)
+                if isinstance(d.message, PrepareTransfer | FinalizeTransfer) and result.row is not None:
+                    metrics.TRANSFER_REQUESTS.labels(type(d.message).__name__, result.row[0]).inc()
             elif isinstance(result, applying.Parked):
                 outcome.rejected.append(tag)
                 if not result.stored:
@@ -152,6 +156,8 @@ class SmpBatchHandler:
             return Decoded(item, message)
         try:
             item.call = self.sql_call(message)
+            # Served at once when the sender is free, which locks the sender's account.
+            item.alone = isinstance(message, PrepareTransfer | FinalizeTransfer)
         except InvalidMessage as error:
             item.refusal = Refusal("invalid", str(error))
         return Decoded(item, message)
@@ -175,7 +181,7 @@ class SmpBatchHandler:
         if isinstance(message, PrepareTransfer):
             recipient = messages.parse_recipient(message.recipient)
             return SqlCall(
-                queries.ENQUEUE_TRANSFER_REQUEST,
+                queries.RECEIVE_TRANSFER_REQUEST,
                 {
                     "debtor_id": message.debtor_id,
                     "sender_creditor_id": message.creditor_id,
@@ -188,12 +194,13 @@ class SmpBatchHandler:
                     "final_interest_rate_ts": message.final_interest_rate_ts,
                     "max_commit_delay_seconds": message.max_commit_delay,
                     "ts": message.ts,
+                    "commit_period_seconds": config.commit_period_seconds,
                     "recipient_reachable": self.recipient_reachable(message, recipient),
                 },
             )
         if isinstance(message, FinalizeTransfer):
             return SqlCall(
-                queries.ENQUEUE_FINALIZATION_REQUEST,
+                queries.RECEIVE_FINALIZATION_REQUEST,
                 {
                     "debtor_id": message.debtor_id,
                     "sender_creditor_id": message.creditor_id,
@@ -205,6 +212,9 @@ class SmpBatchHandler:
                     "transfer_note_format": message.transfer_note_format,
                     "transfer_note": message.transfer_note,
                     "ts": message.ts,
+                    # Recipients in this realm get their balance changes without a trip through the broker.
+                    "realm_mask": config.realm.mask,
+                    "realm": config.realm.realm,
                 },
             )
         if isinstance(message, PendingBalanceChange):

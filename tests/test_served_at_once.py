@@ -1,0 +1,111 @@
+"""The consumer serves a PrepareTransfer or FinalizeTransfer at once when the sender is free.
+
+A real `pyswpt run consumer` alone, without the workers: what it does not serve
+itself stays queued, so the tables show which way each request went.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from broker import declare_smp_exchanges
+from drivers import wait_for
+from peers import Shard, open_shard
+from psycopg.rows import dict_row
+from test_parking import install_fault, parked
+
+from pyswpt.applying import Item, transactions_of
+from pyswpt.sharding import u64_string
+
+
+@pytest.fixture(scope="module", autouse=True)
+def exchanges(rabbitmq_url):
+    declare_smp_exchanges(rabbitmq_url)
+
+
+@pytest.fixture
+def shard(conn, database_url, rabbitmq_url, tmp_path) -> Iterator[Shard]:
+    with open_shard(conn, database_url, rabbitmq_url, tmp_path, queue_prefix="pyswpt_test_at_once") as opened:
+        yield opened
+    conn.execute("DROP TRIGGER IF EXISTS test_fault ON prepared_transfer")
+    conn.execute("DROP FUNCTION IF EXISTS public.test_fault() CASCADE")
+
+
+def prepared(shard: Shard, sender: int) -> list[dict]:
+    with shard.conn.cursor(row_factory=dict_row) as cursor:
+        return cursor.execute(
+            "SELECT * FROM prepared_transfer WHERE debtor_id = %s AND sender_creditor_id = %s"
+            " ORDER BY coordinator_request_id",
+            (shard.debtor_id, sender),
+        ).fetchall()
+
+
+def queued_requests(shard: Shard) -> int:
+    return shard.queued_rows(("transfer_request", "finalization_request"))
+
+
+def finalized(shard: Shard) -> int:
+    return shard.count("SELECT count(*) FROM finalized_transfer_signal WHERE debtor_id = %s", shard.debtor_id)
+
+
+def test_the_consumer_alone_prepares_and_finalizes_in_the_order_of_the_window(shard):
+    sender, recipient = shard.creditor(), shard.creditor()
+    # One window: the sender is configured by the messages before its PrepareTransfer.
+    shard.configure(sender)
+    shard.configure(recipient)
+    shard.prepare(sender, u64_string(recipient), request_id=1, min_locked=0, max_locked=0)
+    [consumer] = shard.start("consumer")
+    wait_for(lambda: len(prepared(shard, sender)) == 1, "the transfer to be prepared")
+    assert queued_requests(shard) == 0
+
+    [transfer] = prepared(shard, sender)
+    shard.finalize({**transfer, "creditor_id": sender}, 0)
+    wait_for(lambda: finalized(shard) == 1, "the transfer to be finalized")
+    assert prepared(shard, sender) == []
+    assert queued_requests(shard) == 0
+    consumer.assert_alive()
+
+
+def test_a_refused_prepare_is_parked_and_its_neighbours_served_once(shard):
+    sender, recipient, late = shard.creditor(), shard.creditor(), shard.creditor()
+    shard.configure(sender)
+    shard.configure(recipient)
+    [consumer] = shard.start("consumer")
+    wait_for(lambda: shard.account(recipient) is not None, "the accounts")
+    install_fault(
+        shard.conn,
+        "prepared_transfer",
+        "NEW.coordinator_request_id = 2",
+        "RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation'",
+    )
+    consumer.stop()
+    for request_id in (1, 2, 3):
+        shard.prepare(sender, u64_string(recipient), request_id=request_id, min_locked=0, max_locked=0)
+    shard.configure(late)
+
+    [consumer] = shard.start("consumer")
+    wait_for(lambda: shard.account(late) is not None, "the window to be applied")
+    wait_for(lambda: len(parked(shard)) == 1, "the refused request to be parked")
+    assert [t["coordinator_request_id"] for t in prepared(shard, sender)] == [1, 3]
+    assert shard.account(sender)["pending_transfers_count"] == 2
+    [row] = parked(shard)
+    assert (row["reason_code"], row["sqlstate"], row["message_type"]) == ("refused", "23514", "PrepareTransfer")
+    assert queued_requests(shard) == 0
+    assert shard.ready_messages() == 0
+
+
+def test_a_window_is_cut_around_the_calls_that_are_transactions_of_their_own():
+    def item(name: str, alone: bool = False) -> Item:
+        return Item(delivery=None, what=name, alone=alone)
+
+    window = [item("c1"), item("p1", True), item("p2", True), item("c2"), item("c3"), item("f1", True), item("c4")]
+    assert [[i.what for i in t] for t in transactions_of(window)] == [
+        ["c1"],
+        ["p1"],
+        ["p2"],
+        ["c2", "c3"],
+        ["f1"],
+        ["c4"],
+    ]
+    assert transactions_of([]) == []
