@@ -3,7 +3,11 @@
 A window's SQL calls run in one transaction, except the calls that must be a
 transaction of their own (Item.alone: a call that may lock an account, since a
 transaction locks at most one): the window is cut around those, and its
-transactions run in the order of its messages. When the database refuses one,
+transactions run in the order of its messages. Those calls commit without
+waiting for the WAL flush, but for the window's last transaction; before the
+window is acked, a synchronous commit after them, or else the durability
+barrier, makes them durable: a crash of PostgreSQL may undo them only while
+their messages are still to be delivered again. When the database refuses one,
 its calls run again one per transaction, so that the message at fault is
 found and the others still commit. A message is parked (stored in
 pyswpt.parked_message, then rejected to the dead-letter queue) when
@@ -28,7 +32,7 @@ import time
 
 import psycopg
 
-from pyswpt import parking
+from pyswpt import parking, queries
 from pyswpt.consuming import Delivery
 from pyswpt.logs import one_line
 from pyswpt.transactions import (
@@ -66,7 +70,8 @@ class Item:
     refusal: Refusal | None = None
     debtor_id: int | None = None
     creditor_id: int | None = None
-    alone: bool = False  # the call is a transaction of its own
+    # The call is a transaction of its own; its query takes %(commit_asynchronously)s.
+    alone: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +130,13 @@ def transactions_of(items: list[Item]) -> list[list[Item]]:
     return transactions
 
 
+def committing_asynchronously(item: Item) -> Item:
+    call = item.call
+    if call is None:
+        return item
+    return dataclasses.replace(item, call=SqlCall(call.query, {**call.params, "commit_asynchronously": True}))
+
+
 class WindowApplier:
     """Applies windows of one queue's deliveries; remembers when a message last passed."""
 
@@ -141,8 +153,18 @@ class WindowApplier:
         would after a crash between a commit and the acks.
         """
         results: list[Result] = []
-        for transaction in transactions_of(items):
-            results.extend(self.apply_transaction(conn, transaction))
+        transactions = transactions_of(items)
+        not_durable = False  # an asynchronous commit since the last synchronous one
+        for index, transaction in enumerate(transactions):
+            asynchronous = transaction[0].alone and index < len(transactions) - 1
+            if asynchronous:
+                transaction = [committing_asynchronously(transaction[0])]
+            outcome = self.apply_transaction(conn, transaction)
+            if any(isinstance(result, Applied) for result in outcome):
+                not_durable = asynchronous
+            results.extend(outcome)
+        if not_durable:
+            execute_calls(conn, [SqlCall(queries.MAKE_OWN_COMMITS_DURABLE, {})])
         return results
 
     def apply_transaction(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:

@@ -44,7 +44,8 @@ RECEIVE_TRANSFER_REQUEST = """
         p_max_commit_delay_seconds => %(max_commit_delay_seconds)s,
         p_ts => %(ts)s,
         p_commit_period_seconds => %(commit_period_seconds)s,
-        p_recipient_reachable => %(recipient_reachable)s
+        p_recipient_reachable => %(recipient_reachable)s,
+        p_commit_asynchronously => %(commit_asynchronously)s
     )
 """
 
@@ -63,7 +64,8 @@ RECEIVE_FINALIZATION_REQUEST = """
         p_transfer_note => %(transfer_note)s,
         p_ts => %(ts)s,
         p_realm_mask => %(realm_mask)s,
-        p_realm => %(realm)s
+        p_realm => %(realm)s,
+        p_commit_asynchronously => %(commit_asynchronously)s
     )
 """
 
@@ -235,6 +237,11 @@ CURRENT_WAL_POSITION = """
 
 MAKE_COMMITS_DURABLE = """
     SELECT pyswpt_api.make_commits_durable(p_through => %(through)s::pg_lsn)
+"""
+
+# The consumer's barrier before its acks: every commit of its session so far made durable.
+MAKE_OWN_COMMITS_DURABLE = """
+    SELECT pyswpt_api.make_commits_durable(p_through => pyswpt_api.current_wal_position())
 """
 
 # Parked messages (parking, the flushers' retries, `pyswpt parked`) ---------------------------

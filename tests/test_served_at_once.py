@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pika
 import pytest
 from broker import declare_smp_exchanges
 from drivers import wait_for
+from libpq_trace import sent_queries, traced
 from peers import Shard, open_shard
 from psycopg.rows import dict_row
 from test_parking import install_fault, parked
 
-from pyswpt.applying import Item, transactions_of
+from pyswpt import db
+from pyswpt.applying import REQUEUED, Applied, Item, WindowApplier, transactions_of
+from pyswpt.consuming import Delivery
 from pyswpt.sharding import u64_string
+from pyswpt.transactions import SqlCall
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,3 +114,55 @@ def test_a_window_is_cut_around_the_calls_that_are_transactions_of_their_own():
         ["c4"],
     ]
     assert transactions_of([]) == []
+
+
+# The calls alone commit asynchronously, but for the window's last transaction -----------------
+
+# What the applier passes to a call alone, and a call of the window's common transaction.
+ALONE = "SELECT %(commit_asynchronously)s::boolean"
+TOGETHER = "SELECT 'together'"
+TIMES_OUT = """
+CREATE FUNCTION pg_temp.times_out(p_commit_asynchronously boolean) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'canceling statement due to statement timeout' USING ERRCODE = 'query_canceled';
+END;
+$$
+"""
+
+
+def window_item(tag: int, query: str, *, alone: bool) -> Item:
+    delivery = Delivery(tag, pika.BasicProperties(type="Test"), b"{}")
+    params = {"commit_asynchronously": False} if alone else {}
+    return Item(delivery, f"message {tag}", call=SqlCall(query, params), alone=alone)
+
+
+def barriers(lines: list[str]) -> int:
+    return sum("make_commits_durable" in statement for query in sent_queries(lines) for statement in query)
+
+
+def test_every_call_alone_but_in_the_last_transaction_commits_asynchronously(database_url):
+    window = [
+        window_item(1, ALONE, alone=True),
+        window_item(2, TOGETHER, alone=False),
+        window_item(3, ALONE, alone=True),
+        window_item(4, ALONE, alone=True),
+    ]
+    with db.connect(database_url) as conn, traced(conn) as lines:
+        results = WindowApplier("test").apply(conn, window)
+    assert [result.row[0] for result in results] == [True, "together", True, False]
+    # The last commit was synchronous: it flushed the WAL of those before it.
+    assert barriers(lines) == 0
+
+
+def test_a_window_whose_last_transaction_failed_is_made_durable_before_its_acks(database_url):
+    with db.connect(database_url) as conn:
+        conn.execute(TIMES_OUT)
+        conn.commit()
+        window = [
+            window_item(1, ALONE, alone=True),
+            window_item(2, "SELECT pg_temp.times_out(%(commit_asynchronously)s)", alone=True),
+        ]
+        with traced(conn) as lines:
+            results = WindowApplier("test").apply(conn, window)
+    assert results[0] == Applied((True,)) and results[1] is REQUEUED
+    assert barriers(lines) == 1

@@ -196,6 +196,7 @@ class SmpBatchHandler:
                     "ts": message.ts,
                     "commit_period_seconds": config.commit_period_seconds,
                     "recipient_reachable": self.recipient_reachable(message, recipient),
+                    "commit_asynchronously": False,  # see applying.Item.alone
                 },
             )
         if isinstance(message, FinalizeTransfer):
@@ -215,6 +216,7 @@ class SmpBatchHandler:
                     # Recipients in this realm get their balance changes without a trip through the broker.
                     "realm_mask": config.realm.mask,
                     "realm": config.realm.realm,
+                    "commit_asynchronously": False,  # see applying.Item.alone
                 },
             )
         if isinstance(message, PendingBalanceChange):

@@ -121,7 +121,8 @@ $$;
 -- accounts of its own shard, so the parent-shard cleanup of the stage does not apply.
 -- A request whose transfer already has one queued is a repeat: it is dropped, as the
 -- queue's primary key would drop it. Never waits for an account lock, and locks at
--- most the sender's row. Returns how the request was taken: 'served' (here), 'queued',
+-- most the sender's row. p_commit_asynchronously: as for receive_transfer_request.
+-- Returns how the request was taken: 'served' (here), 'queued',
 -- or 'repeat' (dropped: its transfer has a request queued already).
 CREATE FUNCTION pyswpt_api.receive_finalization_request(
     p_debtor_id bigint,
@@ -136,6 +137,7 @@ CREATE FUNCTION pyswpt_api.receive_finalization_request(
     p_ts timestamptz,
     p_realm_mask bigint DEFAULT NULL,
     p_realm bigint DEFAULT NULL,
+    p_commit_asynchronously boolean DEFAULT FALSE,
     p_now timestamptz DEFAULT now()
 )
 RETURNS text
@@ -152,6 +154,10 @@ DECLARE
     v_requests finalization_request[];
     v_transfers prepared_transfer[];
 BEGIN
+    IF p_commit_asynchronously THEN
+        -- For a caller that makes the commit durable itself before acting on it.
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     IF p_committed_amount >= 0 THEN
         v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
     END IF;

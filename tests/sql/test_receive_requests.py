@@ -201,3 +201,12 @@ def test_a_negative_committed_amount_is_refused_as_the_queue_refuses_it(conn, tr
         receive_finalize(conn, transfer, -1)
     with pytest.raises(psycopg.errors.CheckViolation):
         enqueue_finalize(conn, transfer, -1)
+
+
+def test_the_caller_may_have_the_transaction_commit_without_waiting_for_the_wal_flush(conn, sender):
+    with conn.transaction():
+        assert receive_prepare(conn, max_locked=10, request_id=1, commit_asynchronously=True) == "served"
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+    with conn.transaction():
+        assert receive_prepare(conn, max_locked=10, request_id=2) == "served"
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"

@@ -116,6 +116,7 @@ def receive_prepare(
     *,
     reachable: bool | None = None,
     commit_period_seconds: int = COMMIT_PERIOD_SECONDS,
+    commit_asynchronously: bool = False,
     now: dt.datetime = DEFAULT_NOW,
     **request: Any,
 ) -> str:
@@ -123,8 +124,8 @@ def receive_prepare(
     (or 'rejected' at intake)."""
     return value(
         conn,
-        "SELECT receive_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (*prepare_args(**request), commit_period_seconds, reachable, now),
+        "SELECT receive_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (*prepare_args(**request), commit_period_seconds, reachable, commit_asynchronously, now),
     )
 
 
@@ -215,11 +216,12 @@ def receive_finalize(
     (or 'repeat')."""
     return value(
         conn,
-        "SELECT receive_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "SELECT receive_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             *finalize_args(transfer, committed_amount, **options),
             realm.mask if realm else None,
             realm.realm if realm else None,
+            False,
             now,
         ),
     )
