@@ -3,11 +3,13 @@
 A window's SQL calls run in one transaction, except the calls that must be a
 transaction of their own (Item.alone: a call that may lock an account, since a
 transaction locks at most one): the window is cut around those, and its
-transactions run in the order of its messages. Those calls commit without
-waiting for the WAL flush, but for the window's last transaction; before the
-window is acked, a synchronous commit after them, or else the durability
-barrier, makes them durable: a crash of PostgreSQL may undo them only while
-their messages are still to be delivered again. When the database refuses one,
+transactions run in the order of its messages. The consumers' sessions commit
+without waiting for the WAL flush (pyswpt.db); the window's last transaction
+carries the durability barrier (pyswpt_api.make_commits_durable), whose
+synchronous commit flushes the WAL of every transaction before it, and where
+that transaction did not commit, the barrier runs alone: a crash of PostgreSQL
+may undo a commit only while its message is still to be delivered again.
+When the database refuses a transaction,
 its calls run again one per transaction, so that the message at fault is
 found and the others still commit. A message is parked (stored in
 pyswpt.parked_message, then rejected to the dead-letter queue) when
@@ -49,6 +51,7 @@ MAX_DELIVERY_ATTEMPTS = 3
 # A failure counts as the message's own only if another message passed this recently.
 NEIGHBOUR_SUCCESS_WINDOW_SECONDS = 60.0
 DELIVERY_COUNT_HEADER = "x-delivery-count"
+BARRIER = SqlCall(queries.MAKE_OWN_COMMITS_DURABLE, {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,7 @@ class Item:
     refusal: Refusal | None = None
     debtor_id: int | None = None
     creditor_id: int | None = None
-    # The call is a transaction of its own; its query takes %(commit_asynchronously)s.
-    alone: bool = False
+    alone: bool = False  # the call is a transaction of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,13 +132,6 @@ def transactions_of(items: list[Item]) -> list[list[Item]]:
     return transactions
 
 
-def committing_asynchronously(item: Item) -> Item:
-    call = item.call
-    if call is None:
-        return item
-    return dataclasses.replace(item, call=SqlCall(call.query, {**call.params, "commit_asynchronously": True}))
-
-
 class WindowApplier:
     """Applies windows of one queue's deliveries; remembers when a message last passed."""
 
@@ -154,22 +149,21 @@ class WindowApplier:
         """
         results: list[Result] = []
         transactions = transactions_of(items)
-        not_durable = False  # an asynchronous commit since the last synchronous one
+        durable = True
         for index, transaction in enumerate(transactions):
-            asynchronous = transaction[0].alone and index < len(transactions) - 1
-            if asynchronous:
-                transaction = [committing_asynchronously(transaction[0])]
-            outcome = self.apply_transaction(conn, transaction)
-            if any(isinstance(result, Applied) for result in outcome):
-                not_durable = asynchronous
+            outcome, durable = self.apply_transaction(conn, transaction, last=index == len(transactions) - 1)
             results.extend(outcome)
-        if not_durable:
-            execute_calls(conn, [SqlCall(queries.MAKE_OWN_COMMITS_DURABLE, {})])
+        if not durable:
+            execute_calls(conn, [BARRIER])
         return results
 
-    def apply_transaction(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
+    def apply_transaction(
+        self, conn: psycopg.Connection, items: list[Item], *, last: bool
+    ) -> tuple[list[Result], bool]:
+        """The items in one transaction, the barrier with them if `last`, else one at a time;
+        and whether the barrier committed."""
         try:
-            return self.apply_together(conn, items)
+            return self.apply_together(conn, items, with_barrier=last), last
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise
@@ -179,11 +173,11 @@ class WindowApplier:
                 self.queue,
                 describe_error(error),
             )
-        return self.apply_one_by_one(conn, items)
+        return self.apply_one_by_one(conn, items), False
 
-    def apply_together(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
+    def apply_together(self, conn: psycopg.Connection, items: list[Item], *, with_barrier: bool) -> list[Result]:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
-        rows = execute_calls(conn, calls)
+        rows = execute_calls(conn, [*calls, BARRIER] if with_barrier else calls)[: len(calls)]
         results: list[Result] = []
         for item, row in zip(items, rows, strict=True):
             if item.call is None:

@@ -351,7 +351,8 @@ class DatabaseSession:
 
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.url, application_name=self.application_name)
+            # Asynchronous commits: a window's last transaction carries the durability barrier (pyswpt.applying).
+            self._conn = db.connect(self.url, application_name=self.application_name, asynchronous_commit=True)
         return self._conn
 
     def close(self) -> None:

@@ -28,8 +28,9 @@ CONFIGURE_ACCOUNT = """
     )
 """
 
-# A PrepareTransfer: served at once when its sender is free, else queued for the
-# transfer_requests stage. A transaction of its own (it may lock the sender).
+# A PrepareTransfer: served at once when its sender is free, else (or when not
+# serve_at_once) queued for the transfer_requests stage. A transaction of its own
+# when served at once (it may lock the sender).
 RECEIVE_TRANSFER_REQUEST = """
     SELECT pyswpt_api.receive_transfer_request(
         p_debtor_id => %(debtor_id)s,
@@ -45,12 +46,13 @@ RECEIVE_TRANSFER_REQUEST = """
         p_ts => %(ts)s,
         p_commit_period_seconds => %(commit_period_seconds)s,
         p_recipient_reachable => %(recipient_reachable)s,
-        p_commit_asynchronously => %(commit_asynchronously)s
+        p_serve_at_once => %(serve_at_once)s
     )
 """
 
-# A FinalizeTransfer: served at once when its sender is free, else queued for the
-# finalization_requests stage. A transaction of its own (it may lock the sender).
+# A FinalizeTransfer: served at once when its sender is free, else (or when not
+# serve_at_once) queued for the finalization_requests stage. A transaction of its
+# own when served at once (it may lock the sender).
 RECEIVE_FINALIZATION_REQUEST = """
     SELECT pyswpt_api.receive_finalization_request(
         p_debtor_id => %(debtor_id)s,
@@ -65,7 +67,7 @@ RECEIVE_FINALIZATION_REQUEST = """
         p_ts => %(ts)s,
         p_realm_mask => %(realm_mask)s,
         p_realm => %(realm)s,
-        p_commit_asynchronously => %(commit_asynchronously)s
+        p_serve_at_once => %(serve_at_once)s
     )
 """
 
@@ -239,7 +241,8 @@ MAKE_COMMITS_DURABLE = """
     SELECT pyswpt_api.make_commits_durable(p_through => %(through)s::pg_lsn)
 """
 
-# The consumer's barrier before its acks: every commit of its session so far made durable.
+# The consumers' barrier before their acks: every commit of the session so far, and the
+# commit of the transaction it is called in, made durable.
 MAKE_OWN_COMMITS_DURABLE = """
     SELECT pyswpt_api.make_commits_durable(p_through => pyswpt_api.current_wal_position())
 """

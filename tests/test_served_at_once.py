@@ -20,6 +20,7 @@ from test_parking import install_fault, parked
 from pyswpt import db
 from pyswpt.applying import REQUEUED, Applied, Item, WindowApplier, transactions_of
 from pyswpt.consuming import Delivery
+from pyswpt.drivers.consumer import MAX_REQUESTS_SERVED_PER_WINDOW, queue_requests_of_a_full_window
 from pyswpt.sharding import u64_string
 from pyswpt.transactions import SqlCall
 
@@ -85,15 +86,16 @@ def test_a_refused_prepare_is_parked_and_its_neighbours_served_once(shard):
         "RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation'",
     )
     consumer.stop()
-    for request_id in (1, 2, 3):
+    # No more requests than a window serves at once.
+    for request_id in (1, 2):
         shard.prepare(sender, u64_string(recipient), request_id=request_id, min_locked=0, max_locked=0)
     shard.configure(late)
 
     [consumer] = shard.start("consumer")
     wait_for(lambda: shard.account(late) is not None, "the window to be applied")
     wait_for(lambda: len(parked(shard)) == 1, "the refused request to be parked")
-    assert [t["coordinator_request_id"] for t in prepared(shard, sender)] == [1, 3]
-    assert shard.account(sender)["pending_transfers_count"] == 2
+    assert [t["coordinator_request_id"] for t in prepared(shard, sender)] == [1]
+    assert shard.account(sender)["pending_transfers_count"] == 1
     [row] = parked(shard)
     assert (row["reason_code"], row["sqlstate"], row["message_type"]) == ("refused", "23514", "PrepareTransfer")
     assert queued_requests(shard) == 0
@@ -116,13 +118,12 @@ def test_a_window_is_cut_around_the_calls_that_are_transactions_of_their_own():
     assert transactions_of([]) == []
 
 
-# The calls alone commit asynchronously, but for the window's last transaction -----------------
+# The window's last transaction carries the durability barrier ------------------------------------
 
-# What the applier passes to a call alone, and a call of the window's common transaction.
-ALONE = "SELECT %(commit_asynchronously)s::boolean"
-TOGETHER = "SELECT 'together'"
+# Each call says which transaction ran it.
+TRANSACTION = "SELECT txid_current()"
 TIMES_OUT = """
-CREATE FUNCTION pg_temp.times_out(p_commit_asynchronously boolean) RETURNS boolean LANGUAGE plpgsql AS $$
+CREATE FUNCTION pg_temp.times_out() RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'canceling statement due to statement timeout' USING ERRCODE = 'query_canceled';
 END;
@@ -132,37 +133,54 @@ $$
 
 def window_item(tag: int, query: str, *, alone: bool) -> Item:
     delivery = Delivery(tag, pika.BasicProperties(type="Test"), b"{}")
-    params = {"commit_asynchronously": False} if alone else {}
-    return Item(delivery, f"message {tag}", call=SqlCall(query, params), alone=alone)
+    return Item(delivery, f"message {tag}", call=SqlCall(query, {}), alone=alone)
 
 
-def barriers(lines: list[str]) -> int:
-    return sum("make_commits_durable" in statement for query in sent_queries(lines) for statement in query)
+def statements_sent(lines: list[str]) -> list[str]:
+    return [statement for query in sent_queries(lines) for statement in query]
 
 
-def test_every_call_alone_but_in_the_last_transaction_commits_asynchronously(database_url):
+def is_barrier(statement: str) -> bool:
+    return "make_commits_durable" in statement
+
+
+def test_a_window_runs_in_order_and_its_last_transaction_carries_the_barrier(database_url):
     window = [
-        window_item(1, ALONE, alone=True),
-        window_item(2, TOGETHER, alone=False),
-        window_item(3, ALONE, alone=True),
-        window_item(4, ALONE, alone=True),
+        window_item(1, TRANSACTION, alone=True),
+        window_item(2, TRANSACTION, alone=False),
+        window_item(3, TRANSACTION, alone=False),
+        window_item(4, TRANSACTION, alone=True),
     ]
-    with db.connect(database_url) as conn, traced(conn) as lines:
+    with db.connect(database_url, asynchronous_commit=True) as conn, traced(conn) as lines:
         results = WindowApplier("test").apply(conn, window)
-    assert [result.row[0] for result in results] == [True, "together", True, False]
-    # The last commit was synchronous: it flushed the WAL of those before it.
-    assert barriers(lines) == 0
+    first, second, third, fourth = (result.row[0] for result in results)
+    assert first < second == third < fourth
+    sent = statements_sent(lines)
+    assert [is_barrier(statement) for statement in sent] == [False] * len(window) + [True]
 
 
-def test_a_window_whose_last_transaction_failed_is_made_durable_before_its_acks(database_url):
-    with db.connect(database_url) as conn:
+def test_a_window_whose_last_transaction_failed_runs_the_barrier_alone_before_its_acks(database_url):
+    with db.connect(database_url, asynchronous_commit=True) as conn:
         conn.execute(TIMES_OUT)
         conn.commit()
-        window = [
-            window_item(1, ALONE, alone=True),
-            window_item(2, "SELECT pg_temp.times_out(%(commit_asynchronously)s)", alone=True),
-        ]
+        window = [window_item(1, TRANSACTION, alone=True), window_item(2, "SELECT pg_temp.times_out()", alone=True)]
         with traced(conn) as lines:
             results = WindowApplier("test").apply(conn, window)
-    assert results[0] == Applied((True,)) and results[1] is REQUEUED
-    assert barriers(lines) == 1
+    assert isinstance(results[0], Applied) and results[1] is REQUEUED
+    # With the failed call, then after it failed alone once more.
+    assert [is_barrier(statement) for statement in statements_sent(lines)][-2:] == [False, True]
+    assert sum(map(is_barrier, statements_sent(lines))) == 2
+
+
+def test_a_window_of_more_requests_than_are_served_at_once_queues_them_in_its_transaction():
+    def request(tag: int) -> Item:
+        return Item(None, f"request {tag}", call=SqlCall("", {"serve_at_once": True}), alone=True)
+
+    small = [request(tag) for tag in range(MAX_REQUESTS_SERVED_PER_WINDOW)]
+    queue_requests_of_a_full_window(small)
+    assert all(item.alone and item.call.params["serve_at_once"] for item in small)
+
+    full = [*small, request(MAX_REQUESTS_SERVED_PER_WINDOW), Item(None, "a ConfigureAccount", call=SqlCall("", {}))]
+    queue_requests_of_a_full_window(full)
+    assert not any(item.alone for item in full)
+    assert [item.call.params.get("serve_at_once") for item in full] == [False] * (len(full) - 1) + [None]

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 ROOT_CREDITOR_ID = 0
 # The top 24 bits of a creditor id name its creditors agent (spec 02 §0).
 CREDITOR_SUBNET_MASK = 0xFFFFFF0000000000
+# A window with more transfer requests than this is a consumer behind the queue: each served at
+# once would be a round trip and a transaction of its own, one after the other, while queued they
+# cost one round trip, and the workers' stages serve them in parallel, a busy sender's together.
+MAX_REQUESTS_SERVED_PER_WINDOW = 2
 
 
 def run(config: Config, draining_mode: bool = False) -> int:
@@ -72,6 +76,17 @@ def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> b
     )
 
 
+def queue_requests_of_a_full_window(items: list[Item]) -> None:
+    """Queue every transfer request of a window that holds more than MAX_REQUESTS_SERVED_PER_WINDOW,
+    in the window's one transaction, instead of serving each at once in a transaction of its own."""
+    requests = [item for item in items if item.alone]
+    if len(requests) <= MAX_REQUESTS_SERVED_PER_WINDOW:
+        return
+    for item in requests:
+        item.alone = False
+        item.call = SqlCall(item.call.query, {**item.call.params, "serve_at_once": False})
+
+
 @dataclasses.dataclass
 class Decoded:
     """One delivery decoded: what to apply or park, or (draining) a sibling shard's message to hand on."""
@@ -102,6 +117,7 @@ class SmpBatchHandler:
         outcome = consuming.BatchOutcome()
         decoded = [self.decode(delivery) for delivery in deliveries]
         to_apply = [d for d in decoded if not d.hand_on]
+        queue_requests_of_a_full_window([d.item for d in to_apply])
         results = self.applier.apply(conn, [d.item for d in to_apply])
         new_accounts = []
         for d, result in zip(to_apply, results, strict=True):
@@ -196,7 +212,7 @@ class SmpBatchHandler:
                     "ts": message.ts,
                     "commit_period_seconds": config.commit_period_seconds,
                     "recipient_reachable": self.recipient_reachable(message, recipient),
-                    "commit_asynchronously": False,  # see applying.Item.alone
+                    "serve_at_once": True,  # unless the window is full: queue_requests_of_a_full_window
                 },
             )
         if isinstance(message, FinalizeTransfer):
@@ -216,7 +232,7 @@ class SmpBatchHandler:
                     # Recipients in this realm get their balance changes without a trip through the broker.
                     "realm_mask": config.realm.mask,
                     "realm": config.realm.realm,
-                    "commit_asynchronously": False,  # see applying.Item.alone
+                    "serve_at_once": True,  # unless the window is full: queue_requests_of_a_full_window
                 },
             )
         if isinstance(message, PendingBalanceChange):

@@ -125,13 +125,10 @@ $$;
 -- as enqueue_transfer_request does, which also rejects an unreachable recipient and
 -- refuses a request that could not be queued. Serving at once spares the request its
 -- row in the queue, the stage's wake-up and a transaction; a busy sender is left to
--- the stage, which serves its requests together. Never waits for an account lock, and
--- locks at most the sender's row. With p_commit_asynchronously the transaction commits
--- without waiting for its WAL to reach the disk: the consumer passes it for every
--- message of a window but the last, and before it acks the window it makes sure the
--- WAL is flushed past them (a synchronous commit after them, or the durability
--- barrier). Returns how the request was taken: 'served' (here), 'queued' or
--- 'rejected' (at intake).
+-- the stage, which serves its requests together; so is every request when not
+-- p_serve_at_once (the consumer is behind). Never waits for an account lock, and
+-- locks at most the sender's row. Returns how the request was taken: 'served' (here),
+-- 'queued' or 'rejected' (at intake).
 CREATE FUNCTION pyswpt_api.receive_transfer_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
@@ -146,7 +143,7 @@ CREATE FUNCTION pyswpt_api.receive_transfer_request(
     p_ts timestamptz,
     p_commit_period_seconds integer,
     p_recipient_reachable boolean DEFAULT NULL,
-    p_commit_asynchronously boolean DEFAULT FALSE,
+    p_serve_at_once boolean DEFAULT TRUE,
     p_now timestamptz DEFAULT now()
 )
 RETURNS text
@@ -161,11 +158,8 @@ DECLARE
     v_queued boolean;
     v_request transfer_request;
 BEGIN
-    IF p_commit_asynchronously THEN
-        -- For a caller that makes the commit durable itself before acting on it.
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
-    IF p_recipient_creditor_id IS NOT NULL
+    IF p_serve_at_once
+        AND p_recipient_creditor_id IS NOT NULL
         AND p_min_locked_amount BETWEEN 0 AND p_max_locked_amount
         AND coalesce(p_recipient_reachable, pyswpt_api.is_reachable_account(p_debtor_id, p_recipient_creditor_id))
     THEN

@@ -117,12 +117,12 @@ $$;
 -- Intake of one FinalizeTransfer that serves it at once when it can (spec 02 §2.5),
 -- as receive_transfer_request does a PrepareTransfer: when the sender account is free
 -- it is locked and the request served with the sender's queued ones; otherwise it is
--- queued exactly as enqueue_finalization_request does. The consumer calls it only for
+-- queued exactly as enqueue_finalization_request does, as is every request when not
+-- p_serve_at_once. The consumer calls it only for
 -- accounts of its own shard, so the parent-shard cleanup of the stage does not apply.
 -- A request whose transfer already has one queued is a repeat: it is dropped, as the
 -- queue's primary key would drop it. Never waits for an account lock, and locks at
--- most the sender's row. p_commit_asynchronously: as for receive_transfer_request.
--- Returns how the request was taken: 'served' (here), 'queued',
+-- most the sender's row. Returns how the request was taken: 'served' (here), 'queued',
 -- or 'repeat' (dropped: its transfer has a request queued already).
 CREATE FUNCTION pyswpt_api.receive_finalization_request(
     p_debtor_id bigint,
@@ -137,7 +137,7 @@ CREATE FUNCTION pyswpt_api.receive_finalization_request(
     p_ts timestamptz,
     p_realm_mask bigint DEFAULT NULL,
     p_realm bigint DEFAULT NULL,
-    p_commit_asynchronously boolean DEFAULT FALSE,
+    p_serve_at_once boolean DEFAULT TRUE,
     p_now timestamptz DEFAULT now()
 )
 RETURNS text
@@ -154,11 +154,7 @@ DECLARE
     v_requests finalization_request[];
     v_transfers prepared_transfer[];
 BEGIN
-    IF p_commit_asynchronously THEN
-        -- For a caller that makes the commit durable itself before acting on it.
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
-    IF p_committed_amount >= 0 THEN
+    IF p_serve_at_once AND p_committed_amount >= 0 THEN
         v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
     END IF;
     IF v_account.debtor_id IS NULL THEN

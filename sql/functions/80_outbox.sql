@@ -203,6 +203,12 @@ SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
+    -- The commit of the transaction that calls it is waited for too, whatever
+    -- else the transaction wrote: a consumer calls it last in a window's last
+    -- transaction, on a session that commits asynchronously.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
     IF pg_current_wal_flush_lsn() >= p_through
         AND current_setting('synchronous_standby_names') = '' THEN
         RETURN false;

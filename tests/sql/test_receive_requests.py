@@ -94,6 +94,12 @@ def test_a_busy_sender_gets_the_request_queued_without_waiting(conn, sender, dat
     assert len(signals(conn, "prepared_transfer_signal")) == 1
 
 
+def test_a_request_not_to_be_served_at_once_is_queued_though_the_sender_is_free(conn, sender):
+    assert receive_prepare(conn, min_locked=10, max_locked=300, serve_at_once=False) == "queued"
+    assert signals(conn, "prepared_transfer_signal") == []
+    assert len(queued(conn, "transfer_request")) == 1
+
+
 def test_requests_queued_while_the_sender_was_busy_are_served_first(conn, sender, database_url):
     with sender_locked_elsewhere(conn, database_url):
         receive_prepare(conn, min_locked=1000, max_locked=1000, request_id=1)
@@ -167,6 +173,12 @@ def test_a_busy_sender_gets_the_finalization_queued_without_waiting(conn, transf
     assert statuses(conn) == ["OK"]
 
 
+def test_a_finalization_not_to_be_served_at_once_is_queued_though_the_sender_is_free(conn, transfer):
+    assert receive_finalize(conn, transfer, 100, serve_at_once=False) == "queued"
+    assert statuses(conn) == []
+    assert len(queued(conn, "finalization_request")) == 1
+
+
 def test_a_request_queued_for_the_same_transfer_wins_over_the_new_one(conn, transfer, database_url):
     with sender_locked_elsewhere(conn, database_url):
         assert receive_finalize(conn, transfer, 100) == "queued"
@@ -201,12 +213,3 @@ def test_a_negative_committed_amount_is_refused_as_the_queue_refuses_it(conn, tr
         receive_finalize(conn, transfer, -1)
     with pytest.raises(psycopg.errors.CheckViolation):
         enqueue_finalize(conn, transfer, -1)
-
-
-def test_the_caller_may_have_the_transaction_commit_without_waiting_for_the_wal_flush(conn, sender):
-    with conn.transaction():
-        assert receive_prepare(conn, max_locked=10, request_id=1, commit_asynchronously=True) == "served"
-        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
-    with conn.transaction():
-        assert receive_prepare(conn, max_locked=10, request_id=2) == "served"
-        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"

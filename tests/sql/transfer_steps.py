@@ -116,7 +116,7 @@ def receive_prepare(
     *,
     reachable: bool | None = None,
     commit_period_seconds: int = COMMIT_PERIOD_SECONDS,
-    commit_asynchronously: bool = False,
+    serve_at_once: bool = True,
     now: dt.datetime = DEFAULT_NOW,
     **request: Any,
 ) -> str:
@@ -125,7 +125,7 @@ def receive_prepare(
     return value(
         conn,
         "SELECT receive_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (*prepare_args(**request), commit_period_seconds, reachable, commit_asynchronously, now),
+        (*prepare_args(**request), commit_period_seconds, reachable, serve_at_once, now),
     )
 
 
@@ -210,6 +210,7 @@ def receive_finalize(
     *,
     now: dt.datetime = DEFAULT_NOW,
     realm: Realm | None = None,
+    serve_at_once: bool = True,
     **options: Any,
 ) -> str:
     """A FinalizeTransfer as the consumer applies it: 'served' at once if the sender is free, else 'queued'
@@ -221,7 +222,7 @@ def receive_finalize(
             *finalize_args(transfer, committed_amount, **options),
             realm.mask if realm else None,
             realm.realm if realm else None,
-            False,
+            serve_at_once,
             now,
         ),
     )
