@@ -73,7 +73,9 @@ class Item:
     refusal: Refusal | None = None
     debtor_id: int | None = None
     creditor_id: int | None = None
-    alone: bool = False  # the call is a transaction of its own
+    # The call is a transaction of its own; its query takes %(make_durable)s, true when the
+    # call ends a window and must carry the barrier.
+    alone: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,14 @@ def transactions_of(items: list[Item]) -> list[list[Item]]:
     return transactions
 
 
+def with_barrier_in(items: list[Item], calls: list[SqlCall]) -> list[SqlCall]:
+    """The calls of a transaction with the durability barrier: passed to a call alone, or after them."""
+    if len(items) == 1 and items[0].alone and items[0].call is not None:
+        call = items[0].call
+        return [SqlCall(call.query, {**call.params, "make_durable": True})]
+    return [*calls, BARRIER]
+
+
 class WindowApplier:
     """Applies windows of one queue's deliveries; remembers when a message last passed."""
 
@@ -177,7 +187,7 @@ class WindowApplier:
 
     def apply_together(self, conn: psycopg.Connection, items: list[Item], *, with_barrier: bool) -> list[Result]:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
-        rows = execute_calls(conn, [*calls, BARRIER] if with_barrier else calls)[: len(calls)]
+        rows = execute_calls(conn, with_barrier_in(items, calls) if with_barrier else calls)[: len(calls)]
         results: list[Result] = []
         for item, row in zip(items, rows, strict=True):
             if item.call is None:

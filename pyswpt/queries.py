@@ -46,7 +46,8 @@ RECEIVE_TRANSFER_REQUEST = """
         p_ts => %(ts)s,
         p_commit_period_seconds => %(commit_period_seconds)s,
         p_recipient_reachable => %(recipient_reachable)s,
-        p_serve_at_once => %(serve_at_once)s
+        p_serve_at_once => %(serve_at_once)s,
+        p_make_durable => %(make_durable)s
     )
 """
 
@@ -67,7 +68,8 @@ RECEIVE_FINALIZATION_REQUEST = """
         p_ts => %(ts)s,
         p_realm_mask => %(realm_mask)s,
         p_realm => %(realm)s,
-        p_serve_at_once => %(serve_at_once)s
+        p_serve_at_once => %(serve_at_once)s,
+        p_make_durable => %(make_durable)s
     )
 """
 

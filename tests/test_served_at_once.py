@@ -120,10 +120,11 @@ def test_a_window_is_cut_around_the_calls_that_are_transactions_of_their_own():
 
 # The window's last transaction carries the durability barrier ------------------------------------
 
-# Each call says which transaction ran it.
+# Each call says which transaction ran it; a call alone, whether it carries the barrier.
 TRANSACTION = "SELECT txid_current()"
+TRANSACTION_ALONE = "SELECT txid_current(), %(make_durable)s::boolean"
 TIMES_OUT = """
-CREATE FUNCTION pg_temp.times_out() RETURNS bigint LANGUAGE plpgsql AS $$
+CREATE FUNCTION pg_temp.times_out(p_make_durable boolean) RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'canceling statement due to statement timeout' USING ERRCODE = 'query_canceled';
 END;
@@ -131,45 +132,47 @@ $$
 """
 
 
-def window_item(tag: int, query: str, *, alone: bool) -> Item:
+def window_item(tag: int, query: str = TRANSACTION_ALONE, *, alone: bool = True) -> Item:
     delivery = Delivery(tag, pika.BasicProperties(type="Test"), b"{}")
-    return Item(delivery, f"message {tag}", call=SqlCall(query, {}), alone=alone)
+    return Item(delivery, f"message {tag}", call=SqlCall(query, {"make_durable": False} if alone else {}), alone=alone)
 
 
-def statements_sent(lines: list[str]) -> list[str]:
-    return [statement for query in sent_queries(lines) for statement in query]
-
-
-def is_barrier(statement: str) -> bool:
-    return "make_commits_durable" in statement
-
-
-def test_a_window_runs_in_order_and_its_last_transaction_carries_the_barrier(database_url):
-    window = [
-        window_item(1, TRANSACTION, alone=True),
-        window_item(2, TRANSACTION, alone=False),
-        window_item(3, TRANSACTION, alone=False),
-        window_item(4, TRANSACTION, alone=True),
-    ]
-    with db.connect(database_url, asynchronous_commit=True) as conn, traced(conn) as lines:
+def barriers_sent(conn, window: list[Item]) -> tuple[list, list[bool]]:
+    """The window's results, and for each statement sent whether it is the barrier."""
+    with traced(conn) as lines:
         results = WindowApplier("test").apply(conn, window)
+    sent = [statement for query in sent_queries(lines) for statement in query]
+    return results, ["make_commits_durable" in statement for statement in sent]
+
+
+def test_a_window_runs_in_order_and_its_last_call_alone_carries_the_barrier(database_url):
+    window = [window_item(1), window_item(2, TRANSACTION, alone=False), window_item(3, TRANSACTION, alone=False)]
+    window.append(window_item(4))
+    with db.connect(database_url, asynchronous_commit=True) as conn:
+        results, barriers = barriers_sent(conn, window)
     first, second, third, fourth = (result.row[0] for result in results)
     assert first < second == third < fourth
-    sent = statements_sent(lines)
-    assert [is_barrier(statement) for statement in sent] == [False] * len(window) + [True]
+    assert [results[0].row[1], results[3].row[1]] == [False, True]
+    assert not any(barriers)
+
+
+def test_a_window_ending_in_its_common_transaction_sends_the_barrier_in_it(database_url):
+    window = [window_item(1), window_item(2, TRANSACTION, alone=False)]
+    with db.connect(database_url, asynchronous_commit=True) as conn:
+        results, barriers = barriers_sent(conn, window)
+    assert results[0].row[1] is False
+    assert barriers == [False, False, True]
 
 
 def test_a_window_whose_last_transaction_failed_runs_the_barrier_alone_before_its_acks(database_url):
     with db.connect(database_url, asynchronous_commit=True) as conn:
         conn.execute(TIMES_OUT)
         conn.commit()
-        window = [window_item(1, TRANSACTION, alone=True), window_item(2, "SELECT pg_temp.times_out()", alone=True)]
-        with traced(conn) as lines:
-            results = WindowApplier("test").apply(conn, window)
+        results, barriers = barriers_sent(
+            conn, [window_item(1), window_item(2, "SELECT pg_temp.times_out(%(make_durable)s)")]
+        )
     assert isinstance(results[0], Applied) and results[1] is REQUEUED
-    # With the failed call, then after it failed alone once more.
-    assert [is_barrier(statement) for statement in statements_sent(lines)][-2:] == [False, True]
-    assert sum(map(is_barrier, statements_sent(lines))) == 2
+    assert barriers[-1] is True and sum(barriers) == 1
 
 
 def test_a_window_of_more_requests_than_are_served_at_once_queues_them_in_its_transaction():

@@ -213,6 +213,7 @@ class SmpBatchHandler:
                     "commit_period_seconds": config.commit_period_seconds,
                     "recipient_reachable": self.recipient_reachable(message, recipient),
                     "serve_at_once": True,  # unless the window is full: queue_requests_of_a_full_window
+                    "make_durable": False,  # see applying.Item.alone
                 },
             )
         if isinstance(message, FinalizeTransfer):
@@ -233,6 +234,7 @@ class SmpBatchHandler:
                     "realm_mask": config.realm.mask,
                     "realm": config.realm.realm,
                     "serve_at_once": True,  # unless the window is full: queue_requests_of_a_full_window
+                    "make_durable": False,  # see applying.Item.alone
                 },
             )
         if isinstance(message, PendingBalanceChange):

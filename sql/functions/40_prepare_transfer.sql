@@ -126,7 +126,9 @@ $$;
 -- refuses a request that could not be queued. Serving at once spares the request its
 -- row in the queue, the stage's wake-up and a transaction; a busy sender is left to
 -- the stage, which serves its requests together; so is every request when not
--- p_serve_at_once (the consumer is behind). Never waits for an account lock, and
+-- p_serve_at_once (the consumer is behind). With p_make_durable it ends with the
+-- durability barrier (make_commits_durable), as a consumer window's last transaction
+-- does. Never waits for an account lock, and
 -- locks at most the sender's row. Returns how the request was taken: 'served' (here),
 -- 'queued' or 'rejected' (at intake).
 CREATE FUNCTION pyswpt_api.receive_transfer_request(
@@ -144,6 +146,7 @@ CREATE FUNCTION pyswpt_api.receive_transfer_request(
     p_commit_period_seconds integer,
     p_recipient_reachable boolean DEFAULT NULL,
     p_serve_at_once boolean DEFAULT TRUE,
+    p_make_durable boolean DEFAULT FALSE,
     p_now timestamptz DEFAULT now()
 )
 RETURNS text
@@ -155,7 +158,7 @@ SET enable_seqscan = off -- by index whatever the statistics: README "Schema and
 AS $$
 DECLARE
     v_account account;
-    v_queued boolean;
+    v_way text;
     v_request transfer_request;
 BEGIN
     IF p_serve_at_once
@@ -166,7 +169,7 @@ BEGIN
         v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
     END IF;
     IF v_account.debtor_id IS NULL THEN
-        v_queued := enqueue_transfer_request(
+        v_way := CASE WHEN enqueue_transfer_request(
             p_debtor_id,
             p_sender_creditor_id,
             p_coordinator_type,
@@ -180,30 +183,33 @@ BEGIN
             p_ts,
             p_recipient_reachable,
             p_now
+        ) THEN 'queued' ELSE 'rejected' END;
+    ELSE
+        -- As enqueue_transfer_request would queue it; it never is, so it has no id.
+        v_request.debtor_id := p_debtor_id;
+        v_request.sender_creditor_id := p_sender_creditor_id;
+        v_request.coordinator_type := p_coordinator_type;
+        v_request.coordinator_id := p_coordinator_id;
+        v_request.coordinator_request_id := p_coordinator_request_id;
+        v_request.min_locked_amount := p_min_locked_amount;
+        v_request.max_locked_amount := p_max_locked_amount;
+        v_request.deadline := calc_transfer_request_deadline(p_ts, p_max_commit_delay_seconds);
+        v_request.recipient_creditor_id := p_recipient_creditor_id;
+        v_request.final_interest_rate_ts := p_final_interest_rate_ts;
+        v_request.enqueued_at := p_now;
+        -- Requests queued while the sender was busy came first.
+        PERFORM serve_transfer_requests(
+            v_account,
+            take_transfer_requests(p_debtor_id, p_sender_creditor_id) || v_request,
+            p_commit_period_seconds,
+            p_now
         );
-        RETURN CASE WHEN v_queued THEN 'queued' ELSE 'rejected' END;
+        v_way := 'served';
     END IF;
-
-    -- As enqueue_transfer_request would queue it; it never is, so it has no id.
-    v_request.debtor_id := p_debtor_id;
-    v_request.sender_creditor_id := p_sender_creditor_id;
-    v_request.coordinator_type := p_coordinator_type;
-    v_request.coordinator_id := p_coordinator_id;
-    v_request.coordinator_request_id := p_coordinator_request_id;
-    v_request.min_locked_amount := p_min_locked_amount;
-    v_request.max_locked_amount := p_max_locked_amount;
-    v_request.deadline := calc_transfer_request_deadline(p_ts, p_max_commit_delay_seconds);
-    v_request.recipient_creditor_id := p_recipient_creditor_id;
-    v_request.final_interest_rate_ts := p_final_interest_rate_ts;
-    v_request.enqueued_at := p_now;
-    -- Requests queued while the sender was busy came first.
-    PERFORM serve_transfer_requests(
-        v_account,
-        take_transfer_requests(p_debtor_id, p_sender_creditor_id) || v_request,
-        p_commit_period_seconds,
-        p_now
-    );
-    RETURN 'served';
+    IF p_make_durable THEN
+        PERFORM pyswpt_api.make_commits_durable(pyswpt_api.current_wal_position());
+    END IF;
+    RETURN v_way;
 END;
 $$;
 

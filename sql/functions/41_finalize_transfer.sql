@@ -118,7 +118,7 @@ $$;
 -- as receive_transfer_request does a PrepareTransfer: when the sender account is free
 -- it is locked and the request served with the sender's queued ones; otherwise it is
 -- queued exactly as enqueue_finalization_request does, as is every request when not
--- p_serve_at_once. The consumer calls it only for
+-- p_serve_at_once; p_make_durable as there. The consumer calls it only for
 -- accounts of its own shard, so the parent-shard cleanup of the stage does not apply.
 -- A request whose transfer already has one queued is a repeat: it is dropped, as the
 -- queue's primary key would drop it. Never waits for an account lock, and locks at
@@ -138,6 +138,7 @@ CREATE FUNCTION pyswpt_api.receive_finalization_request(
     p_realm_mask bigint DEFAULT NULL,
     p_realm bigint DEFAULT NULL,
     p_serve_at_once boolean DEFAULT TRUE,
+    p_make_durable boolean DEFAULT FALSE,
     p_now timestamptz DEFAULT now()
 )
 RETURNS text
@@ -149,7 +150,7 @@ SET enable_seqscan = off -- by index whatever the statistics: README "Schema and
 AS $$
 DECLARE
     v_account account;
-    v_queued boolean;
+    v_way text;
     v_request finalization_request;
     v_requests finalization_request[];
     v_transfers prepared_transfer[];
@@ -158,7 +159,7 @@ BEGIN
         v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
     END IF;
     IF v_account.debtor_id IS NULL THEN
-        v_queued := enqueue_finalization_request(
+        v_way := CASE WHEN enqueue_finalization_request(
             p_debtor_id,
             p_sender_creditor_id,
             p_transfer_id,
@@ -170,31 +171,34 @@ BEGIN
             p_transfer_note,
             p_ts,
             p_now
-        );
-        RETURN CASE WHEN v_queued THEN 'queued' ELSE 'repeat' END;
+        ) THEN 'queued' ELSE 'repeat' END;
+    ELSE
+        SELECT taken.requests, taken.transfers
+        INTO v_requests, v_transfers
+        FROM take_finalization_requests(p_debtor_id, p_sender_creditor_id) AS taken;
+        IF NOT p_transfer_id = ANY (SELECT (r).transfer_id FROM unnest(v_requests) AS r) THEN
+            -- As enqueue_finalization_request would queue it.
+            v_request.debtor_id := p_debtor_id;
+            v_request.sender_creditor_id := p_sender_creditor_id;
+            v_request.transfer_id := p_transfer_id;
+            v_request.coordinator_type := p_coordinator_type;
+            v_request.coordinator_id := p_coordinator_id;
+            v_request.coordinator_request_id := p_coordinator_request_id;
+            v_request.committed_amount := p_committed_amount;
+            v_request.transfer_note_format := p_transfer_note_format;
+            v_request.transfer_note := p_transfer_note;
+            v_request.ts := coalesce(p_ts, p_now);
+            v_request.enqueued_at := p_now;
+            v_requests := v_requests || v_request;
+            v_transfers := v_transfers || find_finalized_transfer(v_request);
+        END IF;
+        PERFORM serve_finalization_requests(v_account, v_requests, v_transfers, p_now, p_realm_mask, p_realm);
+        v_way := 'served';
     END IF;
-
-    SELECT taken.requests, taken.transfers
-    INTO v_requests, v_transfers
-    FROM take_finalization_requests(p_debtor_id, p_sender_creditor_id) AS taken;
-    IF NOT p_transfer_id = ANY (SELECT (r).transfer_id FROM unnest(v_requests) AS r) THEN
-        -- As enqueue_finalization_request would queue it.
-        v_request.debtor_id := p_debtor_id;
-        v_request.sender_creditor_id := p_sender_creditor_id;
-        v_request.transfer_id := p_transfer_id;
-        v_request.coordinator_type := p_coordinator_type;
-        v_request.coordinator_id := p_coordinator_id;
-        v_request.coordinator_request_id := p_coordinator_request_id;
-        v_request.committed_amount := p_committed_amount;
-        v_request.transfer_note_format := p_transfer_note_format;
-        v_request.transfer_note := p_transfer_note;
-        v_request.ts := coalesce(p_ts, p_now);
-        v_request.enqueued_at := p_now;
-        v_requests := v_requests || v_request;
-        v_transfers := v_transfers || find_finalized_transfer(v_request);
+    IF p_make_durable THEN
+        PERFORM pyswpt_api.make_commits_durable(pyswpt_api.current_wal_position());
     END IF;
-    PERFORM serve_finalization_requests(v_account, v_requests, v_transfers, p_now, p_realm_mask, p_realm);
-    RETURN 'served';
+    RETURN v_way;
 END;
 $$;
 

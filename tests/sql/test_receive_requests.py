@@ -213,3 +213,18 @@ def test_a_negative_committed_amount_is_refused_as_the_queue_refuses_it(conn, tr
         receive_finalize(conn, transfer, -1)
     with pytest.raises(psycopg.errors.CheckViolation):
         enqueue_finalize(conn, transfer, -1)
+
+
+@pytest.mark.parametrize("way", ["served", "queued"])
+def test_the_last_call_of_a_window_carries_the_durability_barrier(conn, sender, database_url, way):
+    conn.execute("SET synchronous_commit = off")  # as a consumer's session
+    with contextlib.ExitStack() as stack:
+        if way == "queued":
+            stack.enter_context(sender_locked_elsewhere(conn, database_url))
+        with conn.transaction():
+            assert receive_prepare(conn, max_locked=10, request_id=1) == way
+            assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        with conn.transaction():
+            assert receive_prepare(conn, max_locked=10, request_id=2, make_durable=True) == way
+            assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    conn.execute("RESET synchronous_commit")

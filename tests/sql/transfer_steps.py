@@ -117,6 +117,7 @@ def receive_prepare(
     reachable: bool | None = None,
     commit_period_seconds: int = COMMIT_PERIOD_SECONDS,
     serve_at_once: bool = True,
+    make_durable: bool = False,
     now: dt.datetime = DEFAULT_NOW,
     **request: Any,
 ) -> str:
@@ -124,8 +125,8 @@ def receive_prepare(
     (or 'rejected' at intake)."""
     return value(
         conn,
-        "SELECT receive_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (*prepare_args(**request), commit_period_seconds, reachable, serve_at_once, now),
+        "SELECT receive_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (*prepare_args(**request), commit_period_seconds, reachable, serve_at_once, make_durable, now),
     )
 
 
@@ -217,12 +218,13 @@ def receive_finalize(
     (or 'repeat')."""
     return value(
         conn,
-        "SELECT receive_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "SELECT receive_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             *finalize_args(transfer, committed_amount, **options),
             realm.mask if realm else None,
             realm.realm if realm else None,
             serve_at_once,
+            False,
             now,
         ),
     )
