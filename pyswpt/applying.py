@@ -1,9 +1,11 @@
 """Applying a window of consumed messages: together if possible, else one at a time.
 
 A window's SQL calls run in one transaction, except the calls that must be a
-transaction of their own (Item.alone: a call that may lock an account, since a
-transaction locks at most one): the window is cut around those, and its
-transactions run in the order of its messages. The consumers' sessions commit
+transaction of their own (Item.alone: a transfer request served at once, which
+locks its sender's account: alone, it holds the lock for that request only, and
+its snapshot is taken as it starts, so that the row it locks is seldom newer,
+a serialization failure at REPEATABLE READ): the window is cut around those,
+and its transactions run in the order of its messages. The consumers' sessions commit
 without waiting for the WAL flush (pyswpt.db); the window's last transaction
 carries the durability barrier (pyswpt_api.make_commits_durable), whose
 synchronous commit flushes the WAL of every transaction before it, and where

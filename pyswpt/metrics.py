@@ -83,8 +83,8 @@ TRANSFER_REQUESTS = Counter(
     "pyswpt_transfer_requests_total",
     "PrepareTransfer and FinalizeTransfer messages applied, by type and how the consumer took them: "
     "served (at once, the sender's account was free); queued (for the workers' stage: the sender was "
-    "busy, missing or deleted); rejected (at intake: the recipient is unreachable); repeat (a finalization "
-    "of a transfer that had one queued already).",
+    "busy, missing or deleted, or the window held more than two requests); rejected (at intake: the "
+    "recipient is unreachable); repeat (a finalization of a transfer that had one queued already).",
     ["type", "way"],
 )
 TRANSACTION_RETRIES = Counter(

@@ -39,16 +39,15 @@ AS $$
 DECLARE
     v_account account;
 BEGIN
+    -- A deleted account is not locked: its caller queues instead, and must not
+    -- hold an account lock while it does.
     SELECT *
     INTO v_account
     FROM account
     WHERE debtor_id = p_debtor_id
         AND creditor_id = p_creditor_id
+        AND NOT account_is_deleted(status_flags)
     FOR NO KEY UPDATE SKIP LOCKED;
-
-    IF NOT FOUND OR account_is_deleted(v_account.status_flags) THEN
-        RETURN NULL;
-    END IF;
     RETURN v_account;
 END;
 $$;

@@ -158,15 +158,21 @@ SET enable_seqscan = off -- by index whatever the statistics: README "Schema and
 AS $$
 DECLARE
     v_account account;
+    v_reachable boolean;
     v_way text;
     v_request transfer_request;
 BEGIN
     IF p_serve_at_once
         AND p_recipient_creditor_id IS NOT NULL
         AND p_min_locked_amount BETWEEN 0 AND p_max_locked_amount
-        AND coalesce(p_recipient_reachable, pyswpt_api.is_reachable_account(p_debtor_id, p_recipient_creditor_id))
     THEN
-        v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
+        v_reachable := coalesce(
+            p_recipient_reachable,
+            pyswpt_api.is_reachable_account(p_debtor_id, p_recipient_creditor_id)
+        );
+        IF v_reachable THEN
+            v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
+        END IF;
     END IF;
     IF v_account.debtor_id IS NULL THEN
         v_way := CASE WHEN enqueue_transfer_request(
@@ -181,7 +187,7 @@ BEGIN
             p_final_interest_rate_ts,
             p_max_commit_delay_seconds,
             p_ts,
-            p_recipient_reachable,
+            coalesce(v_reachable, p_recipient_reachable),
             p_now
         ) THEN 'queued' ELSE 'rejected' END;
     ELSE

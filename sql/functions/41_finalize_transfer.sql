@@ -123,7 +123,7 @@ $$;
 -- A request whose transfer already has one queued is a repeat: it is dropped, as the
 -- queue's primary key would drop it. Never waits for an account lock, and locks at
 -- most the sender's row. Returns how the request was taken: 'served' (here), 'queued',
--- or 'repeat' (dropped: its transfer has a request queued already).
+-- or 'repeat' (dropped: its transfer has a request queued already, which wins).
 CREATE FUNCTION pyswpt_api.receive_finalization_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
@@ -176,7 +176,10 @@ BEGIN
         SELECT taken.requests, taken.transfers
         INTO v_requests, v_transfers
         FROM take_finalization_requests(p_debtor_id, p_sender_creditor_id) AS taken;
-        IF NOT p_transfer_id = ANY (SELECT (r).transfer_id FROM unnest(v_requests) AS r) THEN
+        v_way := 'served';
+        IF p_transfer_id = ANY (SELECT (r).transfer_id FROM unnest(v_requests) AS r) THEN
+            v_way := 'repeat';
+        ELSE
             -- As enqueue_finalization_request would queue it.
             v_request.debtor_id := p_debtor_id;
             v_request.sender_creditor_id := p_sender_creditor_id;
@@ -193,7 +196,6 @@ BEGIN
             v_transfers := v_transfers || find_finalized_transfer(v_request);
         END IF;
         PERFORM serve_finalization_requests(v_account, v_requests, v_transfers, p_now, p_realm_mask, p_realm);
-        v_way := 'served';
     END IF;
     IF p_make_durable THEN
         PERFORM pyswpt_api.make_commits_durable(pyswpt_api.current_wal_position());

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from factories import insert_account
+from factories import STATUS_DELETED, insert_account
 from transfer_steps import (
     DEBTOR_ID,
     RECIPIENT_ID,
@@ -29,6 +29,9 @@ from transfer_steps import (
 )
 
 from pyswpt.sharding import Realm
+
+AGENT_A_CREDITOR = 0x000001FFFFFFFFFF
+AGENT_B_CREDITOR = 0x0000020000000001
 
 
 @pytest.fixture
@@ -142,6 +145,30 @@ def test_locked_amounts_out_of_order_are_refused_as_the_queue_refuses_them(conn,
         enqueue_prepare(conn, min_locked=20, max_locked=10)
 
 
+def test_a_deleted_sender_is_queued_without_holding_its_lock(conn, database_url):
+    insert_account(conn, DEBTOR_ID, RECIPIENT_ID)
+    insert_account(conn, DEBTOR_ID, SENDER_ID, status_flags=STATUS_DELETED)
+    with conn.transaction():
+        assert receive_prepare(conn, max_locked=10) == "queued"
+        with psycopg.connect(database_url) as other:
+            other.execute(
+                "SELECT 1 FROM pyswpt.account WHERE debtor_id = %s AND creditor_id = %s FOR UPDATE NOWAIT",
+                (DEBTOR_ID, SENDER_ID),
+            )
+    process_prepares(conn)
+    [rejected] = signals(conn, "rejected_transfer_signal")
+    assert rejected["status_code"] == "SENDER_IS_UNREACHABLE"
+
+
+def test_an_agent_transfer_across_agents_served_at_once_is_rejected(conn):
+    insert_account(conn, DEBTOR_ID, AGENT_B_CREDITOR)
+    insert_account(conn, DEBTOR_ID, AGENT_A_CREDITOR)
+    args = {"sender": AGENT_A_CREDITOR, "recipient": AGENT_B_CREDITOR, "coordinator_type": "agent"}
+    assert receive_prepare(conn, **args) == "served"
+    [rejected] = signals(conn, "rejected_transfer_signal")
+    assert rejected["status_code"] == "RECIPIENT_IS_UNREACHABLE"
+
+
 # FinalizeTransfer ---------------------------------------------------------------------------
 
 
@@ -183,7 +210,7 @@ def test_a_request_queued_for_the_same_transfer_wins_over_the_new_one(conn, tran
     with sender_locked_elsewhere(conn, database_url):
         assert receive_finalize(conn, transfer, 100) == "queued"
         assert receive_finalize(conn, transfer, 300) == "repeat"
-    assert receive_finalize(conn, transfer, 200) == "served"
+    assert receive_finalize(conn, transfer, 200) == "repeat"
     [finalized] = signals(conn, "finalized_transfer_signal")
     assert (finalized["status_code"], finalized["committed_amount"]) == ("OK", 100)
     assert account(conn, SENDER_ID)["principal"] == 900
