@@ -1,9 +1,8 @@
 """Throughput of two-phase transfers through the SQL functions (run on demand, not a test).
 
-One "pair" is what the drivers do for one payment when its requests are queued
-(a consumer behind its queue, or a busy sender: README "How a transfer flows"),
-each step its own transaction on a driver's connection (pyswpt.db, REPEATABLE
-READ), retried on 40001/40P01 like the drivers:
+One "pair" is what the drivers do for one payment, each step its own
+transaction on a driver's connection (pyswpt.db, REPEATABLE READ), retried on
+40001/40P01 like the drivers:
 
     1. PrepareTransfer intake           enqueue_transfer_request (recipient checked in SQL)
     2. transfer worker                  process_transfer_requests (sender)

@@ -1,18 +1,7 @@
 """Applying a window of consumed messages: together if possible, else one at a time.
 
-A window's SQL calls run in one transaction, except the calls that must be a
-transaction of their own (Item.alone: a transfer request served at once, which
-locks its sender's account: alone, it holds the lock for that request only, and
-its snapshot is taken as it starts, so that the row it locks is seldom newer,
-a serialization failure at REPEATABLE READ): the window is cut around those,
-and its transactions run in the order of its messages. The consumers' sessions commit
-without waiting for the WAL flush (pyswpt.db); the window's last transaction
-carries the durability barrier (pyswpt_api.make_commits_durable), whose
-synchronous commit flushes the WAL of every transaction before it, and where
-that transaction did not commit, the barrier runs alone: a crash of PostgreSQL
-may undo a commit only while its message is still to be delivered again.
-When the database refuses a transaction,
-its calls run again one per transaction, so that the message at fault is
+A window's SQL calls run in one transaction. When the database refuses it,
+the calls run again one per transaction, so that the message at fault is
 found and the others still commit. A message is parked (stored in
 pyswpt.parked_message, then rejected to the dead-letter queue) when
 
@@ -36,7 +25,7 @@ import time
 
 import psycopg
 
-from pyswpt import parking, queries
+from pyswpt import parking
 from pyswpt.consuming import Delivery
 from pyswpt.logs import one_line
 from pyswpt.transactions import (
@@ -53,7 +42,6 @@ MAX_DELIVERY_ATTEMPTS = 3
 # A failure counts as the message's own only if another message passed this recently.
 NEIGHBOUR_SUCCESS_WINDOW_SECONDS = 60.0
 DELIVERY_COUNT_HEADER = "x-delivery-count"
-BARRIER = SqlCall(queries.MAKE_OWN_COMMITS_DURABLE, {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +63,6 @@ class Item:
     refusal: Refusal | None = None
     debtor_id: int | None = None
     creditor_id: int | None = None
-    # The call is a transaction of its own; its query takes %(make_durable)s, true when the
-    # call ends a window and must carry the barrier.
-    alone: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,25 +110,6 @@ def delivery_attempts(delivery: Delivery) -> int:
     return MAX_DELIVERY_ATTEMPTS if delivery.redelivered else 1
 
 
-def transactions_of(items: list[Item]) -> list[list[Item]]:
-    """The window's items grouped into the transactions that apply them, in order."""
-    transactions: list[list[Item]] = []
-    for item in items:
-        if item.alone or not transactions or transactions[-1][-1].alone:
-            transactions.append([item])
-        else:
-            transactions[-1].append(item)
-    return transactions
-
-
-def with_barrier_in(items: list[Item], calls: list[SqlCall]) -> list[SqlCall]:
-    """The calls of a transaction with the durability barrier: passed to a call alone, or after them."""
-    if len(items) == 1 and items[0].alone and items[0].call is not None:
-        call = items[0].call
-        return [SqlCall(call.query, {**call.params, "make_durable": True})]
-    return [*calls, BARRIER]
-
-
 class WindowApplier:
     """Applies windows of one queue's deliveries; remembers when a message last passed."""
 
@@ -153,43 +119,25 @@ class WindowApplier:
         self.last_success_at: float | None = None
 
     def apply(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
-        """Apply every item; the result of each, in order.
-
-        An infrastructure error propagates even when some of the window's
-        transactions committed: the caller applies the window again, as it
-        would after a crash between a commit and the acks.
-        """
-        results: list[Result] = []
-        transactions = transactions_of(items)
-        durable = True
-        for index, transaction in enumerate(transactions):
-            outcome, durable = self.apply_transaction(conn, transaction, last=index == len(transactions) - 1)
-            results.extend(outcome)
-        if not durable:
-            execute_calls(conn, [BARRIER])
-        return results
-
-    def apply_transaction(
-        self, conn: psycopg.Connection, items: list[Item], *, last: bool
-    ) -> tuple[list[Result], bool]:
-        """The items in one transaction, the barrier with them if `last`, else one at a time;
-        and whether the barrier committed."""
+        """Apply every item; the result of each, in order."""
+        if not items:
+            return []
         try:
-            return self.apply_together(conn, items, with_barrier=last), last
+            return self.apply_together(conn, items)
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise
             logger.warning(
-                "A transaction of %d messages from %s failed (%s); applying them one at a time.",
+                "A window of %d messages from %s failed (%s); applying them one at a time.",
                 len(items),
                 self.queue,
                 describe_error(error),
             )
-        return self.apply_one_by_one(conn, items), False
+        return self.apply_one_by_one(conn, items)
 
-    def apply_together(self, conn: psycopg.Connection, items: list[Item], *, with_barrier: bool) -> list[Result]:
+    def apply_together(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
-        rows = execute_calls(conn, with_barrier_in(items, calls) if with_barrier else calls)[: len(calls)]
+        rows = execute_calls(conn, calls)
         results: list[Result] = []
         for item, row in zip(items, rows, strict=True):
             if item.call is None:

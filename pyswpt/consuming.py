@@ -351,8 +351,7 @@ class DatabaseSession:
 
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            # Asynchronous commits: a window's last transaction carries the durability barrier (pyswpt.applying).
-            self._conn = db.connect(self.url, application_name=self.application_name, asynchronous_commit=True)
+            self._conn = db.connect(self.url, application_name=self.application_name)
         return self._conn
 
     def close(self) -> None:

@@ -30,27 +30,24 @@ whole. A step that is one statement (a worker's batch processor) may instead
 run on a connection in autocommit, where that statement is a transaction of
 its own at the same isolation level (transactions.execute_with_retries). Two
 hot steps run in autocommit so that BEGIN costs no round trip of its own: a
-consumer's window is implicit transactions (a call alone, or several sent in
-pipeline mode, which the protocol's Sync commits: transactions.execute_calls),
-and a flusher's round sends BEGIN in the query that takes its rows
-(transactions.transaction_begun_in_block). A LISTEN connection is in
-autocommit and gets the same settings; its listing queries are single
-statements. The fetch API's connections are read-only (enforced by
-PostgreSQL) with a shorter statement timeout.
+consumer's window is one implicit transaction, a call alone or several sent
+in pipeline mode, which the protocol's Sync commits
+(transactions.execute_calls), and a flusher's round sends BEGIN in the query
+that takes its rows (transactions.transaction_begun_in_block). A
+LISTEN connection is in autocommit and gets the same settings; its listing
+queries are single statements. The fetch API's connections are
+read-only (enforced by PostgreSQL) with a shorter statement timeout.
 
-The workers, the flushers and the consumers commit asynchronously
-(synchronous_commit off): a commit returns before its WAL is on the disk, so
-it costs no flush of its own. A PostgreSQL crash may then undo their last
-commits, which is safe because nothing they changed has left the database
-yet, and nothing was acked on their strength: a worker's effects leave only
-through the outbox, and the flusher makes every commit it saw durable before
-it publishes (pyswpt_api.make_commits_durable, which waits only when the WAL
-is not yet flushed past them); a consumer's window carries the same barrier
-in its last transaction, which makes that transaction's commit and every one
-before it durable before the window is acked (pyswpt.applying). Undone work
-is done again: a worker's from the queued requests, a consumer's from the
-messages, delivered again. An undone flusher commit only publishes its rows
-again (at least once).
+The workers and the flushers commit asynchronously (synchronous_commit off):
+a commit returns before its WAL is on the disk, so it costs no flush of its
+own. A PostgreSQL crash may then undo their last commits, which is safe
+because nothing they changed has left the database yet: a worker's effects
+leave only through the outbox, and the flusher makes every commit it saw
+durable before it publishes (pyswpt_api.make_commits_durable, which waits
+only when the WAL is not yet flushed past them); undone work
+is done again from the queued requests, which the consumers' synchronous
+commits made durable before they acked the messages. An undone flusher
+commit only publishes its rows again (at least once).
 Options an operator put in the URL come after these, so they win.
 """
 
@@ -145,7 +142,7 @@ def connect(
     """One connection with autocommit off and the session settings; the caller closes it.
 
     With `asynchronous_commit` its commits do not wait for the WAL flush: only
-    for the drivers that make them durable before they act on them (see the module's docstring).
+    for the workers and the flushers (see the module's docstring).
     """
     kwargs = connection_kwargs(url, application_name, read_only=read_only, asynchronous_commit=asynchronous_commit)
     return psycopg.connect(url, **{**kwargs, "connect_timeout": connect_timeout_seconds})

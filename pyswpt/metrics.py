@@ -69,23 +69,15 @@ MESSAGES_CONSUMED = Counter(
 )
 CONSUMER_WINDOW_MESSAGES = Histogram(
     "pyswpt_consumer_window_messages",
-    "Messages per window the consumer took from the broker (a transaction, but for the requests it serves at once).",
+    "Messages per window applied in one transaction.",
     ["queue"],
     buckets=WINDOW_BUCKETS_MESSAGES,
 )
 CONSUME_TO_COMMIT_SECONDS = Histogram(
     "pyswpt_consume_to_commit_seconds",
-    "From a delivery's arrival at the consumer to the last commit of its window, per settled message.",
+    "From a delivery's arrival at the consumer to the commit of its window, per settled message.",
     ["queue"],
     buckets=LATENCY_BUCKETS_SECONDS,
-)
-TRANSFER_REQUESTS = Counter(
-    "pyswpt_transfer_requests_total",
-    "PrepareTransfer and FinalizeTransfer messages applied, by type and how the consumer took them: "
-    "served (at once, the sender's account was free); queued (for the workers' stage: the sender was "
-    "busy, missing or deleted, or the window held more than two requests); rejected (at intake: the "
-    "recipient is unreachable); repeat (a finalization of a transfer that had one queued already).",
-    ["type", "way"],
 )
 TRANSACTION_RETRIES = Counter(
     "pyswpt_transaction_retries_total",

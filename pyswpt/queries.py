@@ -28,11 +28,9 @@ CONFIGURE_ACCOUNT = """
     )
 """
 
-# A PrepareTransfer: served at once when its sender is free, else (or when not
-# serve_at_once) queued for the transfer_requests stage. A transaction of its own
-# when served at once (it may lock the sender).
-RECEIVE_TRANSFER_REQUEST = """
-    SELECT pyswpt_api.receive_transfer_request(
+# Queue a PrepareTransfer for the transfer_requests stage.
+ENQUEUE_TRANSFER_REQUEST = """
+    SELECT pyswpt_api.enqueue_transfer_request(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_coordinator_type => %(coordinator_type)s,
@@ -44,18 +42,13 @@ RECEIVE_TRANSFER_REQUEST = """
         p_final_interest_rate_ts => %(final_interest_rate_ts)s,
         p_max_commit_delay_seconds => %(max_commit_delay_seconds)s,
         p_ts => %(ts)s,
-        p_commit_period_seconds => %(commit_period_seconds)s,
-        p_recipient_reachable => %(recipient_reachable)s,
-        p_serve_at_once => %(serve_at_once)s,
-        p_make_durable => %(make_durable)s
+        p_recipient_reachable => %(recipient_reachable)s
     )
 """
 
-# A FinalizeTransfer: served at once when its sender is free, else (or when not
-# serve_at_once) queued for the finalization_requests stage. A transaction of its
-# own when served at once (it may lock the sender).
-RECEIVE_FINALIZATION_REQUEST = """
-    SELECT pyswpt_api.receive_finalization_request(
+# Queue a FinalizeTransfer for the finalization_requests stage.
+ENQUEUE_FINALIZATION_REQUEST = """
+    SELECT pyswpt_api.enqueue_finalization_request(
         p_debtor_id => %(debtor_id)s,
         p_sender_creditor_id => %(sender_creditor_id)s,
         p_transfer_id => %(transfer_id)s,
@@ -65,11 +58,7 @@ RECEIVE_FINALIZATION_REQUEST = """
         p_committed_amount => %(committed_amount)s,
         p_transfer_note_format => %(transfer_note_format)s,
         p_transfer_note => %(transfer_note)s,
-        p_ts => %(ts)s,
-        p_realm_mask => %(realm_mask)s,
-        p_realm => %(realm)s,
-        p_serve_at_once => %(serve_at_once)s,
-        p_make_durable => %(make_durable)s
+        p_ts => %(ts)s
     )
 """
 
@@ -241,12 +230,6 @@ CURRENT_WAL_POSITION = """
 
 MAKE_COMMITS_DURABLE = """
     SELECT pyswpt_api.make_commits_durable(p_through => %(through)s::pg_lsn)
-"""
-
-# The consumers' barrier before their acks: every commit of the session so far, and the
-# commit of the transaction it is called in, made durable.
-MAKE_OWN_COMMITS_DURABLE = """
-    SELECT pyswpt_api.make_commits_durable(p_through => pyswpt_api.current_wal_position())
 """
 
 # Parked messages (parking, the flushers' retries, `pyswpt parked`) ---------------------------

@@ -11,8 +11,8 @@ GRANT USAGE ON SCHEMA pyswpt_api TO pyswpt_driver;
 GRANT EXECUTE ON FUNCTION
     -- consumer
     pyswpt_api.configure_account,
-    pyswpt_api.receive_transfer_request,
-    pyswpt_api.receive_finalization_request,
+    pyswpt_api.enqueue_transfer_request,
+    pyswpt_api.enqueue_finalization_request,
     pyswpt_api.register_balance_change,
     pyswpt_api.initialize_account,
     pyswpt_api.get_account_config_data,

@@ -200,15 +200,14 @@ def test_functions_dropped_while_the_drivers_run_are_waited_for_and_nothing_is_p
     consumer, workers, flusher = shard.start("consumer", "workers", "flusher")
     sender, recipient = funded_pair(shard, FUNDS)
     newcomer = shard.creditor()
-    # The workers and the flusher first: the workers list their work every round, and the
-    # consumer still writes what the flusher must publish.
-    drop_functions(shard, "list_transfer_request_senders", "take_account_update_signals")
+    # The workers and the flusher first: the consumer still queues what they must do.
+    drop_functions(shard, "process_transfer_requests", "take_account_update_signals")
     prepare_transfers(shard, sender, recipient, range(1, 6))
     shard.configure(newcomer)
     wait_for(lambda: "42883" in workers.log(), "the workers to meet the missing function")
     wait_for(lambda: "42883" in flusher.log(), "the flusher to meet the missing function")
     # Then the consumer, with a window of several messages.
-    drop_functions(shard, "receive_transfer_request")
+    drop_functions(shard, "enqueue_transfer_request")
     prepare_transfers(shard, sender, recipient, range(6, 11))
     wait_for(lambda: "42883" in consumer.log(), "the consumer to meet the missing function")
 
@@ -342,8 +341,8 @@ def test_configure_of_a_changed_function_set_under_load_completes_every_transfer
 
 # (driver, the function it needs, the other drivers that bring it work)
 STAYS_MISSING = [
-    ("consumer", "receive_transfer_request", ()),
-    ("workers", "list_transfer_request_senders", ()),
+    ("consumer", "enqueue_transfer_request", ()),
+    ("workers", "process_transfer_requests", ("consumer",)),
     ("flusher", "take_prepared_transfer_signals", ("consumer", "workers")),
     ("scan-accounts", "get_scanned_table_size", ()),
 ]
@@ -355,7 +354,7 @@ def test_a_driver_whose_function_stays_missing_exits_with_one_line_naming_it(sha
     drop_functions(shard, function)
     shard.start(*helpers)
     [waiting] = shard.start(driver, APP_API_WAIT_SECONDS=SHORT_API_WAIT_SECONDS)
-    # Accounts first, so that the transfer requests get past intake.
+    # Accounts first, so that the transfer requests get past intake to the workers.
     shard.configure(sender)
     shard.configure(recipient)
     prepare_transfers(shard, sender, recipient, range(1, 4))
@@ -399,13 +398,13 @@ def test_run_all_stops_the_node_when_a_driver_gives_up_on_its_api(shard, run_all
         wait_for(lambda: healthy(port), "the fetch API", START_SECONDS)
         sender = shard.creditor()
         open_account(shard, sender)
-        drop_functions(shard, "receive_transfer_request")
+        drop_functions(shard, "enqueue_transfer_request")
         prepare_transfers(shard, sender, shard.creditor(), range(1, 4))
         wait_for(lambda: node.poll() is not None, "the node to stop", EXIT_DEADLINE_SECONDS + STOP_TIMEOUT_SECONDS)
     assert node.returncode == EXIT_API_UNAVAILABLE
     log = log_path.read_text()
     [reason] = [line for line in log.splitlines() if "Stopping the consumer" in line]
-    assert f"{ENTRY_POINTS['receive_transfer_request']}(" in reason
+    assert f"{ENTRY_POINTS['enqueue_transfer_request']}(" in reason
     assert "consumer (pid" in log and "stopping the node" in log
     assert "restarting" not in log
     assert started_pids(log)["consumer"] == started_pids(log)["consumer"][:1]

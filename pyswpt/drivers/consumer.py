@@ -1,9 +1,7 @@
 """The SMP consumer (`pyswpt run consumer`): incoming SMP messages into SQL calls.
 
 A batch of deliveries is decoded and validated, each valid message becomes one
-SQL function call, and the calls run in one transaction, but for PrepareTransfer
-and FinalizeTransfer, each a transaction of its own: served at once when the
-sender's account is free (pyswpt.applying); acks follow the commits.
+SQL function call, and the calls run in one transaction; acks follow the commit.
 Malformed messages, messages for accounts of another shard and messages the
 database refuses are parked in PostgreSQL, logged in one line and rejected to
 the dead-letter queue (pyswpt.applying) — the reference loops forever on some
@@ -24,7 +22,7 @@ import threading
 
 import psycopg
 
-from pyswpt import applying, consuming, messages, metrics, processes, queries
+from pyswpt import applying, consuming, messages, processes, queries
 from pyswpt.applying import Applied, Item, Refusal, WindowApplier
 from pyswpt.config import Config
 from pyswpt.fetch import FetchClient, FetchError
@@ -39,10 +37,6 @@ logger = logging.getLogger(__name__)
 ROOT_CREDITOR_ID = 0
 # The top 24 bits of a creditor id name its creditors agent (spec 02 §0).
 CREDITOR_SUBNET_MASK = 0xFFFFFF0000000000
-# A window with more transfer requests than this is a consumer behind the queue: each served at
-# once would be a round trip and a transaction of its own, one after the other, while queued they
-# cost one round trip, and the workers' stages serve them in parallel, a busy sender's together.
-MAX_REQUESTS_SERVED_PER_WINDOW = 2
 
 
 def run(config: Config, draining_mode: bool = False) -> int:
@@ -76,17 +70,6 @@ def consume(config: Config, draining_mode: bool, stopping: threading.Event) -> b
     )
 
 
-def queue_requests_of_a_full_window(items: list[Item]) -> None:
-    """Queue every transfer request of a window that holds more than MAX_REQUESTS_SERVED_PER_WINDOW,
-    in the window's one transaction, instead of serving each at once in a transaction of its own."""
-    requests = [item for item in items if item.alone]
-    if len(requests) <= MAX_REQUESTS_SERVED_PER_WINDOW:
-        return
-    for item in requests:
-        item.alone = False
-        item.call = SqlCall(item.call.query, {**item.call.params, "serve_at_once": False})
-
-
 @dataclasses.dataclass
 class Decoded:
     """One delivery decoded: what to apply or park, or (draining) a sibling shard's message to hand on."""
@@ -117,7 +100,6 @@ class SmpBatchHandler:
         outcome = consuming.BatchOutcome()
         decoded = [self.decode(delivery) for delivery in deliveries]
         to_apply = [d for d in decoded if not d.hand_on]
-        queue_requests_of_a_full_window([d.item for d in to_apply])
         results = self.applier.apply(conn, [d.item for d in to_apply])
         new_accounts = []
         for d, result in zip(to_apply, results, strict=True):
@@ -126,8 +108,6 @@ class SmpBatchHandler:
                 outcome.acked.append(tag)
                 if isinstance(d.message, ConfigureAccount) and result.row is not None and result.row[0]:
                     new_accounts.append(d.message)
-                if isinstance(d.message, PrepareTransfer | FinalizeTransfer) and result.row is not None:
-                    metrics.TRANSFER_REQUESTS.labels(type(d.message).__name__, result.row[0]).inc()
             elif isinstance(result, applying.Parked):
                 outcome.rejected.append(tag)
                 if not result.stored:
@@ -172,8 +152,6 @@ class SmpBatchHandler:
             return Decoded(item, message)
         try:
             item.call = self.sql_call(message)
-            # Served at once when the sender is free, which locks the sender's account.
-            item.alone = isinstance(message, PrepareTransfer | FinalizeTransfer)
         except InvalidMessage as error:
             item.refusal = Refusal("invalid", str(error))
         return Decoded(item, message)
@@ -197,7 +175,7 @@ class SmpBatchHandler:
         if isinstance(message, PrepareTransfer):
             recipient = messages.parse_recipient(message.recipient)
             return SqlCall(
-                queries.RECEIVE_TRANSFER_REQUEST,
+                queries.ENQUEUE_TRANSFER_REQUEST,
                 {
                     "debtor_id": message.debtor_id,
                     "sender_creditor_id": message.creditor_id,
@@ -210,15 +188,12 @@ class SmpBatchHandler:
                     "final_interest_rate_ts": message.final_interest_rate_ts,
                     "max_commit_delay_seconds": message.max_commit_delay,
                     "ts": message.ts,
-                    "commit_period_seconds": config.commit_period_seconds,
                     "recipient_reachable": self.recipient_reachable(message, recipient),
-                    "serve_at_once": True,  # unless the window is full: queue_requests_of_a_full_window
-                    "make_durable": False,  # see applying.Item.alone
                 },
             )
         if isinstance(message, FinalizeTransfer):
             return SqlCall(
-                queries.RECEIVE_FINALIZATION_REQUEST,
+                queries.ENQUEUE_FINALIZATION_REQUEST,
                 {
                     "debtor_id": message.debtor_id,
                     "sender_creditor_id": message.creditor_id,
@@ -230,11 +205,6 @@ class SmpBatchHandler:
                     "transfer_note_format": message.transfer_note_format,
                     "transfer_note": message.transfer_note,
                     "ts": message.ts,
-                    # Recipients in this realm get their balance changes without a trip through the broker.
-                    "realm_mask": config.realm.mask,
-                    "realm": config.realm.realm,
-                    "serve_at_once": True,  # unless the window is full: queue_requests_of_a_full_window
-                    "make_durable": False,  # see applying.Item.alone
                 },
             )
         if isinstance(message, PendingBalanceChange):

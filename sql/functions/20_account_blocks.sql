@@ -28,30 +28,6 @@ BEGIN
 END;
 $$;
 
--- Lock an existing account only if no other transaction holds its lock (SKIP LOCKED):
--- NULL when it is missing, deleted or busy. For a caller that would rather queue its
--- work for later than wait: it never waits for an account lock.
-CREATE FUNCTION pyswpt_private.lock_free_account(p_debtor_id bigint, p_creditor_id bigint)
-RETURNS account
-LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-DECLARE
-    v_account account;
-BEGIN
-    -- A deleted account is not locked: its caller queues instead, and must not
-    -- hold an account lock while it does.
-    SELECT *
-    INTO v_account
-    FROM account
-    WHERE debtor_id = p_debtor_id
-        AND creditor_id = p_creditor_id
-        AND NOT account_is_deleted(status_flags)
-    FOR NO KEY UPDATE SKIP LOCKED;
-    RETURN v_account;
-END;
-$$;
-
 -- B4: lock the account, creating or resurrecting it as an incoming change requires.
 -- Creation and resurrection are announced at once by an AccountUpdate.
 CREATE FUNCTION pyswpt_private.lock_or_create_account(

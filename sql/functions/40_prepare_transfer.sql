@@ -1,8 +1,8 @@
 -- PrepareTransfer, the first phase of a transfer (spec 02 §2.4, spec 01 §1.3):
--- the intake serves the request at once when the sender account is free, else queues
--- it (or rejects an unreachable recipient at once) for the batch processor; either
--- locks the sender account once, serves every queued request of that sender, and
--- emits one PreparedTransfer or RejectedTransfer per request.
+-- the intake queues the request (or rejects an unreachable recipient at once),
+-- and the batch processor locks the sender account once, serves every queued
+-- request of that sender, and emits one PreparedTransfer or RejectedTransfer
+-- per request.
 --
 -- Transfer status codes (spec 01 §0.2) produced here: SENDER_IS_UNREACHABLE,
 -- RECIPIENT_IS_UNREACHABLE, TOO_MANY_TRANSFERS, RECIPIENT_SAME_AS_SENDER,
@@ -12,14 +12,13 @@
 -- a SQL function from being inlined, and then it is re-planned on every call,
 -- while PL/pgSQL caches its plans for the session.
 
--- Queue one PrepareTransfer for the stage (spec 02 §2.4 intake, steps 4-5), for
--- receive_transfer_request. The driver parses `recipient` (NULL when unparsable) and
--- passes p_recipient_reachable when it has decided reachability itself (agent rule,
--- or the fetch API for another shard); NULL means the recipient lives in this shard
--- and B10 decides here. An unreachable
+-- Intake of one PrepareTransfer message (spec 02 §2.4 intake, steps 4-5). The driver
+-- parses `recipient` (NULL when unparsable) and passes p_recipient_reachable when it
+-- has decided reachability itself (agent rule, or the fetch API for another shard);
+-- NULL means the recipient lives in this shard and B10 decides here. An unreachable
 -- recipient is rejected before the sender is looked at. Takes no account lock.
 -- Returns true when the request was queued, false when it was rejected at once.
-CREATE FUNCTION pyswpt_private.enqueue_transfer_request(
+CREATE FUNCTION pyswpt_api.enqueue_transfer_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_coordinator_type text,
@@ -37,8 +36,13 @@ CREATE FUNCTION pyswpt_private.enqueue_transfer_request(
 RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
+SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
+DECLARE
+    -- T∞ of spec 01 §0.2: the latest instant an SMP date-time can express.
+    c_latest_deadline CONSTANT timestamptz := TIMESTAMPTZ '9999-12-31 23:59:59+00';
 BEGIN
     IF p_recipient_creditor_id IS NULL
         OR NOT coalesce(p_recipient_reachable, pyswpt_api.is_reachable_account(p_debtor_id, p_recipient_creditor_id))
@@ -76,7 +80,10 @@ BEGIN
         p_coordinator_request_id,
         p_min_locked_amount,
         p_max_locked_amount,
-        calc_transfer_request_deadline(p_ts, p_max_commit_delay_seconds),
+        -- A fix: the reference computes ts + max_commit_delay with Python datetimes,
+        -- which overflow past year 9999, so such a message was redelivered forever.
+        -- The deadline is capped at T∞ instead, which a message can still carry.
+        least(p_ts + make_interval(secs => p_max_commit_delay_seconds), c_latest_deadline),
         p_recipient_creditor_id,
         p_final_interest_rate_ts
     );
@@ -86,7 +93,9 @@ $$;
 
 -- The transfer-request batch of one sender (spec 02 §2.4, batch processing): takes
 -- its queued requests (SKIP LOCKED: another worker's requests are left alone), locks
--- the sender account once, and serves them (serve_transfer_requests).
+-- the sender account once, and serves the requests in arrival order — the spec
+-- allows any order, a fixed one makes outcomes reproducible. The account is stored
+-- once, only if something was prepared: no seqnum change and no AccountUpdate.
 -- Returns the number of requests handled (0: nothing was queued or all are taken).
 CREATE FUNCTION pyswpt_api.process_transfer_requests(
     p_debtor_id bigint,
@@ -103,148 +112,21 @@ SET enable_seqscan = off -- by index whatever the statistics: README "Schema and
 AS $$
 DECLARE
     v_requests transfer_request[];
-BEGIN
-    v_requests := take_transfer_requests(p_debtor_id, p_sender_creditor_id);
-    IF cardinality(v_requests) = 0 THEN
-        RETURN 0;
-    END IF;
-    PERFORM serve_transfer_requests(
-        lock_existing_account(p_debtor_id, p_sender_creditor_id),
-        v_requests,
-        p_commit_period_seconds,
-        p_now
-    );
-    RETURN cardinality(v_requests);
-END;
-$$;
-
--- Intake of one PrepareTransfer that serves it at once when it can (spec 02 §2.4): when
--- the sender account is free (no other transaction holds its lock), it is locked, and
--- the request is served with the sender's queued ones, as the batch processor would
--- serve them after the intake. Otherwise the request is queued for the stage exactly
--- as enqueue_transfer_request does, which also rejects an unreachable recipient and
--- refuses a request that could not be queued. Serving at once spares the request its
--- row in the queue, the stage's wake-up and a transaction; a busy sender is left to
--- the stage, which serves its requests together; so is every request when not
--- p_serve_at_once (the consumer is behind). With p_make_durable it ends with the
--- durability barrier (make_commits_durable), as a consumer window's last transaction
--- does. Never waits for an account lock, and
--- locks at most the sender's row. Returns how the request was taken: 'served' (here),
--- 'queued' or 'rejected' (at intake).
-CREATE FUNCTION pyswpt_api.receive_transfer_request(
-    p_debtor_id bigint,
-    p_sender_creditor_id bigint,
-    p_coordinator_type text,
-    p_coordinator_id bigint,
-    p_coordinator_request_id bigint,
-    p_min_locked_amount bigint,
-    p_max_locked_amount bigint,
-    p_recipient_creditor_id bigint,
-    p_final_interest_rate_ts timestamptz,
-    p_max_commit_delay_seconds integer,
-    p_ts timestamptz,
-    p_commit_period_seconds integer,
-    p_recipient_reachable boolean DEFAULT NULL,
-    p_serve_at_once boolean DEFAULT TRUE,
-    p_make_durable boolean DEFAULT FALSE,
-    p_now timestamptz DEFAULT now()
-)
-RETURNS text
-LANGUAGE plpgsql
-VOLATILE
-SECURITY DEFINER
-SET search_path = pyswpt, pyswpt_private, pg_temp
-SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
-AS $$
-DECLARE
-    v_account account;
-    v_reachable boolean;
-    v_way text;
-    v_request transfer_request;
-BEGIN
-    IF p_serve_at_once
-        AND p_recipient_creditor_id IS NOT NULL
-        AND p_min_locked_amount BETWEEN 0 AND p_max_locked_amount
-    THEN
-        v_reachable := coalesce(
-            p_recipient_reachable,
-            pyswpt_api.is_reachable_account(p_debtor_id, p_recipient_creditor_id)
-        );
-        IF v_reachable THEN
-            v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
-        END IF;
-    END IF;
-    IF v_account.debtor_id IS NULL THEN
-        v_way := CASE WHEN enqueue_transfer_request(
-            p_debtor_id,
-            p_sender_creditor_id,
-            p_coordinator_type,
-            p_coordinator_id,
-            p_coordinator_request_id,
-            p_min_locked_amount,
-            p_max_locked_amount,
-            p_recipient_creditor_id,
-            p_final_interest_rate_ts,
-            p_max_commit_delay_seconds,
-            p_ts,
-            coalesce(v_reachable, p_recipient_reachable),
-            p_now
-        ) THEN 'queued' ELSE 'rejected' END;
-    ELSE
-        -- As enqueue_transfer_request would queue it; it never is, so it has no id.
-        v_request.debtor_id := p_debtor_id;
-        v_request.sender_creditor_id := p_sender_creditor_id;
-        v_request.coordinator_type := p_coordinator_type;
-        v_request.coordinator_id := p_coordinator_id;
-        v_request.coordinator_request_id := p_coordinator_request_id;
-        v_request.min_locked_amount := p_min_locked_amount;
-        v_request.max_locked_amount := p_max_locked_amount;
-        v_request.deadline := calc_transfer_request_deadline(p_ts, p_max_commit_delay_seconds);
-        v_request.recipient_creditor_id := p_recipient_creditor_id;
-        v_request.final_interest_rate_ts := p_final_interest_rate_ts;
-        v_request.enqueued_at := p_now;
-        -- Requests queued while the sender was busy came first.
-        PERFORM serve_transfer_requests(
-            v_account,
-            take_transfer_requests(p_debtor_id, p_sender_creditor_id) || v_request,
-            p_commit_period_seconds,
-            p_now
-        );
-        v_way := 'served';
-    END IF;
-    IF p_make_durable THEN
-        PERFORM pyswpt_api.make_commits_durable(pyswpt_api.current_wal_position());
-    END IF;
-    RETURN v_way;
-END;
-$$;
-
--- Serve transfer requests of one sender whose account the caller locked (p_account
--- all NULLs when the sender was not found), in the order given — the spec allows any
--- order, a fixed one makes outcomes reproducible: one PreparedTransfer or
--- RejectedTransfer per request. The account is stored once, only if something was
--- prepared: no seqnum change and no AccountUpdate.
-CREATE FUNCTION pyswpt_private.serve_transfer_requests(
-    p_account account,
-    p_requests transfer_request[],
-    p_commit_period_seconds integer,
-    p_now timestamptz
-)
-RETURNS void
-LANGUAGE plpgsql
-VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-DECLARE
-    v_account account := p_account;
     v_request transfer_request;
     v_prepared prepared_transfer;
+    v_account account;
     v_floor_balance numeric;
     v_min_balance bigint;
     v_amount_to_lock bigint;
     v_status text;
     v_prepared_count integer := 0;
 BEGIN
+    v_requests := take_transfer_requests(p_debtor_id, p_sender_creditor_id);
+    IF cardinality(v_requests) = 0 THEN
+        RETURN 0;
+    END IF;
+
+    v_account := lock_existing_account(p_debtor_id, p_sender_creditor_id);
     IF v_account.debtor_id IS NOT NULL THEN
         -- Preparing locks amounts but moves no principal, so the balance stays the
         -- same through the batch; the minimum balance is read once, as PL does.
@@ -252,7 +134,7 @@ BEGIN
         v_min_balance := calc_min_balance(v_account);
     END IF;
 
-    FOREACH v_request IN ARRAY p_requests LOOP
+    FOREACH v_request IN ARRAY v_requests LOOP
         -- A redelivered request (the same coordinator request of the same sender)
         -- gets its PreparedTransfer again; the reference would lock a second time
         -- and leave it to the coordinator to dismiss the extra transfer.
@@ -291,21 +173,9 @@ BEGIN
     IF v_prepared_count > 0 THEN
         PERFORM save_account(v_account);
     END IF;
+    RETURN cardinality(v_requests);
 END;
 $$;
-
--- A request's deadline (spec 02 §2.4 intake): ts + max_commit_delay.
-CREATE FUNCTION pyswpt_private.calc_transfer_request_deadline(p_ts timestamptz, p_max_commit_delay_seconds integer)
-RETURNS timestamptz
-LANGUAGE sql
-STABLE PARALLEL SAFE
--- A fix: the reference computes ts + max_commit_delay with Python datetimes, which
--- overflow past year 9999, so such a message was redelivered forever. The deadline is
--- capped at T∞ of spec 01 §0.2 instead, the latest instant an SMP date-time can express.
-RETURN least(
-    p_ts + make_interval(secs => p_max_commit_delay_seconds),
-    timestamptz '9999-12-31 23:59:59+00'
-);
 
 -- Whether two creditor ids belong to the same creditors agent (spec 02 §2.4, check 2):
 -- equal top 24 bits (CREDITOR_SUBNET_MASK), and not the all-zero prefix.

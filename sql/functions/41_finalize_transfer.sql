@@ -1,8 +1,7 @@
 -- FinalizeTransfer, the second phase of a transfer (spec 02 §2.5, spec 01 §1.4):
--- the intake serves the request at once when the sender account is free, else queues
--- at most one request per prepared transfer, for the batch processor; either locks
--- the sender account once, commits or dismisses every matching prepared transfer it
--- serves, and moves the committed amounts: the sender's principal at
+-- the intake queues at most one request per prepared transfer, and the batch
+-- processor locks the sender account once, commits or dismisses every matching
+-- prepared transfer, and moves the committed amounts: the sender's principal at
 -- once, the recipient's through a PendingBalanceChange (queued at once when the
 -- recipient is in the realm the worker gives).
 --
@@ -13,12 +12,11 @@
 -- a SQL function from being inlined, and then it is re-planned on every call,
 -- while PL/pgSQL caches its plans for the session.
 
--- Queue one FinalizeTransfer for the stage (spec 02 §2.5 intake), for
--- receive_finalization_request. A request already
+-- Intake of one FinalizeTransfer message (spec 02 §2.5 intake). A request already
 -- queued for the same transfer wins and the new one is dropped (a redelivery is
 -- harmless; the quirk of a wrong request hiding a right one is the reference's).
 -- Returns true when the request was queued. Takes no account lock.
-CREATE FUNCTION pyswpt_private.enqueue_finalization_request(
+CREATE FUNCTION pyswpt_api.enqueue_finalization_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
     p_transfer_id bigint,
@@ -34,7 +32,9 @@ CREATE FUNCTION pyswpt_private.enqueue_finalization_request(
 RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
+SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 BEGIN
     INSERT INTO finalization_request (
@@ -68,9 +68,10 @@ $$;
 
 -- The finalization batch of one sender (spec 02 §2.5, batch processing): takes its
 -- queued requests (SKIP LOCKED), each with the prepared transfer matching all six
--- identifying fields, locks the sender account once and finalizes the matches
--- (serve_finalization_requests). A request without a match, of a missing sender, or
--- any request when p_ignore_all (parent-shard cleanup, spec 01 §4.3) is only deleted.
+-- identifying fields, locks the sender account once and finalizes the matches in
+-- transfer-id order (the spec allows any order). A request without a match, of a
+-- missing sender, or any request when p_ignore_all (parent-shard cleanup, spec 01
+-- §4.3) is only deleted. The committed amounts leave the principal in one B2.
 -- p_realm_mask and p_realm are the worker's SHARDING_REALM: the recipients in it
 -- get their balance changes queued here (emit_pending_balance_change); without
 -- them every change goes through the outbox. Returns the number of requests handled.
@@ -92,164 +93,9 @@ AS $$
 DECLARE
     v_requests finalization_request[];
     v_transfers prepared_transfer[];
-BEGIN
-    SELECT taken.requests, taken.transfers
-    INTO v_requests, v_transfers
-    FROM take_finalization_requests(p_debtor_id, p_sender_creditor_id) AS taken;
-    IF cardinality(v_requests) = 0 THEN
-        RETURN 0;
-    END IF;
-    IF NOT p_ignore_all THEN
-        -- Otherwise nothing of the account is read or written, so it is not locked.
-        PERFORM serve_finalization_requests(
-            lock_existing_account(p_debtor_id, p_sender_creditor_id),
-            v_requests,
-            v_transfers,
-            p_now,
-            p_realm_mask,
-            p_realm
-        );
-    END IF;
-    RETURN cardinality(v_requests);
-END;
-$$;
-
--- Intake of one FinalizeTransfer that serves it at once when it can (spec 02 §2.5),
--- as receive_transfer_request does a PrepareTransfer: when the sender account is free
--- it is locked and the request served with the sender's queued ones; otherwise it is
--- queued exactly as enqueue_finalization_request does, as is every request when not
--- p_serve_at_once; p_make_durable as there. The consumer calls it only for
--- accounts of its own shard, so the parent-shard cleanup of the stage does not apply.
--- A request whose transfer already has one queued is a repeat: it is dropped, as the
--- queue's primary key would drop it. Never waits for an account lock, and locks at
--- most the sender's row. Returns how the request was taken: 'served' (here), 'queued',
--- or 'repeat' (dropped: its transfer has a request queued already, which wins).
-CREATE FUNCTION pyswpt_api.receive_finalization_request(
-    p_debtor_id bigint,
-    p_sender_creditor_id bigint,
-    p_transfer_id bigint,
-    p_coordinator_type text,
-    p_coordinator_id bigint,
-    p_coordinator_request_id bigint,
-    p_committed_amount bigint,
-    p_transfer_note_format text,
-    p_transfer_note text,
-    p_ts timestamptz,
-    p_realm_mask bigint DEFAULT NULL,
-    p_realm bigint DEFAULT NULL,
-    p_serve_at_once boolean DEFAULT TRUE,
-    p_make_durable boolean DEFAULT FALSE,
-    p_now timestamptz DEFAULT now()
-)
-RETURNS text
-LANGUAGE plpgsql
-VOLATILE
-SECURITY DEFINER
-SET search_path = pyswpt, pyswpt_private, pg_temp
-SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
-AS $$
-DECLARE
+    v_request finalization_request;
+    v_transfer prepared_transfer;
     v_account account;
-    v_way text;
-    v_request finalization_request;
-    v_requests finalization_request[];
-    v_transfers prepared_transfer[];
-BEGIN
-    IF p_serve_at_once AND p_committed_amount >= 0 THEN
-        v_account := lock_free_account(p_debtor_id, p_sender_creditor_id);
-    END IF;
-    IF v_account.debtor_id IS NULL THEN
-        v_way := CASE WHEN enqueue_finalization_request(
-            p_debtor_id,
-            p_sender_creditor_id,
-            p_transfer_id,
-            p_coordinator_type,
-            p_coordinator_id,
-            p_coordinator_request_id,
-            p_committed_amount,
-            p_transfer_note_format,
-            p_transfer_note,
-            p_ts,
-            p_now
-        ) THEN 'queued' ELSE 'repeat' END;
-    ELSE
-        SELECT taken.requests, taken.transfers
-        INTO v_requests, v_transfers
-        FROM take_finalization_requests(p_debtor_id, p_sender_creditor_id) AS taken;
-        v_way := 'served';
-        IF p_transfer_id = ANY (SELECT (r).transfer_id FROM unnest(v_requests) AS r) THEN
-            v_way := 'repeat';
-        ELSE
-            -- As enqueue_finalization_request would queue it.
-            v_request.debtor_id := p_debtor_id;
-            v_request.sender_creditor_id := p_sender_creditor_id;
-            v_request.transfer_id := p_transfer_id;
-            v_request.coordinator_type := p_coordinator_type;
-            v_request.coordinator_id := p_coordinator_id;
-            v_request.coordinator_request_id := p_coordinator_request_id;
-            v_request.committed_amount := p_committed_amount;
-            v_request.transfer_note_format := p_transfer_note_format;
-            v_request.transfer_note := p_transfer_note;
-            v_request.ts := coalesce(p_ts, p_now);
-            v_request.enqueued_at := p_now;
-            v_requests := v_requests || v_request;
-            v_transfers := v_transfers || find_finalized_transfer(v_request);
-        END IF;
-        PERFORM serve_finalization_requests(v_account, v_requests, v_transfers, p_now, p_realm_mask, p_realm);
-    END IF;
-    IF p_make_durable THEN
-        PERFORM pyswpt_api.make_commits_durable(pyswpt_api.current_wal_position());
-    END IF;
-    RETURN v_way;
-END;
-$$;
-
--- The prepared transfer a finalization request names: the one matching all six
--- identifying fields (spec 02 §2.5), or all NULLs.
-CREATE FUNCTION pyswpt_private.find_finalized_transfer(p_request finalization_request)
-RETURNS prepared_transfer
-LANGUAGE plpgsql
-STABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-DECLARE
-    v_transfer prepared_transfer;
-BEGIN
-    SELECT *
-    INTO v_transfer
-    FROM prepared_transfer AS pt
-    WHERE pt.debtor_id = p_request.debtor_id
-        AND pt.sender_creditor_id = p_request.sender_creditor_id
-        AND pt.transfer_id = p_request.transfer_id
-        AND pt.coordinator_type = p_request.coordinator_type
-        AND pt.coordinator_id = p_request.coordinator_id
-        AND pt.coordinator_request_id = p_request.coordinator_request_id;
-    RETURN v_transfer;
-END;
-$$;
-
--- Finalize the requests of one sender whose account the caller locked (p_account all
--- NULLs when the sender was not found: nothing is done), each with its matching
--- prepared transfer (p_transfers, element by element; a NULL element: the request
--- is only dropped), in the order given — the spec allows any order. The committed
--- amounts leave the principal in one B2, and the account is stored once.
-CREATE FUNCTION pyswpt_private.serve_finalization_requests(
-    p_account account,
-    p_requests finalization_request[],
-    p_transfers prepared_transfer[],
-    p_now timestamptz,
-    p_realm_mask bigint,
-    p_realm bigint
-)
-RETURNS void
-LANGUAGE plpgsql
-VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
-AS $$
-DECLARE
-    v_account account := p_account;
-    v_request finalization_request;
-    v_transfer prepared_transfer;
     v_starting_principal bigint;
     v_starting_balance numeric;
     v_min_balance bigint;
@@ -258,8 +104,20 @@ DECLARE
     v_status text;
     v_committed_amount bigint;
 BEGIN
+    SELECT taken.requests, taken.transfers
+    INTO v_requests, v_transfers
+    FROM take_finalization_requests(p_debtor_id, p_sender_creditor_id) AS taken;
+    IF cardinality(v_requests) = 0 THEN
+        RETURN 0;
+    END IF;
+    IF p_ignore_all THEN
+        -- Nothing of the account is read or written, so it is not locked.
+        RETURN cardinality(v_requests);
+    END IF;
+
+    v_account := lock_existing_account(p_debtor_id, p_sender_creditor_id);
     IF v_account.debtor_id IS NULL THEN
-        RETURN;
+        RETURN cardinality(v_requests);
     END IF;
     -- Read once: commits of this batch are tracked in v_principal_delta, released
     -- locks in the account's total_locked_amount.
@@ -267,9 +125,9 @@ BEGIN
     v_starting_balance := floor(calc_account_balance(v_account, p_now));
     v_min_balance := calc_min_balance(v_account);
 
-    FOR v_index IN 1 .. cardinality(p_requests) LOOP
-        v_request := p_requests[v_index];
-        v_transfer := p_transfers[v_index];
+    FOR v_index IN 1 .. cardinality(v_requests) LOOP
+        v_request := v_requests[v_index];
+        v_transfer := v_transfers[v_index];
         CONTINUE WHEN v_transfer.transfer_id IS NULL;
 
         v_status := calc_finalization_status(
@@ -306,6 +164,7 @@ BEGIN
     IF v_finalized_count > 0 THEN
         PERFORM save_account(v_account);
     END IF;
+    RETURN cardinality(v_requests);
 END;
 $$;
 
@@ -384,15 +243,20 @@ BEGIN
         coalesce(array_agg((pair.fr).transfer_id), '{}')
     INTO requests, transfers, v_transfer_ids
     FROM (
-        SELECT
-            fr,
-            find_finalized_transfer(fr) AS pt
+        SELECT fr, pt
         FROM finalization_request AS fr
+        LEFT JOIN prepared_transfer AS pt
+            ON pt.debtor_id = fr.debtor_id
+            AND pt.sender_creditor_id = fr.sender_creditor_id
+            AND pt.transfer_id = fr.transfer_id
+            AND pt.coordinator_type = fr.coordinator_type
+            AND pt.coordinator_id = fr.coordinator_id
+            AND pt.coordinator_request_id = fr.coordinator_request_id
         WHERE fr.debtor_id = p_debtor_id
             AND fr.sender_creditor_id = p_sender_creditor_id
         ORDER BY fr.transfer_id
         LIMIT c_max_requests_per_batch
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF fr SKIP LOCKED
     ) AS pair;
 
     DELETE FROM finalization_request

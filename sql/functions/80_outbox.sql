@@ -184,18 +184,18 @@ RETURN CASE
         THEN pg_current_wal_insert_lsn()
 END;
 
--- The durability barrier. The drivers commit without waiting for their WAL
--- to reach the disk (pyswpt/db.py). The flusher calls this in a transaction
--- of its own after taking rows and before publishing them, with the position
--- its snapshot covers (current_wal_position); a consumer calls it last in a
--- window's last transaction, before its acks, with the position of the moment.
--- When the WAL is already flushed that far (a synchronous commit flushes all
--- the WAL before its own), there is nothing to wait for. Otherwise the
+-- The flusher's durability barrier. The workers commit without waiting for
+-- their WAL to reach the disk (pyswpt/drivers/workers.py): their changes
+-- leave the database only through the outbox, and the flusher calls this in a
+-- transaction of its own after taking rows and before publishing them, with
+-- the position its snapshot covers (current_wal_position). When the
+-- WAL is already flushed that far (the consumers' synchronous commits flush
+-- all the WAL before theirs), there is nothing to wait for. Otherwise the
 -- barrier writes one small record, a transactional logical message that
 -- nothing decodes: a commit that wrote WAL, with synchronous_commit on, waits
 -- until the WAL up to its commit record is flushed. A synchronous standby is
 -- always waited for: the local flush position says nothing about it.
--- Returns whether the barrier wrote its record.
+-- Returns whether the barrier waited.
 CREATE FUNCTION pyswpt_api.make_commits_durable(p_through pg_lsn)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE
@@ -203,12 +203,6 @@ SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
-    -- The commit of the transaction that calls it is waited for too, whatever
-    -- else the transaction wrote: a consumer calls it last in a window's last
-    -- transaction, on a session that commits asynchronously.
-    IF current_setting('synchronous_commit') = 'off' THEN
-        PERFORM set_config('synchronous_commit', 'on', true);
-    END IF;
     IF pg_current_wal_flush_lsn() >= p_through
         AND current_setting('synchronous_standby_names') = '' THEN
         RETURN false;

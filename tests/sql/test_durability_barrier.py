@@ -1,5 +1,5 @@
 """pyswpt_api.make_commits_durable: the flusher's barrier before it publishes what asynchronous commits wrote,
-and the consumers' before they ack; pyswpt_api.current_wal_position, the position it is given."""
+and pyswpt_api.current_wal_position, the position it is given."""
 
 from __future__ import annotations
 
@@ -112,18 +112,3 @@ def test_no_position_at_read_committed_where_each_statement_sees_newer_commits(c
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         assert conn.execute("SELECT pyswpt_api.current_wal_position()").fetchone()[0] is None
-
-
-# A consumer's session commits asynchronously, and its window's last transaction calls the barrier
-# after its messages: the commit of that transaction must be waited for too, never less than asked.
-@pytest.mark.parametrize(
-    ("session", "commit"), [("off", "on"), ("on", "on"), ("local", "local"), ("remote_apply", "remote_apply")]
-)
-def test_the_barrier_makes_its_own_transaction_commit_synchronously(conn, session, commit):
-    conn.execute(f"SET synchronous_commit = {session}")
-    with conn.transaction():
-        conn.execute("SELECT lock_or_create_account(-2, 12, %s)", (NOW,))
-        barrier(conn, conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0])
-        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == commit
-    assert conn.execute("SHOW synchronous_commit").fetchone()[0] == session
-    conn.execute("RESET synchronous_commit")

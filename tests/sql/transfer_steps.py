@@ -70,7 +70,8 @@ def prepared_transfers(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return rows(conn, "SELECT * FROM prepared_transfer ORDER BY debtor_id, sender_creditor_id, transfer_id")
 
 
-def prepare_args(
+def enqueue_prepare(
+    conn: psycopg.Connection,
     *,
     min_locked: int = 0,
     max_locked: int = 0,
@@ -83,50 +84,28 @@ def prepare_args(
     final_interest_rate_ts: dt.datetime = DEFAULT_NOW,
     max_commit_delay_seconds: int = LONG_COMMIT_DELAY_SECONDS,
     ts: dt.datetime = DEFAULT_NOW,
-) -> tuple:
-    """The fields of a PrepareTransfer, in the order of the intake functions' parameters."""
-    return (
-        debtor,
-        sender,
-        coordinator_type,
-        sender if coordinator_id is None else coordinator_id,
-        request_id,
-        min_locked,
-        max_locked,
-        recipient,
-        final_interest_rate_ts,
-        max_commit_delay_seconds,
-        ts,
-    )
-
-
-def enqueue_prepare(
-    conn: psycopg.Connection, *, reachable: bool | None = None, now: dt.datetime = DEFAULT_NOW, **request: Any
+    reachable: bool | None = None,
+    now: dt.datetime = DEFAULT_NOW,
 ) -> bool:
     """PrepareTransfer intake; `reachable` None lets SQL decide (recipient in this shard)."""
     return value(
         conn,
         "SELECT enqueue_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (*prepare_args(**request), reachable, now),
-    )
-
-
-def receive_prepare(
-    conn: psycopg.Connection,
-    *,
-    reachable: bool | None = None,
-    commit_period_seconds: int = COMMIT_PERIOD_SECONDS,
-    serve_at_once: bool = True,
-    make_durable: bool = False,
-    now: dt.datetime = DEFAULT_NOW,
-    **request: Any,
-) -> str:
-    """A PrepareTransfer as the consumer applies it: 'served' at once if the sender is free, else 'queued'
-    (or 'rejected' at intake)."""
-    return value(
-        conn,
-        "SELECT receive_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (*prepare_args(**request), commit_period_seconds, reachable, serve_at_once, make_durable, now),
+        (
+            debtor,
+            sender,
+            coordinator_type,
+            sender if coordinator_id is None else coordinator_id,
+            request_id,
+            min_locked,
+            max_locked,
+            recipient,
+            final_interest_rate_ts,
+            max_commit_delay_seconds,
+            ts,
+            reachable,
+            now,
+        ),
     )
 
 
@@ -161,70 +140,34 @@ def prepare(conn: psycopg.Connection, *, now: dt.datetime = DEFAULT_NOW, **reque
     return prepared[-1] if len(prepared) > signal_count else None
 
 
-def finalize_args(
+def enqueue_finalize(
+    conn: psycopg.Connection,
     transfer: dict[str, Any],
     committed_amount: int,
     *,
     note_format: str = "",
     note: str = "",
     ts: dt.datetime = DEFAULT_NOW,
+    now: dt.datetime = DEFAULT_NOW,
     **mismatch: Any,
-) -> tuple:
-    """The fields of a FinalizeTransfer for a prepared transfer, in the order of the intake functions'
-    parameters; `mismatch` overrides its coordinator fields."""
+) -> bool:
+    """FinalizeTransfer intake for a prepared transfer; `mismatch` overrides its coordinator fields."""
     fields = {key: transfer[key] for key in ("coordinator_type", "coordinator_id", "coordinator_request_id")}
     fields.update(mismatch)
-    return (
-        transfer["debtor_id"],
-        transfer["sender_creditor_id"],
-        transfer["transfer_id"],
-        fields["coordinator_type"],
-        fields["coordinator_id"],
-        fields["coordinator_request_id"],
-        committed_amount,
-        note_format,
-        note,
-        ts,
-    )
-
-
-def enqueue_finalize(
-    conn: psycopg.Connection,
-    transfer: dict[str, Any],
-    committed_amount: int,
-    *,
-    now: dt.datetime = DEFAULT_NOW,
-    **options: Any,
-) -> bool:
-    """FinalizeTransfer intake for a prepared transfer (options: see finalize_args)."""
     return value(
         conn,
         "SELECT enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (*finalize_args(transfer, committed_amount, **options), now),
-    )
-
-
-def receive_finalize(
-    conn: psycopg.Connection,
-    transfer: dict[str, Any],
-    committed_amount: int,
-    *,
-    now: dt.datetime = DEFAULT_NOW,
-    realm: Realm | None = None,
-    serve_at_once: bool = True,
-    **options: Any,
-) -> str:
-    """A FinalizeTransfer as the consumer applies it: 'served' at once if the sender is free, else 'queued'
-    (or 'repeat')."""
-    return value(
-        conn,
-        "SELECT receive_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
-            *finalize_args(transfer, committed_amount, **options),
-            realm.mask if realm else None,
-            realm.realm if realm else None,
-            serve_at_once,
-            False,
+            transfer["debtor_id"],
+            transfer["sender_creditor_id"],
+            transfer["transfer_id"],
+            fields["coordinator_type"],
+            fields["coordinator_id"],
+            fields["coordinator_request_id"],
+            committed_amount,
+            note_format,
+            note,
+            ts,
             now,
         ),
     )
