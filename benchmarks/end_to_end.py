@@ -12,7 +12,9 @@ After a warm-up, a measuring window gives:
 
 * transfers per second (FinalizedTransfers received in the window);
 * p50/p95/p99 latency of PrepareTransfer → PreparedTransfer, FinalizeTransfer →
-  FinalizedTransfer, and FinalizeTransfer → the recipient's AccountTransfer;
+  FinalizedTransfer, and FinalizeTransfer → the recipient's AccountTransfer; the
+  first split at the PreparedTransfer's prepared_at (the start of the stage's
+  transaction) into the way to the ledger and the way back;
 * CPU per completed transfer split by process, sampled from /proc
   (benchmarks/cpu.py): each driver of `run all` with the workers it forked
   ("pyswpt all" is the supervisor with the drivers in its threads: the chores
