@@ -44,6 +44,8 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
         assert m.ok, end_to_end.failed_checks([m])
         assert m.transfers > 0
         assert m.latencies_ms["prepare"] and m.latencies_ms["account transfer"]
+        for half in ("prepare to ledger", "prepare from ledger"):  # split at the PreparedTransfer's prepared_at
+            assert 0 <= m.latencies_ms[half][50] <= m.latencies_ms["prepare"][99]
         assert {"pyswpt all", "pyswpt consumer", "pyswpt workers", end_to_end.POSTGRES} <= set(m.cpu_seconds)
         assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.total_rss_mib > 0
         assert sum(m.postgres_cpu_seconds.values()) == pytest.approx(m.cpu_seconds[end_to_end.POSTGRES])
