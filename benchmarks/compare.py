@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,8 @@ from pathlib import Path
 FIGURES: dict[str, tuple[Callable[[dict], float], str]] = {
     "transfers/s": (lambda run: run["transfers_per_second"], ".0f"),
     "server+PG CPU ms/transfer": (lambda run: run["server_and_postgres_ms_per_transfer"], ".2f"),
-    "prepare p50 ms": (lambda run: run["latencies_ms"]["prepare"]["50"], ".0f"),
+    # NaN for a run that saw no PreparedTransfer in its window.
+    "prepare p50 ms": (lambda run: run["latencies_ms"]["prepare"].get("50", math.nan), ".0f"),
 }
 
 
@@ -49,7 +51,11 @@ def load_runs(paths: list[Path]) -> dict[tuple[str, str, int, int], list[dict]]:
 
 
 def change(before: list[float], after: list[float]) -> str:
-    return f"{100 * (statistics.mean(after) / statistics.mean(before) - 1):+.1f} %"
+    """After's mean against before's; "–" where before's is zero or unknown."""
+    base = statistics.mean(before)
+    if base == 0 or math.isnan(base):
+        return "–"
+    return f"{100 * (statistics.mean(after) / base - 1):+.1f} %"
 
 
 def comparison_table(before: dict, after: dict) -> list[str]:

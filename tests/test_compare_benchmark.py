@@ -54,3 +54,13 @@ def test_the_change_of_the_means_of_each_scenario(tmp_path):
     assert cells[9:11] == ["30, 50 → 36, 36", "-10.0 %"]
     assert cells[11] == "FAILED"
     assert "Only before: compose hot 20 0" in "\n".join(lines)
+
+
+def test_a_side_without_transfers_has_no_change(tmp_path):
+    empty = measured("spread", 0, 0.0, 0.0)
+    empty.latencies_ms = {"prepare": {}}
+    before = compare.load_runs([written(tmp_path, "before", empty)])
+    after = compare.load_runs([written(tmp_path, "after", measured("spread", 100, 1.0, 5.0))])
+    [row] = compare.comparison_table(before, after)[2:]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert (cells[5:7], cells[9:11]) == (["0 → 10", "–"], ["nan → 5", "–"])
