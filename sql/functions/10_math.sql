@@ -104,7 +104,6 @@ CREATE FUNCTION pyswpt_private.calc_due_interest(
 )
 RETURNS double precision
 LANGUAGE plpgsql IMMUTABLE STRICT
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_end timestamptz := greatest(p_due_ts, p_now);

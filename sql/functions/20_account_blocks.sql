@@ -9,7 +9,6 @@
 CREATE FUNCTION pyswpt_private.lock_existing_account(p_debtor_id bigint, p_creditor_id bigint)
 RETURNS account
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -37,7 +36,6 @@ CREATE FUNCTION pyswpt_private.lock_or_create_account(
 )
 RETURNS account
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_account account;
@@ -106,7 +104,6 @@ $$;
 CREATE FUNCTION pyswpt_private.insert_account(p_account account)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO account
@@ -130,7 +127,6 @@ $$;
 CREATE FUNCTION pyswpt_private.save_account(p_account account)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     UPDATE account
@@ -160,7 +156,6 @@ $$;
 -- A meaningful change: next seqnum, and last_change_ts moves forward (never back).
 CREATE FUNCTION pyswpt_private.touch_account(INOUT p_account account, p_now timestamptz)
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     p_account.last_change_seqnum := wrap_increment_seqnum(p_account.last_change_seqnum);
@@ -176,7 +171,6 @@ CREATE FUNCTION pyswpt_private.emit_account_update(
     p_ts timestamptz DEFAULT NULL
 )
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     p_account.last_heartbeat_ts := p_now;
@@ -234,7 +228,6 @@ $$;
 CREATE FUNCTION pyswpt_private.announce_stored_state(p_account account, p_now timestamptz)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     p_account := emit_account_update(p_account, p_now, greatest(p_now, p_account.last_change_ts));
@@ -257,7 +250,6 @@ CREATE FUNCTION pyswpt_private.apply_account_change(
     p_now timestamptz
 )
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_new_principal numeric := p_account.principal::numeric + p_principal_delta;
@@ -288,7 +280,6 @@ CREATE FUNCTION pyswpt_private.emit_account_transfer(
     p_now timestamptz
 )
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     ASSERT p_acquired_amount <> 0, 'an account transfer must move a non-zero amount';
@@ -340,7 +331,6 @@ $$;
 -- B5: mark the account deleted; its principal, interest and locks are gone.
 CREATE FUNCTION pyswpt_private.mark_account_deleted(INOUT p_account account, p_now timestamptz)
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     p_account.principal := 0;
@@ -364,7 +354,6 @@ CREATE FUNCTION pyswpt_private.make_debtor_payment(
     p_transfer_note text DEFAULT ''
 )
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     ASSERT p_amount > -9223372036854775808, 'a debtor payment must be within ±(2^63-1)';
@@ -424,7 +413,6 @@ CREATE FUNCTION pyswpt_private.emit_pending_balance_change(
 )
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     -- Without a realm is_in_realm is NULL: through the outbox.
@@ -497,7 +485,6 @@ RETURN contain_principal(floor(calc_account_balance(p_account, p_now)) - p_accou
 CREATE FUNCTION pyswpt_private.calc_min_balance(p_account account)
 RETURNS bigint
 LANGUAGE plpgsql STABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_issuing_limit bigint;

@@ -108,7 +108,6 @@ CREATE FUNCTION pyswpt_private.parse_root_config(
     OUT info_content_type text
 )
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_document json;
@@ -330,7 +329,6 @@ $$;
 CREATE FUNCTION pyswpt_private.json_to_float(p_value json)
 RETURNS double precision
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_exact numeric := json_to_numeric(p_value, true);
@@ -353,7 +351,6 @@ $$;
 CREATE FUNCTION pyswpt_private.json_to_lenient_integer(p_value json)
 RETURNS bigint
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_exact numeric := json_to_numeric(p_value, false);
@@ -379,7 +376,6 @@ $$;
 CREATE FUNCTION pyswpt_private.json_to_numeric(p_value json, p_float_syntax boolean)
 RETURNS numeric
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     c_digits CONSTANT text := '[0-9](_?[0-9])*';

@@ -183,7 +183,6 @@ CREATE FUNCTION pyswpt_private.is_same_creditors_agent(p_creditor_id bigint, p_o
 RETURNS boolean
 LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     -- -1099511627776 is 0xffffff0000000000 as a signed 64-bit number.
@@ -203,7 +202,6 @@ CREATE FUNCTION pyswpt_private.calc_amount_to_lock(
 RETURNS bigint
 LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     RETURN greatest(
@@ -225,7 +223,6 @@ CREATE FUNCTION pyswpt_private.calc_preparation_status(
 RETURNS text
 LANGUAGE plpgsql
 IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     RETURN CASE
@@ -254,7 +251,6 @@ CREATE FUNCTION pyswpt_private.take_transfer_requests(p_debtor_id bigint, p_send
 RETURNS transfer_request[]
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     c_max_requests_per_batch CONSTANT integer := 10000;
@@ -297,7 +293,6 @@ CREATE FUNCTION pyswpt_private.prepare_transfer(
 )
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_deadline timestamptz := least(p_now + make_interval(secs => p_commit_period_seconds), p_request.deadline);
@@ -353,7 +348,6 @@ CREATE FUNCTION pyswpt_private.find_prepared_transfer(p_request transfer_request
 RETURNS prepared_transfer
 LANGUAGE plpgsql
 STABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_transfer prepared_transfer;
@@ -375,7 +369,6 @@ CREATE FUNCTION pyswpt_private.emit_prepared_transfer(p_transfer prepared_transf
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO prepared_transfer_signal (
@@ -425,7 +418,6 @@ CREATE FUNCTION pyswpt_private.reject_transfer(
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO rejected_transfer_signal (

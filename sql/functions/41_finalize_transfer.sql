@@ -187,7 +187,6 @@ CREATE FUNCTION pyswpt_private.calc_finalization_status(
 RETURNS text
 LANGUAGE plpgsql
 IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     RETURN CASE
@@ -231,7 +230,6 @@ CREATE FUNCTION pyswpt_private.take_finalization_requests(
 )
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     c_max_requests_per_batch CONSTANT integer := 10000;
@@ -285,7 +283,6 @@ CREATE FUNCTION pyswpt_private.finalize_prepared_transfer(
 )
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     ASSERT p_committed_amount >= 0, 'a committed amount is never negative';

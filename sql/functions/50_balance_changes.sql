@@ -70,7 +70,6 @@ CREATE FUNCTION pyswpt_private.queue_balance_change(
 )
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     INSERT INTO registered_balance_change (debtor_id, other_creditor_id, change_id, committed_at, is_applied)
@@ -180,7 +179,6 @@ CREATE FUNCTION pyswpt_private.take_pending_balance_changes(
 )
 RETURNS pending_balance_change[]
 LANGUAGE plpgsql VOLATILE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_changes pending_balance_change[];

@@ -99,7 +99,6 @@ CREATE FUNCTION pyswpt_private.parked_message_owner(
     OUT owner_creditor_id bigint
 )
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 BEGIN
     owner_debtor_id := p_debtor_id;

@@ -48,7 +48,6 @@ CREATE FUNCTION pyswpt_private.read_parked_balance_change(
     OUT principal_delta bigint
 )
 LANGUAGE plpgsql STABLE
-SET search_path = pyswpt, pyswpt_private, pg_temp
 AS $$
 DECLARE
     v_fields jsonb := p_row_data;

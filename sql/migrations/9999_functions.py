@@ -26,9 +26,11 @@ FUNCTIONS_DIR = SQL_DIR / "functions"
 ROLES_FILE = SQL_DIR / "roles.sql"
 GRANTS_FILE = SQL_DIR / "grants.sql"
 
-# The search_path of every function (each pins it with SET, or binds its names
-# at creation with a SQL-standard body): tables and types, then helpers. The
-# files qualify what they create, and calls of an entry point, by schema.
+# The search_path the functions are written for: tables and types, then
+# helpers. The files qualify what they create, and calls of an entry point, by
+# schema. Entry points pin it with SET; SQL-standard bodies bind their names
+# when created; a PL/pgSQL helper runs in its caller's (README "Schema and
+# functions").
 FUNCTIONS_SEARCH_PATH = "pyswpt, pyswpt_private, pg_temp"
 
 SCHEMA_COMMENTS = {

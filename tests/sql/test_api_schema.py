@@ -60,6 +60,61 @@ def test_no_helper_runs_with_its_owners_rights_but_the_one_of_the_accounts_view(
     assert rows == [("calc_account_figures",)]
 
 
+def test_what_runs_in_a_callers_search_path_pins_its_own_or_binds_its_names(conn):
+    # A PL/pgSQL helper does not pin its search_path (a SET clause costs a GUC
+    # save, restore and search-path lookup per call): it runs in its caller's.
+    # That is safe while every caller pins one. The callers that do not are
+    # views, constraints, defaults, indexes and triggers, which run in the
+    # session's search_path: whatever they call, directly or through SQL-standard
+    # bodies (the only bodies whose calls pg_depend records), must pin its own
+    # search_path or bind its names at creation with a SQL-standard body.
+    rows = conn.execute(
+        """
+        WITH RECURSIVE
+        named_by_schema_objects AS (
+            SELECT d.refobjid AS function_oid
+            FROM pg_depend AS d
+            WHERE d.refclassid = 'pg_proc'::regclass
+                AND d.classid IN (
+                    'pg_rewrite'::regclass,
+                    'pg_constraint'::regclass,
+                    'pg_attrdef'::regclass,
+                    'pg_class'::regclass,
+                    'pg_trigger'::regclass
+                )
+        ),
+        reached AS (
+            SELECT function_oid FROM named_by_schema_objects
+            UNION
+            SELECT d.refobjid
+            FROM reached AS r
+            JOIN pg_depend AS d
+                ON d.classid = 'pg_proc'::regclass AND d.objid = r.function_oid AND d.refclassid = 'pg_proc'::regclass
+        )
+        SELECT p.oid::regprocedure::text
+        FROM reached AS r
+        JOIN pg_proc AS p ON p.oid = r.function_oid
+        WHERE p.pronamespace IN ('pyswpt'::regnamespace, 'pyswpt_api'::regnamespace, 'pyswpt_private'::regnamespace)
+            AND p.prosqlbody IS NULL
+            AND NOT EXISTS (SELECT FROM unnest(p.proconfig) AS setting WHERE setting LIKE 'search_path=%')
+        """
+    ).fetchall()
+    assert rows == []
+
+
+def test_the_trigger_function_and_the_accounts_view_helper_are_reached(conn):
+    # The test above walks from what schema objects name; it must find these.
+    rows = conn.execute(
+        """
+        SELECT DISTINCT p.pronamespace::regnamespace::text || '.' || p.proname
+        FROM pg_depend AS d
+        JOIN pg_proc AS p ON p.oid = d.refobjid
+        WHERE d.refclassid = 'pg_proc'::regclass AND d.classid IN ('pg_rewrite'::regclass, 'pg_trigger'::regclass)
+        """
+    ).fetchall()
+    assert {"pyswpt_private.calc_account_figures", "pyswpt.notify_table_filled"} <= {name for (name,) in rows}
+
+
 def test_only_trigger_functions_are_left_in_the_data_schema(conn):
     rows = conn.execute(
         """
