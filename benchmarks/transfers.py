@@ -18,6 +18,11 @@ contended one in step 6); "spread" — every pair has its own sender and recipie
 Each runs on 1 and on 4 connections (threads); the senders of different
 connections never overlap.
 
+Besides pairs per second, each run reports the CPU its connections' backends
+spent per pair, read from /proc (benchmarks/cpu.py) when the server runs on
+this machine: the SQL functions' own cost, which a shared machine's noise
+changes much less than the throughput ("–" for a server elsewhere).
+
 Usage:
     .venv/bin/python benchmarks/transfers.py [--postgres-url URL] [--pairs 2000] [--no-credit]
         [--synchronous-commit on|off]
@@ -44,6 +49,8 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cpu  # noqa: E402
+
 from pyswpt import db, schema  # noqa: E402
 
 T = TypeVar("T")
@@ -77,10 +84,17 @@ class Result:
     pairs: int
     seconds: float
     retries: int
+    backend_cpu_seconds: float | None  # None when the server's processes are not on this machine
 
     @property
     def pairs_per_second(self) -> float:
         return self.pairs / self.seconds
+
+    @property
+    def backend_cpu_ms_per_pair(self) -> str:
+        if self.backend_cpu_seconds is None:
+            return "–"
+        return f"{1000 * self.backend_cpu_seconds / self.pairs:.3f}"
 
 
 def with_retries(conn: psycopg.Connection, operation: Callable[[psycopg.Connection], T]) -> tuple[T, int]:
@@ -227,21 +241,32 @@ def one_round(
     return retries
 
 
+def backend_cpu_seconds(conn: psycopg.Connection) -> float | None:
+    """CPU time of the connection's backend so far; None if it is not a process of this machine."""
+    stat = cpu.read_stat(conn.info.backend_pid)
+    return None if stat is None or stat.command != "postgres" else stat.cpu_seconds
+
+
 def run_connection(
     url: str, scenario: str, index: int, pairs: int, batch: int, credit: bool, synchronous_commit: str
-) -> int:
+) -> tuple[int, float | None]:
+    """Retried transactions, and the backend's CPU seconds for the pairs (None: not measurable here)."""
     first_sender = FIRST_SENDER_ID + index * SENDERS_PER_CONNECTION
     retries = 0
     conn = connect(url, synchronous_commit)
     try:
+        cpu_at_start = backend_cpu_seconds(conn)
         for round_number in range(pairs // batch):
             sender_id = first_sender + round_number % SENDERS_PER_CONNECTION
             recipient_id = MERCHANT_ID if scenario == "hot" else FIRST_SPREAD_RECIPIENT_ID + sender_id
             first_request_id = index * 10**9 + round_number * batch
             retries += one_round(conn, sender_id, recipient_id, first_request_id, batch, credit)
+        cpu_at_end = backend_cpu_seconds(conn)
     finally:
         conn.close()
-    return retries
+    if cpu_at_start is None or cpu_at_end is None:
+        return retries, None
+    return retries, cpu_at_end - cpu_at_start
 
 
 def run(
@@ -255,9 +280,12 @@ def run(
             pool.submit(run_connection, url, scenario, index, per_connection, batch, credit, synchronous_commit)
             for index in range(connections)
         ]
-        retries = sum(future.result() for future in futures)
+        outcomes = [future.result() for future in futures]
     seconds = time.perf_counter() - started
-    return Result(scenario, connections, batch, per_connection * connections, seconds, retries)
+    retries = sum(retried for retried, _ in outcomes)
+    cpu_seconds = [seconds for _, seconds in outcomes]
+    backend_cpu = None if None in cpu_seconds else sum(cpu_seconds)
+    return Result(scenario, connections, batch, per_connection * connections, seconds, retries, backend_cpu)
 
 
 def check_ledger(url: str) -> None:
@@ -313,11 +341,14 @@ def main() -> None:
     print(
         f"two-phase transfers ({steps}), about {args.pairs} pairs per run, synchronous_commit={args.synchronous_commit}"
     )
-    print(f"{'scenario':<8} {'conns':>5} {'batch':>5} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'retries':>8}")
+    print(
+        f"{'scenario':<8} {'conns':>5} {'batch':>5} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'retries':>8}"
+        f" {'PG CPU ms/pair':>14}"
+    )
     for r in results:
         print(
             f"{r.scenario:<8} {r.connections:>5} {r.batch:>5} {r.pairs:>6} {r.seconds:>8.2f}"
-            f" {r.pairs_per_second:>8.0f} {r.retries:>8}"
+            f" {r.pairs_per_second:>8.0f} {r.retries:>8} {r.backend_cpu_ms_per_pair:>14}"
         )
 
 
