@@ -283,8 +283,8 @@ def run(
         outcomes = [future.result() for future in futures]
     seconds = time.perf_counter() - started
     retries = sum(retried for retried, _ in outcomes)
-    cpu_seconds = [seconds for _, seconds in outcomes]
-    backend_cpu = None if None in cpu_seconds else sum(cpu_seconds)
+    backend_seconds = [cpu_seconds for _, cpu_seconds in outcomes]
+    backend_cpu = None if None in backend_seconds else sum(backend_seconds)
     return Result(scenario, connections, batch, per_connection * connections, seconds, retries, backend_cpu)
 
 
