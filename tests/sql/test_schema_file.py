@@ -1,8 +1,9 @@
 """sql/schema.sql builds the same data schema as the migrations.
 
 The file is there to be read; this test keeps it true. Both databases are
-described by the same catalog queries (columns, constraints, indexes,
-triggers, functions, comments, storage options) and compared whole.
+described by the same catalog queries (columns, constraints of tables and
+domains, indexes, triggers, functions, comments, storage options) and
+compared whole.
 """
 
 from collections.abc import Iterator
@@ -35,7 +36,8 @@ CATALOG_QUERIES = {
         ORDER BY relname
     """,
     "constraints": """
-        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+        SELECT coalesce(nullif(conrelid, 0)::regclass::text, contypid::regtype::text), conname,
+               pg_get_constraintdef(oid)
         FROM pg_constraint
         WHERE connamespace = 'pyswpt'::regnamespace
         ORDER BY 1, 2
@@ -94,8 +96,15 @@ def test_schema_file_builds_what_the_migrations_build(migrated_database_url, dat
         assert from_file[kind] == from_migrations[kind], f"sql/schema.sql and the migrations differ in {kind}"
 
 
-def test_the_comparison_sees_a_missing_constraint(migrated_database_url, database_from_schema_file):
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "ALTER TABLE pyswpt.prepared_transfer DROP CONSTRAINT transfer_id_positive",
+        "ALTER DOMAIN pyswpt.account_transfer_id DROP CONSTRAINT last_transfer_id_not_negative",
+    ],
+)
+def test_the_comparison_sees_a_missing_constraint(migrated_database_url, database_from_schema_file, statement):
     with psycopg.connect(database_from_schema_file) as conn:
-        conn.execute("ALTER TABLE pyswpt.account DROP CONSTRAINT last_transfer_id_not_negative")
+        conn.execute(statement)
     differing = describe_data_schema(database_from_schema_file)["constraints"]
     assert differing != describe_data_schema(migrated_database_url)["constraints"]
