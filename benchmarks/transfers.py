@@ -145,6 +145,17 @@ def create_accounts(url: str, creditor_ids: list[int], principal: int, now: dt.d
         )
 
 
+def set_up(url: str, connections: int) -> bool:
+    """Install the schema and create the accounts that `connections` connections pay from and to.
+    Returns whether the SQL API has the credit step (step 6)."""
+    schema.apply_migrations(url)
+    now = dt.datetime.now(dt.UTC)
+    senders = [FIRST_SENDER_ID + n for n in range(connections * SENDERS_PER_CONNECTION)]
+    create_accounts(url, senders, SENDER_PRINCIPAL, now)
+    create_accounts(url, [MERCHANT_ID] + [FIRST_SPREAD_RECIPIENT_ID + s for s in senders], 0, now)
+    return has_balance_change_functions(url)
+
+
 def empty_queues_and_outbox(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         tables = conn.execute(
@@ -251,22 +262,31 @@ def run_connection(
     url: str, scenario: str, index: int, pairs: int, batch: int, credit: bool, synchronous_commit: str
 ) -> tuple[int, float | None]:
     """Retried transactions, and the backend's CPU seconds for the pairs (None: not measurable here)."""
-    first_sender = FIRST_SENDER_ID + index * SENDERS_PER_CONNECTION
-    retries = 0
     conn = connect(url, synchronous_commit)
     try:
         cpu_at_start = backend_cpu_seconds(conn)
-        for round_number in range(pairs // batch):
-            sender_id = first_sender + round_number % SENDERS_PER_CONNECTION
-            recipient_id = MERCHANT_ID if scenario == "hot" else FIRST_SPREAD_RECIPIENT_ID + sender_id
-            first_request_id = index * 10**9 + round_number * batch
-            retries += one_round(conn, sender_id, recipient_id, first_request_id, batch, credit)
+        retries = run_pairs(conn, scenario, index, pairs, batch, credit)
         cpu_at_end = backend_cpu_seconds(conn)
     finally:
         conn.close()
     if cpu_at_start is None or cpu_at_end is None:
         return retries, None
     return retries, cpu_at_end - cpu_at_start
+
+
+def run_pairs(
+    conn: psycopg.Connection, scenario: str, index: int, pairs: int, batch: int, credit: bool, first_round: int = 0
+) -> int:
+    """`pairs` pairs of the `index`-th connection's senders, `batch` at a time; the retried transactions.
+    Runs from `first_round` on, so that another call on the same database makes new request ids."""
+    first_sender = FIRST_SENDER_ID + index * SENDERS_PER_CONNECTION
+    retries = 0
+    for round_number in range(first_round, first_round + pairs // batch):
+        sender_id = first_sender + round_number % SENDERS_PER_CONNECTION
+        recipient_id = MERCHANT_ID if scenario == "hot" else FIRST_SPREAD_RECIPIENT_ID + sender_id
+        first_request_id = index * 10**9 + round_number * batch
+        retries += one_round(conn, sender_id, recipient_id, first_request_id, batch, credit)
+    return retries
 
 
 def run(
@@ -319,13 +339,7 @@ def main() -> None:
     # A URL, not a key=value conninfo: yoyo needs one.
     url = urllib.parse.urlunsplit(urllib.parse.urlsplit(args.postgres_url)._replace(path="/" + dbname))
     try:
-        schema.apply_migrations(url)
-        credit = not args.no_credit and has_balance_change_functions(url)
-        now = dt.datetime.now(dt.UTC)
-        senders = [FIRST_SENDER_ID + n for n in range(max(CONNECTION_COUNTS) * SENDERS_PER_CONNECTION)]
-        create_accounts(url, senders, SENDER_PRINCIPAL, now)
-        create_accounts(url, [MERCHANT_ID] + [FIRST_SPREAD_RECIPIENT_ID + s for s in senders], 0, now)
-
+        credit = set_up(url, max(CONNECTION_COUNTS)) and not args.no_credit
         results = [
             run(url, scenario, connections, batch, args.pairs, credit, args.synchronous_commit)
             for batch in BATCH_SIZES
