@@ -12,9 +12,10 @@ COMMENT ON SCHEMA pyswpt IS
 
 -- Accounts -------------------------------------------------------------------
 
--- The account table's invariants are constraints of the columns' domains, not
--- table CHECKs: PostgreSQL plans a table's CHECKs again for every statement that
--- writes it, a domain's once per session (migration 0011).
+-- The single-column invariants of the tables a transfer writes are constraints
+-- of the columns' domains, not table CHECKs: PostgreSQL plans a table's CHECKs
+-- again for every statement that writes it, a domain's once per session
+-- (migration 0011).
 CREATE DOMAIN pyswpt.account_principal AS bigint
     CONSTRAINT principal_is_contained CHECK (value > -9223372036854775808);
 CREATE DOMAIN pyswpt.account_interest_rate AS real
@@ -33,6 +34,16 @@ CREATE DOMAIN pyswpt.account_pending_transfers_count AS integer
     CONSTRAINT pending_transfers_count_not_negative CHECK (value >= 0);
 CREATE DOMAIN pyswpt.account_transfer_id AS bigint
     CONSTRAINT last_transfer_id_not_negative CHECK (value >= 0);
+CREATE DOMAIN pyswpt.prepared_transfer_id AS bigint
+    CONSTRAINT transfer_id_positive CHECK (value > 0);
+CREATE DOMAIN pyswpt.prepared_transfer_demurrage_rate AS double precision
+    CONSTRAINT demurrage_rate_in_range CHECK (value > -100.0 AND value <= 0.0);
+CREATE DOMAIN pyswpt.prepared_transfer_locked_amount AS bigint
+    CONSTRAINT locked_amount_not_negative CHECK (value >= 0);
+CREATE DOMAIN pyswpt.finalization_request_committed_amount AS bigint
+    CONSTRAINT committed_amount_not_negative CHECK (value >= 0);
+CREATE DOMAIN pyswpt.pending_balance_change_principal_delta AS bigint
+    CONSTRAINT principal_delta_not_zero CHECK (value <> 0);
 
 CREATE TABLE pyswpt.account (
     debtor_id bigint NOT NULL,
@@ -147,13 +158,12 @@ CREATE TABLE pyswpt.finalization_request (
     coordinator_type varchar(30) NOT NULL,
     coordinator_id bigint NOT NULL,
     coordinator_request_id bigint NOT NULL,
-    committed_amount bigint NOT NULL,
+    committed_amount pyswpt.finalization_request_committed_amount NOT NULL,
     transfer_note_format text NOT NULL,
     transfer_note text NOT NULL,
     ts timestamptz NOT NULL,
     enqueued_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (debtor_id, sender_creditor_id, transfer_id),
-    CONSTRAINT committed_amount_not_negative CHECK (committed_amount >= 0)
+    PRIMARY KEY (debtor_id, sender_creditor_id, transfer_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
 
@@ -168,23 +178,20 @@ COMMENT ON COLUMN pyswpt.finalization_request.enqueued_at IS
 CREATE TABLE pyswpt.prepared_transfer (
     debtor_id bigint NOT NULL,
     sender_creditor_id bigint NOT NULL,
-    transfer_id bigint NOT NULL,
+    transfer_id pyswpt.prepared_transfer_id NOT NULL,
     coordinator_type varchar(30) NOT NULL,
     coordinator_id bigint NOT NULL,
     coordinator_request_id bigint NOT NULL,
     recipient_creditor_id bigint NOT NULL,
     prepared_at timestamptz NOT NULL,
     final_interest_rate_ts timestamptz NOT NULL,
-    demurrage_rate double precision NOT NULL,
+    demurrage_rate pyswpt.prepared_transfer_demurrage_rate NOT NULL,
     deadline timestamptz NOT NULL,
-    locked_amount bigint NOT NULL,
+    locked_amount pyswpt.prepared_transfer_locked_amount NOT NULL,
     last_reminder_ts timestamptz,
     PRIMARY KEY (debtor_id, sender_creditor_id, transfer_id),
     FOREIGN KEY (debtor_id, sender_creditor_id)
-        REFERENCES pyswpt.account (debtor_id, creditor_id) ON DELETE CASCADE,
-    CONSTRAINT transfer_id_positive CHECK (transfer_id > 0),
-    CONSTRAINT demurrage_rate_in_range CHECK (demurrage_rate > -100.0 AND demurrage_rate <= 0.0),
-    CONSTRAINT locked_amount_not_negative CHECK (locked_amount >= 0)
+        REFERENCES pyswpt.account (debtor_id, creditor_id) ON DELETE CASCADE
 )
 WITH (
     fillfactor = 100,
@@ -229,12 +236,11 @@ CREATE TABLE pyswpt.pending_balance_change (
     transfer_note_format text NOT NULL,
     transfer_note text NOT NULL,
     committed_at timestamptz NOT NULL,
-    principal_delta bigint NOT NULL,
+    principal_delta pyswpt.pending_balance_change_principal_delta NOT NULL,
     enqueued_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (debtor_id, other_creditor_id, change_id),
     FOREIGN KEY (debtor_id, other_creditor_id, change_id)
-        REFERENCES pyswpt.registered_balance_change (debtor_id, other_creditor_id, change_id),
-    CONSTRAINT principal_delta_not_zero CHECK (principal_delta <> 0)
+        REFERENCES pyswpt.registered_balance_change (debtor_id, other_creditor_id, change_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
 

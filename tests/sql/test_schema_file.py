@@ -99,7 +99,7 @@ def test_schema_file_builds_what_the_migrations_build(migrated_database_url, dat
 @pytest.mark.parametrize(
     "statement",
     [
-        "ALTER TABLE pyswpt.prepared_transfer DROP CONSTRAINT transfer_id_positive",
+        "ALTER TABLE pyswpt.transfer_request DROP CONSTRAINT locked_amounts_in_order",
         "ALTER DOMAIN pyswpt.account_transfer_id DROP CONSTRAINT last_transfer_id_not_negative",
     ],
 )

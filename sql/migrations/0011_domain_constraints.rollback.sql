@@ -26,6 +26,22 @@ ALTER TABLE pyswpt.account
     ADD CONSTRAINT pending_transfers_count_not_negative CHECK (pending_transfers_count >= 0),
     ADD CONSTRAINT last_transfer_id_not_negative CHECK (last_transfer_id >= 0);
 
+ALTER TABLE pyswpt.prepared_transfer
+    ALTER COLUMN transfer_id TYPE bigint,
+    ALTER COLUMN demurrage_rate TYPE double precision,
+    ALTER COLUMN locked_amount TYPE bigint,
+    ADD CONSTRAINT transfer_id_positive CHECK (transfer_id > 0),
+    ADD CONSTRAINT demurrage_rate_in_range CHECK (demurrage_rate > -100.0 AND demurrage_rate <= 0.0),
+    ADD CONSTRAINT locked_amount_not_negative CHECK (locked_amount >= 0);
+
+ALTER TABLE pyswpt.finalization_request
+    ALTER COLUMN committed_amount TYPE bigint,
+    ADD CONSTRAINT committed_amount_not_negative CHECK (committed_amount >= 0);
+
+ALTER TABLE pyswpt.pending_balance_change
+    ALTER COLUMN principal_delta TYPE bigint,
+    ADD CONSTRAINT principal_delta_not_zero CHECK (principal_delta <> 0);
+
 DROP DOMAIN pyswpt.account_principal;
 DROP DOMAIN pyswpt.account_interest_rate;
 DROP DOMAIN pyswpt.account_previous_interest_rate;
@@ -35,3 +51,8 @@ DROP DOMAIN pyswpt.account_debtor_info_sha256;
 DROP DOMAIN pyswpt.account_total_locked_amount;
 DROP DOMAIN pyswpt.account_pending_transfers_count;
 DROP DOMAIN pyswpt.account_transfer_id;
+DROP DOMAIN pyswpt.prepared_transfer_id;
+DROP DOMAIN pyswpt.prepared_transfer_demurrage_rate;
+DROP DOMAIN pyswpt.prepared_transfer_locked_amount;
+DROP DOMAIN pyswpt.finalization_request_committed_amount;
+DROP DOMAIN pyswpt.pending_balance_change_principal_delta;
