@@ -83,15 +83,19 @@ def test_a_field_of_an_account_row_in_plpgsql_is_checked_when_assigned(conn):
     assert stored == (0,)
 
 
+# The six fields that name a prepared transfer, and its finalization request.
+TRANSFER = {
+    "debtor_id": DEBTOR_ID,
+    "sender_creditor_id": CREDITOR_ID,
+    "transfer_id": 1,
+    "coordinator_type": "direct",
+    "coordinator_id": CREDITOR_ID,
+    "coordinator_request_id": 1,
+}
 # Valid rows of the queue tables, each with the one column a test spoils.
 QUEUE_ROWS = {
     "prepared_transfer": {
-        "debtor_id": DEBTOR_ID,
-        "sender_creditor_id": CREDITOR_ID,
-        "transfer_id": 1,
-        "coordinator_type": "direct",
-        "coordinator_id": CREDITOR_ID,
-        "coordinator_request_id": 1,
+        **TRANSFER,
         "recipient_creditor_id": 3,
         "prepared_at": DEFAULT_NOW,
         "final_interest_rate_ts": DEFAULT_NOW,
@@ -100,12 +104,7 @@ QUEUE_ROWS = {
         "locked_amount": 10,
     },
     "finalization_request": {
-        "debtor_id": DEBTOR_ID,
-        "sender_creditor_id": CREDITOR_ID,
-        "transfer_id": 1,
-        "coordinator_type": "direct",
-        "coordinator_id": CREDITOR_ID,
-        "coordinator_request_id": 1,
+        **TRANSFER,
         "committed_amount": 10,
         "transfer_note_format": "",
         "transfer_note": "",
