@@ -6,9 +6,10 @@ call (SECURITY DEFINER entry points and views); pyswpt_private holds the
 helpers. Both are dropped and created afresh on every run, then every file of
 sql/functions/ is run in name order, so what is in the database is exactly
 what is in sql/: a function removed from a file disappears, and a changed
-parameter name or return type needs no DROP. Tables, sequences, indexes and
-trigger functions live in pyswpt and are changed only by migrations. Then
-the group roles of sql/roles.sql get the rights of sql/grants.sql.
+parameter name or return type needs no DROP. Tables, domains, sequences,
+indexes and trigger functions live in pyswpt and are changed only by
+migrations. Then the group roles of sql/roles.sql get the rights of
+sql/grants.sql.
 
 This migration is never recorded as applied (see post-apply.py), so each
 `yoyo apply` runs it again: a changed function needs no new migration.
