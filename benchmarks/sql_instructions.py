@@ -94,6 +94,16 @@ def as_server_user() -> dict:
 def server_under_callgrind(bindir: Path) -> Iterator[Server]:
     """A scratch cluster whose server, and every backend it forks, runs under callgrind."""
     folder = Path(tempfile.mkdtemp(prefix="pyswpt_instructions_"))
+    try:
+        with started_server(bindir, folder) as server:
+            yield server
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def started_server(bindir: Path, folder: Path) -> Iterator[Server]:
+    """initdb in `folder`, then the server under callgrind until the block ends."""
     owner = as_server_user()
     if owner:
         os.chown(folder, owner["user"], owner["group"])
@@ -131,7 +141,6 @@ def server_under_callgrind(bindir: Path) -> Iterator[Server]:
     finally:
         postmaster.send_signal(signal.SIGINT)  # fast shutdown
         postmaster.wait(timeout=SERVER_START_SECONDS)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def wait_until_accepting(server: Server, postmaster: subprocess.Popen) -> None:
