@@ -411,14 +411,16 @@ COMMENT ON TABLE pyswpt.pending_balance_change_signal IS
 -- drivers (LISTEN pyswpt_requests / pyswpt_outbox) with the table's name, so
 -- that they act at once instead of waiting for their next poll. Identical
 -- notifications of one transaction are delivered once, at commit.
+-- The function runs in its caller's search_path (a SET clause would cost a
+-- save and restore of the setting at every firing): it names nothing but
+-- pg_catalog.pg_notify, which no search_path shadows.
 
 CREATE FUNCTION pyswpt.notify_table_filled()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pyswpt, pg_temp
 AS $$
 BEGIN
-    PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME);
+    PERFORM pg_catalog.pg_notify(TG_ARGV[0], TG_TABLE_NAME);
     RETURN NULL;
 END;
 $$;

@@ -9,12 +9,15 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from pyswpt import queries
+from pyswpt import queries, schema
 
 # What operators call besides the statements of pyswpt.queries (README: audit, views).
 OPERATOR_FUNCTIONS = {"debtor_balances", "audit_ledger"}
 OPERATOR_VIEWS = {"accounts", "prepared_transfers", "outbox_backlog", "work_queues", "parked_messages", "scan_passes"}
 ENTRY_POINT_SEARCH_PATH = "search_path=pyswpt, pyswpt_private, pg_temp"
+# Functions that run in their caller's search_path and name nothing but pg_catalog's
+# objects, qualified: no search_path can change what they call (proven for each below).
+RUN_IN_ANY_SEARCH_PATH = {"pyswpt.notify_table_filled"}
 # A NOLOGIN role of the tests, shared by every test session on the server (roles
 # are cluster-wide): created when missing, never dropped. Its grants live in the
 # session's database and go with it.
@@ -67,7 +70,8 @@ def test_what_runs_in_a_callers_search_path_pins_its_own_or_binds_its_names(conn
     # views, constraints, defaults, indexes and triggers, which run in the
     # session's search_path: whatever they call, directly or through SQL-standard
     # bodies (the only bodies whose calls pg_depend records), must pin its own
-    # search_path or bind its names at creation with a SQL-standard body.
+    # search_path, bind its names at creation with a SQL-standard body, or name
+    # only pg_catalog's objects (RUN_IN_ANY_SEARCH_PATH).
     rows = conn.execute(
         """
         WITH RECURSIVE
@@ -91,7 +95,7 @@ def test_what_runs_in_a_callers_search_path_pins_its_own_or_binds_its_names(conn
             JOIN pg_depend AS d
                 ON d.classid = 'pg_proc'::regclass AND d.objid = r.function_oid AND d.refclassid = 'pg_proc'::regclass
         )
-        SELECT p.oid::regprocedure::text
+        SELECT format('%s.%s', p.pronamespace::regnamespace, p.proname)
         FROM reached AS r
         JOIN pg_proc AS p ON p.oid = r.function_oid
         WHERE p.pronamespace IN ('pyswpt'::regnamespace, 'pyswpt_api'::regnamespace, 'pyswpt_private'::regnamespace)
@@ -99,7 +103,38 @@ def test_what_runs_in_a_callers_search_path_pins_its_own_or_binds_its_names(conn
             AND NOT EXISTS (SELECT FROM unnest(p.proconfig) AS setting WHERE setting LIKE 'search_path=%')
         """
     ).fetchall()
-    assert rows == []
+    assert {name for (name,) in rows} - RUN_IN_ANY_SEARCH_PATH == set()
+
+
+def test_the_wake_up_trigger_notifies_in_a_search_path_that_shadows_pg_notify(conn):
+    # The statement trigger fires in whatever search_path the inserting session
+    # has. One that puts a pg_notify of its own before pg_catalog must not
+    # change what the trigger calls.
+    conn.execute("CREATE SCHEMA shadowing")
+    try:
+        conn.execute(
+            """
+            CREATE FUNCTION shadowing.pg_notify(text, text) RETURNS void LANGUAGE plpgsql
+            AS $$ BEGIN RAISE EXCEPTION 'the shadowing pg_notify was called'; END; $$
+            """
+        )
+        conn.execute("SET search_path = shadowing, pg_catalog, pyswpt")
+        conn.execute("LISTEN pyswpt_outbox")
+        conn.execute(
+            """
+            INSERT INTO rejected_config_signal (
+                debtor_id, creditor_id, config_ts, config_seqnum, config_flags, config_data,
+                negligible_amount, rejection_code, inserted_at
+            )
+            VALUES (1, 2, now(), 0, 0, '', 0.0, 'INVALID_CONFIGURATION', now())
+            """
+        )
+        notices = list(conn.notifies(timeout=10.0, stop_after=1))
+    finally:
+        conn.execute("UNLISTEN *")
+        conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
+        conn.execute("DROP SCHEMA shadowing CASCADE")
+    assert [(notice.channel, notice.payload) for notice in notices] == [("pyswpt_outbox", "rejected_config_signal")]
 
 
 def test_the_trigger_function_and_the_accounts_view_helper_are_reached(conn):
