@@ -45,7 +45,7 @@ DECLARE
     c_latest_deadline CONSTANT timestamptz := TIMESTAMPTZ '9999-12-31 23:59:59+00';
 BEGIN
     IF p_recipient_creditor_id IS NULL
-        OR NOT coalesce(p_recipient_reachable, pyswpt_api.is_reachable_account(p_debtor_id, p_recipient_creditor_id))
+        OR NOT coalesce(p_recipient_reachable, account_is_reachable(p_debtor_id, p_recipient_creditor_id))
     THEN
         PERFORM reject_transfer(
             p_debtor_id,

@@ -1,5 +1,5 @@
 -- The fetch API's two reads (spec 02 §2.15, spec 01 §6.1). Both are
--- read-only: the web server calls nothing else. is_reachable_account is also
+-- read-only: the web server calls nothing else. The reachability test is also
 -- the recipient check of the transfer intake for recipients in this shard.
 --
 -- Flags are read through the named bits of 05_flags.sql (spec 02 §1.11).
@@ -11,15 +11,14 @@
 
 -- Whether an account may receive non-agent transfers (spec 02 B10): the root
 -- account (creditor 0) always, even when it has no row; any other account only
--- when its row exists, is not deleted and is not scheduled for deletion.
-CREATE FUNCTION pyswpt_api.is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)
+-- when its row exists, is not deleted and is not scheduled for deletion. The
+-- transfer intake calls this helper directly: an entry point's SET clauses
+-- would cost a save and restore of two settings at every intake.
+CREATE FUNCTION pyswpt_private.account_is_reachable(p_debtor_id bigint, p_creditor_id bigint)
 RETURNS boolean
 LANGUAGE plpgsql
 STABLE
 PARALLEL SAFE
-SECURITY DEFINER
-SET search_path = pyswpt, pyswpt_private, pg_temp
-SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 BEGIN
     RETURN p_creditor_id = 0
@@ -31,6 +30,20 @@ BEGIN
                 AND NOT account_is_deleted(status_flags)
                 AND NOT config_is_scheduled_for_deletion(config_flags)
         );
+END;
+$$;
+
+CREATE FUNCTION pyswpt_api.is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql
+STABLE
+PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
+AS $$
+BEGIN
+    RETURN account_is_reachable(p_debtor_id, p_creditor_id);
 END;
 $$;
 
