@@ -72,9 +72,11 @@ $$;
 -- transfer-id order (the spec allows any order). A request without a match, of a
 -- missing sender, or any request when p_ignore_all (parent-shard cleanup, spec 01
 -- §4.3) is only deleted. The committed amounts leave the principal in one B2.
--- p_realm_mask and p_realm are the worker's SHARDING_REALM: the recipients in it
--- get their balance changes queued here (emit_pending_balance_change); without
--- them every change goes through the outbox. Returns the number of requests handled.
+-- p_realm_mask and p_realm are the worker's SHARDING_REALM: a batch of one
+-- request credits a recipient in it at once when the recipient's account is free
+-- (credit_at_once), and otherwise the recipients in it get their balance changes
+-- queued here (emit_pending_balance_change); without them every change goes
+-- through the outbox. Returns the number of requests handled.
 CREATE FUNCTION pyswpt_api.process_finalization_requests(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
@@ -152,7 +154,11 @@ BEGIN
             v_starting_principal,
             p_now,
             p_realm_mask,
-            p_realm
+            p_realm,
+            -- At most one subtransaction per transaction (credit_at_once), and a
+            -- busy sender's batch leaves its recipients' changes to the stage,
+            -- which applies those of one recipient together.
+            cardinality(v_requests) = 1
         );
         v_principal_delta := v_principal_delta - v_committed_amount;
         v_finalized_count := v_finalized_count + 1;
@@ -267,7 +273,8 @@ $$;
 -- Finalize one prepared transfer (spec 02 §2.5 step 3, items 3-5): release its lock,
 -- emit FinalizedTransfer, and for a commit emit the sender's AccountTransfer and
 -- the recipient's PendingBalanceChange (emit_pending_balance_change, with the
--- caller's realm). The sender's principal_after is the
+-- caller's realm), or, when p_may_credit_at_once and the recipient is in the
+-- realm and free, credit the recipient at once (credit_at_once). The sender's principal_after is the
 -- principal before the batch minus this amount (quirk of spec 02 §2.5, example 5).
 -- The caller applies the principal change and stores the account.
 CREATE FUNCTION pyswpt_private.finalize_prepared_transfer(
@@ -279,11 +286,14 @@ CREATE FUNCTION pyswpt_private.finalize_prepared_transfer(
     p_starting_principal bigint,
     p_now timestamptz,
     p_realm_mask bigint,
-    p_realm bigint
+    p_realm bigint,
+    p_may_credit_at_once boolean
 )
 LANGUAGE plpgsql
 VOLATILE
 AS $$
+DECLARE
+    v_credited boolean := false;
 BEGIN
     ASSERT p_committed_amount >= 0, 'a committed amount is never negative';
     DELETE FROM prepared_transfer
@@ -334,19 +344,35 @@ BEGIN
             contain_principal(p_starting_principal::numeric - p_committed_amount),
             p_now
         );
-        PERFORM emit_pending_balance_change(
-            p_transfer.debtor_id,
-            p_transfer.sender_creditor_id,
-            p_transfer.recipient_creditor_id,
-            p_transfer.coordinator_type,
-            p_request.transfer_note_format,
-            p_request.transfer_note,
-            p_now,
-            p_committed_amount,
-            p_now,
-            p_realm_mask,
-            p_realm
-        );
+        IF p_may_credit_at_once AND is_in_realm(
+            p_transfer.debtor_id, p_transfer.recipient_creditor_id, p_realm_mask, p_realm
+        ) THEN
+            v_credited := credit_at_once(
+                p_transfer.debtor_id,
+                p_transfer.recipient_creditor_id,
+                p_transfer.sender_creditor_id,
+                p_transfer.coordinator_type,
+                p_request.transfer_note_format,
+                p_request.transfer_note,
+                p_committed_amount,
+                p_now
+            );
+        END IF;
+        IF NOT v_credited THEN
+            PERFORM emit_pending_balance_change(
+                p_transfer.debtor_id,
+                p_transfer.sender_creditor_id,
+                p_transfer.recipient_creditor_id,
+                p_transfer.coordinator_type,
+                p_request.transfer_note_format,
+                p_request.transfer_note,
+                p_now,
+                p_committed_amount,
+                p_now,
+                p_realm_mask,
+                p_realm
+            );
+        END IF;
     END IF;
 END;
 $$;

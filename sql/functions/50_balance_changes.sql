@@ -129,10 +129,7 @@ DECLARE
     -- Bounds the work (and the lock time of a hot root account) of one transaction.
     c_max_changes_per_batch CONSTANT integer := 10000;
     v_changes pending_balance_change[];
-    v_change pending_balance_change;
     v_account account;
-    v_principal_delta numeric := 0;
-    v_interest_delta double precision := 0.0;
 BEGIN
     v_changes := take_pending_balance_changes(p_debtor_id, p_creditor_id, c_max_changes_per_batch);
     IF v_changes IS NULL THEN
@@ -140,32 +137,123 @@ BEGIN
     END IF;
 
     v_account := lock_or_create_account(p_debtor_id, p_creditor_id, p_now);
-    FOREACH v_change IN ARRAY v_changes LOOP
+    v_account := apply_balance_changes(v_account, v_changes, p_now);
+    PERFORM save_account(v_account);
+    RETURN cardinality(v_changes);
+END;
+$$;
+
+-- Credit a locked account with changes in the given order: an AccountTransfer
+-- for each (B3) with a running principal, the interest each amount earned since
+-- it was committed, and one change of the balance (B2). The caller stores it.
+CREATE FUNCTION pyswpt_private.apply_balance_changes(
+    INOUT p_account account,
+    p_changes pending_balance_change[],
+    p_now timestamptz
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_change pending_balance_change;
+    v_principal_delta numeric := 0;
+    v_interest_delta double precision := 0.0;
+BEGIN
+    FOREACH v_change IN ARRAY p_changes LOOP
         v_principal_delta := v_principal_delta + v_change.principal_delta;
         v_interest_delta := v_interest_delta + calc_due_interest(
             v_change.principal_delta,
             v_change.committed_at,
-            v_account.previous_interest_rate,
-            v_account.interest_rate,
-            v_account.last_interest_rate_change_ts,
+            p_account.previous_interest_rate,
+            p_account.interest_rate,
+            p_account.last_interest_rate_change_ts,
             p_now
         );
-        v_account := emit_account_transfer(
-            v_account,
+        p_account := emit_account_transfer(
+            p_account,
             v_change.coordinator_type,
             v_change.other_creditor_id,
             v_change.committed_at,
             v_change.principal_delta,
             v_change.transfer_note_format,
             v_change.transfer_note,
-            contain_principal(v_account.principal + v_principal_delta),
+            contain_principal(p_account.principal + v_principal_delta),
             p_now
         );
     END LOOP;
 
-    v_account := apply_account_change(v_account, v_principal_delta, v_interest_delta, p_now);
+    p_account := apply_account_change(p_account, v_principal_delta, v_interest_delta, p_now);
+END;
+$$;
+
+-- Credit a committed amount to its recipient in the finalizing transaction,
+-- instead of queueing the change for the balance_changes stage, when the
+-- recipient's account can be had at once: it exists, is not deleted, no other
+-- transaction holds it or changed it since this one began, and no queued
+-- change of its waits (their AccountTransfers come first, in commit order).
+-- Returns whether it was credited; when not, the caller queues the change.
+--
+-- The sender is locked already, so this lock must never wait: NOWAIT, and
+-- the failures of a lock taken without waiting (55P03, and 40001 for a row
+-- changed after this transaction's snapshot) are caught in a block of its
+-- own, whose subtransaction the caller allows once per transaction. A
+-- transaction thus waits for an account only while it holds none, as when
+-- it locked one row at most, and no two can deadlock on accounts.
+CREATE FUNCTION pyswpt_private.credit_at_once(
+    p_debtor_id bigint,
+    p_creditor_id bigint,
+    p_other_creditor_id bigint,
+    p_coordinator_type text,
+    p_transfer_note_format text,
+    p_transfer_note text,
+    p_principal_delta bigint,
+    p_now timestamptz
+)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_account account;
+    v_change pending_balance_change;
+BEGIN
+    -- The caller holds the sender's row; a change it stored after this would be lost.
+    IF p_creditor_id = p_other_creditor_id THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        SELECT *
+        INTO v_account
+        FROM account
+        WHERE debtor_id = p_debtor_id
+            AND creditor_id = p_creditor_id
+        FOR NO KEY UPDATE NOWAIT;
+    EXCEPTION
+        WHEN lock_not_available OR serialization_failure THEN
+            RETURN false;
+    END;
+    IF NOT FOUND OR account_is_deleted(v_account.status_flags) THEN
+        -- The balance_changes stage creates or resurrects it, with its AccountUpdate.
+        RETURN false;
+    END IF;
+    IF EXISTS (
+        SELECT 1
+        FROM pending_balance_change
+        WHERE debtor_id = p_debtor_id
+            AND creditor_id = p_creditor_id
+    ) THEN
+        RETURN false;
+    END IF;
+
+    v_change.debtor_id := p_debtor_id;
+    v_change.other_creditor_id := p_other_creditor_id;
+    v_change.creditor_id := p_creditor_id;
+    v_change.coordinator_type := p_coordinator_type;
+    v_change.transfer_note_format := p_transfer_note_format;
+    v_change.transfer_note := p_transfer_note;
+    v_change.committed_at := p_now;
+    v_change.principal_delta := p_principal_delta;
+    v_account := apply_balance_changes(v_account, ARRAY[v_change], p_now);
     PERFORM save_account(v_account);
-    RETURN cardinality(v_changes);
+    RETURN true;
 END;
 $$;
 

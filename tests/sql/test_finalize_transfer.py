@@ -22,6 +22,7 @@ from transfer_steps import (
     enqueue_finalize,
     enqueue_prepare,
     finalize,
+    held_by_another_transaction,
     prepare,
     prepared_transfers,
     process_finalizations,
@@ -287,11 +288,13 @@ def test_commit_debits_the_sender_now_and_credits_the_recipient_by_message(conn,
     assert change["committed_at"] == later
 
 
-def test_commit_to_a_recipient_in_the_workers_realm_is_queued_without_a_message(conn, recipient):
+def test_commit_to_a_busy_recipient_in_the_workers_realm_is_queued_without_a_message(conn, database_url, recipient):
+    # A free one is credited at once (tests/sql/test_credit_at_once.py).
     transfer = prepared_with(conn, 100, 100)
     later = DEFAULT_NOW + dt.timedelta(hours=2)
     enqueue_finalize(conn, transfer, 40, note_format="text", note="rent", now=later)
-    process_finalizations(conn, now=later, realm=Realm.from_binding_key("#"))
+    with held_by_another_transaction(conn, database_url, RECIPIENT_ID):
+        process_finalizations(conn, now=later, realm=Realm.from_binding_key("#"))
     assert signals(conn, "pending_balance_change_signal") == []
     [queued] = rows(conn, "SELECT * FROM pending_balance_change")
     assert {key: queued[key] for key in ("other_creditor_id", "creditor_id", "principal_delta", "committed_at")} == {
@@ -329,7 +332,7 @@ def test_commit_to_a_recipient_outside_the_workers_realm_goes_through_the_outbox
     assert rows(conn, "SELECT * FROM pending_balance_change") == []
 
 
-def test_change_ids_stay_unique_whichever_way_a_change_travels(conn, recipient):
+def test_change_ids_stay_unique_whichever_way_a_change_travels(conn, database_url, recipient):
     insert_account(conn, DEBTOR_ID, SENDER_ID, principal=100)
     for request_id in (1, 2):
         enqueue_prepare(conn, min_locked=10, max_locked=10, request_id=request_id)
@@ -338,7 +341,8 @@ def test_change_ids_stay_unique_whichever_way_a_change_travels(conn, recipient):
     enqueue_finalize(conn, through_the_outbox, 10)
     process_finalizations(conn)
     enqueue_finalize(conn, queued_at_once, 10)
-    process_finalizations(conn, realm=Realm.from_binding_key("#"))
+    with held_by_another_transaction(conn, database_url, RECIPIENT_ID):
+        process_finalizations(conn, realm=Realm.from_binding_key("#"))
     [sent] = signals(conn, "pending_balance_change_signal")
     [queued] = rows(conn, "SELECT * FROM pending_balance_change")
     assert sent["change_id"] != queued["change_id"]

@@ -32,6 +32,7 @@ from transfer_steps import (
 )
 
 from pyswpt import db, schema
+from pyswpt.sharding import Realm
 
 T = TypeVar("T")
 
@@ -254,3 +255,59 @@ def test_many_clients_of_one_sender_lose_nothing_and_never_deadlock(conn, databa
     assert rows(conn, "SELECT * FROM transfer_request") == []
     assert rows(conn, "SELECT * FROM finalization_request") == []
     assert prepared_transfers(conn) == []
+
+
+def finalize_in_realm(sender_id: int) -> Callable[[psycopg.Connection], int]:
+    """A worker's finalization batch of `sender_id`, its realm the whole space: it may credit a recipient at once."""
+    realm = Realm.from_binding_key("#")
+
+    def finalize(conn: psycopg.Connection) -> int:
+        return call(
+            conn,
+            "SELECT process_finalization_requests(%s, %s, false, %s, p_realm_mask => %s, p_realm => %s)",
+            (DEBTOR_ID, sender_id, DEFAULT_NOW, realm.mask, realm.realm),
+        )
+
+    return finalize
+
+
+def test_two_accounts_paying_each_other_at_once_never_wait_for_each_other(conn, database_url, executor):
+    # Each finalization holds its sender and tries the other account, which the other
+    # one holds. Were the second lock to wait, they would deadlock (40P01); it does not:
+    # both queue the change and finish.
+    for creditor_id in (SENDER_ID, RECIPIENT_ID):
+        insert_account(conn, DEBTOR_ID, creditor_id, principal=1000)
+    enqueue_prepare(conn, min_locked=100, max_locked=100, sender=SENDER_ID, recipient=RECIPIENT_ID, reachable=True)
+    enqueue_prepare(conn, min_locked=100, max_locked=100, sender=RECIPIENT_ID, recipient=SENDER_ID, reachable=True)
+    conn.execute("SELECT process_transfer_requests(%s, %s, %s, %s)", (DEBTOR_ID, SENDER_ID, 86400, DEFAULT_NOW))
+    conn.execute("SELECT process_transfer_requests(%s, %s, %s, %s)", (DEBTOR_ID, RECIPIENT_ID, 86400, DEFAULT_NOW))
+    for transfer in signals(conn, "prepared_transfer_signal"):
+        enqueue_finalize(conn, transfer, 40)
+    with driver_connection(database_url) as first, driver_connection(database_url) as second:
+        first.execute("SELECT lock_existing_account(%s, %s)", (DEBTOR_ID, SENDER_ID))
+        other_way = executor.submit(with_retries, second, finalize_in_realm(RECIPIENT_ID))
+        wait_until_done_or_waiting_for_a_lock(conn, other_way, second.info.backend_pid)
+        one_way = with_retries(first, finalize_in_realm(SENDER_ID))
+        assert other_way.result(timeout=WAIT_TIMEOUT_SECONDS) == (1, [])
+    assert one_way == (1, [])
+    assert sorted(row["creditor_id"] for row in rows(conn, "SELECT creditor_id FROM pending_balance_change")) == [
+        RECIPIENT_ID,
+        SENDER_ID,
+    ]
+
+
+def wait_until_done_or_waiting_for_a_lock(
+    observer: psycopg.Connection, future: concurrent.futures.Future, backend_pid: int
+) -> None:
+    deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
+    while not future.done():
+        waiting = call(
+            observer,
+            "SELECT coalesce(wait_event_type, '') = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+            (backend_pid,),
+        )
+        if waiting:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"backend {backend_pid} neither finished nor waited for a lock")
+        time.sleep(POLL_INTERVAL_SECONDS)

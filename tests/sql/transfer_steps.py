@@ -7,7 +7,9 @@ reads as: arrange accounts, act, look at the messages and the account.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -29,6 +31,8 @@ COMMIT_PERIOD_SECONDS = 90 * SECONDS_IN_DAY
 LONG_COMMIT_DELAY_SECONDS = 1_000 * SECONDS_IN_DAY
 # T∞ of spec 01 §0.2.
 T_INFINITY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+# Long enough for any machine; a lock wait it cuts short fails the test (57014) instead of hanging it.
+NO_WAIT_STATEMENT_TIMEOUT = "10s"
 
 SIGNAL_ORDER = {
     "rejected_transfer_signal": "signal_id",
@@ -238,6 +242,25 @@ def deliver_balance_changes(conn: psycopg.Connection, *, now: dt.datetime = DEFA
         )
     for debtor_id, creditor_id in sorted({(c["debtor_id"], c["creditor_id"]) for c in changes}):
         conn.execute("SELECT process_balance_changes(%s, %s, %s)", (debtor_id, creditor_id, now))
+
+
+@contextlib.contextmanager
+def held_by_another_transaction(conn: psycopg.Connection, database_url: str, creditor_id: int) -> Iterator[None]:
+    """The account locked, as a worker locks it, by an open transaction of another session.
+
+    Meanwhile a statement of `conn` that waits for the lock fails (57014) instead of waiting forever.
+    """
+    with psycopg.connect(database_url) as other:
+        other.execute(
+            "SELECT 1 FROM pyswpt.account WHERE debtor_id = %s AND creditor_id = %s FOR NO KEY UPDATE",
+            (DEBTOR_ID, creditor_id),
+        )
+        conn.execute(f"SET statement_timeout = '{NO_WAIT_STATEMENT_TIMEOUT}'")
+        try:
+            yield
+        finally:
+            conn.execute("RESET statement_timeout")
+            other.rollback()
 
 
 def assert_lock_invariants(conn: psycopg.Connection) -> None:
