@@ -9,8 +9,10 @@ transaction on a driver's connection (pyswpt.db, REPEATABLE READ), retried on
     3. flusher + coordinator            the PreparedTransfer row gives the transfer id
     4. FinalizeTransfer intake          enqueue_finalization_request
     5. finalization worker              process_finalization_requests (sender), which
-                                        queues the recipient's balance change (one shard)
-    6. balance-change worker            process_balance_changes (recipient) — unless
+                                        credits the recipient at once (a batch of one) or
+                                        queues its balance change (one shard)
+    6. balance-change worker            process_balance_changes (recipient), the queued
+                                        changes (none after a credit at once) — unless
                                         --no-credit, and when that function is installed
 
 Scenarios: "hot" — every sender pays one merchant (the merchant's row is the
@@ -231,8 +233,8 @@ def one_round(
             )
 
     def finalize(c: psycopg.Connection) -> None:
-        # The realm of a single shard (SHARDING_REALM's default), as the workers give it:
-        # the recipient's balance change is queued by this transaction.
+        # The realm of a single shard (SHARDING_REALM's default), as the workers give it: this
+        # transaction credits the recipient (a batch of one, the recipient free) or queues its change.
         c.execute(
             "SELECT process_finalization_requests(%s, %s, false, %s, p_realm_mask => 0, p_realm => 0)",
             (DEBTOR_ID, sender_id, now),
