@@ -5,8 +5,9 @@ connection options so that they hold from the first statement on, whatever
 the server's defaults are:
 
 * REPEATABLE READ isolation (spec 02 §2.0). The drivers' transactions each
-  lock at most one account row, and the SQL functions read before they lock
-  (a processor takes its queued requests, then locks the account). At this
+  wait for at most one account row (a finalization may lock its recipient as
+  well, without waiting), and the SQL functions read before they lock (a
+  processor takes its queued requests, then locks the account). At this
   level a transaction whose snapshot is older than the account row it locks
   fails with a serialization failure (40001) instead of carrying on with
   reads and a `now()` that predate the row, and every driver runs its

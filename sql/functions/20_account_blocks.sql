@@ -1,9 +1,10 @@
 -- Building blocks shared by every operation on an account (spec 02, §2.1 B1-B8).
 --
--- An operation locks one account row into a variable of type `account`, passes
+-- An operation locks an account row into a variable of type `account`, passes
 -- it through these blocks (INOUT: they return the changed row and write outbox
 -- rows), and finally stores it once with save_account(). One UPDATE per
--- transaction keeps the hot rows HOT and the WAL small.
+-- transaction keeps the hot rows HOT and the WAL small. A finalization may
+-- credit its recipient too, locked without waiting (try_to_credit_at_once).
 
 -- Lock an account that exists for the protocol: NULL if missing or deleted.
 CREATE FUNCTION pyswpt_private.lock_existing_account(p_debtor_id bigint, p_creditor_id bigint)

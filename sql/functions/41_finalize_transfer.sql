@@ -2,8 +2,9 @@
 -- the intake queues at most one request per prepared transfer, and the batch
 -- processor locks the sender account once, commits or dismisses every matching
 -- prepared transfer, and moves the committed amounts: the sender's principal at
--- once, the recipient's through a PendingBalanceChange (queued at once when the
--- recipient is in the realm the worker gives).
+-- once, the recipient's through a PendingBalanceChange, or, when the recipient
+-- is in the realm the worker gives, credited in the same transaction if it is
+-- free (try_to_credit_at_once) and queued at once if not.
 --
 -- Status codes of a FinalizedTransfer (spec 01 §0.2): OK, TIMEOUT,
 -- NEWER_INTEREST_RATE, INSUFFICIENT_AVAILABLE_AMOUNT.
@@ -74,7 +75,7 @@ $$;
 -- §4.3) is only deleted. The committed amounts leave the principal in one B2.
 -- p_realm_mask and p_realm are the worker's SHARDING_REALM: a batch of one
 -- request credits a recipient in it at once when the recipient's account is free
--- (credit_at_once), and otherwise the recipients in it get their balance changes
+-- (try_to_credit_at_once), and otherwise the recipients in it get their balance changes
 -- queued here (emit_pending_balance_change); without them every change goes
 -- through the outbox. Returns the number of requests handled.
 CREATE FUNCTION pyswpt_api.process_finalization_requests(
@@ -155,7 +156,7 @@ BEGIN
             p_now,
             p_realm_mask,
             p_realm,
-            -- At most one subtransaction per transaction (credit_at_once), and a
+            -- At most one subtransaction per transaction (try_to_credit_at_once), and a
             -- busy sender's batch leaves its recipients' changes to the stage,
             -- which applies those of one recipient together.
             cardinality(v_requests) = 1
@@ -272,10 +273,11 @@ $$;
 
 -- Finalize one prepared transfer (spec 02 §2.5 step 3, items 3-5): release its lock,
 -- emit FinalizedTransfer, and for a commit emit the sender's AccountTransfer and
--- the recipient's PendingBalanceChange (emit_pending_balance_change, with the
--- caller's realm), or, when p_may_credit_at_once and the recipient is in the
--- realm and free, credit the recipient at once (credit_at_once). The sender's principal_after is the
--- principal before the batch minus this amount (quirk of spec 02 §2.5, example 5).
+-- credit the recipient: at once when p_may_credit_at_once and the recipient is
+-- in the caller's realm and free (try_to_credit_at_once), otherwise through its
+-- PendingBalanceChange (emit_pending_balance_change, with the caller's realm).
+-- The sender's principal_after is the principal before the batch minus this
+-- amount (quirk of spec 02 §2.5, example 5).
 -- The caller applies the principal change and stores the account.
 CREATE FUNCTION pyswpt_private.finalize_prepared_transfer(
     INOUT p_account account,
@@ -347,7 +349,7 @@ BEGIN
         IF p_may_credit_at_once AND is_in_realm(
             p_transfer.debtor_id, p_transfer.recipient_creditor_id, p_realm_mask, p_realm
         ) THEN
-            v_credited := credit_at_once(
+            v_credited := try_to_credit_at_once(
                 p_transfer.debtor_id,
                 p_transfer.recipient_creditor_id,
                 p_transfer.sender_creditor_id,

@@ -188,17 +188,25 @@ $$;
 -- Credit a committed amount to its recipient in the finalizing transaction,
 -- instead of queueing the change for the balance_changes stage, when the
 -- recipient's account can be had at once: it exists, is not deleted, no other
--- transaction holds it or changed it since this one began, and no queued
--- change of its waits (their AccountTransfers come first, in commit order).
--- Returns whether it was credited; when not, the caller queues the change.
+-- transaction holds it or changed it since this one began, and no change of
+-- its that this transaction sees is queued (those keep their place before it;
+-- one queued by a transaction this one does not see may come after, as across
+-- the stage's batches). Returns whether it was credited; when not, nothing of
+-- the attempt is left and the caller queues the change.
 --
--- The sender is locked already, so this lock must never wait: NOWAIT, and
--- the failures of a lock taken without waiting (55P03, and 40001 for a row
--- changed after this transaction's snapshot) are caught in a block of its
--- own, whose subtransaction the caller allows once per transaction. A
--- transaction thus waits for an account only while it holds none, as when
--- it locked one row at most, and no two can deadlock on accounts.
-CREATE FUNCTION pyswpt_private.credit_at_once(
+-- The caller holds the sender's lock, so this one must not wait: NOWAIT, and
+-- the failures of a lock had without waiting (55P03, and 40001 at REPEATABLE
+-- READ for a row changed after this transaction's snapshot) end the attempt.
+-- Nothing else here waits for a row (the recipient's outbox rows are written
+-- only under its lock), so the attempt adds no wait to any cycle of waits.
+-- The attempt is a block with its own subtransaction, allowed once per
+-- transaction by the caller. The lock and the update of the row belong to
+-- that subtransaction alike: a row locked by a subtransaction and updated by
+-- its parent would need a MultiXact. Any other error of the recipient's side
+-- ends the attempt too, so that it cannot stop the sender's finalization: the
+-- change is queued, and the stage meets the error with the recipient's
+-- account alone, as before.
+CREATE FUNCTION pyswpt_private.try_to_credit_at_once(
     p_debtor_id bigint,
     p_creditor_id bigint,
     p_other_creditor_id bigint,
@@ -215,8 +223,20 @@ DECLARE
     v_account account;
     v_change pending_balance_change;
 BEGIN
-    -- The caller holds the sender's row; a change it stored after this would be lost.
+    -- Never so (RECIPIENT_SAME_AS_SENDER is refused at preparation), and it must not
+    -- be: the caller stores the sender's row after this, and the credit would be lost.
     IF p_creditor_id = p_other_creditor_id THEN
+        RETURN false;
+    END IF;
+    -- Before the lock, which would be held to the end of the transaction for
+    -- nothing: a busy recipient nearly always has changes queued, and the stage
+    -- must not wait for this transaction to apply them.
+    IF EXISTS (
+        SELECT 1
+        FROM pending_balance_change
+        WHERE debtor_id = p_debtor_id
+            AND creditor_id = p_creditor_id
+    ) THEN
         RETURN false;
     END IF;
     BEGIN
@@ -226,34 +246,30 @@ BEGIN
         WHERE debtor_id = p_debtor_id
             AND creditor_id = p_creditor_id
         FOR NO KEY UPDATE NOWAIT;
+        IF NOT FOUND OR account_is_deleted(v_account.status_flags) THEN
+            -- The balance_changes stage creates or resurrects it, with its AccountUpdate.
+            RETURN false;
+        END IF;
+
+        v_change.debtor_id := p_debtor_id;
+        v_change.other_creditor_id := p_other_creditor_id;
+        v_change.creditor_id := p_creditor_id;
+        v_change.coordinator_type := p_coordinator_type;
+        v_change.transfer_note_format := p_transfer_note_format;
+        v_change.transfer_note := p_transfer_note;
+        v_change.committed_at := p_now;
+        v_change.principal_delta := p_principal_delta;
+        v_account := apply_balance_changes(v_account, ARRAY[v_change], p_now);
+        PERFORM save_account(v_account);
+        RETURN true;
     EXCEPTION
         WHEN lock_not_available OR serialization_failure THEN
             RETURN false;
+        WHEN OTHERS THEN
+            RAISE WARNING 'crediting account (%, %) at once failed (%: %); its balance change is queued',
+                p_debtor_id, p_creditor_id, SQLSTATE, SQLERRM;
+            RETURN false;
     END;
-    IF NOT FOUND OR account_is_deleted(v_account.status_flags) THEN
-        -- The balance_changes stage creates or resurrects it, with its AccountUpdate.
-        RETURN false;
-    END IF;
-    IF EXISTS (
-        SELECT 1
-        FROM pending_balance_change
-        WHERE debtor_id = p_debtor_id
-            AND creditor_id = p_creditor_id
-    ) THEN
-        RETURN false;
-    END IF;
-
-    v_change.debtor_id := p_debtor_id;
-    v_change.other_creditor_id := p_other_creditor_id;
-    v_change.creditor_id := p_creditor_id;
-    v_change.coordinator_type := p_coordinator_type;
-    v_change.transfer_note_format := p_transfer_note_format;
-    v_change.transfer_note := p_transfer_note;
-    v_change.committed_at := p_now;
-    v_change.principal_delta := p_principal_delta;
-    v_account := apply_balance_changes(v_account, ARRAY[v_change], p_now);
-    PERFORM save_account(v_account);
-    RETURN true;
 END;
 $$;
 

@@ -11,9 +11,24 @@
 
 -- Whether an account may receive non-agent transfers (spec 02 B10): the root
 -- account (creditor 0) always, even when it has no row; any other account only
--- when its row exists, is not deleted and is not scheduled for deletion. The
--- transfer intake calls this helper directly: an entry point's SET clauses
--- would cost a save and restore of two settings at every intake.
+-- when its row exists, is not deleted and is not scheduled for deletion.
+CREATE FUNCTION pyswpt_api.is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql
+STABLE
+PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
+AS $$
+BEGIN
+    RETURN account_is_reachable(p_debtor_id, p_creditor_id);
+END;
+$$;
+
+-- The test of is_reachable_account. The transfer intake calls it directly: an
+-- entry point's SET clauses would cost a save and restore of two settings at
+-- every intake.
 CREATE FUNCTION pyswpt_private.account_is_reachable(p_debtor_id bigint, p_creditor_id bigint)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -30,20 +45,6 @@ BEGIN
                 AND NOT account_is_deleted(status_flags)
                 AND NOT config_is_scheduled_for_deletion(config_flags)
         );
-END;
-$$;
-
-CREATE FUNCTION pyswpt_api.is_reachable_account(p_debtor_id bigint, p_creditor_id bigint)
-RETURNS boolean
-LANGUAGE plpgsql
-STABLE
-PARALLEL SAFE
-SECURITY DEFINER
-SET search_path = pyswpt, pyswpt_private, pg_temp
-SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
-AS $$
-BEGIN
-    RETURN account_is_reachable(p_debtor_id, p_creditor_id);
 END;
 $$;
 

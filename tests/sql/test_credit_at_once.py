@@ -1,21 +1,23 @@
 """A commit credits a recipient of the worker's realm in the finalizing transaction when the
-recipient's account is free (credit_at_once), and queues the change for the balance_changes
-stage otherwise: held by another transaction, changed since this one began, with changes
-already queued, missing or deleted, or in a batch of more than one request.
+recipient's account is free (try_to_credit_at_once), and queues the change for the
+balance_changes stage otherwise: held by another transaction, changed since this one began,
+with changes already queued, missing or deleted, or in a batch of more than one request.
 
 The sender is locked when the recipient is tried, so the recipient's lock must never wait:
-a transaction waits for an account only while it holds none (spec 02 §2.0's reason for
-one account per transaction, kept).
+then the attempt adds no wait to any cycle of waits, and transactions cannot deadlock on
+accounts (spec 02 §2.0's reason for one account per transaction, kept;
+tests/sql/test_transfer_concurrency.py shows two accounts paying each other).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from factories import DEFAULT_NOW, insert_account
+from factories import DEFAULT_NOW, failing_account_writes, insert_account
 from transfer_steps import (
     DEBTOR_ID,
     RECIPIENT_ID,
@@ -105,10 +107,20 @@ def test_a_commit_credits_a_free_recipient_at_once(conn, recipient):
     assert account(conn, SENDER_ID)["principal"] == 60
 
 
-def test_crediting_at_once_leaves_what_the_stage_leaves(conn, database_url, recipient):
-    # The same commit to two recipients at the same instant, one free and one held:
-    # the held one's change goes through the queue, and both end the same.
-    insert_account(conn, DEBTOR_ID, OTHER_RECIPIENT_ID)
+def test_crediting_at_once_leaves_what_the_stage_leaves(conn, database_url):
+    # The same commit to two recipients alike, earning interest since long before, at
+    # the same instant, one free and one held: the held one's change goes through the
+    # queue, and both end the same.
+    for creditor_id in (RECIPIENT_ID, OTHER_RECIPIENT_ID):
+        insert_account(
+            conn,
+            DEBTOR_ID,
+            creditor_id,
+            now=DEFAULT_NOW - dt.timedelta(days=30),
+            principal=1000,
+            interest=2.5,
+            interest_rate=5.0,
+        )
     commit(conn, prepared(conn))
     with held_by_another_transaction(conn, database_url, OTHER_RECIPIENT_ID):
         commit(conn, prepared(conn, sender=OTHER_SENDER_ID, recipient=OTHER_RECIPIENT_ID))
@@ -176,6 +188,20 @@ def test_a_deleted_recipient_is_queued_for_the_stage_to_bring_back(conn, recipie
     assert account(conn, RECIPIENT_ID)["principal"] == 40
 
 
+def test_a_failure_on_the_recipients_side_queues_the_change_and_spares_the_sender(conn, recipient):
+    # The failure stays with the recipient's account, in the stage, as before crediting at once.
+    transfer = prepared(conn)
+    with failing_account_writes(conn, RECIPIENT_ID, "RAISE EXCEPTION 'the recipient cannot be written';"):
+        commit(conn, transfer)
+        assert queued(conn) == [(RECIPIENT_ID, SENDER_ID, 40)]
+        assert [row["status_code"] for row in signals(conn, "finalized_transfer_signal")] == ["OK"]
+        assert received(conn) == []
+        with pytest.raises(psycopg.errors.RaiseException):
+            apply_queued(conn)
+    assert apply_queued(conn) == 1
+    assert account(conn, RECIPIENT_ID)["principal"] == 40
+
+
 def test_a_batch_of_two_commits_queues_both_changes(conn, recipient):
     insert_account(conn, DEBTOR_ID, SENDER_ID, principal=100)
     for request_id in (1, 2):
@@ -194,3 +220,51 @@ def test_without_a_realm_the_change_goes_through_the_outbox(conn, recipient):
     [change] = signals(conn, "pending_balance_change_signal")
     assert (change["creditor_id"], change["principal_delta"]) == (RECIPIENT_ID, 40)
     assert account(conn, RECIPIENT_ID)["principal"] == 0
+
+
+def test_a_missing_recipient_is_queued_for_the_stage_to_create(conn):
+    transfer = prepared(conn)
+    commit(conn, transfer)
+    assert queued(conn) == [(RECIPIENT_ID, SENDER_ID, 40)]
+    assert apply_queued(conn) == 1
+    assert account(conn, RECIPIENT_ID)["principal"] == 40
+
+
+def test_the_root_account_is_credited_at_once_without_an_account_transfer(conn):
+    root = insert_account(conn, DEBTOR_ID, 0, principal=-100)
+    commit(conn, prepared(conn, recipient=0))
+    assert queued(conn) == []
+    credited = account(conn, 0)
+    assert (credited["principal"], credited["last_change_seqnum"]) == (-60, root["last_change_seqnum"] + 1)
+    assert received(conn, 0) == []
+
+
+def test_a_dismissal_leaves_the_recipient_alone(conn, recipient):
+    commit(conn, prepared(conn), 0)
+    assert account(conn, RECIPIENT_ID) == recipient
+    assert queued(conn) == []
+
+
+@pytest.fixture
+def multixact_row_versions(conn: psycopg.Connection) -> Iterator[Callable[[], int]]:
+    """Counts the versions of account rows whose xmax is a MultiXact (pageinspect, PostgreSQL's
+    contrib, installed for the test only)."""
+    conn.execute("CREATE EXTENSION pageinspect SCHEMA public")
+    try:
+        yield lambda: conn.execute(
+            """
+            SELECT count(*)
+            FROM generate_series(0, pg_relation_size('pyswpt.account') / current_setting('block_size')::int - 1) AS b,
+                LATERAL public.heap_page_items(public.get_raw_page('pyswpt.account', b::int)) AS t
+            WHERE t.t_infomask & 4096 <> 0  -- HEAP_XMAX_IS_MULTI
+            """
+        ).fetchone()[0]
+    finally:
+        conn.execute("DROP EXTENSION pageinspect")
+
+
+def test_crediting_at_once_makes_no_multixact(conn, recipient, multixact_row_versions):
+    # A row locked by a subtransaction and updated by its parent would need one.
+    commit(conn, prepared(conn))
+    assert account(conn, RECIPIENT_ID)["principal"] == 40
+    assert multixact_row_versions() == 0

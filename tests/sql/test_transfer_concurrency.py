@@ -90,10 +90,14 @@ def with_retries(conn: psycopg.Connection, operation: Callable[[psycopg.Connecti
     raise AssertionError(f"still failing after {MAX_RETRIES} retries: {failures}")
 
 
-def wait_until_waiting_for_a_lock(observer: psycopg.Connection, backend_pid: int) -> None:
-    """Poll (with a deadline) until the backend waits on a heavyweight lock."""
+def wait_until_waiting_for_a_lock(
+    observer: psycopg.Connection, backend_pid: int, unless_done: concurrent.futures.Future | None = None
+) -> None:
+    """Poll (with a deadline) until the backend waits on a heavyweight lock, or `unless_done` is done."""
     deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
+        if unless_done is not None and unless_done.done():
+            return
         wait_event_type = call(
             observer,
             "SELECT coalesce(wait_event_type, '') FROM pg_stat_activity WHERE pid = %s",
@@ -274,7 +278,7 @@ def finalize_in_realm(sender_id: int) -> Callable[[psycopg.Connection], int]:
 def test_two_accounts_paying_each_other_at_once_never_wait_for_each_other(conn, database_url, executor):
     # Each finalization holds its sender and tries the other account, which the other
     # one holds. Were the second lock to wait, they would deadlock (40P01); it does not:
-    # both queue the change and finish.
+    # both queue their change and finish.
     for creditor_id in (SENDER_ID, RECIPIENT_ID):
         insert_account(conn, DEBTOR_ID, creditor_id, principal=1000)
     enqueue_prepare(conn, min_locked=100, max_locked=100, sender=SENDER_ID, recipient=RECIPIENT_ID, reachable=True)
@@ -283,31 +287,17 @@ def test_two_accounts_paying_each_other_at_once_never_wait_for_each_other(conn, 
     conn.execute("SELECT process_transfer_requests(%s, %s, %s, %s)", (DEBTOR_ID, RECIPIENT_ID, 86400, DEFAULT_NOW))
     for transfer in signals(conn, "prepared_transfer_signal"):
         enqueue_finalize(conn, transfer, 40)
-    with driver_connection(database_url) as first, driver_connection(database_url) as second:
-        first.execute("SELECT lock_existing_account(%s, %s)", (DEBTOR_ID, SENDER_ID))
-        other_way = executor.submit(with_retries, second, finalize_in_realm(RECIPIENT_ID))
-        wait_until_done_or_waiting_for_a_lock(conn, other_way, second.info.backend_pid)
-        one_way = with_retries(first, finalize_in_realm(SENDER_ID))
-        assert other_way.result(timeout=WAIT_TIMEOUT_SECONDS) == (1, [])
-    assert one_way == (1, [])
+    with driver_connection(database_url) as one_way, driver_connection(database_url) as other_way:
+        one_way.execute("SELECT lock_existing_account(%s, %s)", (DEBTOR_ID, SENDER_ID))
+        # Holds RECIPIENT_ID (its sender) when done, and tries SENDER_ID, which one_way holds.
+        other = executor.submit(finalize_in_realm(RECIPIENT_ID), other_way)
+        wait_until_waiting_for_a_lock(conn, other_way.info.backend_pid, unless_done=other)
+        # Tries RECIPIENT_ID, which other_way holds.
+        assert finalize_in_realm(SENDER_ID)(one_way) == 1
+        assert other.result(timeout=WAIT_TIMEOUT_SECONDS) == 1
+        one_way.commit()
+        other_way.commit()
     assert sorted(row["creditor_id"] for row in rows(conn, "SELECT creditor_id FROM pending_balance_change")) == [
         RECIPIENT_ID,
         SENDER_ID,
     ]
-
-
-def wait_until_done_or_waiting_for_a_lock(
-    observer: psycopg.Connection, future: concurrent.futures.Future, backend_pid: int
-) -> None:
-    deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
-    while not future.done():
-        waiting = call(
-            observer,
-            "SELECT coalesce(wait_event_type, '') = 'Lock' FROM pg_stat_activity WHERE pid = %s",
-            (backend_pid,),
-        )
-        if waiting:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"backend {backend_pid} neither finished nor waited for a lock")
-        time.sleep(POLL_INTERVAL_SECONDS)

@@ -251,10 +251,11 @@ def held_by_another_transaction(conn: psycopg.Connection, database_url: str, cre
     Meanwhile a statement of `conn` that waits for the lock fails (57014) instead of waiting forever.
     """
     with psycopg.connect(database_url) as other:
-        other.execute(
+        locked = other.execute(
             "SELECT 1 FROM pyswpt.account WHERE debtor_id = %s AND creditor_id = %s FOR NO KEY UPDATE",
             (DEBTOR_ID, creditor_id),
-        )
+        ).fetchall()
+        assert locked == [(1,)], "no such account to hold"
         conn.execute(f"SET statement_timeout = '{NO_WAIT_STATEMENT_TIMEOUT}'")
         try:
             yield
