@@ -18,41 +18,31 @@ from typing import Any
 import psycopg
 import pytest
 from factories import DEFAULT_NOW, failing_account_writes, insert_account
-from transfer_steps import (
+from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_hold are fixtures
     DEBTOR_ID,
     RECIPIENT_ID,
     SENDER_ID,
     account,
-    assert_lock_invariants,
-    assert_transfer_numbers_have_no_gaps,
     enqueue_finalize,
     enqueue_prepare,
     held_by_another_transaction,
     prepare,
     process_finalizations,
     process_prepares,
+    recipient,
     rows,
     signals,
+    transfer_invariants_hold,
 )
 
 from pyswpt.sharding import Realm
+
+pytestmark = pytest.mark.usefixtures("transfer_invariants_hold")
 
 WHOLE_REALM = Realm.from_binding_key("#")
 LATER = DEFAULT_NOW + dt.timedelta(hours=2)
 OTHER_SENDER_ID = SENDER_ID + 1
 OTHER_RECIPIENT_ID = RECIPIENT_ID + 1
-
-
-@pytest.fixture(autouse=True)
-def invariants_hold_after_each_test(conn):
-    yield
-    assert_lock_invariants(conn)
-    assert_transfer_numbers_have_no_gaps(conn)
-
-
-@pytest.fixture
-def recipient(conn):
-    return insert_account(conn, DEBTOR_ID, RECIPIENT_ID)
 
 
 def prepared(conn: psycopg.Connection, sender: int = SENDER_ID, recipient: int = RECIPIENT_ID) -> dict[str, Any]:

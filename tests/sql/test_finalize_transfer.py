@@ -9,15 +9,13 @@ from typing import Any
 import psycopg
 import pytest
 from factories import DEFAULT_NOW, STATUS_DELETED, insert_account
-from transfer_steps import (
+from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_hold are fixtures
     DAY,
     DEBTOR_ID,
     MAX_INT64,
     RECIPIENT_ID,
     SENDER_ID,
     account,
-    assert_lock_invariants,
-    assert_transfer_numbers_have_no_gaps,
     deliver_balance_changes,
     enqueue_finalize,
     enqueue_prepare,
@@ -27,11 +25,15 @@ from transfer_steps import (
     prepared_transfers,
     process_finalizations,
     process_prepares,
+    recipient,
     rows,
     signals,
+    transfer_invariants_hold,
 )
 
 from pyswpt.sharding import Realm, shard_key
+
+pytestmark = pytest.mark.usefixtures("transfer_invariants_hold")
 
 SECOND = dt.timedelta(seconds=1)
 FAR_DEADLINE = DEFAULT_NOW + 1000 * DAY
@@ -65,18 +67,6 @@ def status(
             now,
         ),
     ).fetchone()[0]
-
-
-@pytest.fixture(autouse=True)
-def invariants_hold_after_each_test(conn):
-    yield
-    assert_lock_invariants(conn)
-    assert_transfer_numbers_have_no_gaps(conn)
-
-
-@pytest.fixture
-def recipient(conn):
-    return insert_account(conn, DEBTOR_ID, RECIPIENT_ID)
 
 
 def prepared_with(conn: psycopg.Connection, principal: int, locked: int, **request: Any) -> dict[str, Any]:

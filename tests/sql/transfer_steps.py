@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-from factories import DEFAULT_NOW, T0
+import pytest
+from factories import DEFAULT_NOW, T0, insert_account
 from psycopg.rows import dict_row
 
 from pyswpt.sharding import Realm
@@ -262,6 +263,19 @@ def held_by_another_transaction(conn: psycopg.Connection, database_url: str, cre
         finally:
             conn.execute("RESET statement_timeout")
             other.rollback()
+
+
+@pytest.fixture
+def transfer_invariants_hold(conn: psycopg.Connection) -> Iterator[None]:
+    """After the test, every account's lock columns and transfer numbers are consistent."""
+    yield
+    assert_lock_invariants(conn)
+    assert_transfer_numbers_have_no_gaps(conn)
+
+
+@pytest.fixture
+def recipient(conn: psycopg.Connection) -> dict[str, Any]:
+    return insert_account(conn, DEBTOR_ID, RECIPIENT_ID)
 
 
 def assert_lock_invariants(conn: psycopg.Connection) -> None:
