@@ -74,10 +74,10 @@ $$;
 -- missing sender, or any request when p_ignore_all (parent-shard cleanup, spec 01
 -- §4.3) is only deleted. The committed amounts leave the principal in one B2.
 -- p_realm_mask and p_realm are the worker's SHARDING_REALM: a batch of one
--- request credits a recipient in it at once when the recipient's account is free
--- (try_to_credit_at_once), and otherwise the recipients in it get their balance changes
--- queued here (emit_pending_balance_change); without them every change goes
--- through the outbox. Returns the number of requests handled.
+-- request credits a recipient in it at once when the recipient's account is
+-- free (try_to_credit_at_once); otherwise the recipients in it get their
+-- balance changes queued here (emit_pending_balance_change). Without them every
+-- change goes through the outbox. Returns the number of requests handled.
 CREATE FUNCTION pyswpt_api.process_finalization_requests(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
@@ -156,9 +156,9 @@ BEGIN
             p_now,
             p_realm_mask,
             p_realm,
-            -- At most one subtransaction per transaction (try_to_credit_at_once), and a
-            -- busy sender's batch leaves its recipients' changes to the stage,
-            -- which applies those of one recipient together.
+            -- At most one subtransaction per transaction (try_to_credit_at_once),
+            -- and a busy sender's batch leaves its recipients' changes to the
+            -- stage, which applies those of one recipient together.
             cardinality(v_requests) = 1
         );
         v_principal_delta := v_principal_delta - v_committed_amount;
