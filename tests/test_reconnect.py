@@ -52,15 +52,15 @@ def configure_account(rabbitmq_url: str, queue: str, debtor_id: int, creditor_id
         )
 
 
-def account_exists(conn, debtor_id: int, creditor_id: int) -> bool:
-    query = "SELECT count(*) FROM account WHERE debtor_id = %s AND creditor_id = %s"
-    return conn.execute(query, (debtor_id, creditor_id)).fetchone()[0] == 1
-
-
 def config_seqnum(conn, debtor_id: int, creditor_id: int) -> int | None:
+    """The account's last config seqnum; None while it does not exist."""
     query = "SELECT last_config_seqnum FROM account WHERE debtor_id = %s AND creditor_id = %s"
     row = conn.execute(query, (debtor_id, creditor_id)).fetchone()
     return row[0] if row else None
+
+
+def account_exists(conn, debtor_id: int, creditor_id: int) -> bool:
+    return config_seqnum(conn, debtor_id, creditor_id) is not None
 
 
 def test_consumer_reconnects_after_losing_its_database_connection(conn, database_url, rabbitmq_url, queue, tmp_path):
