@@ -1,15 +1,20 @@
 """The consuming loop shared by the SMP consumer and the chores consumer.
 
-Deliveries are taken in batches — everything the broker has sent, up to the
-prefetch window — and handed to a batch handler, which applies them (see
-pyswpt.applying) and says which to ack, reject or hand back. Acks are sent
-only after the transaction that applied the messages committed. When the
-database is unavailable the same batch is retried with backoff on a new
-database connection, the broker channel kept, so an outage does not count
-as a delivery attempt of every message. So does a missing or changed SQL
-function while an upgrade runs, up to APP_API_WAIT_SECONDS (pyswpt.upgrades).
-A lost broker connection reconnects with backoff (unacknowledged messages
-are redelivered); anything else ends the process loudly.
+Each process has one broker connection and channel (spec 01 §3.6) and
+*_BROKER_THREADS threads that apply what it received. Deliveries are taken in
+batches (windows) — everything the broker has sent, up to the prefetch count —
+and handed to a batch handler, which applies them (see pyswpt.applying) and
+says which to ack, reject or hand back. The channel's prefetch count is the
+setting times the threads: each thread has a window's worth in flight, as when
+each had a subscription of its own. Acks are sent only after the transaction
+that applied the messages committed, and only by the connection's thread
+(pika's connections are not thread-safe). When the database is unavailable
+the same batch is retried with backoff on a new database connection, the
+broker channel kept, so an outage does not count as a delivery attempt of
+every message. So does a missing or changed SQL function while an upgrade
+runs, up to APP_API_WAIT_SECONDS (pyswpt.upgrades). A lost broker connection
+reconnects with backoff (unacknowledged messages are redelivered); anything
+else ends the process loudly.
 
 In draining mode (spec 01 §3.6, used to retire a queue after a shard split)
 the consumer steps back whenever the queue has been idle for a while: it
@@ -25,8 +30,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import queue
 import threading
 import time
+import typing
 from collections.abc import Callable
 
 import pika
@@ -42,6 +49,9 @@ from pyswpt.upgrades import ApiUnavailable, ApiWait
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
+# Deliveries wait this long at most for a busy applier thread (AppliersInThreads): about
+# the time a window takes to apply.
+HOLD_BACK_SECONDS = 0.02
 # Upper bound of a batch when the prefetch count is 0 ("unlimited").
 MAX_BATCH_SIZE = 1000
 TRANSIENT_ERRORS = (psycopg.OperationalError, *amqp.CONNECTION_ERRORS)
@@ -110,16 +120,18 @@ def consume_in_threads(
     handler_factory: Callable[[], BatchHandler],
     stopping: threading.Event,
 ) -> bool:
-    """Run `threads` independent consumers (own connections each) until stopped or one fails.
+    """Consume on one broker connection, applying batches in `threads` threads (a handler of
+    `handler_factory` and a database connection each), until stopped or failed.
 
-    True when every one of them finished its work (draining: the queue is gone).
+    True when the work is finished instead (draining: the queue is gone).
     """
     failures: list[BaseException] = []
     done: list[bool] = []
 
     def consume() -> None:
         try:
-            done.append(consume_until_stopped(settings, postgres_url, handler_factory(), stopping))
+            handlers = [handler_factory() for _ in range(threads)]
+            done.append(consume_until_stopped(settings, postgres_url, handlers, stopping))
         except ApiUnavailable as error:  # its one line is logged where the process exits
             failures.append(error)
             stopping.set()
@@ -128,26 +140,25 @@ def consume_in_threads(
             failures.append(error)
             stopping.set()
 
-    workers = [threading.Thread(target=consume, name=f"consumer-{n}") for n in range(threads)]
-    for worker in workers:
-        worker.start()
-    processes.join_threads(workers)
+    consumer = threading.Thread(target=consume, name="consumer")
+    consumer.start()
+    processes.join_threads([consumer])
     if failures:
         raise failures[0]
-    return len(done) == threads and all(done)
+    return done == [True]
 
 
 def consume_until_stopped(
-    settings: QueueSettings, postgres_url: str, handler: BatchHandler, stopping: threading.Event
+    settings: QueueSettings, postgres_url: str, handlers: list[BatchHandler], stopping: threading.Event
 ) -> bool:
-    """Consume, reconnecting with backoff after a lost connection, until `stopping` is set.
+    """Consume with a thread per handler, reconnecting with backoff after a lost connection, until `stopping` is set.
 
     True when the work is finished instead (draining: the queue is gone).
     """
     backoff = Backoff()
     while not stopping.is_set():
         try:
-            return consume_batches(settings, postgres_url, handler, stopping)
+            return consume_batches(settings, postgres_url, handlers, stopping)
         except TRANSIENT_ERRORS as error:
             pause = backoff.next_pause()
             logger.error(
@@ -162,15 +173,11 @@ def consume_until_stopped(
 
 
 def consume_batches(
-    settings: QueueSettings,
-    postgres_url: str,
-    handler: BatchHandler,
-    stopping: threading.Event,
+    settings: QueueSettings, postgres_url: str, handlers: list[BatchHandler], stopping: threading.Event
 ) -> bool:
     """Consume until stopped (False); in draining mode, subscribe again after each pause until the
     queue is gone (True)."""
     connection = amqp.connect(settings.broker_url)
-    database = DatabaseSession(postgres_url, f"pyswpt consumer {settings.queue}")
     pauses = DrainingPauses() if settings.draining else None
     received: list[Delivery] = []
 
@@ -179,16 +186,23 @@ def consume_batches(
             Delivery(method.delivery_tag, properties, body, method.exchange, method.routing_key, method.redelivered)
         )
 
+    appliers: Appliers | None = None
     try:
         channel = connection.channel()
-        channel.basic_qos(prefetch_size=settings.prefetch_size, prefetch_count=settings.prefetch_count)
+        # A window's worth for each thread; a window holds at most the prefetch count (Batches).
+        channel.basic_qos(prefetch_size=settings.prefetch_size, prefetch_count=settings.prefetch_count * len(handlers))
+        appliers = (
+            AppliersInLine(connection, channel, settings, postgres_url, handlers[0], stopping)
+            if len(handlers) == 1
+            else AppliersInThreads(connection, channel, settings, postgres_url, handlers)
+        )
         while not stopping.is_set():
             consumer_tag = subscribe(channel, settings.queue, collect, draining=pauses is not None)
             if consumer_tag is None:
                 return True
-            batches = Batches(connection, channel, database, handler, settings, received)
+            batches = Batches(connection, appliers, settings, received)
             if not batches.consume(stopping, pauses):
-                return False  # stopping: the batch in hand is not acked, so the broker delivers it again
+                return False  # stopping: a batch not applied yet is not acked, so the broker delivers it again
             # Only a draining consumer gets here, idle. pika hands back what arrives
             # while it cancels; what it had already passed on is applied first,
             # since an unacknowledged message is not counted by delete-queue.
@@ -200,7 +214,8 @@ def consume_batches(
             sleep_answering_broker(connection, pause_seconds, stopping)
         return False
     finally:
-        database.close()
+        if appliers is not None:
+            appliers.close()
         if connection.is_open:
             connection.close()
 
@@ -220,41 +235,242 @@ def subscribe(channel, queue: str, on_message, *, draining: bool) -> str | None:
 
 @dataclasses.dataclass
 class Batches:
-    """One subscription's deliveries, applied batch by batch and settled after each commit."""
+    """One subscription's deliveries, cut into batches for the appliers, in delivery-tag order."""
 
     connection: pika.BlockingConnection
-    channel: BlockingChannel
-    database: DatabaseSession
-    handler: BatchHandler
+    appliers: Appliers
     settings: QueueSettings
     received: list[Delivery]  # filled by the subscription's callback, in delivery-tag order
 
     def consume(self, stopping: threading.Event, pauses: DrainingPauses | None) -> bool:
         """Apply batches until stopped (False), or until idle long enough to pause when draining (True)."""
         max_batch_size = self.settings.max_batch_size
-        # Messages handed back while nothing else passes would come straight back.
-        requeue_backoff = Backoff()
         idle_polls = 0
         while not stopping.is_set():
-            self.connection.process_data_events(time_limit=POLL_SECONDS)
+            # Returns early when a delivery or an applier's outcome arrives. Deliveries held back
+            # for a busy applier are looked at again soon (AppliersInThreads.can_take).
+            self.connection.process_data_events(time_limit=HOLD_BACK_SECONDS if self.received else POLL_SECONDS)
+            settled = self.appliers.settle_applied()
             if not self.received:
-                idle_polls += 1
-                if pauses is not None and idle_polls > pauses.idle_polls_before_pause():
-                    return True
+                if not settled and self.appliers.idle():
+                    idle_polls += 1
+                    if pauses is not None and idle_polls > pauses.idle_polls_before_pause():
+                        return True
                 continue
             idle_polls = 0
             # Take what else has already arrived, so the batch fills the window.
             self.connection.process_data_events(time_limit=0)
-            batch = self.received[:max_batch_size]
-            del self.received[:max_batch_size]
-            outcome = handle_until_applied(self.connection, self.database, self.handler, batch, self.settings, stopping)
-            if outcome is None:
-                return False
-            count_window(self.settings.queue, batch, outcome, time.monotonic())
-            if outcome.requeued and not outcome.acked:
-                sleep_answering_broker(self.connection, requeue_backoff.next_pause(), stopping)
-            settle(self.channel, outcome)
+            while self.received and self.appliers.can_take(self.received):
+                batch = self.received[:max_batch_size]
+                del self.received[:max_batch_size]
+                if not self.appliers.take(batch):
+                    return False
         return False
+
+
+class Appliers(typing.Protocol):
+    """Who applies the batches of a subscription, and settles their deliveries once applied."""
+
+    def can_take(self, waiting: list[Delivery]) -> bool:
+        """Whether to hand on a batch now, `waiting` being the deliveries not handed on yet."""
+
+    def take(self, batch: list[Delivery]) -> bool:
+        """Apply `batch` or start applying it; False when stopped before it was applied."""
+
+    def settle_applied(self) -> int:
+        """Settle the batches applied since the last call; how many."""
+
+    def idle(self) -> bool:
+        """No batch is being applied."""
+
+    def close(self) -> None:
+        """Settle what is being applied, once applied, and close the database connections."""
+
+
+class AppliersInLine:
+    """One thread: the connection's own applies each batch and settles it before it reads on."""
+
+    def __init__(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        settings: QueueSettings,
+        postgres_url: str,
+        handler: BatchHandler,
+        stopping: threading.Event,
+    ) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.settings = settings
+        self.database = DatabaseSession(postgres_url, f"pyswpt consumer {settings.queue}")
+        self.handler = handler
+        self.stopping = stopping
+        # Messages handed back while nothing else passes would come straight back.
+        self.requeue_backoff = Backoff()
+
+    def can_take(self, waiting: list[Delivery]) -> bool:
+        return True
+
+    def take(self, batch: list[Delivery]) -> bool:
+        def sleep(seconds: float) -> None:
+            sleep_answering_broker(self.connection, seconds, self.stopping)
+
+        outcome = handle_until_applied(self.database, self.handler, batch, self.settings, self.stopping, sleep)
+        if outcome is None:
+            return False
+        count_window(self.settings.queue, batch, outcome, time.monotonic())
+        if outcome.requeued and not outcome.acked:
+            sleep(self.requeue_backoff.next_pause())
+        settle(self.channel, outcome, up_to_highest=True)
+        return True
+
+    def settle_applied(self) -> int:
+        return 0
+
+    def idle(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.database.close()
+
+
+@dataclasses.dataclass
+class AppliedBatch:
+    """A batch an applier thread is done with: its outcome (None if stopped first), or its error."""
+
+    batch: list[Delivery]
+    outcome: BatchOutcome | None
+    error: BaseException | None
+    applier: Applier
+
+
+class AppliersInThreads:
+    """Several threads, each with a handler and a database connection; the connection's thread
+    hands them batches and settles each one's deliveries when it is applied.
+
+    While a thread applies, the deliveries that arrive wait for it, until they
+    fill a window or the oldest has waited HOLD_BACK_SECONDS; then a free thread
+    takes them. So a trickle is applied in windows as large as one thread alone
+    would make, and the other threads take over when it falls behind or waits
+    (for a row lock, say). A window costs a transaction, a commit and a NOTIFY
+    whatever its size: with a subscription per thread, the reference's compose
+    settings (3 threads, prefetch 10) cut a trickle into windows of one or two.
+    """
+
+    def __init__(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        settings: QueueSettings,
+        postgres_url: str,
+        handlers: list[BatchHandler],
+    ) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.settings = settings
+        self.applied: queue.SimpleQueue[AppliedBatch] = queue.SimpleQueue()
+        # Set when the subscription ends, for whatever reason (`stopping` among them): a thread
+        # that waits for the database then gives up its batch, which the broker delivers again.
+        self.closing = threading.Event()
+        self.appliers = [
+            Applier(f"consumer-{n}", settings, postgres_url, handler, self.closing, self.applied_one)
+            for n, handler in enumerate(handlers, start=1)
+        ]
+        self.free = list(self.appliers)
+        # The batches handed on and not settled yet, oldest first.
+        self.in_hand: collections.deque[list[Delivery]] = collections.deque()
+        for applier in self.appliers:
+            applier.start()
+
+    def applied_one(self, done: AppliedBatch) -> None:
+        """In an applier's thread: queue the outcome and wake the connection's thread."""
+        self.applied.put(done)
+        try:
+            self.connection.add_callback_threadsafe(lambda: None)
+        except pika.exceptions.AMQPError:
+            pass  # the connection is closing: close() settles what is left, or the broker redelivers it
+
+    def can_take(self, waiting: list[Delivery]) -> bool:
+        if not self.free:
+            return False
+        return (
+            len(self.free) == len(self.appliers)
+            or len(waiting) >= self.settings.max_batch_size
+            or time.monotonic() - waiting[0].received_at >= HOLD_BACK_SECONDS
+        )
+
+    def take(self, batch: list[Delivery]) -> bool:
+        self.in_hand.append(batch)
+        self.free.pop().inbox.put(batch)
+        return True
+
+    def settle_applied(self) -> int:
+        settled = 0
+        while True:
+            try:
+                done = self.applied.get_nowait()
+            except queue.Empty:
+                return settled
+            self.free.append(done.applier)
+            if done.error is not None:
+                raise done.error
+            if done.outcome is None:
+                continue  # stopped: its deliveries stay unsettled, and in hand for the acks below
+            # An ack of every tag up to the highest would also ack an older batch not settled.
+            oldest = self.in_hand[0] is done.batch
+            self.in_hand.remove(done.batch)
+            count_window(self.settings.queue, done.batch, done.outcome, time.monotonic())
+            settle(self.channel, done.outcome, up_to_highest=oldest)
+            settled += 1
+
+    def idle(self) -> bool:
+        return not self.in_hand
+
+    def close(self) -> None:
+        self.closing.set()
+        for applier in self.appliers:
+            applier.inbox.put(None)
+        processes.join_threads(self.appliers)
+        if self.connection.is_open:
+            self.settle_applied()
+        for applier in self.appliers:
+            applier.database.close()
+
+
+class Applier(threading.Thread):
+    """A thread that applies the batches put in its inbox, one after another, until it gets None."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: QueueSettings,
+        postgres_url: str,
+        handler: BatchHandler,
+        closing: threading.Event,
+        report: Callable[[AppliedBatch], None],
+    ) -> None:
+        super().__init__(name=name)
+        self.settings = settings
+        self.database = DatabaseSession(postgres_url, f"pyswpt consumer {settings.queue}")
+        self.handler = handler
+        self.closing = closing
+        self.report = report
+        self.inbox: queue.SimpleQueue[list[Delivery] | None] = queue.SimpleQueue()
+        # Messages handed back while nothing else passes would come straight back.
+        self.requeue_backoff = Backoff()
+
+    def run(self) -> None:
+        while (batch := self.inbox.get()) is not None:
+            try:
+                outcome = handle_until_applied(
+                    self.database, self.handler, batch, self.settings, self.closing, self.closing.wait
+                )
+                if outcome is not None and outcome.requeued and not outcome.acked:
+                    self.closing.wait(self.requeue_backoff.next_pause())
+            except BaseException as error:  # noqa: BLE001 - raised again in the connection's thread
+                self.report(AppliedBatch(batch, None, error, self))
+            else:
+                self.report(AppliedBatch(batch, outcome, None, self))
 
 
 @dataclasses.dataclass
@@ -283,15 +499,15 @@ class DrainingPauses:
 
 
 def handle_until_applied(
-    connection: pika.BlockingConnection,
     database: DatabaseSession,
     handler: BatchHandler,
     batch: list[Delivery],
     settings: QueueSettings,
     stopping: threading.Event,
+    sleep: Callable[[float], object],
 ) -> BatchOutcome | None:
-    """The handler's outcome for `batch`, retried while the database or its SQL API is unavailable;
-    None if stopped. Raises ApiUnavailable when the API stays missing too long."""
+    """The handler's outcome for `batch`, retried (pausing with `sleep`) while the database or its
+    SQL API is unavailable; None if stopped. Raises ApiUnavailable when the API stays missing too long."""
     backoff = Backoff()
     api_wait = ApiWait(settings.api_wait_seconds, f"the consumer of {settings.queue}")
     while not stopping.is_set():
@@ -310,7 +526,7 @@ def handle_until_applied(
                 pause,
             )
             database.close()
-            sleep_answering_broker(connection, pause, stopping)
+            sleep(pause)
     return None
 
 
@@ -360,13 +576,18 @@ class DatabaseSession:
             self._conn = None
 
 
-def settle(channel, outcome: BatchOutcome) -> None:
-    """Reject and hand back first, then ack up to the highest accepted tag in one frame."""
+def settle(channel, outcome: BatchOutcome, *, up_to_highest: bool) -> None:
+    """Reject and hand back first, then ack; with `up_to_highest`, every tag up to the highest
+    accepted one in one frame (no older delivery may be unsettled then), else tag by tag."""
     for tag in outcome.rejected:
         channel.basic_reject(tag, requeue=False)
     for tag in outcome.requeued:
         channel.basic_nack(tag, multiple=False, requeue=True)
-    if outcome.acked:
-        # Deliveries arrive in tag order and batches are taken from the front,
-        # so every tag up to the highest acked one belongs to this batch.
+    if not outcome.acked:
+        return
+    if up_to_highest:
+        # Deliveries arrive in tag order and batches are taken from the front.
         channel.basic_ack(max(outcome.acked), multiple=True)
+        return
+    for tag in outcome.acked:
+        channel.basic_ack(tag, multiple=False)

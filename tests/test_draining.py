@@ -105,8 +105,9 @@ def parked_count(database_url: str) -> int:
         return conn.execute("SELECT count(*) FROM pyswpt.parked_message").fetchone()[0]
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
 def test_a_draining_child_applies_its_own_messages_and_hands_the_siblings_on_to_accounts_in(
-    database_url, rabbitmq_url, old_queue, tmp_path
+    database_url, rabbitmq_url, old_queue, tmp_path, threads
 ):
     debtor_id = random.randint(1, 2**62)
     own = pair_in(Realm.from_binding_key("0.#"), debtor_id)
@@ -120,6 +121,7 @@ def test_a_draining_child_applies_its_own_messages_and_hands_the_siblings_on_to_
         PROTOCOL_BROKER_QUEUE=old_queue,
         PROTOCOL_BROKER_QUEUE_ROUTING_KEY=CHILD_KEY,
         PROTOCOL_BROKER_PREFETCH_COUNT="10",
+        PROTOCOL_BROKER_THREADS=threads,
     )
     # The sibling's queue: bound to the key of its account.
     with catching_queue(rabbitmq_url, [("accounts_in", binary_routing_key(*sibling))]) as sibling_queue:

@@ -1,0 +1,148 @@
+"""A consumer process with several threads (spec 01 §3.6): one broker connection and channel for
+the threads, which apply beside a thread that waits, and acks that never cover a batch still
+being applied."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pika
+import pytest
+from drivers import wait_for
+
+from pyswpt import consuming, topology
+
+PREFETCH_COUNT = 10
+THREADS = 3
+SLOW = b"slow"
+HANDLER_WAIT_SECONDS = 30.0
+
+
+class SlowFirst:
+    """Batch handlers sharing one log: a batch holding SLOW waits for `release`, then fails (with
+    `fail`) or is acked; the others are acked at once."""
+
+    def __init__(self, *, fail: bool) -> None:
+        self.fail = fail
+        self.lock = threading.Lock()
+        self.acked_bodies: list[bytes] = []
+        self.slow_started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, _conn, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
+        if any(delivery.body == SLOW for delivery in deliveries):
+            self.slow_started.set()
+            self.release.wait(HANDLER_WAIT_SECONDS)
+            if self.fail:
+                raise RuntimeError("the slow batch fails, and its consumer with it")
+        with self.lock:
+            self.acked_bodies.extend(delivery.body for delivery in deliveries)
+        return consuming.BatchOutcome(acked=[delivery.delivery_tag for delivery in deliveries])
+
+    def acked_count(self) -> int:
+        with self.lock:
+            return len(self.acked_bodies)
+
+
+@pytest.fixture
+def queue(rabbitmq_url: str) -> Iterator[str]:
+    name = f"test_consumer_threads_{uuid.uuid4().hex[:10]}"
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.queue_declare(name)
+    yield name
+    with topology.open_channel(rabbitmq_url) as channel:
+        channel.queue_delete(name)
+
+
+def publish(rabbitmq_url: str, queue: str, bodies: list[bytes]) -> None:
+    with topology.open_channel(rabbitmq_url) as channel:
+        for body in bodies:
+            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+
+
+def queue_state(rabbitmq_url: str, queue: str) -> tuple[int, int]:
+    """Ready messages and consumers of the queue."""
+    with topology.open_channel(rabbitmq_url) as channel:
+        method = channel.queue_declare(queue, passive=True).method
+    return method.message_count, method.consumer_count
+
+
+def ready_bodies(rabbitmq_url: str, queue: str) -> list[bytes]:
+    bodies = []
+    with topology.open_channel(rabbitmq_url) as channel:
+        while True:
+            method, _properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return bodies
+            bodies.append(body)
+
+
+def start_consumer(
+    rabbitmq_url: str, database_url: str, queue: str, handler: SlowFirst, stopping: threading.Event
+) -> tuple[threading.Thread, list[BaseException]]:
+    settings = consuming.QueueSettings(
+        broker_url=rabbitmq_url, queue=queue, prefetch_count=PREFETCH_COUNT, prefetch_size=0, api_wait_seconds=300.0
+    )
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            consuming.consume_in_threads(settings, database_url, THREADS, lambda: handler, stopping)
+        except BaseException as error:  # noqa: BLE001 - the test looks at it
+            failures.append(error)
+
+    thread = threading.Thread(target=consume, name="test consumer")
+    thread.start()
+    return thread, failures
+
+
+def test_the_threads_share_one_subscription_and_apply_beside_a_batch_that_waits(rabbitmq_url, database_url, queue):
+    handler = SlowFirst(fail=False)
+    stopping = threading.Event()
+    thread, failures = start_consumer(rabbitmq_url, database_url, queue, handler, stopping)
+    # Two windows and a few: the few are held back for a busy thread, HOLD_BACK_SECONDS at most.
+    fast = [b"fast %d" % n for n in range(2 * PREFETCH_COUNT + 3)]
+    try:
+        publish(rabbitmq_url, queue, [SLOW])
+        wait_for(handler.slow_started.is_set, "the slow batch to be applied")
+        publish(rabbitmq_url, queue, fast)
+        # While one thread waits, the others apply the rest, a few at a time as they come.
+        wait_for(lambda: handler.acked_count() == len(fast), "the other threads to apply the rest")
+        # One subscription for the process, as the reference has, not one per thread.
+        assert queue_state(rabbitmq_url, queue) == (0, 1)
+        handler.release.set()
+        wait_for(lambda: handler.acked_count() == len(fast) + 1, "the slow batch to be applied")
+    finally:
+        stopping.set()
+        handler.release.set()
+        thread.join()
+    assert failures == []
+    assert sorted(handler.acked_bodies) == sorted([SLOW, *fast])
+    assert queue_state(rabbitmq_url, queue) == (0, 0)
+
+
+def test_an_ack_never_covers_an_older_batch_still_being_applied(rabbitmq_url, database_url, queue):
+    handler = SlowFirst(fail=True)
+    stopping = threading.Event()
+    thread, failures = start_consumer(rabbitmq_url, database_url, queue, handler, stopping)
+    try:
+        publish(rabbitmq_url, queue, [SLOW])
+        wait_for(handler.slow_started.is_set, "the slow batch to be applied")
+        publish(rabbitmq_url, queue, [b"fast %d" % n for n in range(PREFETCH_COUNT - 1)])
+        # Newer batches, applied and acked while the slow one is still in hand.
+        wait_for(lambda: handler.acked_count() >= PREFETCH_COUNT // THREADS, "a newer batch to be applied")
+        with handler.lock:
+            acked = set(handler.acked_bodies)
+    finally:
+        handler.release.set()
+        thread.join(HANDLER_WAIT_SECONDS)
+        stopping.set()
+    assert [type(failure) for failure in failures] == [RuntimeError]
+
+    # The failed consumer's connection is gone: what it had not acked is back in the queue.
+    # An ack of every tag up to a newer batch's highest would have taken the slow one too.
+    back = ready_bodies(rabbitmq_url, queue)
+    assert SLOW in back
+    assert not acked & set(back)
