@@ -52,6 +52,8 @@ POLL_SECONDS = 1.0
 # Deliveries wait this long at most for a busy applier thread (AppliersInThreads): about
 # the time a window takes to apply.
 HOLD_BACK_SECONDS = 0.02
+# basic.qos takes the prefetch count as a 16-bit number.
+MAX_PREFETCH_COUNT = 2**16 - 1
 # Upper bound of a batch when the prefetch count is 0 ("unlimited").
 MAX_BATCH_SIZE = 1000
 TRANSIENT_ERRORS = (psycopg.OperationalError, *amqp.CONNECTION_ERRORS)
@@ -190,7 +192,8 @@ def consume_batches(
     try:
         channel = connection.channel()
         # A window's worth for each thread; a window holds at most the prefetch count (Batches).
-        channel.basic_qos(prefetch_size=settings.prefetch_size, prefetch_count=settings.prefetch_count * len(handlers))
+        prefetch_count = min(settings.prefetch_count * len(handlers), MAX_PREFETCH_COUNT)
+        channel.basic_qos(prefetch_size=settings.prefetch_size, prefetch_count=prefetch_count)
         appliers = (
             AppliersInLine(connection, channel, settings, postgres_url, handlers[0], stopping)
             if len(handlers) == 1
@@ -214,10 +217,12 @@ def consume_batches(
             sleep_answering_broker(connection, pause_seconds, stopping)
         return False
     finally:
-        if appliers is not None:
-            appliers.close()
-        if connection.is_open:
-            connection.close()
+        try:
+            if appliers is not None:
+                appliers.close()
+        finally:
+            if connection.is_open:
+                connection.close()
 
 
 def subscribe(channel, queue: str, on_message, *, draining: bool) -> str | None:
@@ -247,9 +252,8 @@ class Batches:
         max_batch_size = self.settings.max_batch_size
         idle_polls = 0
         while not stopping.is_set():
-            # Returns early when a delivery or an applier's outcome arrives. Deliveries held back
-            # for a busy applier are looked at again soon (AppliersInThreads.can_take).
-            self.connection.process_data_events(time_limit=HOLD_BACK_SECONDS if self.received else POLL_SECONDS)
+            # Returns early when a delivery or an applier's outcome arrives.
+            self.connection.process_data_events(time_limit=self.appliers.look_again_in(self.received))
             settled = self.appliers.settle_applied()
             if not self.received:
                 if not settled and self.appliers.idle():
@@ -277,8 +281,11 @@ class Appliers(typing.Protocol):
     def take(self, batch: list[Delivery]) -> bool:
         """Apply `batch` or start applying it; False when stopped before it was applied."""
 
+    def look_again_in(self, waiting: list[Delivery]) -> float:
+        """Seconds until `waiting` may be handed on if nothing else happens (at most POLL_SECONDS)."""
+
     def settle_applied(self) -> int:
-        """Settle the batches applied since the last call; how many."""
+        """Settle the batches applied since the last call; how many. Raises what an applier raised."""
 
     def idle(self) -> bool:
         """No batch is being applied."""
@@ -324,6 +331,9 @@ class AppliersInLine:
         settle(self.channel, outcome, up_to_highest=True)
         return True
 
+    def look_again_in(self, waiting: list[Delivery]) -> float:
+        return POLL_SECONDS
+
     def settle_applied(self) -> int:
         return 0
 
@@ -342,6 +352,7 @@ class AppliedBatch:
     outcome: BatchOutcome | None
     error: BaseException | None
     applier: Applier
+    applied_at: float  # time.monotonic() when the handler returned, for the metrics
 
 
 class AppliersInThreads:
@@ -369,8 +380,8 @@ class AppliersInThreads:
         self.channel = channel
         self.settings = settings
         self.applied: queue.SimpleQueue[AppliedBatch] = queue.SimpleQueue()
-        # Set when the subscription ends, for whatever reason (`stopping` among them): a thread
-        # that waits for the database then gives up its batch, which the broker delivers again.
+        # Set by close(), as the subscription ends: a thread that waits for the database then
+        # gives up its batch, which the broker delivers again.
         self.closing = threading.Event()
         self.appliers = [
             Applier(f"consumer-{n}", settings, postgres_url, handler, self.closing, self.applied_one)
@@ -399,6 +410,11 @@ class AppliersInThreads:
             or time.monotonic() - waiting[0].received_at >= HOLD_BACK_SECONDS
         )
 
+    def look_again_in(self, waiting: list[Delivery]) -> float:
+        if not waiting or not self.free:
+            return POLL_SECONDS  # a thread that finishes wakes the connection's (applied_one)
+        return max(0.0, waiting[0].received_at + HOLD_BACK_SECONDS - time.monotonic())
+
     def take(self, batch: list[Delivery]) -> bool:
         self.in_hand.append(batch)
         self.free.pop().inbox.put(batch)
@@ -415,26 +431,37 @@ class AppliersInThreads:
             if done.error is not None:
                 raise done.error
             if done.outcome is None:
-                continue  # stopped: its deliveries stay unsettled, and in hand for the acks below
-            # An ack of every tag up to the highest would also ack an older batch not settled.
-            oldest = self.in_hand[0] is done.batch
+                continue  # given up: its deliveries stay unsettled, and in hand for the acks below
+            # An ack of every tag up to the highest would also ack an older batch not settled; a
+            # batch leaves the hand only once settled, whatever fails on the way.
+            settle(self.channel, done.outcome, up_to_highest=self.in_hand[0] is done.batch)
             self.in_hand.remove(done.batch)
-            count_window(self.settings.queue, done.batch, done.outcome, time.monotonic())
-            settle(self.channel, done.outcome, up_to_highest=oldest)
+            count_window(self.settings.queue, done.batch, done.outcome, done.applied_at)
             settled += 1
 
     def idle(self) -> bool:
         return not self.in_hand
 
     def close(self) -> None:
+        """Stop the threads, settle what they applied meanwhile, and close their connections.
+
+        Called as the subscription ends, often because of an error on its way
+        up: an applier's error found here is logged, not raised over that one.
+        """
         self.closing.set()
         for applier in self.appliers:
             applier.inbox.put(None)
         processes.join_threads(self.appliers)
-        if self.connection.is_open:
-            self.settle_applied()
-        for applier in self.appliers:
-            applier.database.close()
+        try:
+            if self.connection.is_open:
+                self.settle_applied()
+        except Exception:  # noqa: BLE001 - see the docstring; what is unsettled is delivered again
+            logger.exception(
+                "Could not settle every window applied while the consumer of %s stopped.", self.settings.queue
+            )
+        finally:
+            for applier in self.appliers:
+                applier.database.close()
 
 
 class Applier(threading.Thread):
@@ -465,12 +492,13 @@ class Applier(threading.Thread):
                 outcome = handle_until_applied(
                     self.database, self.handler, batch, self.settings, self.closing, self.closing.wait
                 )
+                applied_at = time.monotonic()
                 if outcome is not None and outcome.requeued and not outcome.acked:
                     self.closing.wait(self.requeue_backoff.next_pause())
             except BaseException as error:  # noqa: BLE001 - raised again in the connection's thread
-                self.report(AppliedBatch(batch, None, error, self))
+                self.report(AppliedBatch(batch, None, error, self, time.monotonic()))
             else:
-                self.report(AppliedBatch(batch, outcome, None, self))
+                self.report(AppliedBatch(batch, outcome, None, self, applied_at))
 
 
 @dataclasses.dataclass
