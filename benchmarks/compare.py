@@ -14,8 +14,12 @@ worktree add`), and give every file to its side:
     python benchmarks/compare.py --before /tmp/ab/before-*.json --after /tmp/ab/after-*.json
 
 For each scenario it prints every run's transfers/s, server+PostgreSQL CPU
-per transfer and p50 prepare latency, and the change of their means, after
-against before; a scenario whose checks failed on either side says so.
+per transfer, that CPU divided by the load generator's, and p50 prepare
+latency, and the change of their means, after against before; a scenario
+whose checks failed on either side says so. Trust the ratio over the CPU per
+transfer: the machine's pace drifts between runs (by a quarter within an hour
+on the shared machines), and the load generator's work per transfer is the
+same in every run, so dividing by its CPU takes the drift out.
 """
 
 from __future__ import annotations
@@ -27,10 +31,22 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+LOAD_GENERATOR = "load generator"  # end_to_end.LOAD_GENERATOR, its process group in cpu_seconds
+
+
+def server_per_load_generator(run: dict) -> float:
+    """Server + PostgreSQL CPU over the load generator's in the run; NaN without the latter."""
+    load_generator_seconds = run["cpu_seconds"].get(LOAD_GENERATOR, 0.0)
+    if load_generator_seconds == 0:
+        return math.nan
+    return run["server_and_postgres_ms_per_transfer"] * run["transfers"] / 1000 / load_generator_seconds
+
+
 # A scenario's figures as end_to_end.as_json writes them, and how each is printed.
 FIGURES: dict[str, tuple[Callable[[dict], float], str]] = {
     "transfers/s": (lambda run: run["transfers_per_second"], ".0f"),
     "server+PG CPU ms/transfer": (lambda run: run["server_and_postgres_ms_per_transfer"], ".2f"),
+    "server+PG ÷ load generator CPU": (server_per_load_generator, ".2f"),
     # NaN for a run that saw no PreparedTransfer in its window.
     "prepare p50 ms": (lambda run: run["latencies_ms"]["prepare"].get("50", math.nan), ".0f"),
 }
