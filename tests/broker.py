@@ -79,6 +79,17 @@ class Catcher:
         assert method is None, "an unexpected message arrived"
 
 
+def ready_messages(url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Every message ready in the queue now, taken out of it."""
+    found = []
+    with topology.open_channel(url) as channel:
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append((properties, body))
+
+
 AMQP_PORT = 5672  # pika's default when the URL names none
 # Closing a connection from the broker's side needs the broker's own tool.
 CAN_CLOSE_BROKER_CONNECTIONS = shutil.which("rabbitmqctl") is not None and shutil.which("ss") is not None

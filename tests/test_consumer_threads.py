@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pika
 import pytest
+from broker import ready_messages
 from drivers import wait_for
 
 from pyswpt import consuming, topology
@@ -67,16 +68,6 @@ def queue_state(rabbitmq_url: str, queue: str) -> tuple[int, int]:
     with topology.open_channel(rabbitmq_url) as channel:
         method = channel.queue_declare(queue, passive=True).method
     return method.message_count, method.consumer_count
-
-
-def ready_bodies(rabbitmq_url: str, queue: str) -> list[bytes]:
-    bodies = []
-    with topology.open_channel(rabbitmq_url) as channel:
-        while True:
-            method, _properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return bodies
-            bodies.append(body)
 
 
 def start_consumer(
@@ -143,6 +134,6 @@ def test_an_ack_never_covers_an_older_batch_still_being_applied(rabbitmq_url, da
 
     # The failed consumer's connection is gone: what it had not acked is back in the queue.
     # An ack of every tag up to a newer batch's highest would have taken the slow one too.
-    back = ready_bodies(rabbitmq_url, queue)
+    back = [body for _properties, body in ready_messages(rabbitmq_url, queue)]
     assert SLOW in back
     assert not acked & set(back)

@@ -21,6 +21,7 @@ import httpx
 import pika
 import psycopg
 import pytest
+from broker import ready_messages
 from drivers import driver_environment, free_port, pyswpt_command, wait_for
 from factories import (
     ACCOUNTS_IN_ONE_ANNOUNCEMENT,
@@ -71,17 +72,6 @@ def chores_queue(rabbitmq_url) -> Iterator[str]:
         channel.queue_delete(name)
 
 
-def published_chores(rabbitmq_url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
-    """Every message in the queue now (the publisher waited for confirms, so all are there)."""
-    found = []
-    with topology.open_channel(rabbitmq_url) as channel:
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return found
-            found.append((properties, body))
-
-
 @contextlib.contextmanager
 def accounts_scanner(
     database_url: str, rabbitmq_url: str, chores_queue: str, **environ: str
@@ -103,7 +93,8 @@ def scan_accounts(
         db.connect(database_url) as conn,
     ):
         engine.process_beat(conn, scanner, keys, now)
-    return published_chores(rabbitmq_url, chores_queue)
+    # The publisher waited for confirms, so every chore is in the queue.
+    return ready_messages(rabbitmq_url, chores_queue)
 
 
 def rows(conn: psycopg.Connection, query: str, params: Any = None) -> list[dict[str, Any]]:
