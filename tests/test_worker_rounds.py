@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from test_db import CHANNEL, NOTIFIED_WITHIN_SECONDS, shared_listener  # noqa: F401 - the fixture
 
 from pyswpt import config
@@ -47,7 +48,7 @@ def threads_of_round(threads: int, keys: list[workers.Key]) -> dict[workers.Key,
         processed_in[key] = threading.current_thread()
 
     with workers.pool_beside(stage_of_payload_a(threads)) as pool:
-        workers.process_round(pool, process, keys)
+        workers.process_round(pool, threads - 1, process, keys)
     return processed_in
 
 
@@ -60,20 +61,36 @@ def test_a_stage_of_one_thread_processes_every_account_in_its_own_thread():
     assert threads_of_round(1, keys) == dict.fromkeys(keys, threading.current_thread())
 
 
-def test_a_round_of_several_accounts_is_shared_with_the_pool():
+def test_accounts_processed_within_the_hold_back_are_processed_in_the_stages_own_thread():
     keys = [(1, 2), (1, 3), (1, 4)]
-    processed_in = threads_of_round(3, keys)
-    assert set(processed_in) == set(keys)
-    assert processed_in[(1, 4)] is threading.current_thread()
-    assert threading.current_thread() not in (processed_in[(1, 2)], processed_in[(1, 3)])
+    assert threads_of_round(3, keys) == dict.fromkeys(keys, threading.current_thread())
 
 
-def test_a_round_processes_as_many_accounts_at_once_as_the_stage_has_threads():
+def test_accounts_that_wait_past_the_hold_back_go_to_the_pool_as_many_at_once_as_the_stage_has_threads():
     # Each account waits for the other two: the round ends only if the three run at once.
     all_started = threading.Barrier(3, timeout=NOTIFIED_WITHIN_SECONDS)
+    started = time.monotonic()
     with workers.pool_beside(stage_of_payload_a(3)) as pool:
-        workers.process_round(pool, lambda _key: all_started.wait(), [(1, 2), (1, 3), (1, 4)])
+        workers.process_round(pool, 2, lambda _key: all_started.wait(), [(1, 2), (1, 3), (1, 4)])
     assert not all_started.broken
+    assert time.monotonic() - started >= workers.HOLD_BACK_SECONDS
+
+
+def test_an_error_in_a_pool_thread_is_raised_by_the_round():
+    main = threading.current_thread()
+    pool_failed = threading.Event()
+
+    def process(_key: workers.Key) -> None:
+        if threading.current_thread() is main:
+            pool_failed.wait(NOTIFIED_WITHIN_SECONDS)  # holds the others past the hold-back
+            return
+        pool_failed.set()
+        raise ConnectionError("lost the database")
+
+    with workers.pool_beside(stage_of_payload_a(2)) as pool:
+        with pytest.raises(ConnectionError):
+            workers.process_round(pool, 1, process, [(1, 2), (1, 3), (1, 4)])
+    assert pool_failed.is_set()
 
 
 def test_a_round_uses_no_more_threads_than_the_stage_has():

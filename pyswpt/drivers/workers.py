@@ -2,8 +2,9 @@
 
 Three loops — transfer requests, finalization requests, balance changes —
 each list the accounts that have queued work and run that account's SQL batch
-processor in PROCESS_*_THREADS threads (one connection per thread): the
-stage's own thread and a pool of the others. A loop wakes when
+processor in up to PROCESS_*_THREADS threads (one connection per thread): the
+stage's own thread, and a pool of the others for the accounts that wait for it
+longer than 20 ms (process_round). A loop wakes when
 the consumer's transaction NOTIFYs that rows arrived, and polls at least every
 APP_PROCESS_*_WAIT seconds; the loops share one LISTEN connection
 (db.SharedListener). Within a loop an account is never processed by two
@@ -23,6 +24,7 @@ missing past APP_API_WAIT_SECONDS (pyswpt.upgrades): then the process exits.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -52,6 +54,9 @@ ACCOUNT_RETRY_PAUSES_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 MAX_ACCOUNTS_IN_BACKOFF = 10_000
 # The list functions take an SQL integer.
 MAX_SQL_INTEGER = 2**31 - 1
+# The accounts of a round wait this long at most for the stage's own thread, before the
+# pool's threads take them (process_round): about what one account's processing takes.
+HOLD_BACK_SECONDS = 0.02
 # Rounds of the balance-changes stage start at least this far apart. A committed
 # transfer queues its recipient's change at once and NOTIFYs; without a gap a busy
 # recipient (a merchant) is locked, updated and announced once per transfer. With
@@ -301,7 +306,7 @@ def serve_stage(
                 round_started = time.monotonic()
                 listener.forget(stage.table)
                 keys = list_keys(lister, stage, backoff.waiting(round_started))
-                process_round(pool, process, keys)
+                process_round(pool, stage.threads - 1, process, keys)
                 metrics.WORKER_ROUNDS.labels(stage.name).inc()
                 metrics.WORKER_ROUND_ACCOUNTS.labels(stage.name).observe(len(keys))
                 api_wait.succeeded()
@@ -332,25 +337,49 @@ def pool_beside(stage: Stage) -> Iterator[concurrent.futures.ThreadPoolExecutor 
 
 
 def process_round(
-    pool: concurrent.futures.ThreadPoolExecutor | None, process: Callable[[Key], None], keys: list[Key]
+    pool: concurrent.futures.ThreadPoolExecutor | None,
+    helpers: int,
+    process: Callable[[Key], None],
+    keys: list[Key],
 ) -> None:
-    """Process every account, the last in this thread and the others in the pool (all here without
-    one); on an infrastructure error, raise it and start no other.
+    """Process every account: this thread takes them one after another, and up to `helpers`
+    threads of the pool take those still waiting after HOLD_BACK_SECONDS; on an infrastructure
+    error, raise it and start no other.
 
-    While work trickles in, most rounds have one account: handing it to a pool
-    thread and waiting for it cost more CPU (locks, wake-ups, the GIL changing
-    threads) than its processing in Python.
+    While work trickles in, a round has one account or a few, each processed in
+    less than the hold-back: processing them here costs less CPU than beside
+    each other in pool threads (a backend more at work at once, the threads'
+    wake-ups, the GIL changing hands), on a machine of few cores. An account
+    that waits (for a row lock, say) holds up the others for the hold-back at
+    most.
     """
-    here, elsewhere = (keys, []) if pool is None else (keys[-1:], keys[:-1])
-    futures = [pool.submit(process, key) for key in elsewhere]
-    try:
-        for key in here:
+    waiting = collections.deque(keys)
+    done = threading.Event()  # nothing is left to take, or an error stops the round
+
+    def take_until_done() -> None:
+        while not done.is_set():
+            try:
+                key = waiting.popleft()
+            except IndexError:
+                return
             process(key)
-        for future in futures:
-            future.result()
+
+    def help_after_hold_back() -> None:
+        try:
+            if not done.wait(HOLD_BACK_SECONDS):
+                take_until_done()
+        except BaseException:
+            done.set()
+            raise
+
+    count = 0 if pool is None else min(helpers, len(keys) - 1)
+    futures = [pool.submit(help_after_hold_back) for _ in range(count)]
+    try:
+        take_until_done()
     finally:
-        for future in futures:
-            future.cancel()
+        done.set()
+    for future in futures:
+        future.result()
 
 
 def list_keys(lister: psycopg.Connection, stage: Stage, waiting: set[Key]) -> list[Key]:
