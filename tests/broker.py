@@ -79,6 +79,13 @@ class Catcher:
         assert method is None, "an unexpected message arrived"
 
 
+def queue_counts(url: str, queue: str) -> tuple[int, int]:
+    """The queue's ready messages and consumers."""
+    with topology.open_channel(url) as channel:
+        method = channel.queue_declare(queue, passive=True).method
+    return method.message_count, method.consumer_count
+
+
 def ready_messages(url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
     """Every message ready in the queue now, taken out of it."""
     found = []

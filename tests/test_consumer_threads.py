@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pika
 import pytest
-from broker import ready_messages
+from broker import queue_counts, ready_messages
 from drivers import wait_for
 
 from pyswpt import consuming, topology
@@ -63,13 +63,6 @@ def publish(rabbitmq_url: str, queue: str, bodies: list[bytes]) -> None:
             channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
 
 
-def queue_state(rabbitmq_url: str, queue: str) -> tuple[int, int]:
-    """Ready messages and consumers of the queue."""
-    with topology.open_channel(rabbitmq_url) as channel:
-        method = channel.queue_declare(queue, passive=True).method
-    return method.message_count, method.consumer_count
-
-
 def start_consumer(
     rabbitmq_url: str, database_url: str, queue: str, handler: SlowFirst, stopping: threading.Event
 ) -> tuple[threading.Thread, list[BaseException]]:
@@ -102,7 +95,7 @@ def test_the_threads_share_one_subscription_and_apply_beside_a_batch_that_waits(
         # While one thread waits, the others apply the rest, a few at a time as they come.
         wait_for(lambda: handler.acked_count() == len(fast), "the other threads to apply the rest")
         # One subscription for the process, as the reference has, not one per thread.
-        assert queue_state(rabbitmq_url, queue) == (0, 1)
+        assert queue_counts(rabbitmq_url, queue) == (0, 1)
         handler.release.set()
         wait_for(lambda: handler.acked_count() == len(fast) + 1, "the slow batch to be applied")
     finally:
@@ -111,7 +104,7 @@ def test_the_threads_share_one_subscription_and_apply_beside_a_batch_that_waits(
         thread.join()
     assert failures == []
     assert sorted(handler.acked_bodies) == sorted([SLOW, *fast])
-    assert queue_state(rabbitmq_url, queue) == (0, 0)
+    assert queue_counts(rabbitmq_url, queue) == (0, 0)
 
 
 def test_an_ack_never_covers_an_older_batch_still_being_applied(rabbitmq_url, database_url, queue):

@@ -16,7 +16,7 @@ import uuid
 import pika
 import psycopg
 import pytest
-from broker import catching_queue, declare_smp_exchanges
+from broker import catching_queue, declare_smp_exchanges, queue_counts
 from drivers import driver_environment, running, wait_for
 
 from pyswpt import topology
@@ -86,12 +86,6 @@ def put(rabbitmq_url: str, queue: str, message: tuple[pika.BasicProperties, byte
     with topology.open_channel(rabbitmq_url) as channel:
         channel.confirm_delivery()
         channel.basic_publish("", queue, message[1], message[0])
-
-
-def queue_counts(rabbitmq_url: str, queue: str) -> tuple[int, int]:
-    with topology.open_channel(rabbitmq_url) as channel:
-        method = channel.queue_declare(queue, passive=True).method
-        return method.message_count, method.consumer_count
 
 
 def account_exists(database_url: str, debtor_id: int, creditor_id: int) -> bool:

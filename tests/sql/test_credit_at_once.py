@@ -22,6 +22,7 @@ from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_h
     DEBTOR_ID,
     RECIPIENT_ID,
     SENDER_ID,
+    WHOLE_REALM,
     account,
     enqueue_finalize,
     enqueue_prepare,
@@ -35,11 +36,8 @@ from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_h
     transfer_invariants_hold,
 )
 
-from pyswpt.sharding import Realm
-
 pytestmark = pytest.mark.usefixtures("transfer_invariants_hold")
 
-WHOLE_REALM = Realm.from_binding_key("#")
 LATER = DEFAULT_NOW + dt.timedelta(hours=2)
 OTHER_SENDER_ID = SENDER_ID + 1
 OTHER_RECIPIENT_ID = RECIPIENT_ID + 1

@@ -15,6 +15,7 @@ from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_h
     MAX_INT64,
     RECIPIENT_ID,
     SENDER_ID,
+    WHOLE_REALM,
     account,
     deliver_balance_changes,
     enqueue_finalize,
@@ -284,7 +285,7 @@ def test_commit_to_a_busy_recipient_in_the_workers_realm_is_queued_without_a_mes
     later = DEFAULT_NOW + dt.timedelta(hours=2)
     enqueue_finalize(conn, transfer, 40, note_format="text", note="rent", now=later)
     with held_by_another_transaction(conn, database_url, RECIPIENT_ID):
-        process_finalizations(conn, now=later, realm=Realm.from_binding_key("#"))
+        process_finalizations(conn, now=later, realm=WHOLE_REALM)
     assert signals(conn, "pending_balance_change_signal") == []
     [queued] = rows(conn, "SELECT * FROM pending_balance_change")
     assert {key: queued[key] for key in ("other_creditor_id", "creditor_id", "principal_delta", "committed_at")} == {
@@ -332,7 +333,7 @@ def test_change_ids_stay_unique_whichever_way_a_change_travels(conn, database_ur
     process_finalizations(conn)
     enqueue_finalize(conn, queued_at_once, 10)
     with held_by_another_transaction(conn, database_url, RECIPIENT_ID):
-        process_finalizations(conn, realm=Realm.from_binding_key("#"))
+        process_finalizations(conn, realm=WHOLE_REALM)
     [sent] = signals(conn, "pending_balance_change_signal")
     [queued] = rows(conn, "SELECT * FROM pending_balance_change")
     assert sent["change_id"] != queued["change_id"]

@@ -21,6 +21,7 @@ from transfer_steps import (
     DEBTOR_ID,
     RECIPIENT_ID,
     SENDER_ID,
+    WHOLE_REALM,
     account,
     assert_lock_invariants,
     assert_transfer_numbers_have_no_gaps,
@@ -34,7 +35,6 @@ from transfer_steps import (
 )
 
 from pyswpt import db, schema
-from pyswpt.sharding import Realm
 
 T = TypeVar("T")
 
@@ -43,7 +43,6 @@ MAX_RETRIES = 8
 WAIT_TIMEOUT_SECONDS = 10.0
 POLL_INTERVAL_SECONDS = 0.01
 # A worker's realm that holds every account: its finalizations may credit a recipient at once.
-WHOLE_REALM = Realm.from_binding_key("#")
 # A processor that must not wait for any lock fails fast instead.
 NO_WAIT_LOCK_TIMEOUT = "500ms"
 

@@ -32,6 +32,8 @@ COMMIT_PERIOD_SECONDS = 90 * SECONDS_IN_DAY
 LONG_COMMIT_DELAY_SECONDS = 1_000 * SECONDS_IN_DAY
 # T∞ of spec 01 §0.2.
 T_INFINITY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+# A worker of a shard that owns every account: its recipients are credited without the broker.
+WHOLE_REALM = Realm.from_binding_key("#")
 # Long enough for any machine; a lock wait it cuts short fails the test (57014) instead of hanging it.
 NO_WAIT_STATEMENT_TIMEOUT = "10s"
 
