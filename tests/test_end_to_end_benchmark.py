@@ -66,3 +66,39 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
     assert "| pyswpt finalization_requests | " in text
     assert "| table | sequential scans/transfer |" in text
     json.dumps(end_to_end.as_json(results, ceilings), default=str)
+
+
+def measured(idle_accounts: int, transfers: int, node_seconds: float, load_generator_seconds: float):
+    """A scenario of 10 s with this CPU for the node and the load generator."""
+    return end_to_end.Measured(
+        scenario=end_to_end.Scenario("compose", "spread", 100, idle_accounts),
+        seconds=10.0,
+        transfers=transfers,
+        latencies_ms={},
+        cpu_seconds={"pyswpt all": node_seconds, end_to_end.LOAD_GENERATOR: load_generator_seconds},
+        postgres_cpu_seconds={},
+        rss_mib={},
+        pss_mib={},
+    )
+
+
+def test_the_idle_accounts_goal_is_judged_at_the_machines_pace():
+    # With the idle accounts the machine ran 25 % slower: every process took 25 % more
+    # CPU per transfer, the load generator's fixed work too, and 20 % fewer transfers fit.
+    without = measured(0, transfers=5000, node_seconds=15.0, load_generator_seconds=2.0)
+    slower = measured(1_000_000, transfers=4000, node_seconds=15.0, load_generator_seconds=2.0)
+    rows = end_to_end.idle_goal_rows("compose", [without, slower])
+    assert rows == [
+        "| transfers/s with idle accounts ÷ without, spread C=100 | compose | within ±10% | -20.0% | 0.80 | – |",
+        "| the same at the machine's pace, spread C=100 | compose | within ±10% | +0.0% | 1.00 | yes |",
+        "| server+PG CPU/transfer with idle ÷ without, spread C=100 | compose | within ±10% | +25.0% | 1.25 | – |",
+        "| the same at the machine's pace, spread C=100 | compose | within ±10% | +0.0% | 1.00 | yes |",
+    ]
+    # Costlier at the same pace: the node's CPU grows, the load generator's does not.
+    costlier = measured(1_000_000, transfers=4000, node_seconds=15.0, load_generator_seconds=1.6)
+    assert [row.rsplit("|", 2)[-2].strip() for row in end_to_end.idle_goal_rows("compose", [without, costlier])] == [
+        "–",
+        "no",
+        "–",
+        "no",
+    ]
