@@ -7,6 +7,16 @@
 -- One function per table because each returns its table's own row type.
 -- PL/pgSQL rather than SQL: the statement's plan is cached for the session,
 -- where a SQL function with SET search_path is planned again at every call.
+-- The rows are found by one sequential scan and deleted by their ctid (a TID
+-- scan): the rows locked by this transaction keep their place until it
+-- deletes them, and a signal row is never updated. Until vacuum comes, a
+-- table keeps every page its deleted rows filled, and a scan reads them all:
+-- joining the taken keys back to the table by key cost a second such scan
+-- (measured on 667 pages of which 6 rows were live: 1.7 ms, now 0.6 ms).
+-- PL/pgSQL keeps the plan it makes while a table is small, where a scan
+-- filtering by ctid costs less than a TID scan: enable_seqscan = off leaves
+-- the TID scan the cheapest, and the search for rows, whose only path is the
+-- sequential scan, keeps it.
 
 -- Up to p_max_count rejected_transfer_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_rejected_transfer_signals(p_max_count integer)
@@ -14,16 +24,17 @@ RETURNS SETOF rejected_transfer_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM rejected_transfer_signal
-        WHERE (debtor_id, sender_creditor_id, signal_id) IN (
-            SELECT debtor_id, sender_creditor_id, signal_id
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM rejected_transfer_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;
@@ -34,16 +45,17 @@ RETURNS SETOF prepared_transfer_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM prepared_transfer_signal
-        WHERE (debtor_id, sender_creditor_id, signal_id) IN (
-            SELECT debtor_id, sender_creditor_id, signal_id
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM prepared_transfer_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;
@@ -54,16 +66,17 @@ RETURNS SETOF finalized_transfer_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM finalized_transfer_signal
-        WHERE (debtor_id, sender_creditor_id, transfer_id) IN (
-            SELECT debtor_id, sender_creditor_id, transfer_id
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM finalized_transfer_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;
@@ -74,16 +87,17 @@ RETURNS SETOF account_transfer_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM account_transfer_signal
-        WHERE (debtor_id, creditor_id, creation_date, transfer_number) IN (
-            SELECT debtor_id, creditor_id, creation_date, transfer_number
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM account_transfer_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;
@@ -94,16 +108,17 @@ RETURNS SETOF account_update_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM account_update_signal
-        WHERE (debtor_id, creditor_id, signal_id) IN (
-            SELECT debtor_id, creditor_id, signal_id
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM account_update_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;
@@ -114,16 +129,17 @@ RETURNS SETOF account_purge_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM account_purge_signal
-        WHERE (debtor_id, creditor_id, creation_date) IN (
-            SELECT debtor_id, creditor_id, creation_date
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM account_purge_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;
@@ -134,16 +150,17 @@ RETURNS SETOF rejected_config_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM rejected_config_signal
-        WHERE (debtor_id, creditor_id, signal_id) IN (
-            SELECT debtor_id, creditor_id, signal_id
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM rejected_config_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;
@@ -154,16 +171,17 @@ RETURNS SETOF pending_balance_change_signal
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
 AS $$
 BEGIN
     RETURN QUERY
         DELETE FROM pending_balance_change_signal
-        WHERE (debtor_id, other_creditor_id, change_id) IN (
-            SELECT debtor_id, other_creditor_id, change_id
+        WHERE ctid = ANY (ARRAY(
+            SELECT ctid
             FROM pending_balance_change_signal
             LIMIT p_max_count
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING *;
 END;
 $$;

@@ -80,3 +80,35 @@ def test_transfers_after_analyze_of_empty_queues_scan_no_table(analyzed_conn: ps
     by_index = {name: after[name][1] - before[name][1] for name in KEYED_TABLES}
     assert sequential == dict.fromkeys(KEYED_TABLES, 0)
     assert all(count >= TRANSFERS for count in by_index.values()), by_index
+
+
+# The outbox tables a committed transfer fills, and the flusher's take of each.
+TAKES = {
+    "prepared_transfer_signal": "take_prepared_transfer_signals",
+    "finalized_transfer_signal": "take_finalized_transfer_signals",
+    "account_transfer_signal": "take_account_transfer_signals",
+}
+
+
+def reads_in_transaction(conn: psycopg.Connection, table: str) -> tuple[int, int]:
+    """(sequential scans, index scans) of `table` so far in the current transaction."""
+    return conn.execute(
+        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables"
+        " WHERE schemaname = 'pyswpt' AND relname = %s",
+        (table,),
+    ).fetchone()
+
+
+def test_a_take_reads_its_outbox_table_once(analyzed_conn: psycopg.Connection) -> None:
+    # Until vacuum comes, a scan of an outbox table reads every page its deleted rows
+    # filled: the take must not scan it a second time to delete what it found.
+    for request_id in range(1, TRANSFERS + 1):
+        prepared = prepare(analyzed_conn, min_locked=10, max_locked=10, request_id=request_id)
+        assert finalize(analyzed_conn, prepared, 10) is not None
+    for table, take in TAKES.items():
+        with analyzed_conn.transaction():
+            before = reads_in_transaction(analyzed_conn, table)
+            taken = analyzed_conn.execute(f"SELECT count(*) FROM pyswpt_api.{take}(1000)").fetchone()[0]
+            after = reads_in_transaction(analyzed_conn, table)
+        assert taken >= TRANSFERS, table
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 0), table
