@@ -16,7 +16,9 @@
 -- PL/pgSQL keeps the plan it makes while a table is small, where a scan
 -- filtering by ctid costs less than a TID scan: enable_seqscan = off leaves
 -- the TID scan the cheapest, and the search for rows, whose only path is the
--- sequential scan, keeps it.
+-- sequential scan, keeps it. That scan then costs the planner's penalty for a
+-- disabled path, far past jit_above_cost: with JIT on, each take would be
+-- compiled anew (measured: 90 ms a take), hence jit = off.
 
 -- Up to p_max_count rejected_transfer_signal rows, removed in the caller's transaction.
 CREATE FUNCTION pyswpt_api.take_rejected_transfer_signals(p_max_count integer)
@@ -25,6 +27,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
@@ -46,6 +49,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
@@ -67,6 +71,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
@@ -88,6 +93,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
@@ -109,6 +115,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
@@ -130,6 +137,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
@@ -151,6 +159,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
@@ -172,6 +181,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER
 SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- the TID scan, whatever the table's size: see above
+SET jit = off -- nor compiles the plan: see above
 AS $$
 BEGIN
     RETURN QUERY
