@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import math
 import re
@@ -232,13 +233,18 @@ def parse_datetime(value: Any) -> dt.datetime:
     match = DATETIME_PATTERN.match(value)
     if match is None:
         raise ValueError(f"not a date-time: {value!r}")
-    parts = match.groupdict()
-    fraction = parts.pop("fraction")
-    zone = parts.pop("zone")
-    numbers = {name: int(text) for name, text in parts.items() if text is not None}
-    if fraction is not None:
-        numbers["microsecond"] = int(fraction.ljust(6, "0"))
-    return dt.datetime(**numbers, tzinfo=_parse_zone(zone)).astimezone(dt.UTC)
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    moment = dt.datetime(
+        int(year),
+        int(month),
+        int(day),
+        int(hour),
+        int(minute),
+        0 if second is None else int(second),
+        0 if fraction is None else int(fraction.ljust(6, "0")),
+        tzinfo=_parse_zone(zone),
+    )
+    return moment.astimezone(dt.UTC)
 
 
 def _parse_zone(zone: str | None) -> dt.tzinfo:
@@ -258,6 +264,7 @@ _I64 = _Int()
 _I32 = _Int(MIN_INT32, MAX_INT32)
 _AMOUNT = _Int(0, MAX_INT64)
 _DATETIME = _DateTime()
+_TYPE = _Text()
 _COORDINATOR_TYPE = _Text(min_chars=1, max_chars=COORDINATOR_TYPE_MAX_BYTES, ascii_only=True)
 _TRANSFER_NOTE_FORMAT = _Text(pattern=TRANSFER_NOTE_FORMAT_PATTERN)
 _TRANSFER_NOTE = _Text(max_chars=TRANSFER_NOTE_MAX_BYTES, max_bytes=TRANSFER_NOTE_MAX_BYTES)
@@ -432,16 +439,16 @@ def _load(kind: Any, message_type: str, document: Any) -> tuple[Message | None, 
         return None, {"_schema": ["Invalid input type."]}
     errors: dict[str, list[str]] = {}
     try:
-        if _Text().load(_required(document, "type")) != message_type:
+        if _TYPE.load(_required(document, "type")) != message_type:
             errors["type"] = ["Invalid type."]
     except _FieldError as error:
         errors["type"] = [str(error)]
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(kind):
+    for name, rule in _rules(kind):
         try:
-            values[field.name] = field.metadata["rule"].load(_required(document, field.name))
+            values[name] = rule.load(_required(document, name))
         except _FieldError as error:
-            errors[field.name] = [str(error)]
+            errors[name] = [str(error)]
     if errors:
         return None, errors
     message = kind(**values)
@@ -449,6 +456,13 @@ def _load(kind: Any, message_type: str, document: Any) -> tuple[Message | None, 
     cross_field_errors = getattr(message, "cross_field_errors", None)
     errors = cross_field_errors() if cross_field_errors is not None else {}
     return (None, errors) if errors else (message, {})
+
+
+@functools.cache
+def _rules(kind: type) -> tuple[tuple[str, _Rule], ...]:
+    """The name and rule of each field of a message class, in order (asked once per class:
+    dataclasses.fields() builds its tuple anew at every call)."""
+    return tuple((field.name, field.metadata["rule"]) for field in dataclasses.fields(kind))
 
 
 def _required(document: dict[str, Any], name: str) -> Any:

@@ -37,7 +37,7 @@ def _be8(value: int) -> bytes:
 
 def hex_routing_key(value: int) -> str:
     """Routing key of `to_creditors`, `to_debtors` and `to_coordinators`."""
-    return ".".join(f"{byte:02x}" for byte in _be8(value))
+    return _be8(value).hex(".")
 
 
 def pair_hash(debtor_id: int, creditor_id: int) -> bytes:

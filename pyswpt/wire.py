@@ -43,6 +43,12 @@ EMPTY_WHEN_NONE_FIELDS = frozenset({"debtor_info_iri", "debtor_info_content_type
 FLOAT32_MAX_SIGNIFICANT_DIGITS = 9
 
 
+# json.dumps() with other than its default options builds an encoder at every call.
+_SMP_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# The types of values that are their own JSON form, as most fields' are.
+_AS_THEY_ARE = frozenset({int, str})
+
+
 class Destination(NamedTuple):
     exchange: str
     routing_key: str
@@ -56,8 +62,7 @@ def smp_body(fields: Mapping[str, Any]) -> bytes:
     spec has no JSON form for (NaN, infinity, a naive datetime, null).
     """
     document = {name: _json_value(name, value, FLOAT32_FIELDS) for name, value in fields.items()}
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
+    return _SMP_JSON.encode(document).encode("utf-8")
 
 
 def chore_body(fields: Mapping[str, Any]) -> bytes:
@@ -70,6 +75,8 @@ def chore_body(fields: Mapping[str, Any]) -> bytes:
 
 
 def _json_value(name: str, value: Any, float32_fields: frozenset[str]) -> Any:
+    if type(value) in _AS_THEY_ARE:  # first, as the most common (a bool's type is bool, not int)
+        return value
     if value is None:
         if name in EMPTY_WHEN_NONE_FIELDS:
             return ""
