@@ -413,14 +413,18 @@ COMMENT ON TABLE pyswpt.pending_balance_change_signal IS
 -- notifications of one transaction are delivered once, at commit.
 -- The function runs in its caller's search_path (a SET clause would cost a
 -- save and restore of the setting at every firing): it names nothing but
--- pg_catalog.pg_notify, which no search_path shadows.
+-- pg_catalog.pg_notify, which no search_path shadows. It calls pg_notify in an
+-- expression, not with PERFORM, which PL/pgSQL runs as a query through the
+-- executor; pg_notify returns void, never NULL.
 
 CREATE FUNCTION pyswpt.notify_table_filled()
 RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    PERFORM pg_catalog.pg_notify(TG_ARGV[0], TG_TABLE_NAME);
+    IF pg_catalog.pg_notify(TG_ARGV[0], TG_TABLE_NAME) IS NULL THEN
+        NULL;
+    END IF;
     RETURN NULL;
 END;
 $$;
