@@ -121,3 +121,18 @@ def test_a_take_scans_its_outbox_table_once_and_deletes_by_tid_uncompiled(analyz
         assert f"Tid Scan on {table}" in plan, plan
         # A disabled path's cost is past jit_above_cost: a compiled take cost 90 ms.
         assert "JIT" not in plan, plan
+
+
+def test_no_statement_of_a_transfer_is_compiled(analyzed_conn: psycopg.Connection) -> None:
+    # The entry points run with enable_seqscan = off: a statement whose plan kept a
+    # sequential scan would carry its penalty past jit_above_cost and be compiled at
+    # every run (90 ms each for the outbox takes, before their jit = off).
+    plans = nested_plans(analyzed_conn)
+    for request_id in range(1, TRANSFERS + 1):
+        prepared = prepare(analyzed_conn, min_locked=10, max_locked=10, request_id=request_id)
+        assert finalize(analyzed_conn, prepared, 10) is not None
+        deliver_balance_changes(analyzed_conn)
+    for take in TAKES.values():
+        analyzed_conn.execute(f"SELECT count(*) FROM pyswpt_api.{take}(1000)")
+    assert len(plans) > 100
+    assert [plan for plan in plans if "JIT" in plan] == []
