@@ -52,6 +52,11 @@ API_MISSING_SQLSTATES = (
 # whatever the language of the message.
 CHANGED_RESULT_SQLSTATE = "0A000"
 CHANGED_RESULT_SOURCE_FUNCTION = "RevalidateCachedQuery"
+# A session that runs a plan naming a function which `configure` dropped and
+# created again, before the session took in the change, fails with PostgreSQL's
+# internal error for a missing catalog entry (an elog message: never translated).
+STALE_FUNCTION_SQLSTATE = "XX000"
+STALE_FUNCTION_MESSAGE = "cache lookup failed for function "
 # SQLSTATEs (or their class prefixes) that say the server or the connection
 # is unwell: never the fault of the message or row at hand. Connection
 # exceptions, failed authentication, configuration file errors, lack of
@@ -241,6 +246,8 @@ def is_api_missing(error: BaseException) -> bool:
         return False
     if error.sqlstate == CHANGED_RESULT_SQLSTATE:
         return error.diag.source_function == CHANGED_RESULT_SOURCE_FUNCTION
+    if error.sqlstate == STALE_FUNCTION_SQLSTATE:
+        return (error.diag.message_primary or "").startswith(STALE_FUNCTION_MESSAGE)
     return error.sqlstate in API_MISSING_SQLSTATES
 
 
