@@ -195,9 +195,16 @@ def listen(url: str, channel: str, *, application_name: str) -> psycopg.Connecti
     return listener
 
 
-def wait_for_notifications(listener: psycopg.Connection, deadline: float, stopping: threading.Event) -> set[str]:
+def wait_for_notifications(
+    listener: psycopg.Connection, deadline: float, stopping: threading.Event, *, not_before: float = 0.0
+) -> set[str]:
     """The payloads of the NOTIFYs that came until a first one did, the `time.monotonic()`
-    deadline passed, or within a second after `stopping` was set; empty when none came."""
+    deadline passed, or within a second after `stopping` was set; empty when none came.
+
+    It returns no sooner than the `not_before` instant (unless stopping), with
+    every NOTIFY that came until then: the caller's next round serves them all.
+    """
+    stopping.wait(max(0.0, min(not_before, deadline) - time.monotonic()))
     payloads: set[str] = set()
     while not payloads and not stopping.is_set():
         remaining = deadline - time.monotonic()

@@ -82,6 +82,8 @@ CHANNEL = "pyswpt_test_channel"
 # A wait that must end on a NOTIFY is given this long; one that must not, much less.
 NOTIFIED_WITHIN_SECONDS = 10.0
 NOT_NOTIFIED_SECONDS = 0.3
+# A round gap (pyswpt.drivers.flusher.ROUND_GAP_SECONDS) long enough to see.
+GAP_SECONDS = 0.2
 
 
 @pytest.fixture
@@ -157,3 +159,43 @@ def test_a_shared_listener_listens_again_after_losing_its_connection_and_wakes_e
     listener.forget("b")
     notifier.execute(f"NOTIFY {CHANNEL}, 'b'")
     assert waited_seconds(listener, "b", NOTIFIED_WITHIN_SECONDS, stopping) < NOTIFIED_WITHIN_SECONDS
+
+
+@pytest.fixture
+def listener_and_notifier(fresh_database_url):
+    with (
+        db.listen(fresh_database_url, CHANNEL, application_name="pyswpt test listen") as listener,
+        psycopg.connect(fresh_database_url, autocommit=True) as notifier,
+    ):
+        yield listener, notifier
+
+
+def test_waiting_for_notifications_not_before_an_instant_serves_every_notify_until_then(listener_and_notifier):
+    # The flusher's round gap: the NOTIFYs of the commits meanwhile wake one round, not one each.
+    listener, notifier = listener_and_notifier
+    notifier.execute(f"NOTIFY {CHANNEL}, 'a'")
+    notifier.execute(f"NOTIFY {CHANNEL}, 'b'")
+    not_before = time.monotonic() + GAP_SECONDS
+    payloads = db.wait_for_notifications(
+        listener, not_before + NOTIFIED_WITHIN_SECONDS, threading.Event(), not_before=not_before
+    )
+    assert time.monotonic() >= not_before
+    assert payloads == {"a", "b"}
+
+
+def test_waiting_for_notifications_after_the_instant_returns_with_what_came(listener_and_notifier):
+    listener, notifier = listener_and_notifier
+    notifier.execute(f"NOTIFY {CHANNEL}, 'a'")
+    started = time.monotonic()
+    payloads = db.wait_for_notifications(listener, started + 600, threading.Event(), not_before=started - GAP_SECONDS)
+    assert payloads == {"a"}
+    assert time.monotonic() - started < NOTIFIED_WITHIN_SECONDS
+
+
+def test_waiting_for_notifications_stops_before_the_instant_when_told_to_stop(listener_and_notifier):
+    listener, _notifier = listener_and_notifier
+    stopping = threading.Event()
+    stopping.set()
+    started = time.monotonic()
+    assert db.wait_for_notifications(listener, started + 600, stopping, not_before=started + 600) == set()
+    assert time.monotonic() - started < NOTIFIED_WITHIN_SECONDS

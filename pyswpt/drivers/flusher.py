@@ -8,8 +8,9 @@ batch with publisher confirms, commit; again for the tables whose burst was
 full or that were not reached. One transaction and one wait for confirms serve
 the tables of a round: a transfer fills three to five tables, and a wait per
 table cost a commit and a broker round trip each.
-A round starts when a NOTIFY says rows arrived, and flushes the tables it
-names; at least every FLUSH_PERIOD seconds a round flushes every table and
+A round starts when a NOTIFY says rows arrived, but not sooner than
+ROUND_GAP_SECONDS after the last one started, and flushes the tables named
+by the NOTIFYs until then; at least every FLUSH_PERIOD seconds a round flushes every table and
 retries the parked messages that are due.
 
 One row never holds up the others (issue 8): a row that cannot be read,
@@ -63,6 +64,13 @@ MAX_RETRIES_PER_ROUND = 100
 # A transaction takes at most this many rows, counting every burst it sends for as full: a
 # failure replays what one transaction took. The tables that do not fit wait for the next one.
 MAX_ROWS_PER_TRANSACTION = 10000
+# Rounds start at least this far apart. A round costs about as much as the
+# messages of a few transfers (its takes, barrier, commit and wait for
+# confirms), and without a gap a busy node starts one for every commit of a
+# stage: at 20 coordinators, measured, 0.4 rounds per transfer. With it the
+# rows of a few milliseconds go out together, and the broker and the peers
+# receive them in fewer, larger reads too.
+ROUND_GAP_SECONDS = 0.01
 
 UNREADABLE = "unreadable"
 UNENCODABLE = "unencodable"
@@ -152,7 +160,9 @@ def flush_rounds(
                     next_full_round = round_started + config.flush_period_seconds
                 api_wait.succeeded()
                 publisher.keep_alive()
-                notified = db.wait_for_notifications(listener, next_full_round, stopping)
+                notified = db.wait_for_notifications(
+                    listener, next_full_round, stopping, not_before=round_started + ROUND_GAP_SECONDS
+                )
     finally:
         publisher.close()
 
