@@ -65,7 +65,9 @@ def test_the_change_of_the_means_of_each_scenario(tmp_path):
     # Server+PG CPU over the load generator's: 4 s / 1 s, 8 s / 1 s → 4.4 s / 2.2 s, 4.4 s / 0.88 s.
     assert cells[9:11] == ["4.00, 8.00 → 2.00, 5.00", "-41.7 %"]
     assert cells[11:13] == ["30, 50 → 36, 36", "-10.0 %"]
-    assert cells[13] == "FAILED"
+    # The load generator's CPU ms per transfer: 1 s / 1000, 1 s / 3000 → 2.2 s / 2200, 0.88 s / 2200.
+    assert cells[13:15] == ["1.00, 0.33 → 1.00, 0.40", "+5.0 %"]
+    assert cells[15] == "FAILED"
     assert "Only before: compose hot 20 0" in "\n".join(lines)
 
 
@@ -76,7 +78,7 @@ def test_a_side_without_transfers_has_no_change(tmp_path):
     after = compare.load_runs([written(tmp_path, "after", measured("spread", 100, 1.0, 5.0))])
     [row] = compare.comparison_table(before, after)[2:]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert (cells[5:7], cells[11:13]) == (["0 → 10", "–"], ["nan → 5", "–"])
+    assert (cells[5:7], cells[11:13], cells[13:15]) == (["0 → 10", "–"], ["nan → 5", "–"], ["nan → 10.00", "–"])
 
 
 def test_the_load_generator_is_named_as_end_to_end_names_it():
