@@ -10,8 +10,8 @@ the tables of a round: a transfer fills three to five tables, and a wait per
 table cost a commit and a broker round trip each.
 A round starts when a NOTIFY says rows arrived, but not sooner than
 ROUND_GAP_SECONDS after the last one started, and flushes the tables named
-by the NOTIFYs until then; at least every FLUSH_PERIOD seconds a round flushes every table and
-retries the parked messages that are due.
+by the NOTIFYs until then; at least every FLUSH_PERIOD seconds a round
+flushes every table and retries the parked messages that are due.
 
 One row never holds up the others (issue 8): a row that cannot be read,
 encoded or published (unroutable or nacked), or that belongs to another
