@@ -57,6 +57,9 @@ DEFAULT_EXCHANGE = "amq.default"
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 WINDOW_BUCKETS_MESSAGES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 ROUND_BUCKETS_ACCOUNTS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
+# A flusher round takes up to MAX_ROWS_PER_TRANSACTION (10000) rows a transaction, and goes on until
+# its tables are empty.
+ROUND_BUCKETS_ROWS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000, 100000)
 
 # Consumers (SMP and chores) --------------------------------------------------------------------
 
@@ -98,6 +101,12 @@ COMMIT_TO_PUBLISH_SECONDS = Histogram(
     "From an outbox row's insertion (its transaction's time) to the broker's confirm of its message.",
     ["table"],
     buckets=LATENCY_BUCKETS_SECONDS,
+)
+FLUSHER_ROUND_ROWS = Histogram(
+    "pyswpt_flusher_round_rows",
+    "Outbox rows that left the outbox (published, parked or dropped) in one round of a flusher;"
+    " its count is the rounds (at least 10 ms apart: pyswpt.drivers.flusher.ROUND_GAP_SECONDS).",
+    buckets=ROUND_BUCKETS_ROWS,
 )
 OUTBOX_ROWS_PARKED = Counter(
     "pyswpt_outbox_rows_parked_total",

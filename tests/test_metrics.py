@@ -155,6 +155,9 @@ def test_run_all_counts_the_messages_of_real_traffic(shard, node):
     assert moved(published, type="AccountTransfer", outcome="confirmed") == 2 * TRANSFERS
     assert moved("pyswpt_commit_to_publish_seconds_count", table="prepared_transfers") == TRANSFERS
     assert moved("pyswpt_commit_to_publish_seconds_count", table="finalized_transfers") == TRANSFERS
+    # Each transfer's PreparedTransfer, FinalizedTransfer and two AccountTransfers, at least.
+    assert moved("pyswpt_flusher_round_rows_sum") >= 4 * TRANSFERS
+    assert moved("pyswpt_flusher_round_rows_count") >= 1
     assert moved("pyswpt_worker_round_accounts_sum", stage="transfer_requests") >= 1
     assert moved("pyswpt_worker_rounds_total", stage="finalization_requests") >= 1
     # Read from the database, cached a few seconds.

@@ -154,7 +154,7 @@ def flush_rounds(
                 round_started = time.monotonic()
                 full_round = round_started >= next_full_round
                 flushed = [t for t in tables if full_round or t.signal_table in notified]
-                flush_tables(conn, listener, publisher, flushed, config)
+                metrics.FLUSHER_ROUND_ROWS.observe(flush_tables(conn, listener, publisher, flushed, config))
                 if full_round:
                     retry_parked_messages(conn, publisher, tables)
                     next_full_round = round_started + config.flush_period_seconds
