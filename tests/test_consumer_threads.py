@@ -1,10 +1,11 @@
 """A consumer process with several threads (spec 01 §3.6): one broker connection and channel for
-the threads, which apply beside a thread that waits, and acks that never cover a batch still
-being applied."""
+the threads, which apply beside a thread that waits but one at a time while each window is done
+quickly, and acks that never cover a batch still being applied."""
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -19,6 +20,8 @@ PREFETCH_COUNT = 10
 THREADS = 3
 SLOW = b"slow"
 HANDLER_WAIT_SECONDS = 30.0
+# How long the handler of test_quick_windows_are_applied_one_at_a_time takes for a window.
+QUICK_WINDOW_SECONDS = 0.05
 
 
 class SlowFirst:
@@ -47,6 +50,30 @@ class SlowFirst:
             return len(self.acked_bodies)
 
 
+class Overlaps:
+    """A batch handler that takes QUICK_WINDOW_SECONDS a batch, and counts the batches it applies at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.applying = 0
+        self.most_at_once = 0
+        self.acked = 0
+
+    def __call__(self, _conn, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
+        with self.lock:
+            self.applying += 1
+            self.most_at_once = max(self.most_at_once, self.applying)
+        time.sleep(QUICK_WINDOW_SECONDS)  # the window's work, long enough for others to start beside it
+        with self.lock:
+            self.applying -= 1
+            self.acked += len(deliveries)
+        return consuming.BatchOutcome(acked=[delivery.delivery_tag for delivery in deliveries])
+
+    def acked_count(self) -> int:
+        with self.lock:
+            return self.acked
+
+
 @pytest.fixture
 def queue(rabbitmq_url: str) -> Iterator[str]:
     name = f"test_consumer_threads_{uuid.uuid4().hex[:10]}"
@@ -64,7 +91,7 @@ def publish(rabbitmq_url: str, queue: str, bodies: list[bytes]) -> None:
 
 
 def start_consumer(
-    rabbitmq_url: str, database_url: str, queue: str, handler: SlowFirst, stopping: threading.Event
+    rabbitmq_url: str, database_url: str, queue: str, handler: consuming.BatchHandler, stopping: threading.Event
 ) -> tuple[threading.Thread, list[BaseException]]:
     settings = consuming.QueueSettings(
         broker_url=rabbitmq_url, queue=queue, prefetch_count=PREFETCH_COUNT, prefetch_size=0, api_wait_seconds=300.0
@@ -104,6 +131,26 @@ def test_the_threads_share_one_subscription_and_apply_beside_a_batch_that_waits(
         thread.join()
     assert failures == []
     assert sorted(handler.acked_bodies) == sorted([SLOW, *fast])
+    assert queue_counts(rabbitmq_url, queue) == (0, 0)
+
+
+def test_quick_windows_are_applied_one_at_a_time(rabbitmq_url, database_url, queue, monkeypatch):
+    # Far longer than a window takes: every window is done before its hold-back ends.
+    monkeypatch.setattr(consuming, "HOLD_BACK_SECONDS", HANDLER_WAIT_SECONDS)
+    bodies = [b"message %d" % n for n in range(4 * THREADS * PREFETCH_COUNT)]
+    # Queued first, so that the broker sends a window for every thread at once.
+    publish(rabbitmq_url, queue, bodies)
+    handler = Overlaps()
+    stopping = threading.Event()
+    thread, failures = start_consumer(rabbitmq_url, database_url, queue, handler, stopping)
+    try:
+        wait_for(lambda: handler.acked_count() == len(bodies), "every message to be applied")
+    finally:
+        stopping.set()
+        thread.join()
+    assert failures == []
+    # Full windows waited while each was applied; a thread took the next once the last was done.
+    assert handler.most_at_once == 1
     assert queue_counts(rabbitmq_url, queue) == (0, 0)
 
 
