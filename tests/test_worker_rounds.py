@@ -3,6 +3,7 @@ the next round starts (wait_for_next_round)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
@@ -64,6 +65,27 @@ def test_a_stage_of_one_thread_processes_every_account_in_its_own_thread():
 def test_accounts_processed_within_the_hold_back_are_processed_in_the_stages_own_thread():
     keys = [(1, 2), (1, 3), (1, 4)]
     assert threads_of_round(3, keys) == dict.fromkeys(keys, threading.current_thread())
+
+
+class CountingPool(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool that counts the tasks it was given."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers)
+        self.tasks = 0
+
+    def submit(self, *args, **kwargs) -> concurrent.futures.Future:
+        self.tasks += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_a_round_done_within_the_hold_back_gives_the_pool_one_task(monkeypatch):
+    # Far longer than the round takes, however busy the machine.
+    monkeypatch.setattr(workers, "HOLD_BACK_SECONDS", NOTIFIED_WITHIN_SECONDS)
+    with CountingPool(9) as pool:
+        workers.process_round(pool, 9, lambda _key: None, [(1, creditor_id) for creditor_id in range(20)])
+    # One thread watches the hold-back; the others would only be called in once it is over.
+    assert pool.tasks == 1
 
 
 def test_accounts_that_wait_past_the_hold_back_go_to_the_pool_as_many_at_once_as_the_stage_has_threads():

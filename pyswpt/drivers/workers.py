@@ -351,10 +351,12 @@ def process_round(
     each other in pool threads (a backend more at work at once, the threads'
     wake-ups, the GIL changing hands), on a machine of few cores. An account
     that waits (for a row lock, say) holds up the others for the hold-back at
-    most.
+    most. One pool thread watches the hold-back and calls in the others only
+    when it is over: a round done within it wakes one thread, not one per helper.
     """
     waiting = collections.deque(keys)
     done = threading.Event()  # nothing is left to take, or an error stops the round
+    called_in: list[concurrent.futures.Future] = []
 
     def take_until_done() -> None:
         while not done.is_set():
@@ -364,21 +366,28 @@ def process_round(
                 return
             process(key)
 
-    def help_after_hold_back() -> None:
+    def help_until_done() -> None:
         try:
-            if not done.wait(HOLD_BACK_SECONDS):
-                take_until_done()
+            take_until_done()
         except BaseException:
             done.set()
             raise
 
+    def watch_the_hold_back() -> None:
+        if done.wait(HOLD_BACK_SECONDS):
+            return
+        called_in.extend(pool.submit(help_until_done) for _ in range(count - 1))
+        help_until_done()
+
     count = 0 if pool is None else min(helpers, len(keys) - 1)
-    futures = [pool.submit(help_after_hold_back) for _ in range(count)]
+    watcher = pool.submit(watch_the_hold_back) if count else None
     try:
         take_until_done()
     finally:
         done.set()
-    for future in futures:
+    if watcher is not None:
+        watcher.result()  # once it returns, every thread it called in is in called_in
+    for future in called_in:
         future.result()
 
 
