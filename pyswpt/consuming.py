@@ -361,16 +361,16 @@ class AppliersInThreads:
 
     A window applied alone is waited for, HOLD_BACK_SECONDS at most, before the
     connection's thread reads on: what arrives meanwhile waits in the socket and
-    becomes the next window, as with one thread alone. Two threads at work at
-    once in one process cost more CPU than their work (the GIL changing hands,
-    each one's wake-ups): on a 2-core machine, three threads spent a quarter to
-    two fifths more CPU per message than one thread with windows of the same size.
-    A window that takes longer is slow (it waits for a row lock, say): until it
-    is settled, the deliveries behind it go to a free thread at once. Otherwise,
-    while windows are being applied, the deliveries that arrive wait for a busy
-    thread until they fill a window or the oldest has waited HOLD_BACK_SECONDS;
-    then a free thread takes them. A window costs a transaction, a commit and a NOTIFY whatever its size: with a
-    subscription per thread, the reference's compose settings (3 threads,
+    becomes the next window, as with one thread alone. Threads at work at once in
+    one process spend CPU beyond their work (the GIL changing hands, each one's
+    wake-ups): on a 2-core machine, three threads spent a quarter to two fifths more
+    CPU per message than one thread with windows of the same size. A window that
+    takes longer is slow (it waits for a row lock, say): until it is settled, the
+    deliveries behind it go to a free thread at once. Otherwise, while windows are
+    being applied, the deliveries that arrive wait for a busy thread until they fill
+    a window or the oldest has waited HOLD_BACK_SECONDS; then a free thread takes
+    them. A window costs a transaction, a commit and a NOTIFY whatever its size:
+    with a subscription per thread, the reference's compose settings (3 threads,
     prefetch 10) cut a trickle into windows of one or two.
     """
 
