@@ -437,6 +437,7 @@ class AppliersInThreads:
             done = self.applied.get(timeout=HOLD_BACK_SECONDS)
         except queue.Empty:
             self.slow_batch = batch
+            metrics.CONSUMER_SLOW_WINDOWS.labels(self.settings.queue).inc()
             return
         self.settle_one(done)
 

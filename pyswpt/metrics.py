@@ -76,6 +76,12 @@ CONSUMER_WINDOW_MESSAGES = Histogram(
     ["queue"],
     buckets=WINDOW_BUCKETS_MESSAGES,
 )
+CONSUMER_SLOW_WINDOWS = Counter(
+    "pyswpt_consumer_slow_windows_total",
+    "Windows applied alone that outlasted the hold-back (pyswpt.consuming.HOLD_BACK_SECONDS), so that"
+    " the deliveries behind them went to the consumer's other threads.",
+    ["queue"],
+)
 CONSUME_TO_COMMIT_SECONDS = Histogram(
     "pyswpt_consume_to_commit_seconds",
     "From a delivery's arrival at the consumer to the commit of its window, per settled message.",
@@ -122,6 +128,12 @@ WORKER_ROUND_ACCOUNTS = Histogram(
     "Accounts with queued work processed by one round of a worker stage.",
     ["stage"],
     buckets=ROUND_BUCKETS_ACCOUNTS,
+)
+WORKER_ROUNDS_HELPED = Counter(
+    "pyswpt_worker_rounds_helped_total",
+    "Rounds of a worker stage that outlasted the hold-back (pyswpt.drivers.workers.HOLD_BACK_SECONDS)"
+    " and had the stage's other threads help.",
+    ["stage"],
 )
 WORKER_ACCOUNT_FAILURES = Counter(
     "pyswpt_worker_account_failures_total",

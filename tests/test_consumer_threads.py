@@ -13,6 +13,7 @@ import pika
 import pytest
 from broker import queue_counts, ready_messages
 from drivers import wait_for
+from prometheus_client import REGISTRY
 
 from pyswpt import consuming, topology
 
@@ -109,6 +110,10 @@ def start_consumer(
     return thread, failures
 
 
+def slow_windows(queue: str) -> float:
+    return REGISTRY.get_sample_value("pyswpt_consumer_slow_windows_total", {"queue": queue}) or 0.0
+
+
 def test_the_threads_share_one_subscription_and_apply_beside_a_batch_that_waits(rabbitmq_url, database_url, queue):
     handler = SlowFirst(fail=False)
     stopping = threading.Event()
@@ -123,6 +128,8 @@ def test_the_threads_share_one_subscription_and_apply_beside_a_batch_that_waits(
         wait_for(lambda: handler.acked_count() == len(fast), "the other threads to apply the rest")
         # One subscription for the process, as the reference has, not one per thread.
         assert queue_counts(rabbitmq_url, queue) == (0, 1)
+        # The slow window, applied alone, outlasted the hold-back; what came behind it did not wait for it.
+        assert slow_windows(queue) >= 1
         handler.release.set()
         wait_for(lambda: handler.acked_count() == len(fast) + 1, "the slow batch to be applied")
     finally:
@@ -151,6 +158,7 @@ def test_quick_windows_are_applied_one_at_a_time(rabbitmq_url, database_url, que
     assert failures == []
     # Full windows waited while each was applied; a thread took the next once the last was done.
     assert handler.most_at_once == 1
+    assert slow_windows(queue) == 0
     assert queue_counts(rabbitmq_url, queue) == (0, 0)
 
 

@@ -83,9 +83,10 @@ def test_a_round_done_within_the_hold_back_gives_the_pool_one_task(monkeypatch):
     # Far longer than the round takes, however busy the machine.
     monkeypatch.setattr(workers, "HOLD_BACK_SECONDS", NOTIFIED_WITHIN_SECONDS)
     with CountingPool(9) as pool:
-        workers.process_round(pool, 9, lambda _key: None, [(1, creditor_id) for creditor_id in range(20)])
+        helped = workers.process_round(pool, 9, lambda _key: None, [(1, creditor_id) for creditor_id in range(20)])
     # One thread watches the hold-back; the others would only be called in once it is over.
     assert pool.tasks == 1
+    assert not helped
 
 
 def test_accounts_that_wait_past_the_hold_back_go_to_the_pool_as_many_at_once_as_the_stage_has_threads():
@@ -93,8 +94,9 @@ def test_accounts_that_wait_past_the_hold_back_go_to_the_pool_as_many_at_once_as
     all_started = threading.Barrier(3, timeout=NOTIFIED_WITHIN_SECONDS)
     started = time.monotonic()
     with workers.pool_beside(stage_of_payload_a(3)) as pool:
-        workers.process_round(pool, 2, lambda _key: all_started.wait(), [(1, 2), (1, 3), (1, 4)])
+        helped = workers.process_round(pool, 2, lambda _key: all_started.wait(), [(1, 2), (1, 3), (1, 4)])
     assert not all_started.broken
+    assert helped
     assert time.monotonic() - started >= workers.HOLD_BACK_SECONDS
 
 

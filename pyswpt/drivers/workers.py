@@ -306,7 +306,8 @@ def serve_stage(
                 round_started = time.monotonic()
                 listener.forget(stage.table)
                 keys = list_keys(lister, stage, backoff.waiting(round_started))
-                process_round(pool, stage.threads - 1, process, keys)
+                if process_round(pool, stage.threads - 1, process, keys):
+                    metrics.WORKER_ROUNDS_HELPED.labels(stage.name).inc()
                 metrics.WORKER_ROUNDS.labels(stage.name).inc()
                 metrics.WORKER_ROUND_ACCOUNTS.labels(stage.name).observe(len(keys))
                 api_wait.succeeded()
@@ -341,10 +342,10 @@ def process_round(
     helpers: int,
     process: Callable[[Key], None],
     keys: list[Key],
-) -> None:
+) -> bool:
     """Process every account: this thread takes them one after another, and up to `helpers`
     threads of the pool take those still waiting after HOLD_BACK_SECONDS; on an infrastructure
-    error, raise it and start no other.
+    error, raise it and start no other. Whether the pool helped.
 
     While work trickles in, a round has one account or a few, each processed in
     less than the hold-back: processing them here costs less CPU than beside
@@ -373,11 +374,12 @@ def process_round(
             done.set()
             raise
 
-    def watch_the_hold_back() -> None:
+    def watch_the_hold_back() -> bool:
         if done.wait(HOLD_BACK_SECONDS):
-            return
+            return False
         called_in.extend(pool.submit(help_until_done) for _ in range(count - 1))
         help_until_done()
+        return True
 
     count = 0 if pool is None else min(helpers, len(keys) - 1)
     watcher = pool.submit(watch_the_hold_back) if count else None
@@ -385,10 +387,11 @@ def process_round(
         take_until_done()
     finally:
         done.set()
-    if watcher is not None:
-        watcher.result()  # once it returns, every thread it called in is in called_in
+    # Once the watcher returns, every thread it called in is in called_in.
+    helped = watcher is not None and watcher.result()
     for future in called_in:
         future.result()
+    return helped
 
 
 def list_keys(lister: psycopg.Connection, stage: Stage, waiting: set[Key]) -> list[Key]:
