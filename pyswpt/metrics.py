@@ -131,8 +131,8 @@ WORKER_ROUND_ACCOUNTS = Histogram(
 )
 WORKER_ROUNDS_HELPED = Counter(
     "pyswpt_worker_rounds_helped_total",
-    "Rounds of a worker stage that outlasted the hold-back (pyswpt.drivers.workers.HOLD_BACK_SECONDS)"
-    " and had the stage's other threads help.",
+    "Rounds of a worker stage whose own thread could not end them within the hold-back"
+    " (pyswpt.drivers.workers.HOLD_BACK_SECONDS) and had the stage's other threads help.",
     ["stage"],
 )
 WORKER_ACCOUNT_FAILURES = Counter(

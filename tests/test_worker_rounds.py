@@ -89,6 +89,67 @@ def test_a_round_done_within_the_hold_back_gives_the_pool_one_task(monkeypatch):
     assert not helped
 
 
+class Overlaps:
+    """A processor that takes `seconds` per account and counts how many accounts it had at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most_at_once = 0
+
+    def __call__(self, _key: workers.Key) -> None:
+        with self.lock:
+            self.now += 1
+            self.most_at_once = max(self.most_at_once, self.now)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.now -= 1
+
+
+# Five times what an account takes in the tests below, so that a busy machine's slower
+# sleeps neither make an account look stuck nor change the threads a round calls for much.
+SLOW_HOLD_BACK_SECONDS = 0.1
+QUICK_ACCOUNT_SECONDS = 0.02
+
+
+def test_a_round_its_own_thread_ends_soon_after_the_hold_back_is_not_helped(monkeypatch):
+    monkeypatch.setattr(workers, "HOLD_BACK_SECONDS", SLOW_HOLD_BACK_SECONDS)
+    # Seven accounts: at the hold-back, one or two are left, which take the thread 40 ms.
+    overlaps = Overlaps(QUICK_ACCOUNT_SECONDS)
+    with CountingPool(9) as pool:
+        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(7)])
+    assert not helped
+    assert (pool.tasks, overlaps.most_at_once) == (1, 1)
+
+
+def test_a_round_of_many_quick_accounts_calls_in_the_threads_that_end_it_within_the_hold_back(monkeypatch):
+    monkeypatch.setattr(workers, "HOLD_BACK_SECONDS", SLOW_HOLD_BACK_SECONDS)
+    # Twenty accounts: at the hold-back about fifteen are left, 300 ms for one thread, so
+    # about three threads; even at half the pace far fewer than the stage's ten.
+    overlaps = Overlaps(QUICK_ACCOUNT_SECONDS)
+    with CountingPool(9) as pool:
+        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(20)])
+    assert helped
+    assert 1 < overlaps.most_at_once < 10
+
+
+def test_the_threads_a_round_needs_follow_its_own_threads_pace():
+    pace = workers.RoundPace()
+    pace.started = 0.0
+    hold_back = workers.HOLD_BACK_SECONDS
+    # Too early to say: the first account is at hand and recent.
+    pace.progress = (1, 0.0)
+    assert pace.threads_needed(hold_back / 2, left=50) == 0
+    # Four accounts done in two hold-backs: the nine left would take the thread four and a
+    # half, so four more threads end them within one; one left, it ends by itself.
+    pace.progress = (5, 2 * hold_back)
+    assert pace.threads_needed(2.5 * hold_back, left=9) == 4
+    assert pace.threads_needed(2.5 * hold_back, left=1) == 0
+    # The account at hand has taken the hold-back: it waits, so every account left needs a thread.
+    assert pace.threads_needed(3.5 * hold_back, left=7) == 7
+
+
 def test_accounts_that_wait_past_the_hold_back_go_to_the_pool_as_many_at_once_as_the_stage_has_threads():
     # Each account waits for the other two: the round ends only if the three run at once.
     all_started = threading.Barrier(3, timeout=NOTIFIED_WITHIN_SECONDS)

@@ -3,9 +3,9 @@
 Three loops — transfer requests, finalization requests, balance changes —
 each list the accounts that have queued work and run that account's SQL batch
 processor in up to PROCESS_*_THREADS threads (one connection per thread): the
-stage's own thread, and a pool of the others for the accounts that wait for it
-longer than 20 ms (process_round). A loop wakes when
-the consumer's transaction NOTIFYs that rows arrived, and polls at least every
+stage's own thread, and as many of a pool of the others as it needs to end a
+round within 20 ms more (process_round). A loop wakes when the consumer's
+transaction NOTIFYs that rows arrived, and polls at least every
 APP_PROCESS_*_WAIT seconds; the loops share one LISTEN connection
 (db.SharedListener). Within a loop an account is never processed by two
 threads at once; across processes, SKIP LOCKED and the account lock keep the
@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -337,34 +338,72 @@ def pool_beside(stage: Stage) -> Iterator[concurrent.futures.ThreadPoolExecutor 
         yield pool
 
 
+class RoundPace:
+    """How far a round's own thread has got, to size the help it needs (process_round)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        # Accounts the thread has taken, its current one included, and when it took that
+        # one: one tuple, so that another thread never reads one without the other.
+        self.progress = (0, self.started)
+
+    def took_one(self) -> None:
+        self.progress = (self.progress[0] + 1, time.monotonic())
+
+    def check_again_at(self) -> float:
+        """When the current account will have been processed for HOLD_BACK_SECONDS."""
+        return self.progress[1] + HOLD_BACK_SECONDS
+
+    def threads_needed(self, now: float, left: int) -> int:
+        """How many threads beside this one would end the `left` accounts within HOLD_BACK_SECONDS.
+
+        A thread whose account takes longer than the hold-back waits (for a
+        lock, say) or is starved: then every account left needs a thread.
+        Otherwise the thread's pace so far says how long they would take it.
+        """
+        taken, since = self.progress
+        if now - since >= HOLD_BACK_SECONDS:
+            return left
+        if taken < 2:  # no account done yet, and the current one is recent: too early to say
+            return 0
+        seconds_per_account = (since - self.started) / (taken - 1)
+        return math.ceil(left * seconds_per_account / HOLD_BACK_SECONDS) - 1
+
+
 def process_round(
     pool: concurrent.futures.ThreadPoolExecutor | None,
     helpers: int,
     process: Callable[[Key], None],
     keys: list[Key],
 ) -> bool:
-    """Process every account: this thread takes them one after another, and up to `helpers`
-    threads of the pool take those still waiting after HOLD_BACK_SECONDS; on an infrastructure
-    error, raise it and start no other. Whether the pool helped.
+    """Process every account: this thread takes them one after another, and threads of the
+    pool help when it cannot end them within HOLD_BACK_SECONDS; on an infrastructure error,
+    raise it and start no other. Whether the pool helped.
 
     While work trickles in, a round has one account or a few, each processed in
     less than the hold-back: processing them here costs less CPU than beside
     each other in pool threads (a backend more at work at once, the threads'
-    wake-ups, the GIL changing hands), on a machine of few cores. An account
-    that waits (for a row lock, say) holds up the others for the hold-back at
-    most. One pool thread watches the hold-back and calls in the others only
-    when it is over: a round done within it wakes one thread, not one per helper.
+    wake-ups, the GIL changing hands), on a machine of few cores. One pool
+    thread watches the round: each time the account at hand has been processed
+    for the hold-back, it weighs what is left. An account that takes longer
+    waits (a lock, say): up to `helpers` threads take the others. Otherwise as
+    many come as would end the rest within the hold-back at this thread's pace
+    so far, none when it will end them soon by itself: on a busy machine a
+    round of many quick accounts keeps to one thread or a few, and on one with
+    cores to spare it takes as many as it needs.
     """
     waiting = collections.deque(keys)
     done = threading.Event()  # nothing is left to take, or an error stops the round
     called_in: list[concurrent.futures.Future] = []
+    pace = RoundPace()
 
-    def take_until_done() -> None:
+    def take_until_done(took_one: Callable[[], None] = lambda: None) -> None:
         while not done.is_set():
             try:
                 key = waiting.popleft()
             except IndexError:
                 return
+            took_one()
             process(key)
 
     def help_until_done() -> None:
@@ -374,17 +413,21 @@ def process_round(
             done.set()
             raise
 
-    def watch_the_hold_back() -> bool:
-        if done.wait(HOLD_BACK_SECONDS):
-            return False
-        called_in.extend(pool.submit(help_until_done) for _ in range(count - 1))
-        help_until_done()
-        return True
+    def watch_the_round() -> bool:
+        while not done.wait(max(0.0, pace.check_again_at() - time.monotonic())):
+            if not waiting:  # this thread has the last account: nothing is left to help with
+                return False
+            threads = min(count, pace.threads_needed(time.monotonic(), len(waiting)))
+            if threads > 0:
+                called_in.extend(pool.submit(help_until_done) for _ in range(threads - 1))
+                help_until_done()
+                return True
+        return False
 
     count = 0 if pool is None else min(helpers, len(keys) - 1)
-    watcher = pool.submit(watch_the_hold_back) if count else None
+    watcher = pool.submit(watch_the_round) if count else None
     try:
-        take_until_done()
+        take_until_done(pace.took_one)
     finally:
         done.set()
     # Once the watcher returns, every thread it called in is in called_in.
