@@ -77,6 +77,8 @@ class Realm:
         return cls(mask, realm, parent_mask, realm & parent_mask)
 
     def owns(self, debtor_id: int, creditor_id: int) -> bool:
+        if not self.mask:  # the whole hash space (`#`, one shard): its owner needs no hash
+            return True
         return shard_key(debtor_id, creditor_id) & self.mask == self.realm
 
     def parent_owns(self, debtor_id: int, creditor_id: int) -> bool:

@@ -131,6 +131,15 @@ def test_realm_and_parent_realm_ownership(debtor_id: int, creditor_id: int, k: i
         assert f"{owns}/{parent_owns}" == expected, binding_key
 
 
+def test_the_realm_of_the_whole_hash_space_owns_a_pair_without_hashing_it(monkeypatch) -> None:
+    # A node of one shard asks for every message, account and outbox row.
+    def no_hash(debtor_id: int, creditor_id: int) -> int:
+        raise AssertionError("hashed")
+
+    monkeypatch.setattr(sharding, "shard_key", no_hash)
+    assert sharding.Realm.from_binding_key("#").owns(-2, 1099511627781)
+
+
 def test_pending_balance_change_routing_matches_shard_binding() -> None:
     # Spec 01 §3.3: crediting (-2, 1099511627781) reaches `1.#` and `1.1.#`, not `0.#`.
     assert sharding.Realm.from_binding_key("1.#").owns(-2, 1099511627781)
