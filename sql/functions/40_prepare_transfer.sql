@@ -255,28 +255,26 @@ AS $$
 DECLARE
     c_max_requests_per_batch CONSTANT integer := 10000;
     v_requests transfer_request[];
-    v_request_ids bigint[];
 BEGIN
-    -- Locked first and deleted by key after: a LIMIT ... SKIP LOCKED subquery inside
-    -- the DELETE could be re-run by the planner for every row and take too many.
-    SELECT
-        coalesce(array_agg(taken.request ORDER BY (taken.request).transfer_request_id), '{}'),
-        coalesce(array_agg((taken.request).transfer_request_id), '{}')
-    INTO v_requests, v_request_ids
-    FROM (
-        SELECT tr AS request
-        FROM transfer_request AS tr
-        WHERE tr.debtor_id = p_debtor_id
-            AND tr.sender_creditor_id = p_sender_creditor_id
-        ORDER BY tr.transfer_request_id
-        LIMIT c_max_requests_per_batch
-        FOR UPDATE SKIP LOCKED
-    ) AS taken;
-
-    DELETE FROM transfer_request
-    WHERE debtor_id = p_debtor_id
-        AND sender_creditor_id = p_sender_creditor_id
-        AND transfer_request_id = ANY (v_request_ids);
+    -- The rows locked are deleted by their ctid, a TID scan: a request row is never
+    -- updated, so a locked row keeps its place until this transaction deletes it. The
+    -- ARRAY() subquery runs once, before the DELETE, so it never takes more than its LIMIT.
+    WITH taken AS (
+        DELETE FROM transfer_request AS tr
+        WHERE tr.ctid = ANY (ARRAY(
+            SELECT queued.ctid
+            FROM transfer_request AS queued
+            WHERE queued.debtor_id = p_debtor_id
+                AND queued.sender_creditor_id = p_sender_creditor_id
+            ORDER BY queued.transfer_request_id
+            LIMIT c_max_requests_per_batch
+            FOR UPDATE SKIP LOCKED
+        ))
+        RETURNING tr
+    )
+    SELECT coalesce(array_agg(taken.tr ORDER BY (taken.tr).transfer_request_id), '{}')
+    INTO v_requests
+    FROM taken;
 
     RETURN v_requests;
 END;

@@ -229,6 +229,7 @@ $$;
 -- other transaction holds, each paired with its six-field-matching prepared transfer
 -- (a NULL element when there is none), in transfer-id order. Only the request rows
 -- are locked. A batch is bounded; what is left stays queued for the next call.
+-- The rows locked are deleted by their ctid, as take_transfer_requests does.
 CREATE FUNCTION pyswpt_private.take_finalization_requests(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
@@ -240,34 +241,32 @@ VOLATILE
 AS $$
 DECLARE
     c_max_requests_per_batch CONSTANT integer := 10000;
-    v_transfer_ids bigint[];
 BEGIN
+    WITH taken AS (
+        DELETE FROM finalization_request AS fr
+        WHERE fr.ctid = ANY (ARRAY(
+            SELECT queued.ctid
+            FROM finalization_request AS queued
+            WHERE queued.debtor_id = p_debtor_id
+                AND queued.sender_creditor_id = p_sender_creditor_id
+            ORDER BY queued.transfer_id
+            LIMIT c_max_requests_per_batch
+            FOR UPDATE SKIP LOCKED
+        ))
+        RETURNING fr
+    )
     SELECT
-        coalesce(array_agg(pair.fr ORDER BY (pair.fr).transfer_id), '{}'),
-        coalesce(array_agg(pair.pt ORDER BY (pair.fr).transfer_id), '{}'),
-        coalesce(array_agg((pair.fr).transfer_id), '{}')
-    INTO requests, transfers, v_transfer_ids
-    FROM (
-        SELECT fr, pt
-        FROM finalization_request AS fr
-        LEFT JOIN prepared_transfer AS pt
-            ON pt.debtor_id = fr.debtor_id
-            AND pt.sender_creditor_id = fr.sender_creditor_id
-            AND pt.transfer_id = fr.transfer_id
-            AND pt.coordinator_type = fr.coordinator_type
-            AND pt.coordinator_id = fr.coordinator_id
-            AND pt.coordinator_request_id = fr.coordinator_request_id
-        WHERE fr.debtor_id = p_debtor_id
-            AND fr.sender_creditor_id = p_sender_creditor_id
-        ORDER BY fr.transfer_id
-        LIMIT c_max_requests_per_batch
-        FOR UPDATE OF fr SKIP LOCKED
-    ) AS pair;
-
-    DELETE FROM finalization_request
-    WHERE debtor_id = p_debtor_id
-        AND sender_creditor_id = p_sender_creditor_id
-        AND transfer_id = ANY (v_transfer_ids);
+        coalesce(array_agg(taken.fr ORDER BY (taken.fr).transfer_id), '{}'),
+        coalesce(array_agg(pt ORDER BY (taken.fr).transfer_id), '{}')
+    INTO requests, transfers
+    FROM taken
+    LEFT JOIN prepared_transfer AS pt
+        ON pt.debtor_id = (taken.fr).debtor_id
+        AND pt.sender_creditor_id = (taken.fr).sender_creditor_id
+        AND pt.transfer_id = (taken.fr).transfer_id
+        AND pt.coordinator_type = (taken.fr).coordinator_type
+        AND pt.coordinator_id = (taken.fr).coordinator_id
+        AND pt.coordinator_request_id = (taken.fr).coordinator_request_id;
 END;
 $$;
 

@@ -123,6 +123,25 @@ def test_a_take_scans_its_outbox_table_once_and_deletes_by_tid_uncompiled(analyz
         assert "JIT" not in plan, plan
 
 
+# The work queues a transfer passes through, each emptied by its stage's take.
+REQUEST_QUEUES = ("transfer_request", "finalization_request")
+
+
+def test_a_stage_finds_the_requests_it_takes_once_and_deletes_them_by_tid(analyzed_conn: psycopg.Connection) -> None:
+    # One statement locks a sender's queued requests by key and deletes them by
+    # ctid; a DELETE by key after the lookup walked the index a second time.
+    plans = nested_plans(analyzed_conn)
+    for request_id in range(1, TRANSFERS + 1):
+        prepared = prepare(analyzed_conn, min_locked=10, max_locked=10, request_id=request_id)
+        assert finalize(analyzed_conn, prepared, 10) is not None
+    for table in REQUEST_QUEUES:
+        deletes = [plan for plan in plans if f"DELETE FROM {table}" in plan]
+        assert len(deletes) >= TRANSFERS, table
+        for plan in deletes:
+            assert plan.count(f"Index Scan using {table}_pkey on {table}") == 1, plan
+            assert f"Tid Scan on {table}" in plan, plan
+
+
 def test_no_statement_of_a_transfer_is_compiled(analyzed_conn: psycopg.Connection) -> None:
     # The entry points run with enable_seqscan = off: a statement whose plan kept a
     # sequential scan would carry its penalty past jit_above_cost and be compiled at
