@@ -107,29 +107,30 @@ class Overlaps:
             self.now -= 1
 
 
-# Five times what an account takes in the tests below, so that a busy machine's slower
+# Ten times what an account takes in the tests below, so that a busy machine's slower
 # sleeps neither make an account look stuck nor change the threads a round calls for much.
 SLOW_HOLD_BACK_SECONDS = 0.1
-QUICK_ACCOUNT_SECONDS = 0.02
+QUICK_ACCOUNT_SECONDS = 0.01
 
 
 def test_a_round_its_own_thread_ends_soon_after_the_hold_back_is_not_helped(monkeypatch):
     monkeypatch.setattr(workers, "HOLD_BACK_SECONDS", SLOW_HOLD_BACK_SECONDS)
-    # Seven accounts: at the hold-back, one or two are left, which take the thread 40 ms.
+    # Eleven accounts: at the hold-back one or two are left, 10 or 20 ms for the thread. It
+    # would be helped only if the accounts took 1.8 times as long, the round over 200 ms.
     overlaps = Overlaps(QUICK_ACCOUNT_SECONDS)
     with CountingPool(9) as pool:
-        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(7)])
+        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(11)])
     assert not helped
     assert (pool.tasks, overlaps.most_at_once) == (1, 1)
 
 
 def test_a_round_of_many_quick_accounts_calls_in_the_threads_that_end_it_within_the_hold_back(monkeypatch):
     monkeypatch.setattr(workers, "HOLD_BACK_SECONDS", SLOW_HOLD_BACK_SECONDS)
-    # Twenty accounts: at the hold-back about fifteen are left, 300 ms for one thread, so
-    # about three threads; even at half the pace far fewer than the stage's ten.
+    # Forty accounts: at the hold-back about thirty are left, 300 ms for one thread, so
+    # three threads; all ten only if the accounts took 2.5 times as long.
     overlaps = Overlaps(QUICK_ACCOUNT_SECONDS)
     with CountingPool(9) as pool:
-        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(20)])
+        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(40)])
     assert helped
     assert 1 < overlaps.most_at_once < 10
 
