@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -47,15 +48,34 @@ class StopRequest(threading.Event):
 
 
 def stop_event_on_signals() -> StopRequest:
-    """An event that SIGTERM, SIGINT or SIGHUP sets: loops finish their step and return."""
+    """An event that SIGTERM, SIGINT or SIGHUP sets: loops finish their step and return.
+
+    The handler only writes the signal's number to a pipe; a thread of its own
+    reads it and sets the event. Python runs a handler in the main thread
+    between two of its steps, which may be inside the event's own set() or
+    wait(), or inside an earlier run of the handler, a second signal coming
+    close behind the first (the parent's death and a stop of the whole group,
+    say): all hold the event's lock, which is not reentrant, and a handler that
+    set the event itself would wait for that lock for ever (seen: a driver that
+    never stopped).
+    """
     stopping = StopRequest()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
 
     def request_stop(signum: int, _frame) -> None:
-        logger.info("Received %s; stopping after the current step.", signal.Signals(signum).name)
-        if stopping.signal_name is None:
-            stopping.signal_name = signal.Signals(signum).name
-        stopping.set()
+        with contextlib.suppress(BlockingIOError):  # a full pipe already holds a stop request
+            os.write(write_end, bytes([signum]))
 
+    def set_on_requests() -> None:
+        while True:
+            name = signal.Signals(os.read(read_end, 1)[0]).name
+            logger.info("Received %s; stopping after the current step.", name)
+            if stopping.signal_name is None:
+                stopping.signal_name = name
+            stopping.set()
+
+    threading.Thread(target=set_on_requests, name="stop-signals", daemon=True).start()
     for signum in STOP_SIGNALS:
         signal.signal(signum, request_stop)
     return stopping

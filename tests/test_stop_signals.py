@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -162,3 +164,27 @@ def test_one_worker_in_this_process_stops_on_a_sigterm(restored_signal_handlers)
     started = time.monotonic()
     assert processes.run_worker_processes(1, idle) == 0
     assert time.monotonic() - started < STOPPED_WITHIN_SECONDS
+
+
+# Python runs a handler in the main thread between two of its steps, which may be inside
+# the stop event's set() or wait() (the supervisor's loop waits on it twice a second), or
+# inside an earlier run of the handler when a second signal comes close behind the first:
+# each holds the event's lock. The signal comes while this main thread holds that lock.
+SIGNAL_WHILE_THE_EVENT_IS_LOCKED = """
+import os, signal, sys
+from pyswpt import processes
+stopping = processes.stop_event_on_signals()
+with stopping._cond:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGHUP)
+sys.exit(0 if stopping.wait(5) and stopping.signal_name == "SIGTERM" else 1)
+"""
+
+
+def test_a_stop_signal_that_finds_the_stop_event_locked_stops_the_process():
+    # A handler that set the event itself waited for the lock for ever: a driver that
+    # never stopped (found by tests/test_process_tree.py, its SIGTERM close behind another).
+    finished = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_THE_EVENT_IS_LOCKED], timeout=STOPPED_WITHIN_SECONDS * 5, check=False
+    )
+    assert finished.returncode == 0
