@@ -135,6 +135,12 @@ WORKER_ROUNDS_HELPED = Counter(
     " (pyswpt.drivers.workers.HOLD_BACK_SECONDS) and had the stage's other threads help.",
     ["stage"],
 )
+WORKER_CALLS_SPLIT = Counter(
+    "pyswpt_worker_calls_split_total",
+    "Calls of a worker stage for several accounts (pyswpt.drivers.workers.ACCOUNTS_PER_CALL) that"
+    " failed, an account's lock waited for past the hold-back, say, so that their accounts went one at a time.",
+    ["stage"],
+)
 WORKER_ACCOUNT_FAILURES = Counter(
     "pyswpt_worker_account_failures_total",
     "Accounts whose processing failed and was put off (backoff per account).",

@@ -177,6 +177,37 @@ PROCESS_BALANCE_CHANGES = """
     SELECT pyswpt_api.process_balance_changes(p_debtor_id => %(debtor_id)s, p_creditor_id => %(creditor_id)s)
 """
 
+# The three above for a few accounts in one call, each account in a transaction of its own;
+# a lock waited for longer than lock_timeout_ms fails the call. Run in autocommit: a
+# procedure may commit only outside a transaction block.
+PROCESS_TRANSFER_REQUESTS_IN_TURN = """
+    CALL pyswpt_api.process_transfer_requests_in_turn(
+        p_debtor_ids => %(debtor_ids)s,
+        p_sender_creditor_ids => %(sender_creditor_ids)s,
+        p_commit_period_seconds => %(commit_period_seconds)s,
+        p_lock_timeout_ms => %(lock_timeout_ms)s
+    )
+"""
+
+PROCESS_FINALIZATION_REQUESTS_IN_TURN = """
+    CALL pyswpt_api.process_finalization_requests_in_turn(
+        p_debtor_ids => %(debtor_ids)s,
+        p_sender_creditor_ids => %(sender_creditor_ids)s,
+        p_ignore_all => %(ignore_all)s,
+        p_realm_mask => %(realm_mask)s,
+        p_realm => %(realm)s,
+        p_lock_timeout_ms => %(lock_timeout_ms)s
+    )
+"""
+
+PROCESS_BALANCE_CHANGES_IN_TURN = """
+    CALL pyswpt_api.process_balance_changes_in_turn(
+        p_debtor_ids => %(debtor_ids)s,
+        p_creditor_ids => %(creditor_ids)s,
+        p_lock_timeout_ms => %(lock_timeout_ms)s
+    )
+"""
+
 # Announce (AccountUpdate) up to max_count changed accounts that sent none for min_interval_seconds.
 SEND_DUE_ACCOUNT_UPDATES = """
     SELECT pyswpt_api.send_due_account_updates(

@@ -69,6 +69,12 @@ GRANT EXECUTE ON FUNCTION
     -- await-migrations
     pyswpt_api.applied_migrations
 TO pyswpt_driver;
+-- the workers, for a few accounts at a time
+GRANT EXECUTE ON PROCEDURE
+    pyswpt_api.process_transfer_requests_in_turn,
+    pyswpt_api.process_finalization_requests_in_turn,
+    pyswpt_api.process_balance_changes_in_turn
+TO pyswpt_driver;
 
 -- The fetch API: read-only, two functions.
 GRANT USAGE ON SCHEMA pyswpt_api TO pyswpt_web;

@@ -177,9 +177,9 @@ def assert_same_snapshot(before: dict[str, list[tuple]], after: dict[str, list[t
 
 
 def function_names_in_files(functions_dir: Path = FUNCTIONS_DIR) -> set[str]:
-    """Qualified names of the functions that sql/functions/ defines, whichever they are today,
-    and the one the installer makes itself (applied_migrations, which names yoyo's table)."""
-    pattern = re.compile(r"CREATE\s+FUNCTION\s+(pyswpt_api|pyswpt_private)\.(\w+)\s*\(", re.IGNORECASE)
+    """Qualified names of the functions and procedures that sql/functions/ defines, whichever they
+    are today, and the one the installer makes itself (applied_migrations, which names yoyo's table)."""
+    pattern = re.compile(r"CREATE\s+(?:FUNCTION|PROCEDURE)\s+(pyswpt_api|pyswpt_private)\.(\w+)\s*\(", re.IGNORECASE)
     installer = functions_dir.parent / "migrations" / "9999_functions.py"
     return {
         f"{schema}.{name}".lower()
@@ -365,6 +365,12 @@ def install_old_layout(database_url: str, tmp_path: Path) -> None:
         for path in sorted(FUNCTIONS_DIR.glob("*.sql")):
             if path.name not in NEWER_THAN_OLD_LAYOUT:
                 conn.execute(NEW_LAYOUT_SCHEMAS.sub("pyswpt.", path.read_text(encoding="utf-8")))
+        # Those releases had no procedures (0007 drops functions only).
+        procedures = conn.execute(
+            "SELECT oid::regprocedure::text FROM pg_proc WHERE prokind = 'p' AND pronamespace = 'pyswpt'::regnamespace"
+        ).fetchall()
+        for (procedure,) in procedures:
+            conn.execute(f"DROP PROCEDURE {procedure}")  # a name from the catalog, quoted by regprocedure
 
 
 def data_schema_functions_and_views(database_url: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from test_db import CHANNEL, NOTIFIED_WITHIN_SECONDS, shared_listener  # noqa: F401 - the fixture
@@ -18,7 +19,19 @@ GAP_SECONDS = 0.3
 
 def stage_of_payload_a(threads: int = 1, round_gap_seconds: float = 0.0) -> workers.Stage:
     """A stage woken by the shared listener's payload 'a', polling only after NOTIFIED_WITHIN_SECONDS."""
-    return workers.Stage("test", "a", "", threads, NOTIFIED_WITHIN_SECONDS, 100, lambda key: None, round_gap_seconds)
+    return workers.Stage(
+        "test", "a", "", threads, NOTIFIED_WITHIN_SECONDS, 100, lambda key: None, lambda keys: None, round_gap_seconds
+    )
+
+
+def each(process: Callable[[workers.Key], None]) -> Callable[[list[workers.Key]], None]:
+    """A round's processor of several accounts at a time, from one of a single account."""
+
+    def process_each(keys: list[workers.Key]) -> None:
+        for key in keys:
+            process(key)
+
+    return process_each
 
 
 def test_a_notified_round_waits_for_the_round_gap(shared_listener):  # noqa: F811 - the fixture
@@ -49,7 +62,7 @@ def threads_of_round(threads: int, keys: list[workers.Key]) -> dict[workers.Key,
         processed_in[key] = threading.current_thread()
 
     with workers.pool_beside(stage_of_payload_a(threads)) as pool:
-        workers.process_round(pool, threads - 1, process, keys)
+        workers.process_round(pool, threads - 1, each(process), keys, 1)
     return processed_in
 
 
@@ -83,7 +96,7 @@ def test_a_round_done_within_the_hold_back_gives_the_pool_one_task(monkeypatch):
     # Far longer than the round takes, however busy the machine.
     monkeypatch.setattr(workers, "HOLD_BACK_SECONDS", NOTIFIED_WITHIN_SECONDS)
     with CountingPool(9) as pool:
-        helped = workers.process_round(pool, 9, lambda _key: None, [(1, creditor_id) for creditor_id in range(20)])
+        helped = workers.process_round(pool, 9, lambda _keys: None, [(1, creditor_id) for creditor_id in range(20)], 1)
     # One thread watches the hold-back; the others would only be called in once it is over.
     assert pool.tasks == 1
     assert not helped
@@ -119,7 +132,7 @@ def test_a_round_its_own_thread_ends_soon_after_the_hold_back_is_not_helped(monk
     # would be helped only if the accounts took 1.8 times as long, the round over 200 ms.
     overlaps = Overlaps(QUICK_ACCOUNT_SECONDS)
     with CountingPool(9) as pool:
-        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(11)])
+        helped = workers.process_round(pool, 9, each(overlaps), [(1, creditor_id) for creditor_id in range(11)], 1)
     assert not helped
     assert (pool.tasks, overlaps.most_at_once) == (1, 1)
 
@@ -130,7 +143,7 @@ def test_a_round_of_many_quick_accounts_calls_in_the_threads_that_end_it_within_
     # three threads; all ten only if the accounts took 2.5 times as long.
     overlaps = Overlaps(QUICK_ACCOUNT_SECONDS)
     with CountingPool(9) as pool:
-        helped = workers.process_round(pool, 9, overlaps, [(1, creditor_id) for creditor_id in range(40)])
+        helped = workers.process_round(pool, 9, each(overlaps), [(1, creditor_id) for creditor_id in range(40)], 1)
     assert helped
     assert 1 < overlaps.most_at_once < 10
 
@@ -139,12 +152,12 @@ def test_the_threads_a_round_needs_follow_its_own_threads_pace():
     pace = workers.RoundPace()
     pace.started = 0.0
     hold_back = workers.HOLD_BACK_SECONDS
-    # Too early to say: the first account is at hand and recent.
-    pace.progress = (1, 0.0)
+    # Too early to say: the first accounts are at hand and recent.
+    pace.progress = (0, 0.0)
     assert pace.threads_needed(hold_back / 2, left=50) == 0
     # Four accounts done in two hold-backs: the nine left would take the thread four and a
     # half, so four more threads end them within one; one left, it ends by itself.
-    pace.progress = (5, 2 * hold_back)
+    pace.progress = (4, 2 * hold_back)
     assert pace.threads_needed(2.5 * hold_back, left=9) == 4
     assert pace.threads_needed(2.5 * hold_back, left=1) == 0
     # The account at hand has taken the hold-back: it waits, so every account left needs a thread.
@@ -156,7 +169,7 @@ def test_accounts_that_wait_past_the_hold_back_go_to_the_pool_as_many_at_once_as
     all_started = threading.Barrier(3, timeout=NOTIFIED_WITHIN_SECONDS)
     started = time.monotonic()
     with workers.pool_beside(stage_of_payload_a(3)) as pool:
-        helped = workers.process_round(pool, 2, lambda _key: all_started.wait(), [(1, 2), (1, 3), (1, 4)])
+        helped = workers.process_round(pool, 2, each(lambda _key: all_started.wait()), [(1, 2), (1, 3), (1, 4)], 1)
     assert not all_started.broken
     assert helped
     assert time.monotonic() - started >= workers.HOLD_BACK_SECONDS
@@ -175,7 +188,7 @@ def test_an_error_in_a_pool_thread_is_raised_by_the_round():
 
     with workers.pool_beside(stage_of_payload_a(2)) as pool:
         with pytest.raises(ConnectionError):
-            workers.process_round(pool, 1, process, [(1, 2), (1, 3), (1, 4)])
+            workers.process_round(pool, 1, each(process), [(1, 2), (1, 3), (1, 4)], 1)
     assert pool_failed.is_set()
 
 
@@ -183,3 +196,41 @@ def test_a_round_uses_no_more_threads_than_the_stage_has():
     processed_in = threads_of_round(3, [(1, creditor_id) for creditor_id in range(20)])
     assert len(processed_in) == 20
     assert len(set(processed_in.values())) <= 3
+
+
+def test_a_round_takes_its_accounts_as_many_at_a_time_as_a_call_may_have():
+    calls: list[list[workers.Key]] = []
+    keys = [(1, creditor_id) for creditor_id in range(10)]
+    with workers.pool_beside(stage_of_payload_a(3)) as pool:
+        workers.process_round(pool, 2, calls.append, keys, 4)
+    assert calls == [keys[:4], keys[4:8], keys[8:]]
+
+
+def test_a_round_of_one_calls_accounts_gives_the_pool_no_task():
+    with CountingPool(9) as pool:
+        workers.process_round(pool, 9, lambda _keys: None, [(1, creditor_id) for creditor_id in range(4)], 4)
+    assert pool.tasks == 0
+
+
+def test_accounts_at_hand_count_as_done_once_the_thread_takes_the_next_ones():
+    pace = workers.RoundPace()
+    pace.took(4)
+    assert pace.progress[0] == 0
+    pace.took(4)
+    assert pace.progress[0] == 4
+
+
+def test_the_accounts_of_a_call_that_failed_go_alone_the_last_first():
+    keys = [(1, 2), (1, 3), (1, 4)]
+    alone: list[workers.Key] = []
+    workers.process_in_turn_or_alone(keys, lambda _keys: False, alone.append)
+    # Those after the one that failed were not begun: none of them waits behind it.
+    assert alone == [(1, 4), (1, 3), (1, 2)]
+
+
+def test_the_accounts_of_a_call_that_passed_do_not_go_alone():
+    in_turn: list[list[workers.Key]] = []
+    alone: list[workers.Key] = []
+    workers.process_in_turn_or_alone([(1, 2), (1, 3)], lambda keys: in_turn.append(keys) or True, alone.append)
+    workers.process_in_turn_or_alone([(1, 5)], lambda keys: in_turn.append(keys) or True, alone.append)
+    assert (in_turn, alone) == ([[(1, 2), (1, 3)]], [(1, 5)])

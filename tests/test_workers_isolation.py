@@ -17,7 +17,7 @@ import psycopg
 import psycopg.errors
 import pytest
 from drivers import Running, driver_environment, running, wait_for
-from factories import T0, failing_account_writes
+from factories import T0, failing_account_writes, insert_account
 
 from pyswpt.transactions import is_infrastructure_error
 
@@ -80,6 +80,12 @@ def pending_changes(conn: psycopg.Connection, creditor_ids: tuple[int, ...]) -> 
     return count(conn, "SELECT count(*) FROM pending_balance_change WHERE creditor_id = ANY(%s)", list(creditor_ids))
 
 
+def queued_requests(conn: psycopg.Connection, sender_creditor_ids: tuple[int, ...]) -> int:
+    return count(
+        conn, "SELECT count(*) FROM transfer_request WHERE sender_creditor_id = ANY(%s)", list(sender_creditor_ids)
+    )
+
+
 def skip_lines(log: str) -> list[str]:
     return re.findall(rf".*creditor_id={BAD_CREDITOR}\b.*", log)
 
@@ -116,6 +122,46 @@ def test_an_account_that_fails_is_logged_and_retried_while_the_others_are_proces
         log = workers.log()
     assert SECRET not in log
     assert "Traceback" not in log
+
+
+def test_an_account_that_fails_in_a_call_of_several_goes_alone_and_the_calls_others_are_processed(
+    conn, database_url, rabbitmq_url, tmp_path, failing_account
+):
+    _, settings, reason = failing_account
+    register_change(conn, BAD_CREDITOR, 1)
+    for change_id, creditor_id in enumerate(GOOD_CREDITORS, start=2):
+        register_change(conn, creditor_id, change_id)
+    # The four accounts are listed by the first round, the bad one first: one call for them, which fails.
+    environ = driver_environment(database_url, rabbitmq_url, **WORKER_SETTINGS, **settings)
+    with running(["run", "workers"], environ, tmp_path) as workers:
+        wait_for(lambda: pending_changes(conn, GOOD_CREDITORS) == 0, "the other accounts' changes")
+        wait_for_the_failure(workers)
+        log = workers.log()
+    assert f"A call of balance_changes for 4 accounts failed ({reason}); processing them one at a time." in log
+    assert f"Skipped balance_changes of account debtor_id={DEBTOR} creditor_id={BAD_CREDITOR} ({reason})" in log
+    assert pending_changes(conn, (BAD_CREDITOR,)) == 1
+
+
+def test_the_accounts_of_a_call_do_not_wait_behind_one_that_waits_for_its_lock(
+    conn, database_url, rabbitmq_url, tmp_path
+):
+    # One call for the three, which fails when the locked one has waited for the hold-back.
+    locked, others = GOOD_CREDITORS[0], GOOD_CREDITORS[1:]
+    insert_account(conn, DEBTOR, locked)
+    for creditor_id in GOOD_CREDITORS:
+        enqueue_transfer_request(conn, creditor_id)
+    environ = driver_environment(database_url, rabbitmq_url, **WORKER_SETTINGS)
+    with psycopg.connect(database_url) as holder:
+        holder.execute(
+            "SELECT 1 FROM pyswpt.account WHERE debtor_id = %s AND creditor_id = %s FOR NO KEY UPDATE", (DEBTOR, locked)
+        )
+        with running(["run", "workers"], environ, tmp_path) as workers:
+            # Within the test's deadline, far shorter than the workers' lock timeout.
+            wait_for(lambda: queued_requests(conn, others) == 0, "the other senders' requests")
+            assert queued_requests(conn, (locked,)) == 1
+            holder.rollback()
+            wait_for(lambda: queued_requests(conn, (locked,)) == 0, "the locked sender's request")
+            workers.assert_alive()
 
 
 def test_a_failing_account_in_one_stage_does_not_stop_the_others(

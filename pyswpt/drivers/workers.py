@@ -4,7 +4,10 @@ Three loops — transfer requests, finalization requests, balance changes —
 each list the accounts that have queued work and run that account's SQL batch
 processor in up to PROCESS_*_THREADS threads (one connection per thread): the
 stage's own thread, and as many of a pool of the others as it needs to end a
-round within 20 ms more (process_round). A loop wakes when the consumer's
+round within 20 ms more (process_round). A thread takes up to ACCOUNTS_PER_CALL
+accounts at a time and processes them with one call of a procedure that
+commits each account's transaction before the next; when that call fails, the
+accounts go one by one. A loop wakes when the consumer's
 transaction NOTIFYs that rows arrived, and polls at least every
 APP_PROCESS_*_WAIT seconds; the loops share one LISTEN connection
 (db.SharedListener). Within a loop an account is never processed by two
@@ -58,6 +61,13 @@ MAX_SQL_INTEGER = 2**31 - 1
 # The accounts of a round wait this long at most for the stage's own thread, before the
 # pool's threads take them (process_round): about what one account's processing takes.
 HOLD_BACK_SECONDS = 0.02
+# A thread of a round takes this many accounts at most at a time, and processes them
+# with one call (each account in a transaction of its own): a statement and its round
+# trip cost about 0.1 ms of the driver's and the server's CPU, as much as a quick
+# account's processing, and a call of a few accounts pays it once (measured). A few:
+# they still end well within the hold-back, so a round's pace and a stuck account show
+# there as they did one account at a time.
+ACCOUNTS_PER_CALL = 4
 # Rounds of the balance-changes stage start at least this far apart. A committed
 # transfer queues its recipient's change at once and NOTIFYs; without a gap a busy
 # recipient (a merchant) is locked, updated and announced once per transfer. With
@@ -81,6 +91,7 @@ class Stage:
     wait_seconds: float
     max_count: int
     process: Callable[[Key], SqlCall]  # the call of the account's batch processor
+    process_in_turn: Callable[[list[Key]], SqlCall]  # the same for several, each in a transaction of its own
     round_gap_seconds: float = 0.0  # a round starts at least this long after the previous one
 
 
@@ -110,6 +121,34 @@ def stages(config: Config) -> list[Stage]:
         debtor_id, creditor_id = key
         return SqlCall(queries.PROCESS_BALANCE_CHANGES, {"debtor_id": debtor_id, "creditor_id": creditor_id})
 
+    def process_transfer_requests_in_turn(keys: list[Key]) -> SqlCall:
+        params = {
+            "debtor_ids": [debtor_id for debtor_id, _ in keys],
+            "sender_creditor_ids": [creditor_id for _, creditor_id in keys],
+            "commit_period_seconds": config.commit_period_seconds,
+            "lock_timeout_ms": in_turn_lock_timeout_ms(),
+        }
+        return SqlCall(queries.PROCESS_TRANSFER_REQUESTS_IN_TURN, params)
+
+    def process_finalization_requests_in_turn(keys: list[Key]) -> SqlCall:
+        params = {
+            "debtor_ids": [debtor_id for debtor_id, _ in keys],
+            "sender_creditor_ids": [creditor_id for _, creditor_id in keys],
+            "ignore_all": [ignore_all(config, key) for key in keys],
+            "realm_mask": config.realm.mask,
+            "realm": config.realm.realm,
+            "lock_timeout_ms": in_turn_lock_timeout_ms(),
+        }
+        return SqlCall(queries.PROCESS_FINALIZATION_REQUESTS_IN_TURN, params)
+
+    def process_balance_changes_in_turn(keys: list[Key]) -> SqlCall:
+        params = {
+            "debtor_ids": [debtor_id for debtor_id, _ in keys],
+            "creditor_ids": [creditor_id for _, creditor_id in keys],
+            "lock_timeout_ms": in_turn_lock_timeout_ms(),
+        }
+        return SqlCall(queries.PROCESS_BALANCE_CHANGES_IN_TURN, params)
+
     return [
         Stage(
             "transfer_requests",
@@ -119,6 +158,7 @@ def stages(config: Config) -> list[Stage]:
             config.process_transfer_requests_wait_seconds,
             config.process_transfer_requests_max_count,
             process_transfer_requests,
+            process_transfer_requests_in_turn,
         ),
         Stage(
             "finalization_requests",
@@ -128,6 +168,7 @@ def stages(config: Config) -> list[Stage]:
             config.process_finalization_requests_wait_seconds,
             config.process_finalization_requests_max_count,
             process_finalization_requests,
+            process_finalization_requests_in_turn,
         ),
         Stage(
             "balance_changes",
@@ -137,9 +178,36 @@ def stages(config: Config) -> list[Stage]:
             config.process_balance_changes_wait_seconds,
             config.process_balance_changes_max_count,
             process_balance_changes,
+            process_balance_changes_in_turn,
             BALANCE_CHANGES_ROUND_GAP_SECONDS,
         ),
     ]
+
+
+def in_turn_lock_timeout_ms() -> int:
+    """How long an account of a call of several may wait for its lock: the hold-back.
+
+    The accounts after it in the call wait with it, where one at a time the
+    pool's threads would have taken them after the hold-back. When it waits
+    longer, the call fails, and every account of it goes alone, with the
+    session's lock timeout.
+    """
+    return math.ceil(HOLD_BACK_SECONDS * 1000)
+
+
+def process_in_turn_or_alone(
+    keys: list[Key], processed_in_turn: Callable[[list[Key]], bool], process_alone: Callable[[Key], None]
+) -> None:
+    """The accounts with one call, or each alone if there is one or the call failed.
+
+    After a failed call the accounts after the one that failed were not begun,
+    and those before it are done (alone, they find nothing queued): the last go
+    first, so that none waits behind the one that failed, which may wait for its
+    lock again.
+    """
+    if len(keys) == 1 or not processed_in_turn(keys):
+        for key in reversed(keys):
+            process_alone(key)
 
 
 def ignore_all(config: Config, key: Key) -> bool:
@@ -275,7 +343,30 @@ def serve_stage(
             connections.append(local.conn)
         return local.conn
 
-    def process(key: Key) -> None:
+    def process(keys: list[Key]) -> None:
+        process_in_turn_or_alone(keys, processed_in_turn, process_alone)
+
+    def processed_in_turn(keys: list[Key]) -> bool:
+        """Whether one call processed every account; if it failed, some may be done, some not."""
+        try:
+            call = stage.process_in_turn(keys)
+            connection().execute(call.query, call.params)
+        except Exception as error:  # noqa: BLE001 - anything but the infrastructure: the accounts go alone
+            if is_infrastructure_error(error):
+                raise
+            metrics.WORKER_CALLS_SPLIT.labels(stage.name).inc()
+            logger.info(
+                "A call of %s for %d accounts failed (%s); processing them one at a time.",
+                stage.name,
+                len(keys),
+                describe_error(error),
+            )
+            return False
+        for key in keys:
+            backoff.succeeded(key)
+        return True
+
+    def process_alone(key: Key) -> None:
         try:
             execute_with_retries(connection(), stage.process(key))
         except Exception as error:  # noqa: BLE001 - anything but the infrastructure is the account's
@@ -307,7 +398,7 @@ def serve_stage(
                 round_started = time.monotonic()
                 listener.forget(stage.table)
                 keys = list_keys(lister, stage, backoff.waiting(round_started))
-                if process_round(pool, stage.threads - 1, process, keys):
+                if process_round(pool, stage.threads - 1, process, keys, ACCOUNTS_PER_CALL):
                     metrics.WORKER_ROUNDS_HELPED.labels(stage.name).inc()
                 metrics.WORKER_ROUNDS.labels(stage.name).inc()
                 metrics.WORKER_ROUND_ACCOUNTS.labels(stage.name).observe(len(keys))
@@ -343,50 +434,53 @@ class RoundPace:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        # Accounts the thread has taken, its current one included, and when it took that
-        # one: one tuple, so that another thread never reads one without the other.
+        # Accounts the thread has processed, and when it took the ones at hand: one
+        # tuple, so that another thread never reads one without the other.
         self.progress = (0, self.started)
+        self.at_hand = 0  # read and written by the thread only
 
-    def took_one(self) -> None:
-        self.progress = (self.progress[0] + 1, time.monotonic())
+    def took(self, count: int) -> None:
+        self.progress = (self.progress[0] + self.at_hand, time.monotonic())
+        self.at_hand = count
 
     def check_again_at(self) -> float:
-        """When the current account will have been processed for HOLD_BACK_SECONDS."""
+        """When the accounts at hand will have been processed for HOLD_BACK_SECONDS."""
         return self.progress[1] + HOLD_BACK_SECONDS
 
     def threads_needed(self, now: float, left: int) -> int:
         """How many threads beside this one would end the `left` accounts within HOLD_BACK_SECONDS.
 
-        A thread whose account takes longer than the hold-back waits (for a
+        A thread whose accounts take longer than the hold-back waits (for a
         lock, say) or is starved: then every account left needs a thread.
         Otherwise the thread's pace so far says how long they would take it.
         """
-        taken, since = self.progress
+        done, since = self.progress
         if now - since >= HOLD_BACK_SECONDS:
             return left
-        if taken < 2:  # no account done yet, and the current one is recent: too early to say
+        if done == 0:  # the first accounts are at hand, and recent: too early to say
             return 0
-        seconds_per_account = (since - self.started) / (taken - 1)
+        seconds_per_account = (since - self.started) / done
         return math.ceil(left * seconds_per_account / HOLD_BACK_SECONDS) - 1
 
 
 def process_round(
     pool: concurrent.futures.ThreadPoolExecutor | None,
     helpers: int,
-    process: Callable[[Key], None],
+    process: Callable[[list[Key]], None],
     keys: list[Key],
+    per_call: int,
 ) -> bool:
-    """Process every account: this thread takes them one after another, and threads of the
-    pool help when it cannot end them within HOLD_BACK_SECONDS; on an infrastructure error,
-    raise it and start no other. Whether the pool helped.
+    """Process every account: this thread takes them `per_call` at a time, one call after
+    another, and threads of the pool help when it cannot end them within HOLD_BACK_SECONDS;
+    on an infrastructure error, raise it and start no other. Whether the pool helped.
 
     While work trickles in, a round has one account or a few, each processed in
     less than the hold-back: processing them here costs less CPU than beside
     each other in pool threads (a backend more at work at once, the threads'
     wake-ups, the GIL changing hands), on a machine of few cores. One pool
-    thread watches the round: each time the account at hand has been processed
-    for the hold-back, it weighs what is left. An account that takes longer
-    waits (a lock, say): up to `helpers` threads take the others. Otherwise as
+    thread watches the round: each time the accounts at hand have been processed
+    for the hold-back, it weighs what is left. Accounts that take longer
+    wait (a lock, say): up to `helpers` threads take the others. Otherwise as
     many come as would end the rest within the hold-back at this thread's pace
     so far, none when it will end them soon by itself: on a busy machine a
     round of many quick accounts keeps to one thread or a few, and on one with
@@ -397,14 +491,13 @@ def process_round(
     called_in: list[concurrent.futures.Future] = []
     pace = RoundPace()
 
-    def take_until_done(took_one: Callable[[], None] = lambda: None) -> None:
+    def take_until_done(took: Callable[[int], None] = lambda _count: None) -> None:
         while not done.is_set():
-            try:
-                key = waiting.popleft()
-            except IndexError:
+            taken = take(waiting, per_call)
+            if not taken:
                 return
-            took_one()
-            process(key)
+            took(len(taken))
+            process(taken)
 
     def help_until_done() -> None:
         try:
@@ -417,17 +510,18 @@ def process_round(
         while not done.wait(max(0.0, pace.check_again_at() - time.monotonic())):
             if not waiting:  # this thread has the last account: nothing is left to help with
                 return False
-            threads = min(count, pace.threads_needed(time.monotonic(), len(waiting)))
+            left = len(waiting)
+            threads = min(count, pace.threads_needed(time.monotonic(), left), math.ceil(left / per_call))
             if threads > 0:
                 called_in.extend(pool.submit(help_until_done) for _ in range(threads - 1))
                 help_until_done()
                 return True
         return False
 
-    count = 0 if pool is None else min(helpers, len(keys) - 1)
+    count = 0 if pool is None else min(helpers, math.ceil(len(keys) / per_call) - 1)
     watcher = pool.submit(watch_the_round) if count else None
     try:
-        take_until_done(pace.took_one)
+        take_until_done(pace.took)
     finally:
         done.set()
     # Once the watcher returns, every thread it called in is in called_in.
@@ -435,6 +529,17 @@ def process_round(
     for future in called_in:
         future.result()
     return helped
+
+
+def take(waiting: collections.deque[Key], count: int) -> list[Key]:
+    """Up to `count` keys from the left of `waiting`, which other threads take from too."""
+    taken: list[Key] = []
+    while len(taken) < count:
+        try:
+            taken.append(waiting.popleft())
+        except IndexError:
+            break
+    return taken
 
 
 def list_keys(lister: psycopg.Connection, stage: Stage, waiting: set[Key]) -> list[Key]:

@@ -104,9 +104,9 @@ def install_functions(conn):
     cursor.execute(f"SET LOCAL search_path = {FUNCTIONS_SEARCH_PATH}")
     for path in sorted(FUNCTIONS_DIR.glob("*.sql")):
         cursor.execute(path.read_text(encoding="utf-8"))
-    # PostgreSQL lets PUBLIC execute every new function; here only the grants
-    # of sql/grants.sql may (a new schema already gives PUBLIC no USAGE).
-    cursor.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pyswpt_api, pyswpt_private FROM PUBLIC")
+    # PostgreSQL lets PUBLIC execute every new function and procedure; here only
+    # the grants of sql/grants.sql may (a new schema already gives PUBLIC no USAGE).
+    cursor.execute("REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA pyswpt_api, pyswpt_private FROM PUBLIC")
     grant_roles(cursor)
 
 

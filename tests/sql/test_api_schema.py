@@ -48,7 +48,10 @@ def test_the_api_schema_holds_exactly_the_operator_views(conn):
 
 def test_every_entry_point_is_security_definer_with_a_pinned_search_path(conn):
     rows = conn.execute(
-        "SELECT proname, prosecdef, proconfig FROM pg_proc WHERE pronamespace = 'pyswpt_api'::regnamespace"
+        """
+        SELECT proname, prosecdef, proconfig FROM pg_proc
+        WHERE pronamespace = 'pyswpt_api'::regnamespace AND prokind <> 'p'
+        """
     ).fetchall()
     assert rows
     # The per-account entry points also force their indexes, the outbox takes their TID
@@ -59,6 +62,21 @@ def test_every_entry_point_is_security_definer_with_a_pinned_search_path(conn):
         [ENTRY_POINT_SEARCH_PATH, "enable_seqscan=off", "jit=off"],
     )
     assert [row for row in rows if not row[1] or row[2] not in allowed] == []
+
+
+def test_the_only_procedures_run_entry_points_in_turn_with_their_callers_rights(conn):
+    # PostgreSQL lets a procedure COMMIT only without SECURITY DEFINER and SET clauses: so
+    # these have neither, and call nothing but entry points (45_work_queues.sql).
+    rows = conn.execute(
+        """
+        SELECT pronamespace::regnamespace::text, proname, prosecdef, proconfig FROM pg_proc
+        WHERE prokind = 'p' AND pronamespace::regnamespace::text LIKE 'pyswpt%'
+        """
+    ).fetchall()
+    assert sorted(rows) == [
+        ("pyswpt_api", f"process_{stage}_in_turn", False, None)
+        for stage in ("balance_changes", "finalization_requests", "transfer_requests")
+    ]
 
 
 def test_no_helper_runs_with_its_owners_rights_but_the_one_of_the_accounts_view(conn):

@@ -54,8 +54,14 @@ def test_the_list_holds_statements():
 def test_statement_resolves_against_the_installed_functions(conn: psycopg.Connection, name: str):
     # An empty search_path: only what the statement names itself (and pg_catalog) is found.
     conn.execute("SET search_path = ''")
+    statement = STATEMENTS[name]
+    if statement.lstrip().startswith("CALL"):
+        # PostgreSQL prepares no CALL: it runs, for no accounts (the lists, `…_ids`), changing nothing.
+        placeholders = set(PLACEHOLDER.findall(statement))
+        conn.execute(statement, {key: [] if key.endswith("_ids") else None for key in placeholders})
+        return
     # The name comes from pyswpt.queries, never from data.
-    conn.execute(f"PREPARE {name.lower()} AS {numbered(STATEMENTS[name])}")
+    conn.execute(f"PREPARE {name.lower()} AS {numbered(statement)}")
     conn.execute(f"DEALLOCATE {name.lower()}")
 
 

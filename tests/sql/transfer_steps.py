@@ -221,6 +221,12 @@ def finalize(
 
 def deliver_balance_changes(conn: psycopg.Connection, *, now: dt.datetime = DEFAULT_NOW) -> None:
     """What flusher and consumer do with PendingBalanceChange rows: register, then apply them."""
+    for debtor_id, creditor_id in register_balance_changes(conn):
+        conn.execute("SELECT process_balance_changes(%s, %s, %s)", (debtor_id, creditor_id, now))
+
+
+def register_balance_changes(conn: psycopg.Connection) -> list[tuple[int, int]]:
+    """Register the changes of the PendingBalanceChange rows as the consumer would; the accounts they change."""
     changes = signals(conn, "pending_balance_change_signal")
     for change in changes:
         conn.execute(
@@ -243,8 +249,7 @@ def deliver_balance_changes(conn: psycopg.Connection, *, now: dt.datetime = DEFA
             " WHERE debtor_id = %s AND other_creditor_id = %s AND change_id = %s",
             (change["debtor_id"], change["other_creditor_id"], change["change_id"]),
         )
-    for debtor_id, creditor_id in sorted({(c["debtor_id"], c["creditor_id"]) for c in changes}):
-        conn.execute("SELECT process_balance_changes(%s, %s, %s)", (debtor_id, creditor_id, now))
+    return sorted({(change["debtor_id"], change["creditor_id"]) for change in changes})
 
 
 @contextlib.contextmanager
