@@ -72,6 +72,13 @@ def enqueue_transfer_request(conn: psycopg.Connection, sender_creditor_id: int) 
     )
 
 
+def register_changes_of_every_account(conn: psycopg.Connection) -> None:
+    """A change for the bad account and one for each good one."""
+    register_change(conn, BAD_CREDITOR, 1)
+    for change_id, creditor_id in enumerate(GOOD_CREDITORS, start=2):
+        register_change(conn, creditor_id, change_id)
+
+
 def count(conn: psycopg.Connection, query: str, *params: object) -> int:
     return conn.execute(query, params).fetchone()[0]
 
@@ -100,9 +107,7 @@ def test_an_account_that_fails_is_logged_and_retried_while_the_others_are_proces
     conn, database_url, rabbitmq_url, tmp_path, failing_account
 ):
     stop_failing, settings, reason = failing_account
-    register_change(conn, BAD_CREDITOR, 1)
-    for change_id, creditor_id in enumerate(GOOD_CREDITORS, start=2):
-        register_change(conn, creditor_id, change_id)
+    register_changes_of_every_account(conn)
     # One account per round: the failing one must not crowd out the others while it waits.
     environ = driver_environment(
         database_url, rabbitmq_url, **WORKER_SETTINGS, **settings, APP_PROCESS_BALANCE_CHANGES_MAX_COUNT="1"
@@ -128,10 +133,8 @@ def test_an_account_that_fails_in_a_call_of_several_goes_alone_and_the_calls_oth
     conn, database_url, rabbitmq_url, tmp_path, failing_account
 ):
     _, settings, reason = failing_account
-    register_change(conn, BAD_CREDITOR, 1)
-    for change_id, creditor_id in enumerate(GOOD_CREDITORS, start=2):
-        register_change(conn, creditor_id, change_id)
-    # The four accounts are listed by the first round, the bad one first: one call for them, which fails.
+    register_changes_of_every_account(conn)
+    # The first round lists the four accounts: one call for them, which fails at the bad one.
     environ = driver_environment(database_url, rabbitmq_url, **WORKER_SETTINGS, **settings)
     with running(["run", "workers"], environ, tmp_path) as workers:
         wait_for(lambda: pending_changes(conn, GOOD_CREDITORS) == 0, "the other accounts' changes")
