@@ -65,9 +65,9 @@ HOLD_BACK_SECONDS = 0.02
 # with one call (each account in a transaction of its own): a statement and its round
 # trip cost about 0.1 ms of the driver's and the server's CPU, and a call pays it once
 # for all its accounts (measured: eight saved more than four, end to end). A call of
-# quick accounts still ends within the hold-back (on two busy cores an account took
-# 1–1.5 ms), so a round's pace and a stuck account show there as they did one account
-# at a time.
+# quick accounts still ends within the hold-back (on two busy cores, about 1–1.5 ms an
+# account, from rounds per second and accounts per round), so a round's pace and a
+# stuck account show there as they did one account at a time.
 ACCOUNTS_PER_CALL = 8
 # Rounds of the balance-changes stage start at least this far apart. A committed
 # transfer queues its recipient's change at once and NOTIFYs; without a gap a busy
