@@ -123,18 +123,20 @@ def stages(config: Config) -> list[Stage]:
         return SqlCall(queries.PROCESS_BALANCE_CHANGES, {"debtor_id": debtor_id, "creditor_id": creditor_id})
 
     def process_transfer_requests_in_turn(keys: list[Key]) -> SqlCall:
+        debtor_ids, creditor_ids = key_columns(keys)
         params = {
-            "debtor_ids": [debtor_id for debtor_id, _ in keys],
-            "sender_creditor_ids": [creditor_id for _, creditor_id in keys],
+            "debtor_ids": debtor_ids,
+            "sender_creditor_ids": creditor_ids,
             "commit_period_seconds": config.commit_period_seconds,
             "lock_timeout_ms": in_turn_lock_timeout_ms(),
         }
         return SqlCall(queries.PROCESS_TRANSFER_REQUESTS_IN_TURN, params)
 
     def process_finalization_requests_in_turn(keys: list[Key]) -> SqlCall:
+        debtor_ids, creditor_ids = key_columns(keys)
         params = {
-            "debtor_ids": [debtor_id for debtor_id, _ in keys],
-            "sender_creditor_ids": [creditor_id for _, creditor_id in keys],
+            "debtor_ids": debtor_ids,
+            "sender_creditor_ids": creditor_ids,
             "ignore_all": [ignore_all(config, key) for key in keys],
             "realm_mask": config.realm.mask,
             "realm": config.realm.realm,
@@ -143,9 +145,10 @@ def stages(config: Config) -> list[Stage]:
         return SqlCall(queries.PROCESS_FINALIZATION_REQUESTS_IN_TURN, params)
 
     def process_balance_changes_in_turn(keys: list[Key]) -> SqlCall:
+        debtor_ids, creditor_ids = key_columns(keys)
         params = {
-            "debtor_ids": [debtor_id for debtor_id, _ in keys],
-            "creditor_ids": [creditor_id for _, creditor_id in keys],
+            "debtor_ids": debtor_ids,
+            "creditor_ids": creditor_ids,
             "lock_timeout_ms": in_turn_lock_timeout_ms(),
         }
         return SqlCall(queries.PROCESS_BALANCE_CHANGES_IN_TURN, params)
@@ -183,6 +186,11 @@ def stages(config: Config) -> list[Stage]:
             BALANCE_CHANGES_ROUND_GAP_SECONDS,
         ),
     ]
+
+
+def key_columns(keys: list[Key]) -> tuple[list[int], list[int]]:
+    """The debtor ids and the creditor ids of `keys`, two arrays as the procedures take them."""
+    return [debtor_id for debtor_id, _ in keys], [creditor_id for _, creditor_id in keys]
 
 
 def in_turn_lock_timeout_ms() -> int:

@@ -25,6 +25,7 @@ from transfer_steps import (
 )
 
 from pyswpt import queries
+from pyswpt.drivers.workers import key_columns
 
 SENDERS = [SENDER_ID, SENDER_ID + 1, SENDER_ID + 2]
 # Far longer than an account's batch takes; a wait for a held lock still ends soon.
@@ -40,12 +41,8 @@ def caller(database_url: str) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-def in_columns(keys: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    return [debtor_id for debtor_id, _ in keys], [creditor_id for _, creditor_id in keys]
-
-
 def prepare_in_turn(conn: psycopg.Connection, senders: list[int]) -> None:
-    debtor_ids, creditor_ids = in_columns([(DEBTOR_ID, sender) for sender in senders])
+    debtor_ids, creditor_ids = key_columns([(DEBTOR_ID, sender) for sender in senders])
     params = {
         "debtor_ids": debtor_ids,
         "sender_creditor_ids": creditor_ids,
@@ -99,7 +96,7 @@ def test_finalizations_and_balance_changes_go_in_turn_too(conn, database_url, se
         prepare_in_turn(worker, senders[:2])
         for transfer in prepared_transfers(conn):
             enqueue_finalize(conn, transfer, 60, ts=transfer["prepared_at"], now=transfer["prepared_at"])
-        debtor_ids, creditor_ids = in_columns([(DEBTOR_ID, sender) for sender in senders[:2]])
+        debtor_ids, creditor_ids = key_columns([(DEBTOR_ID, sender) for sender in senders[:2]])
         worker.execute(
             queries.PROCESS_FINALIZATION_REQUESTS_IN_TURN,
             {
@@ -115,7 +112,7 @@ def test_finalizations_and_balance_changes_go_in_turn_too(conn, database_url, se
         assert [row["committed_amount"] for row in signals(conn, "finalized_transfer_signal")] == [60, 60]
         changed = register_balance_changes(conn)
         assert changed == [(DEBTOR_ID, RECIPIENT_ID)]
-        debtor_ids, creditor_ids = in_columns([*changed, (DEBTOR_ID, senders[2])])
+        debtor_ids, creditor_ids = key_columns([*changed, (DEBTOR_ID, senders[2])])
         worker.execute(
             queries.PROCESS_BALANCE_CHANGES_IN_TURN,
             {"debtor_ids": debtor_ids, "creditor_ids": creditor_ids, "lock_timeout_ms": LOCK_TIMEOUT_MS},
