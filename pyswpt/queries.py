@@ -208,6 +208,9 @@ PROCESS_BALANCE_CHANGES_IN_TURN = """
     )
 """
 
+# After a call of several accounts failed: the NOTIFYs its committed transactions held back.
+SEND_HELD_NOTIFICATIONS = "SELECT pyswpt_api.send_held_notifications()"
+
 # Announce (AccountUpdate) up to max_count changed accounts that sent none for min_interval_seconds.
 SEND_DUE_ACCOUNT_UPDATES = """
     SELECT pyswpt_api.send_due_account_updates(

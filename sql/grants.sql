@@ -28,6 +28,7 @@ GRANT EXECUTE ON FUNCTION
     pyswpt_api.process_transfer_requests,
     pyswpt_api.process_finalization_requests,
     pyswpt_api.process_balance_changes,
+    pyswpt_api.send_held_notifications,
     pyswpt_api.send_due_account_updates,
     -- flushers
     pyswpt_api.take_rejected_transfer_signals,

@@ -410,19 +410,34 @@ COMMENT ON TABLE pyswpt.pending_balance_change_signal IS
 -- Wake-up calls: a statement that fills a queue or outbox table notifies the
 -- drivers (LISTEN pyswpt_requests / pyswpt_outbox) with the table's name, so
 -- that they act at once instead of waiting for their next poll. Identical
--- notifications of one transaction are delivered once, at commit.
+-- notifications of one transaction are delivered once, at commit. A
+-- transaction that the session's pyswpt.hold_notifications marks (one between
+-- the first and the last of a call that processes several accounts, see
+-- 45_work_queues.sql) appends "channel table," to the session's
+-- pyswpt.held_notifications instead, for pyswpt_api.send_held_notifications.
 -- The function runs in its caller's search_path (a SET clause would cost a
 -- save and restore of the setting at every firing): it names nothing but
--- pg_catalog.pg_notify, which no search_path shadows. It calls pg_notify in an
--- expression, not with PERFORM, which PL/pgSQL runs as a query through the
--- executor; pg_notify returns void, never NULL.
+-- pg_catalog's functions, and no operator, so no search_path changes what it
+-- calls. It calls functions in expressions, not with PERFORM, which PL/pgSQL
+-- runs as a query through the executor; neither pg_notify (void) nor
+-- set_config returns NULL.
 
 CREATE FUNCTION pyswpt.notify_table_filled()
 RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    IF pg_catalog.pg_notify(TG_ARGV[0], TG_TABLE_NAME) IS NULL THEN
+    IF pg_catalog.texteq(pg_catalog.current_setting('pyswpt.hold_notifications', true), 'true') THEN
+        IF pg_catalog.set_config(
+            'pyswpt.held_notifications',
+            pg_catalog.concat(
+                pg_catalog.current_setting('pyswpt.held_notifications', true), TG_ARGV[0], ' ', TG_TABLE_NAME, ','
+            ),
+            false
+        ) IS NULL THEN
+            NULL;
+        END IF;
+    ELSIF pg_catalog.pg_notify(TG_ARGV[0], TG_TABLE_NAME) IS NULL THEN
         NULL;
     END IF;
     RETURN NULL;

@@ -204,6 +204,18 @@ def in_turn_lock_timeout_ms() -> int:
     return math.ceil(HOLD_BACK_SECONDS * 1000)
 
 
+def call_in_turn(conn: psycopg.Connection, call: SqlCall) -> None:
+    """Run a call of several accounts. When it fails, first send the NOTIFYs that its
+    committed transactions held back for the call's last one, which did not commit
+    (45_work_queues.sql): the flusher and the stages must hear of their rows."""
+    try:
+        conn.execute(call.query, call.params)
+    except Exception:
+        if not conn.broken:
+            conn.execute(queries.SEND_HELD_NOTIFICATIONS)
+        raise
+
+
 def process_in_turn_or_alone(
     keys: list[Key], processed_in_turn: Callable[[list[Key]], bool], process_alone: Callable[[Key], None]
 ) -> None:
@@ -358,8 +370,7 @@ def serve_stage(
     def processed_in_turn(keys: list[Key]) -> bool:
         """Whether one call processed every account; if it failed, some may be done, some not."""
         try:
-            call = stage.process_in_turn(keys)
-            connection().execute(call.query, call.params)
+            call_in_turn(connection(), stage.process_in_turn(keys))
         except Exception as error:  # noqa: BLE001 - anything but the infrastructure: the accounts go alone
             if is_infrastructure_error(error):
                 raise

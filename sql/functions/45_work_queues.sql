@@ -49,6 +49,34 @@ BEGIN
 END;
 $$;
 
+-- Sends the NOTIFYs that the session's transactions held back (pyswpt.held_notifications,
+-- see 0014_held_notifications.sql) and forgets them; returns how many it sent.
+-- The last transaction of a call runs it, and the worker after a failed call.
+CREATE FUNCTION pyswpt_api.send_held_notifications()
+RETURNS integer
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+AS $$
+DECLARE
+    v_channel text;
+    v_table text;
+    v_sent integer := 0;
+BEGIN
+    FOR v_channel, v_table IN
+        SELECT DISTINCT split_part(held.item, ' ', 1), split_part(held.item, ' ', 2)
+        FROM unnest(string_to_array(current_setting('pyswpt.held_notifications', true), ',')) AS held (item)
+        WHERE held.item <> ''
+    LOOP
+        PERFORM pg_notify(v_channel, v_table);
+        v_sent := v_sent + 1;
+    END LOOP;
+    PERFORM set_config('pyswpt.held_notifications', '', false);
+    RETURN v_sent;
+END;
+$$;
+
 -- The batch processors of several accounts in one call, each account in a
 -- transaction of its own, committed before the next begins: a transaction
 -- still locks at most one account row (spec 02 §2.0), and a worker pays one
@@ -62,6 +90,15 @@ $$;
 -- that neither runs with its owner's rights nor has SET clauses. These run
 -- with their caller's, in its search_path, and call only the entry points
 -- above, named with their schema, which check their own arguments.
+--
+-- Wake-ups: the first account's transaction NOTIFYs as any other does, those
+-- between the first and the last hold their NOTIFYs back (the trigger of
+-- 0014_held_notifications.sql), and the last sends what they held. The
+-- flusher and the stages hear of the first account's rows at once and of the
+-- others' at the end of the call, a few milliseconds later, and a call of
+-- eight wakes every LISTENing session twice instead of eight times. After a
+-- failed call the worker sends what its committed transactions held
+-- (send_held_notifications).
 
 CREATE PROCEDURE pyswpt_api.process_transfer_requests_in_turn(
     p_debtor_ids bigint[],
@@ -71,14 +108,20 @@ CREATE PROCEDURE pyswpt_api.process_transfer_requests_in_turn(
 )
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_count integer := pg_catalog.cardinality(p_debtor_ids);
 BEGIN
-    FOR i IN 1 .. pg_catalog.cardinality(p_debtor_ids) LOOP
+    FOR i IN 1 .. v_count LOOP
         PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
+        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i > 1 AND i < v_count)::text, true);
         PERFORM pyswpt_api.process_transfer_requests(
             p_debtor_id => p_debtor_ids[i],
             p_sender_creditor_id => p_sender_creditor_ids[i],
             p_commit_period_seconds => p_commit_period_seconds
         );
+        IF i = v_count THEN
+            PERFORM pyswpt_api.send_held_notifications();
+        END IF;
         COMMIT;
     END LOOP;
 END;
@@ -94,9 +137,12 @@ CREATE PROCEDURE pyswpt_api.process_finalization_requests_in_turn(
 )
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_count integer := pg_catalog.cardinality(p_debtor_ids);
 BEGIN
-    FOR i IN 1 .. pg_catalog.cardinality(p_debtor_ids) LOOP
+    FOR i IN 1 .. v_count LOOP
         PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
+        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i > 1 AND i < v_count)::text, true);
         PERFORM pyswpt_api.process_finalization_requests(
             p_debtor_id => p_debtor_ids[i],
             p_sender_creditor_id => p_sender_creditor_ids[i],
@@ -104,6 +150,9 @@ BEGIN
             p_realm_mask => p_realm_mask,
             p_realm => p_realm
         );
+        IF i = v_count THEN
+            PERFORM pyswpt_api.send_held_notifications();
+        END IF;
         COMMIT;
     END LOOP;
 END;
@@ -116,13 +165,19 @@ CREATE PROCEDURE pyswpt_api.process_balance_changes_in_turn(
 )
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_count integer := pg_catalog.cardinality(p_debtor_ids);
 BEGIN
-    FOR i IN 1 .. pg_catalog.cardinality(p_debtor_ids) LOOP
+    FOR i IN 1 .. v_count LOOP
         PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
+        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i > 1 AND i < v_count)::text, true);
         PERFORM pyswpt_api.process_balance_changes(
             p_debtor_id => p_debtor_ids[i],
             p_creditor_id => p_creditor_ids[i]
         );
+        IF i = v_count THEN
+            PERFORM pyswpt_api.send_held_notifications();
+        END IF;
         COMMIT;
     END LOOP;
 END;

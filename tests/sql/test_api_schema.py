@@ -129,35 +129,63 @@ def test_what_runs_in_a_callers_search_path_pins_its_own_or_binds_its_names(conn
     assert {name for (name,) in rows} - RUN_IN_ANY_SEARCH_PATH == set()
 
 
-def test_the_wake_up_trigger_notifies_in_a_search_path_that_shadows_pg_notify(conn):
-    # The statement trigger fires in whatever search_path the inserting session
-    # has. One that puts a pg_notify of its own before pg_catalog must not
-    # change what the trigger calls.
+# What the wake-up trigger calls, each shadowed by a function that fails if it is called instead.
+SHADOWED_BY_THE_TEST = (
+    "pg_notify(text, text)",
+    "texteq(text, text)",
+    "current_setting(text, boolean)",
+    "set_config(text, text, boolean)",
+)
+
+
+@pytest.fixture
+def shadowing_search_path(conn) -> Iterator[None]:
+    """The session's search_path puts a schema first whose functions bear the names of those
+    the trigger calls: the statement trigger fires in whatever search_path the inserting
+    session has, and that must not change what it calls."""
     conn.execute("CREATE SCHEMA shadowing")
     try:
-        conn.execute(
-            """
-            CREATE FUNCTION shadowing.pg_notify(text, text) RETURNS void LANGUAGE plpgsql
-            AS $$ BEGIN RAISE EXCEPTION 'the shadowing pg_notify was called'; END; $$
-            """
-        )
+        for signature in SHADOWED_BY_THE_TEST:
+            conn.execute(
+                f"""
+                CREATE FUNCTION shadowing.{signature} RETURNS text LANGUAGE plpgsql
+                AS $$ BEGIN RAISE EXCEPTION 'the shadowing function was called'; END; $$
+                """
+            )
         conn.execute("SET search_path = shadowing, pg_catalog, pyswpt")
         conn.execute("LISTEN pyswpt_outbox")
-        conn.execute(
-            """
-            INSERT INTO rejected_config_signal (
-                debtor_id, creditor_id, config_ts, config_seqnum, config_flags, config_data,
-                negligible_amount, rejection_code, inserted_at
-            )
-            VALUES (1, 2, now(), 0, 0, '', 0.0, 'INVALID_CONFIGURATION', now())
-            """
-        )
-        notices = list(conn.notifies(timeout=10.0, stop_after=1))
+        yield
     finally:
         conn.execute("UNLISTEN *")
         conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
         conn.execute("DROP SCHEMA shadowing CASCADE")
+
+
+def insert_rejected_config_signal(conn: psycopg.Connection) -> None:
+    conn.execute(
+        """
+        INSERT INTO rejected_config_signal (
+            debtor_id, creditor_id, config_ts, config_seqnum, config_flags, config_data,
+            negligible_amount, rejection_code, inserted_at
+        )
+        VALUES (1, 2, now(), 0, 0, '', 0.0, 'INVALID_CONFIGURATION', now())
+        """
+    )
+
+
+def test_the_wake_up_trigger_notifies_in_a_search_path_that_shadows_what_it_calls(conn, shadowing_search_path):
+    insert_rejected_config_signal(conn)
+    notices = list(conn.notifies(timeout=10.0, stop_after=1))
     assert [(notice.channel, notice.payload) for notice in notices] == [("pyswpt_outbox", "rejected_config_signal")]
+
+
+def test_the_wake_up_trigger_holds_its_notify_in_a_search_path_that_shadows_what_it_calls(conn, shadowing_search_path):
+    with conn.transaction():
+        conn.execute("SELECT pg_catalog.set_config('pyswpt.hold_notifications', 'true', true)")
+        insert_rejected_config_signal(conn)
+    held = conn.execute("SELECT pg_catalog.current_setting('pyswpt.held_notifications')").fetchone()[0]
+    assert held == "pyswpt_outbox rejected_config_signal,"
+    assert list(conn.notifies(timeout=0.0)) == []
 
 
 def test_the_trigger_function_and_the_accounts_view_helper_are_reached(conn):

@@ -1,5 +1,6 @@
 """The procedures that run an entry point's batch for several accounts in one call
-(45_work_queues.sql): each account in a transaction of its own, a lock wait cut short."""
+(45_work_queues.sql): each account in a transaction of its own, a lock wait cut short,
+the wake-ups of the transactions between the first and the last sent by the last."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from transfer_steps import (
 )
 
 from pyswpt import queries
-from pyswpt.drivers.workers import key_columns
+from pyswpt.drivers.workers import call_in_turn, key_columns
+from pyswpt.transactions import SqlCall
 
 SENDERS = [SENDER_ID, SENDER_ID + 1, SENDER_ID + 2]
 # Far longer than an account's batch takes; a wait for a held lock still ends soon.
@@ -41,7 +43,7 @@ def caller(database_url: str) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-def prepare_in_turn(conn: psycopg.Connection, senders: list[int]) -> None:
+def prepare_call(senders: list[int]) -> SqlCall:
     debtor_ids, creditor_ids = key_columns([(DEBTOR_ID, sender) for sender in senders])
     params = {
         "debtor_ids": debtor_ids,
@@ -49,7 +51,32 @@ def prepare_in_turn(conn: psycopg.Connection, senders: list[int]) -> None:
         "commit_period_seconds": COMMIT_PERIOD_SECONDS,
         "lock_timeout_ms": LOCK_TIMEOUT_MS,
     }
-    conn.execute(queries.PROCESS_TRANSFER_REQUESTS_IN_TURN, params)
+    return SqlCall(queries.PROCESS_TRANSFER_REQUESTS_IN_TURN, params)
+
+
+def prepare_in_turn(conn: psycopg.Connection, senders: list[int]) -> None:
+    call = prepare_call(senders)
+    conn.execute(call.query, call.params)
+
+
+@pytest.fixture
+def outbox_listener(database_url) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN pyswpt_outbox")
+        yield listener
+
+
+def notifications_so_far(listener: psycopg.Connection, database_url: str) -> list[str]:
+    """The payloads the listener got from the commits before now: a marker NOTIFY, committed
+    now, comes after every one of them."""
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("NOTIFY pyswpt_outbox, 'marker'")
+    payloads = []
+    for notify in listener.notifies(timeout=10.0):
+        if notify.payload == "marker":
+            return payloads
+        payloads.append(notify.payload)
+    raise AssertionError(f"no marker NOTIFY within 10 s; got {payloads}")
 
 
 def queued_senders(conn: psycopg.Connection) -> list[int]:
@@ -82,6 +109,33 @@ def test_an_account_commits_before_the_next_waits_and_a_long_wait_fails_the_call
     # rolled back, and the third was never begun.
     assert [transfer["sender_creditor_id"] for transfer in prepared_transfers(conn)] == senders[:1]
     assert queued_senders(conn) == senders[1:]
+
+
+def test_a_call_wakes_the_listeners_at_its_first_commit_and_at_its_last(conn, database_url, senders, outbox_listener):
+    with caller(database_url) as worker:
+        prepare_in_turn(worker, senders)
+        # The second account's transaction held its NOTIFY; the third's sent it with its own.
+        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"] * 2
+        # Holding was those transactions' own: the session's next one notifies at once.
+        enqueue_prepare(conn, sender=senders[0], min_locked=100, max_locked=100, request_id=2)
+        worker.execute(
+            queries.PROCESS_TRANSFER_REQUESTS,
+            {"debtor_id": DEBTOR_ID, "sender_creditor_id": senders[0], "commit_period_seconds": COMMIT_PERIOD_SECONDS},
+        )
+        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"]
+    assert [transfer["sender_creditor_id"] for transfer in prepared_transfers(conn)] == [senders[0], *senders]
+
+
+def test_after_a_failed_call_the_worker_sends_what_its_committed_transactions_held(
+    conn, database_url, senders, outbox_listener
+):
+    with caller(database_url) as worker, held_by_another_transaction(conn, database_url, senders[2]):
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            call_in_turn(worker, prepare_call(senders))
+        # The first's own, and the second's, held for the third, which rolled back.
+        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"] * 2
+        assert worker.execute(queries.SEND_HELD_NOTIFICATIONS).fetchone()[0] == 0
+    assert [transfer["sender_creditor_id"] for transfer in prepared_transfers(conn)] == senders[:2]
 
 
 def test_the_lock_timeout_is_the_calls_own(conn, database_url, senders):
