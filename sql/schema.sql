@@ -411,8 +411,8 @@ COMMENT ON TABLE pyswpt.pending_balance_change_signal IS
 -- drivers (LISTEN pyswpt_requests / pyswpt_outbox) with the table's name, so
 -- that they act at once instead of waiting for their next poll. Identical
 -- notifications of one transaction are delivered once, at commit. A
--- transaction that the session's pyswpt.hold_notifications marks (one between
--- the first and the last of a call that processes several accounts, see
+-- transaction that the session's pyswpt.hold_notifications marks (one before
+-- the last of a call that processes several accounts, see
 -- 45_work_queues.sql) appends "channel table," to the session's
 -- pyswpt.held_notifications instead, for pyswpt_api.send_held_notifications.
 -- The function runs in its caller's search_path (a SET clause would cost a

@@ -91,12 +91,11 @@ $$;
 -- with their caller's, in its search_path, and call only the entry points
 -- above, named with their schema, which check their own arguments.
 --
--- Wake-ups: the first account's transaction NOTIFYs as any other does, those
--- between the first and the last hold their NOTIFYs back (the trigger of
--- 0014_held_notifications.sql), and the last sends what they held. The
--- flusher and the stages hear of the first account's rows at once and of the
--- others' at the end of the call, a few milliseconds later, and a call of
--- eight wakes every LISTENing session twice instead of eight times. After a
+-- Wake-ups: the transactions before the last hold their NOTIFYs back (the
+-- trigger of 0014_held_notifications.sql), and the last sends what they held
+-- with its own. The flusher and the stages hear of a call's rows when it
+-- ends, a few milliseconds after the first account's commit, and a call of
+-- eight wakes every LISTENing session once instead of eight times. After a
 -- failed call the worker sends what its committed transactions held
 -- (send_held_notifications).
 
@@ -113,7 +112,7 @@ DECLARE
 BEGIN
     FOR i IN 1 .. v_count LOOP
         PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
-        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i > 1 AND i < v_count)::text, true);
+        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
         PERFORM pyswpt_api.process_transfer_requests(
             p_debtor_id => p_debtor_ids[i],
             p_sender_creditor_id => p_sender_creditor_ids[i],
@@ -142,7 +141,7 @@ DECLARE
 BEGIN
     FOR i IN 1 .. v_count LOOP
         PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
-        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i > 1 AND i < v_count)::text, true);
+        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
         PERFORM pyswpt_api.process_finalization_requests(
             p_debtor_id => p_debtor_ids[i],
             p_sender_creditor_id => p_sender_creditor_ids[i],
@@ -170,7 +169,7 @@ DECLARE
 BEGIN
     FOR i IN 1 .. v_count LOOP
         PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
-        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i > 1 AND i < v_count)::text, true);
+        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
         PERFORM pyswpt_api.process_balance_changes(
             p_debtor_id => p_debtor_ids[i],
             p_creditor_id => p_creditor_ids[i]

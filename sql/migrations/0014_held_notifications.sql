@@ -1,11 +1,11 @@
 -- The wake-up trigger holds its NOTIFY back while the session says so: the
 -- procedures that process several accounts in turn (45_work_queues.sql) set
--- pyswpt.hold_notifications for the transactions between a call's first and
--- its last, and the last sends what they held (send_held_notifications).
--- Every NOTIFYing commit wakes every LISTENing session of the database,
--- whatever the channel, and makes the committing backend signal each of them:
--- a call of eight accounts woke the flusher and the workers eight times, where
--- the rows of a few milliseconds go out in one round anyway.
+-- pyswpt.hold_notifications for the transactions of a call before its last,
+-- and the last sends what they held (send_held_notifications). Every
+-- NOTIFYing commit wakes every LISTENing session of the database, whatever
+-- the channel, and makes the committing backend signal each of them: a call
+-- of eight accounts woke the flusher and the workers eight times, where the
+-- rows of a few milliseconds go out in one round anyway.
 --
 -- What a transaction held is appended to the session's
 -- pyswpt.held_notifications, as "channel table," items: set for the session,

@@ -1,6 +1,6 @@
 """The procedures that run an entry point's batch for several accounts in one call
 (45_work_queues.sql): each account in a transaction of its own, a lock wait cut short,
-the wake-ups of the transactions between the first and the last sent by the last."""
+the wake-ups of the transactions before the last sent by the last."""
 
 from __future__ import annotations
 
@@ -111,11 +111,11 @@ def test_an_account_commits_before_the_next_waits_and_a_long_wait_fails_the_call
     assert queued_senders(conn) == senders[1:]
 
 
-def test_a_call_wakes_the_listeners_at_its_first_commit_and_at_its_last(conn, database_url, senders, outbox_listener):
+def test_a_call_wakes_the_listeners_once_at_its_last_commit(conn, database_url, senders, outbox_listener):
     with caller(database_url) as worker:
         prepare_in_turn(worker, senders)
-        # The second account's transaction held its NOTIFY; the third's sent it with its own.
-        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"] * 2
+        # The first two accounts' transactions held their NOTIFYs; the third's sent them with its own.
+        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"]
         # Holding was those transactions' own: the session's next one notifies at once.
         enqueue_prepare(conn, sender=senders[0], min_locked=100, max_locked=100, request_id=2)
         worker.execute(
@@ -132,8 +132,8 @@ def test_after_a_failed_call_the_worker_sends_what_its_committed_transactions_he
     with caller(database_url) as worker, held_by_another_transaction(conn, database_url, senders[2]):
         with pytest.raises(psycopg.errors.LockNotAvailable):
             call_in_turn(worker, prepare_call(senders))
-        # The first's own, and the second's, held for the third, which rolled back.
-        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"] * 2
+        # The first two accounts' NOTIFYs, held for the third, which rolled back.
+        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"]
         assert worker.execute(queries.SEND_HELD_NOTIFICATIONS).fetchone()[0] == 0
     assert [transfer["sender_creditor_id"] for transfer in prepared_transfers(conn)] == senders[:2]
 
