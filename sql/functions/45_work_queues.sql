@@ -97,7 +97,8 @@ $$;
 -- ends, a few milliseconds after the first account's commit, and a call of
 -- eight wakes every LISTENing session once instead of eight times. After a
 -- failed call the worker sends what its committed transactions held
--- (send_held_notifications).
+-- (send_held_notifications). An account's transaction sets both its settings
+-- in one statement: PL/pgSQL runs each PERFORM as a query through the executor.
 
 CREATE PROCEDURE pyswpt_api.process_transfer_requests_in_turn(
     p_debtor_ids bigint[],
@@ -111,8 +112,9 @@ DECLARE
     v_count integer := pg_catalog.cardinality(p_debtor_ids);
 BEGIN
     FOR i IN 1 .. v_count LOOP
-        PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
-        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
+        PERFORM
+            pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true),
+            pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
         PERFORM pyswpt_api.process_transfer_requests(
             p_debtor_id => p_debtor_ids[i],
             p_sender_creditor_id => p_sender_creditor_ids[i],
@@ -140,8 +142,9 @@ DECLARE
     v_count integer := pg_catalog.cardinality(p_debtor_ids);
 BEGIN
     FOR i IN 1 .. v_count LOOP
-        PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
-        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
+        PERFORM
+            pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true),
+            pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
         PERFORM pyswpt_api.process_finalization_requests(
             p_debtor_id => p_debtor_ids[i],
             p_sender_creditor_id => p_sender_creditor_ids[i],
@@ -168,8 +171,9 @@ DECLARE
     v_count integer := pg_catalog.cardinality(p_debtor_ids);
 BEGIN
     FOR i IN 1 .. v_count LOOP
-        PERFORM pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true);
-        PERFORM pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
+        PERFORM
+            pg_catalog.set_config('lock_timeout', p_lock_timeout_ms::text, true),
+            pg_catalog.set_config('pyswpt.hold_notifications', (i < v_count)::text, true);
         PERFORM pyswpt_api.process_balance_changes(
             p_debtor_id => p_debtor_ids[i],
             p_creditor_id => p_creditor_ids[i]
