@@ -23,7 +23,7 @@ from pyswpt.transactions import is_infrastructure_error
 
 DEBTOR = 1
 BAD_CREDITOR = 666
-# Listed after the bad one (the list functions return accounts in index order).
+# Accounts that never fail (the list functions return accounts in no fixed order).
 GOOD_CREDITORS = (1000, 1001, 1002)
 SECRET = "secret row contents"
 WORKER_SETTINGS = {
