@@ -30,13 +30,14 @@ DECLARE
     v_needs_initialisation boolean := false;
 BEGIN
     -- A deleted row is locked too: a newer config resurrects it.
-    SELECT *
-    INTO v_account
-    FROM account
-    WHERE debtor_id = p_debtor_id
-        AND creditor_id = p_creditor_id
-    FOR NO KEY UPDATE;
-    v_is_new := NOT FOUND;
+    v_account := (
+        SELECT locked
+        FROM account AS locked
+        WHERE locked.debtor_id = p_debtor_id
+            AND locked.creditor_id = p_creditor_id
+        FOR NO KEY UPDATE
+    );
+    v_is_new := v_account.debtor_id IS NULL;
 
     IF v_is_new THEN
         -- Only a missing account has an age limit: a wandering old message must

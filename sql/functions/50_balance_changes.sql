@@ -240,13 +240,14 @@ BEGIN
         RETURN false;
     END IF;
     BEGIN
-        SELECT *
-        INTO v_account
-        FROM account
-        WHERE debtor_id = p_debtor_id
-            AND creditor_id = p_creditor_id
-        FOR NO KEY UPDATE NOWAIT;
-        IF NOT FOUND OR account_is_deleted(v_account.status_flags) THEN
+        v_account := (
+            SELECT locked
+            FROM account AS locked
+            WHERE locked.debtor_id = p_debtor_id
+                AND locked.creditor_id = p_creditor_id
+            FOR NO KEY UPDATE NOWAIT
+        );
+        IF v_account.debtor_id IS NULL OR account_is_deleted(v_account.status_flags) THEN
             -- The balance_changes stage creates or resurrects it, with its AccountUpdate.
             RETURN false;
         END IF;
