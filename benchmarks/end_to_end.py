@@ -76,6 +76,7 @@ from pyswpt.sharding import Realm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import autovacuum  # noqa: E402  (benchmarks/, the script's own folder)
 import chaos  # noqa: E402  (the node, the coordinators' books and the checks)
 import cpu  # noqa: E402
 import vhosts  # noqa: E402  (tests/vhosts.py)
@@ -148,6 +149,7 @@ class Options:
     sql_profile: bool = False
     stand_in: bool = True
     pgbench: bool = True
+    autovacuum_naptime: float = 0.0  # seconds; 0: VACUUM before each scenario only
 
 
 @dataclasses.dataclass
@@ -616,7 +618,8 @@ def measure_on_node(
     vacuum(stats)
     counts_before, functions_before = transaction_counts(stats), function_stats(stats)
     statements_before, tables_before = statement_stats(stats), table_stats(stats)
-    measured = measure(generator, sampler, scenario, options)
+    with autovacuum.running(node.database_url, options.autovacuum_naptime):
+        measured = measure(generator, sampler, scenario, options)
     measured.commits, measured.rollbacks, measured.wal_syncs = (
         after - before for before, after in zip(counts_before, transaction_counts(stats), strict=True)
     )
@@ -707,6 +710,7 @@ class Ceilings:
     # Server settings that change the figures: without autovacuum the queue and outbox
     # tables keep their dead rows, and every scenario on a node runs slower than the last.
     server_settings: dict[str, str] = dataclasses.field(default_factory=dict)
+    autovacuum_naptime: float = 0.0  # the emulated autovacuum's during the scenarios; 0: none
 
     def stand_in_at(self, concurrency: int) -> Measured | None:
         return next((m for m in self.stand_in if m.scenario.concurrency == concurrency), None)
@@ -839,6 +843,12 @@ def ceilings_table(ceilings: Ceilings) -> list[str]:
         lines.append(f"| pgbench TPC-B, {clients} clients | {tps:.0f} transactions/s |")
     settings = ", ".join(f"{name} = {value!r}" for name, value in ceilings.server_settings.items())
     lines.append(f"| PostgreSQL settings | {settings} |")
+    vacuum_in_scenarios = (
+        f"every {ceilings.autovacuum_naptime:g} s, as autovacuum would (benchmarks/autovacuum.py)"
+        if ceilings.autovacuum_naptime > 0
+        else "none (VACUUM (ANALYZE) before each scenario only)"
+    )
+    lines.append(f"| vacuum during the scenarios | {vacuum_in_scenarios} |")
     return lines
 
 
@@ -1019,6 +1029,7 @@ def as_json(results: list[Measured], ceilings: Ceilings) -> dict:
         "load_average_at_start": ceilings.load_average_at_start,
         "pgbench_tps": ceilings.pgbench_tps,
         "server_settings": ceilings.server_settings,
+        "autovacuum_naptime": ceilings.autovacuum_naptime,
         "stand_in": [one(m) for m in ceilings.stand_in],
         "node_budget_ms": {
             m.scenario.concurrency: ceilings.node_budget_ms(m.scenario.concurrency) for m in ceilings.stand_in
@@ -1045,6 +1056,7 @@ def run(options: Options, postgres_url: str, rabbitmq_url: str, log_dir: Path) -
         stand_in=run_stand_in(options, rabbitmq_url) if options.stand_in else [],
         pgbench_tps=run_pgbench(postgres_url) if options.pgbench else {},
         server_settings=server_settings(postgres_url),
+        autovacuum_naptime=options.autovacuum_naptime,
     )
     results = [
         m for profile in options.profiles for m in run_profile(profile, options, postgres_url, rabbitmq_url, log_dir)
@@ -1067,6 +1079,12 @@ def main() -> int:
     )
     parser.add_argument("--no-stand-in", action="store_true", help="leave out the stand-in ceiling")
     parser.add_argument("--no-pgbench", action="store_true", help="leave out the pgbench ceiling")
+    parser.add_argument(
+        "--autovacuum-naptime",
+        type=float,
+        default=defaults.autovacuum_naptime,
+        help="during each scenario, vacuum as autovacuum with this naptime would (benchmarks/autovacuum.py)",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()), help="where the node logs")
     args = parser.parse_args()
@@ -1081,6 +1099,7 @@ def main() -> int:
         sql_profile=args.sql_profile,
         stand_in=not args.no_stand_in,
         pgbench=not args.no_pgbench,
+        autovacuum_naptime=args.autovacuum_naptime,
     )
     postgres_url, rabbitmq_url = os.environ["PYSWPT_TEST_POSTGRES_URL"], os.environ["PYSWPT_TEST_RABBITMQ_URL"]
     results, ceilings = run(options, postgres_url, rabbitmq_url, args.log_dir)

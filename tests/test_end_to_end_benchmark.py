@@ -28,6 +28,7 @@ SHORT_RUN = end_to_end.Options(
     sql_profile=True,
     stand_in=True,
     pgbench=False,
+    autovacuum_naptime=1.0,
 )
 
 
@@ -38,6 +39,7 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
     text = end_to_end.report(results, ceilings)
     print(text)
 
+    assert "| vacuum during the scenarios | every 1 s, as autovacuum would" in text
     scenarios = {(m.scenario.placement, m.scenario.idle_accounts) for m in results}
     assert scenarios == {("spread", 0), ("hot", 0), ("spread", 100), ("hot", 100)}
     for m in results:
