@@ -35,7 +35,8 @@ the broker + load generator against a stand-in that answers from memory
 is also given as a ratio to those ceilings and to the goals of issue 10.
 
 Before each scenario the node's database is vacuumed, as autovacuum would have
-done where it runs. After each scenario the loop stops, the node settles, and
+done where it runs; with --autovacuum-naptime S, also during it, as a server's
+autovacuum with that naptime would (benchmarks/autovacuum.py). After each scenario the loop stops, the node settles, and
 benchmarks/chaos.py's checks run: every request answered one way only, every
 principal as the coordinators' books say, the debtor's principals sum to zero,
 nothing parked, `pyswpt audit` passes. With --idle-accounts N each profile
@@ -710,7 +711,7 @@ class Ceilings:
     # Server settings that change the figures: without autovacuum the queue and outbox
     # tables keep their dead rows, and every scenario on a node runs slower than the last.
     server_settings: dict[str, str] = dataclasses.field(default_factory=dict)
-    autovacuum_naptime: float = 0.0  # the emulated autovacuum's during the scenarios; 0: none
+    autovacuum_naptime: float = 0.0  # seconds between the vacuum passes during the scenarios; 0: none
 
     def stand_in_at(self, concurrency: int) -> Measured | None:
         return next((m for m in self.stand_in if m.scenario.concurrency == concurrency), None)

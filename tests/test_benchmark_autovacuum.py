@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -30,9 +31,9 @@ def tables(fresh_database_url: str) -> Iterator[psycopg.Connection]:
             " WITH (autovacuum_vacuum_threshold = 10, autovacuum_vacuum_scale_factor = 0)"
         )
         conn.execute("CREATE TABLE pyswpt.ledger (id integer)")
-        for table in ("outbox", "ledger"):
-            conn.execute(f"INSERT INTO pyswpt.{table} SELECT generate_series(1, {ROWS})")
-            conn.execute(f"ANALYZE pyswpt.{table}")
+        for table in (sql.Identifier("pyswpt", "outbox"), sql.Identifier("pyswpt", "ledger")):
+            conn.execute(sql.SQL("INSERT INTO {} SELECT generate_series(1, %(rows)s)").format(table), {"rows": ROWS})
+            conn.execute(sql.SQL("ANALYZE {}").format(table))
         conn.execute("DELETE FROM pyswpt.outbox WHERE id <= 100")
         conn.execute("DELETE FROM pyswpt.ledger WHERE id <= 100")
         conn.execute("SELECT pg_stat_force_next_flush()")
