@@ -4,8 +4,10 @@ One "pair" is what the drivers do for one payment, each step its own
 transaction on a driver's connection (pyswpt.db, REPEATABLE READ), retried on
 40001/40P01 like the drivers:
 
-    1. PrepareTransfer intake           enqueue_transfer_request (recipient checked in SQL)
-    2. transfer worker                  process_transfer_requests (sender)
+    1. PrepareTransfer intake           enqueue_transfer_request (recipient checked in SQL),
+                                        which prepares at once when the sender is free
+    2. transfer worker                  process_transfer_requests (sender), only if the
+                                        intake queued a request
     3. flusher + coordinator            the PreparedTransfer row gives the transfer id
     4. FinalizeTransfer intake          enqueue_finalization_request
     5. finalization worker              process_finalization_requests (sender), which
@@ -177,10 +179,12 @@ def one_round(
     now = dt.datetime.now(dt.UTC)
     request_ids = list(range(first_request_id, first_request_id + batch))
 
-    def intake(c: psycopg.Connection) -> None:
+    def intake(c: psycopg.Connection) -> bool:
+        """Whether a request was queued for the transfer worker."""
+        queued = False
         for request_id in request_ids:
-            c.execute(
-                "SELECT enqueue_transfer_request(%s, %s, 'direct', %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s)",
+            (was_queued,) = c.execute(
+                "SELECT enqueue_transfer_request(%s, %s, 'direct', %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s)",
                 (
                     DEBTOR_ID,
                     sender_id,
@@ -193,8 +197,11 @@ def one_round(
                     MAX_COMMIT_DELAY_SECONDS,
                     now,
                     now,
+                    COMMIT_PERIOD_SECONDS,
                 ),
-            )
+            ).fetchone()
+            queued = queued or was_queued
+        return queued
 
     def prepare(c: psycopg.Connection) -> None:
         c.execute(
@@ -243,8 +250,9 @@ def one_round(
     def apply_credit(c: psycopg.Connection) -> None:
         c.execute("SELECT process_balance_changes(%s, %s, %s)", (DEBTOR_ID, recipient_id, now))
 
-    retries = with_retries(conn, intake)[1]
-    retries += with_retries(conn, prepare)[1]
+    queued, retries = with_retries(conn, intake)
+    if queued:
+        retries += with_retries(conn, prepare)[1]
     prepared, retried = with_retries(conn, take_prepared)
     retries += retried
     retries += with_retries(conn, lambda c: finalize_intake(c, prepared))[1]

@@ -28,7 +28,8 @@ CONFIGURE_ACCOUNT = """
     )
 """
 
-# Queue a PrepareTransfer for the transfer_requests stage.
+# Serve a PrepareTransfer at once if its sender is free, else queue it for the
+# transfer_requests stage.
 ENQUEUE_TRANSFER_REQUEST = """
     SELECT pyswpt_api.enqueue_transfer_request(
         p_debtor_id => %(debtor_id)s,
@@ -42,7 +43,8 @@ ENQUEUE_TRANSFER_REQUEST = """
         p_final_interest_rate_ts => %(final_interest_rate_ts)s,
         p_max_commit_delay_seconds => %(max_commit_delay_seconds)s,
         p_ts => %(ts)s,
-        p_recipient_reachable => %(recipient_reachable)s
+        p_recipient_reachable => %(recipient_reachable)s,
+        p_commit_period_seconds => %(commit_period_seconds)s
     )
 """
 

@@ -27,7 +27,7 @@ from broker import declare_smp_exchanges
 from conftest import new_database
 from drivers import free_port, healthy, pyswpt_command, started_pids, wait_for
 from factories import insert_account
-from peers import Like, Shard, funded_pair, open_account, open_shard, process_group
+from peers import Like, Shard, funded_pair, open_account, open_shard, prepare_and_take, process_group
 from test_web import web_server
 
 from pyswpt import queries, schema, topology
@@ -208,21 +208,24 @@ def test_functions_dropped_while_the_drivers_run_are_waited_for_and_nothing_is_p
     consumer, workers, flusher = shard.start("consumer", "workers", "flusher")
     sender, recipient = funded_pair(shard, FUNDS)
     newcomer = shard.creditor()
+    prepared = [prepare_and_take(shard, sender, recipient, request_id=n, min_locked=1, max_locked=1) for n in (1, 2)]
     # The workers and the flusher first: the consumer still queues what they must do.
-    drop_functions(shard, "process_transfer_requests", "take_account_update_signals")
-    prepare_transfers(shard, sender, recipient, range(1, 6))
+    drop_functions(shard, "process_finalization_requests", "take_account_update_signals")
+    for transfer in prepared:
+        shard.finalize(transfer, 1)
     shard.configure(newcomer)
     wait_for(lambda: "42883" in workers.log(), "the workers to meet the missing function")
     wait_for(lambda: "42883" in flusher.log(), "the flusher to meet the missing function")
     # Then the consumer, with a window of several messages.
     drop_functions(shard, "enqueue_transfer_request")
-    prepare_transfers(shard, sender, recipient, range(6, 11))
+    prepare_transfers(shard, sender, recipient, range(3, 8))
     wait_for(lambda: "42883" in consumer.log(), "the consumer to meet the missing function")
 
     schema.apply_migrations(shard.database_url)  # `configure` of this release again
 
     shard.inbox.expect(
-        *[Like("PreparedTransfer", creditor_id=sender, coordinator_request_id=n) for n in range(1, 11)],
+        *[Like("FinalizedTransfer", creditor_id=sender, coordinator_request_id=n, status_code="OK") for n in (1, 2)],
+        *[Like("PreparedTransfer", creditor_id=sender, coordinator_request_id=n) for n in range(3, 8)],
         Like("AccountUpdate", creditor_id=newcomer),
         timeout_seconds=ROUND_TIMEOUT_SECONDS,
     )
@@ -350,7 +353,7 @@ def test_configure_of_a_changed_function_set_under_load_completes_every_transfer
 # (driver, the function it needs, the other drivers that bring it work)
 STAYS_MISSING = [
     ("consumer", "enqueue_transfer_request", ()),
-    ("workers", "process_transfer_requests", ("consumer",)),
+    ("workers", "process_balance_changes", ("consumer",)),
     ("flusher", "take_prepared_transfer_signals", ("consumer", "workers")),
     ("scan-accounts", "get_scanned_table_size", ()),
 ]
@@ -362,10 +365,11 @@ def test_a_driver_whose_function_stays_missing_exits_with_one_line_naming_it(sha
     drop_functions(shard, function)
     shard.start(*helpers)
     [waiting] = shard.start(driver, APP_API_WAIT_SECONDS=SHORT_API_WAIT_SECONDS)
-    # Accounts first, so that the transfer requests get past intake to the workers.
+    # Accounts first, so that the transfer requests get past intake; a balance change for the workers.
     shard.configure(sender)
     shard.configure(recipient)
     prepare_transfers(shard, sender, recipient, range(1, 4))
+    shard.balance_change(recipient, sender, change_id=1, principal_delta=1)
 
     wait_for(lambda: waiting.process.poll() is not None, f"{driver} to give up", EXIT_DEADLINE_SECONDS)
     assert waiting.process.returncode == EXIT_API_UNAVAILABLE

@@ -99,7 +99,7 @@ class SmpBatchHandler:
     def __call__(self, conn: psycopg.Connection, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
         outcome = consuming.BatchOutcome()
         decoded = [self.decode(delivery) for delivery in deliveries]
-        to_apply = [d for d in decoded if not d.hand_on]
+        to_apply = in_applying_order([d for d in decoded if not d.hand_on])
         results = self.applier.apply(conn, [d.item for d in to_apply])
         new_accounts = []
         for d, result in zip(to_apply, results, strict=True):
@@ -189,6 +189,7 @@ class SmpBatchHandler:
                     "max_commit_delay_seconds": message.max_commit_delay,
                     "ts": message.ts,
                     "recipient_reachable": self.recipient_reachable(message, recipient),
+                    "commit_period_seconds": config.commit_period_seconds,
                 },
             )
         if isinstance(message, FinalizeTransfer):
@@ -290,6 +291,18 @@ class SmpBatchHandler:
         except FetchError:
             logger.exception("Caught error while making a fetch request.")
             return None
+
+
+def in_applying_order(decoded: list[Decoded]) -> list[Decoded]:
+    """The window's messages with the PrepareTransfers to apply moved last, in their order.
+
+    A PrepareTransfer may lock its sender's account at once, without waiting
+    (try_to_prepare_at_once, sql/functions/40_prepare_transfer.sql); the other
+    calls may wait for a row (a ConfigureAccount for its account, an intake's
+    ON CONFLICT for a row being deleted). Applied after them, the window never
+    waits while it holds such a lock, so it cannot close a cycle of waits.
+    """
+    return sorted(decoded, key=lambda d: isinstance(d.message, PrepareTransfer) and d.item.call is not None)
 
 
 def same_agent(creditor_id: int, coordinator_id: int) -> bool:

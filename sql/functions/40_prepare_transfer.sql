@@ -2,7 +2,9 @@
 -- the intake queues the request (or rejects an unreachable recipient at once),
 -- and the batch processor locks the sender account once, serves every queued
 -- request of that sender, and emits one PreparedTransfer or RejectedTransfer
--- per request.
+-- per request. The consumer's intake serves a request at once instead, in its
+-- own transaction, when the sender's account can be had at once
+-- (try_to_prepare_at_once).
 --
 -- Transfer status codes (spec 01 §0.2) produced here: SENDER_IS_UNREACHABLE,
 -- RECIPIENT_IS_UNREACHABLE, TOO_MANY_TRANSFERS, RECIPIENT_SAME_AS_SENDER,
@@ -16,8 +18,11 @@
 -- parses `recipient` (NULL when unparsable) and passes p_recipient_reachable when it
 -- has decided reachability itself (agent rule, or the fetch API for another shard);
 -- NULL means the recipient lives in this shard and B10 decides here. An unreachable
--- recipient is rejected before the sender is looked at. Takes no account lock.
--- Returns true when the request was queued, false when it was rejected at once.
+-- recipient is rejected before the sender is looked at. Given
+-- p_commit_period_seconds (the consumer gives it), the request is served at once
+-- when its sender's account is free (try_to_prepare_at_once); otherwise, and
+-- without it, it is queued and the intake takes no account lock.
+-- Returns true when the request was queued, false when it was answered at once.
 CREATE FUNCTION pyswpt_api.enqueue_transfer_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
@@ -31,7 +36,8 @@ CREATE FUNCTION pyswpt_api.enqueue_transfer_request(
     p_max_commit_delay_seconds integer,
     p_ts timestamptz,
     p_recipient_reachable boolean DEFAULT NULL,
-    p_now timestamptz DEFAULT now()
+    p_now timestamptz DEFAULT now(),
+    p_commit_period_seconds integer DEFAULT NULL
 )
 RETURNS boolean
 LANGUAGE plpgsql
@@ -43,6 +49,7 @@ AS $$
 DECLARE
     -- T∞ of spec 01 §0.2: the latest instant an SMP date-time can express.
     c_latest_deadline CONSTANT timestamptz := TIMESTAMPTZ '9999-12-31 23:59:59+00';
+    v_request transfer_request;
 BEGIN
     IF p_recipient_creditor_id IS NULL
         OR NOT coalesce(p_recipient_reachable, account_is_reachable(p_debtor_id, p_recipient_creditor_id))
@@ -60,6 +67,26 @@ BEGIN
         RETURN false;
     END IF;
 
+    v_request.debtor_id := p_debtor_id;
+    v_request.sender_creditor_id := p_sender_creditor_id;
+    v_request.coordinator_type := p_coordinator_type;
+    v_request.coordinator_id := p_coordinator_id;
+    v_request.coordinator_request_id := p_coordinator_request_id;
+    v_request.min_locked_amount := p_min_locked_amount;
+    v_request.max_locked_amount := p_max_locked_amount;
+    -- A fix: the reference computes ts + max_commit_delay with Python datetimes,
+    -- which overflow past year 9999, so such a message was redelivered forever.
+    -- The deadline is capped at T∞ instead, which a message can still carry.
+    v_request.deadline := least(p_ts + make_interval(secs => p_max_commit_delay_seconds), c_latest_deadline);
+    v_request.recipient_creditor_id := p_recipient_creditor_id;
+    v_request.final_interest_rate_ts := p_final_interest_rate_ts;
+
+    IF p_commit_period_seconds IS NOT NULL
+        AND try_to_prepare_at_once(v_request, p_commit_period_seconds, p_now)
+    THEN
+        RETURN false;
+    END IF;
+
     INSERT INTO transfer_request (
         debtor_id,
         sender_creditor_id,
@@ -73,29 +100,98 @@ BEGIN
         final_interest_rate_ts
     )
     VALUES (
-        p_debtor_id,
-        p_sender_creditor_id,
-        p_coordinator_type,
-        p_coordinator_id,
-        p_coordinator_request_id,
-        p_min_locked_amount,
-        p_max_locked_amount,
-        -- A fix: the reference computes ts + max_commit_delay with Python datetimes,
-        -- which overflow past year 9999, so such a message was redelivered forever.
-        -- The deadline is capped at T∞ instead, which a message can still carry.
-        least(p_ts + make_interval(secs => p_max_commit_delay_seconds), c_latest_deadline),
-        p_recipient_creditor_id,
-        p_final_interest_rate_ts
+        v_request.debtor_id,
+        v_request.sender_creditor_id,
+        v_request.coordinator_type,
+        v_request.coordinator_id,
+        v_request.coordinator_request_id,
+        v_request.min_locked_amount,
+        v_request.max_locked_amount,
+        v_request.deadline,
+        v_request.recipient_creditor_id,
+        v_request.final_interest_rate_ts
     );
     RETURN true;
+END;
+$$;
+
+-- Serve a PrepareTransfer in the intake's transaction, instead of queueing it
+-- for the transfer_requests stage, when its sender's account can be had at
+-- once: no request of the sender that this transaction sees is queued (those
+-- keep their place before it), and no other transaction holds the account or
+-- changed it since this one began (at REPEATABLE READ that would fail the
+-- lock). The request is then served as the stage would serve a batch of one,
+-- a missing or deleted sender included. Returns whether it was served; when
+-- not, nothing of the attempt is left and the caller queues the request.
+--
+-- A consumer's window locks several accounts this way, where spec 02 §2.0 says
+-- one per transaction. No deadlock can come of it: these locks are taken with
+-- NOWAIT, nothing in the attempt waits for a row (the sender's outbox and
+-- prepared_transfer rows are written only under its lock), and the consumer
+-- applies a window's PrepareTransfers after its other messages, so that the
+-- window waits for nothing once it holds such a lock. The attempt is a block
+-- with its own subtransaction, which holds the lock and writes the rows (a row
+-- locked by a subtransaction and updated by its parent would need a
+-- MultiXact). Past 64 subtransactions with an XID in one transaction
+-- PostgreSQL's snapshots slow down for every session, so a transaction makes
+-- at most c_max_attempts attempts (counted in the transaction-local setting
+-- pyswpt.prepare_at_once_attempts) and queues the rest. Any other error of the
+-- attempt ends it too: the request is queued, and the stage meets the error
+-- with the sender's account alone, as before.
+CREATE FUNCTION pyswpt_private.try_to_prepare_at_once(
+    p_request transfer_request,
+    p_commit_period_seconds integer,
+    p_now timestamptz
+)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    c_max_attempts CONSTANT integer := 32;
+    v_attempts integer := coalesce(nullif(current_setting('pyswpt.prepare_at_once_attempts', true), ''), '0')::integer;
+    v_account account;
+BEGIN
+    IF v_attempts >= c_max_attempts THEN
+        RETURN false;
+    END IF;
+    IF EXISTS (
+        SELECT 1
+        FROM transfer_request
+        WHERE debtor_id = p_request.debtor_id
+            AND sender_creditor_id = p_request.sender_creditor_id
+    ) THEN
+        RETURN false;
+    END IF;
+    -- Outside the block: a subtransaction's rollback would undo it.
+    PERFORM set_config('pyswpt.prepare_at_once_attempts', (v_attempts + 1)::text, true);
+    BEGIN
+        v_account := (
+            SELECT locked
+            FROM account AS locked
+            WHERE locked.debtor_id = p_request.debtor_id
+                AND locked.creditor_id = p_request.sender_creditor_id
+            FOR NO KEY UPDATE NOWAIT
+        );
+        IF account_is_deleted(v_account.status_flags) THEN
+            v_account := NULL;
+        END IF;
+        PERFORM serve_transfer_requests(v_account, ARRAY[p_request], p_commit_period_seconds, p_now);
+        RETURN true;
+    EXCEPTION
+        WHEN lock_not_available OR serialization_failure THEN
+            RETURN false;
+        WHEN OTHERS THEN
+            RAISE WARNING 'preparing a transfer of account (%, %) at once failed (%: %); its request is queued',
+                p_request.debtor_id, p_request.sender_creditor_id, SQLSTATE, SQLERRM;
+            RETURN false;
+    END;
 END;
 $$;
 
 -- The transfer-request batch of one sender (spec 02 §2.4, batch processing): takes
 -- its queued requests (SKIP LOCKED: another worker's requests are left alone), locks
 -- the sender account once, and serves the requests in arrival order — the spec
--- allows any order, a fixed one makes outcomes reproducible. The account is stored
--- once, only if something was prepared: no seqnum change and no AccountUpdate.
+-- allows any order, a fixed one makes outcomes reproducible.
 -- Returns the number of requests handled (0: nothing was queued or all are taken).
 CREATE FUNCTION pyswpt_api.process_transfer_requests(
     p_debtor_id bigint,
@@ -112,21 +208,46 @@ SET enable_seqscan = off -- by index whatever the statistics: README "Schema and
 AS $$
 DECLARE
     v_requests transfer_request[];
-    v_request transfer_request;
-    v_prepared prepared_transfer;
-    v_account account;
-    v_floor_balance numeric;
-    v_min_balance bigint;
-    v_amount_to_lock bigint;
-    v_status text;
-    v_prepared_count integer := 0;
 BEGIN
     v_requests := take_transfer_requests(p_debtor_id, p_sender_creditor_id);
     IF cardinality(v_requests) = 0 THEN
         RETURN 0;
     END IF;
 
-    v_account := lock_existing_account(p_debtor_id, p_sender_creditor_id);
+    PERFORM serve_transfer_requests(
+        lock_existing_account(p_debtor_id, p_sender_creditor_id),
+        v_requests,
+        p_commit_period_seconds,
+        p_now
+    );
+    RETURN cardinality(v_requests);
+END;
+$$;
+
+-- Serve the requests of one sender, in order, under the lock of its account
+-- (NULL when missing or deleted: each request is rejected). The account is
+-- stored once, only if something was prepared: no seqnum change and no
+-- AccountUpdate.
+CREATE FUNCTION pyswpt_private.serve_transfer_requests(
+    p_account account,
+    p_requests transfer_request[],
+    p_commit_period_seconds integer,
+    p_now timestamptz
+)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+AS $$
+DECLARE
+    v_account account := p_account;
+    v_request transfer_request;
+    v_prepared prepared_transfer;
+    v_floor_balance numeric;
+    v_min_balance bigint;
+    v_amount_to_lock bigint;
+    v_status text;
+    v_prepared_count integer := 0;
+BEGIN
     IF v_account.debtor_id IS NOT NULL THEN
         -- Preparing locks amounts but moves no principal, so the balance stays the
         -- same through the batch; the minimum balance is read once, as PL does.
@@ -134,7 +255,7 @@ BEGIN
         v_min_balance := calc_min_balance(v_account);
     END IF;
 
-    FOREACH v_request IN ARRAY v_requests LOOP
+    FOREACH v_request IN ARRAY p_requests LOOP
         -- A redelivered request (the same coordinator request of the same sender)
         -- gets its PreparedTransfer again; the reference would lock a second time
         -- and leave it to the coordinator to dismiss the extra transfer.
@@ -173,7 +294,6 @@ BEGIN
     IF v_prepared_count > 0 THEN
         PERFORM save_account(v_account);
     END IF;
-    RETURN cardinality(v_requests);
 END;
 $$;
 

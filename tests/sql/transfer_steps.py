@@ -93,11 +93,13 @@ def enqueue_prepare(
     ts: dt.datetime = DEFAULT_NOW,
     reachable: bool | None = None,
     now: dt.datetime = DEFAULT_NOW,
+    at_once_commit_period_seconds: int | None = None,
 ) -> bool:
-    """PrepareTransfer intake; `reachable` None lets SQL decide (recipient in this shard)."""
+    """PrepareTransfer intake; `reachable` None lets SQL decide (recipient in this shard). With
+    `at_once_commit_period_seconds`, as the consumer calls it: served at once if the sender is free."""
     return value(
         conn,
-        "SELECT enqueue_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "SELECT enqueue_transfer_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             debtor,
             sender,
@@ -112,6 +114,7 @@ def enqueue_prepare(
             ts,
             reachable,
             now,
+            at_once_commit_period_seconds,
         ),
     )
 

@@ -1,0 +1,124 @@
+"""The SMP consumer applies a window's PrepareTransfers after its other messages.
+
+A PrepareTransfer may lock its sender's account without waiting and keep it to the window's
+commit (try_to_prepare_at_once, tests/sql/test_prepare_at_once.py); a ConfigureAccount waits
+for its account's lock. Were the PrepareTransfer first, the window would wait while holding
+the sender, and a transaction waiting for that sender could close a cycle of waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import threading
+from collections.abc import Iterator
+
+import pika
+import psycopg
+import pytest
+from drivers import wait_for
+from factories import insert_account
+
+from pyswpt import config, consuming, db, schema
+from pyswpt.drivers.consumer import SmpBatchHandler
+
+DEBTOR_ID = -2
+SENDER_ID = 1099511627778
+RECIPIENT_ID = 1099511627781
+CONFIGURED_ID = 1099511627790
+TS = dt.datetime.now(dt.UTC).isoformat()
+
+
+def delivery(tag: int, fields: dict) -> consuming.Delivery:
+    properties = pika.BasicProperties(content_type="application/json", type=fields["type"], delivery_mode=2)
+    return consuming.Delivery(delivery_tag=tag, properties=properties, body=json.dumps(fields).encode())
+
+
+PREPARE_TRANSFER = {
+    "type": "PrepareTransfer",
+    "debtor_id": DEBTOR_ID,
+    "creditor_id": SENDER_ID,
+    "coordinator_type": "direct",
+    "coordinator_id": SENDER_ID,
+    "coordinator_request_id": 1,
+    "min_locked_amount": 100,
+    "max_locked_amount": 100,
+    "recipient": str(RECIPIENT_ID),
+    "final_interest_rate_ts": "9999-12-31T23:59:59+00:00",
+    "max_commit_delay": 2147483647,
+    "ts": TS,
+}
+CONFIGURE_ACCOUNT = {
+    "type": "ConfigureAccount",
+    "debtor_id": DEBTOR_ID,
+    "creditor_id": CONFIGURED_ID,
+    "negligible_amount": 0.0,
+    "config_data": "",
+    "config_flags": 0,
+    "seqnum": 1,
+    "ts": TS,
+}
+
+
+@pytest.fixture
+def owner(database_url: str) -> Iterator[psycopg.Connection]:
+    with contextlib.closing(psycopg.connect(database_url, autocommit=True)) as connection:
+        connection.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")
+        yield connection
+
+
+@contextlib.contextmanager
+def held(database_url: str, creditor_id: int) -> Iterator[None]:
+    """The account locked by an open transaction of another session, as a worker holds it."""
+    with psycopg.connect(database_url) as other:
+        other.execute(
+            "SELECT 1 FROM pyswpt.account WHERE debtor_id = %s AND creditor_id = %s FOR NO KEY UPDATE",
+            (DEBTOR_ID, creditor_id),
+        )
+        try:
+            yield
+        finally:
+            other.rollback()
+
+
+def lock_waits(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]
+
+
+def can_lock_at_once(conn: psycopg.Connection, creditor_id: int) -> bool:
+    with conn.transaction():
+        try:
+            with conn.transaction():
+                conn.execute(
+                    "SELECT 1 FROM pyswpt.account WHERE debtor_id = %s AND creditor_id = %s FOR NO KEY UPDATE NOWAIT",
+                    (DEBTOR_ID, creditor_id),
+                )
+        except psycopg.errors.LockNotAvailable:
+            return False
+    return True
+
+
+def test_a_window_waiting_for_an_account_holds_no_sender_of_its_prepare_transfers(database_url, rabbitmq_url, owner):
+    for creditor_id, principal in ((SENDER_ID, 1000), (RECIPIENT_ID, 0), (CONFIGURED_ID, 0)):
+        insert_account(owner, DEBTOR_ID, creditor_id, principal=principal)
+    handler = SmpBatchHandler(config.load({"POSTGRES_URL": database_url, "PROTOCOL_BROKER_URL": rabbitmq_url}))
+    window = [delivery(1, PREPARE_TRANSFER), delivery(2, CONFIGURE_ACCOUNT)]
+    outcomes: list[consuming.BatchOutcome] = []
+
+    with contextlib.closing(db.connect(database_url)) as consumer_conn:
+        with held(database_url, CONFIGURED_ID):
+            applying = threading.Thread(target=lambda: outcomes.append(handler(consumer_conn, window)))
+            applying.start()
+            wait_for(lambda: lock_waits(owner) > 0, "the window to wait for the configured account")
+            sender_was_free = can_lock_at_once(owner, SENDER_ID)
+        applying.join(timeout=30)
+
+    assert sender_was_free
+    assert not applying.is_alive()
+    [outcome] = outcomes
+    assert sorted(outcome.acked) == [1, 2]
+    # Served in the window itself, after the ConfigureAccount.
+    assert owner.execute("SELECT count(*) FROM transfer_request").fetchone()[0] == 0
+    prepared = owner.execute("SELECT sender_creditor_id, locked_amount FROM prepared_transfer").fetchall()
+    assert prepared == [(SENDER_ID, 100)]
