@@ -118,12 +118,17 @@ class WindowApplier:
         self.clock = clock
         self.last_success_at: float | None = None
 
-    def apply(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
-        """Apply every item; the result of each, in order."""
+    def apply(self, conn: psycopg.Connection, items: list[Item], closing: SqlCall | None = None) -> list[Result]:
+        """Apply every item; the result of each, in order.
+
+        `closing` runs last in the window's transaction when the items are applied
+        together, not when they are applied one at a time: work the window may do
+        at once, which the workers do otherwise.
+        """
         if not items:
             return []
         try:
-            return self.apply_together(conn, items)
+            return self.apply_together(conn, items, closing)
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise
@@ -135,11 +140,11 @@ class WindowApplier:
             )
         return self.apply_one_by_one(conn, items)
 
-    def apply_together(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
+    def apply_together(self, conn: psycopg.Connection, items: list[Item], closing: SqlCall | None) -> list[Result]:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
-        rows = execute_calls(conn, calls)
+        rows = execute_calls(conn, calls if closing is None else [*calls, closing])
         results: list[Result] = []
-        for item, row in zip(items, rows, strict=True):
+        for item, row in zip(items, rows[: len(items)], strict=True):
             if item.call is None:
                 self.log_parked(item, item.refusal, row[0])
                 results.append(parked_result(row[0]))

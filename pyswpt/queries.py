@@ -64,6 +64,17 @@ ENQUEUE_FINALIZATION_REQUEST = """
     )
 """
 
+# The end of a consumer's window: the FinalizeTransfers it queued, served at once where the
+# senders are free.
+FINALIZE_AT_ONCE = """
+    SELECT pyswpt_api.finalize_at_once(
+        p_debtor_ids => %(debtor_ids)s,
+        p_sender_creditor_ids => %(sender_creditor_ids)s,
+        p_realm_mask => %(realm_mask)s,
+        p_realm => %(realm)s
+    )
+"""
+
 # Register a PendingBalanceChange once, for the balance_changes stage.
 REGISTER_BALANCE_CHANGE = """
     SELECT pyswpt_api.register_balance_change(

@@ -13,6 +13,7 @@ GRANT EXECUTE ON FUNCTION
     pyswpt_api.configure_account,
     pyswpt_api.enqueue_transfer_request,
     pyswpt_api.enqueue_finalization_request,
+    pyswpt_api.finalize_at_once,
     pyswpt_api.register_balance_change,
     pyswpt_api.initialize_account,
     pyswpt_api.get_account_config_data,

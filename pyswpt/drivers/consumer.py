@@ -100,7 +100,7 @@ class SmpBatchHandler:
         outcome = consuming.BatchOutcome()
         decoded = [self.decode(delivery) for delivery in deliveries]
         to_apply = in_applying_order([d for d in decoded if not d.hand_on])
-        results = self.applier.apply(conn, [d.item for d in to_apply])
+        results = self.applier.apply(conn, [d.item for d in to_apply], self.finalize_at_once(to_apply))
         new_accounts = []
         for d, result in zip(to_apply, results, strict=True):
             tag = d.item.delivery.delivery_tag
@@ -225,6 +225,26 @@ class SmpBatchHandler:
                 },
             )
         raise AssertionError(f"no SQL call for {type(message).__name__}")
+
+    def finalize_at_once(self, to_apply: list[Decoded]) -> SqlCall | None:
+        """The window's last call: the FinalizeTransfers it queued, served before it commits where
+        their senders are free (pyswpt_api.finalize_at_once); None without FinalizeTransfers."""
+        senders = dict.fromkeys(
+            (d.message.debtor_id, d.message.creditor_id)
+            for d in to_apply
+            if isinstance(d.message, FinalizeTransfer) and d.item.call is not None
+        )
+        if not senders:
+            return None
+        return SqlCall(
+            queries.FINALIZE_AT_ONCE,
+            {
+                "debtor_ids": [debtor_id for debtor_id, _ in senders],
+                "sender_creditor_ids": [creditor_id for _, creditor_id in senders],
+                "realm_mask": self.config.realm.mask,
+                "realm": self.config.realm.realm,
+            },
+        )
 
     def recipient_reachable(self, message: PrepareTransfer, recipient: int | None) -> bool | None:
         """True/False when decided here; None lets SQL decide (the recipient is in this shard)."""

@@ -132,12 +132,10 @@ $$;
 -- window waits for nothing once it holds such a lock. The attempt is a block
 -- with its own subtransaction, which holds the lock and writes the rows (a row
 -- locked by a subtransaction and updated by its parent would need a
--- MultiXact). Past 64 subtransactions with an XID in one transaction
--- PostgreSQL's snapshots slow down for every session, so a transaction makes
--- at most c_max_attempts attempts (counted in the transaction-local setting
--- pyswpt.prepare_at_once_attempts) and queues the rest. Any other error of the
--- attempt ends it too: the request is queued, and the stage meets the error
--- with the sender's account alone, as before.
+-- MultiXact); the transaction's attempts are bounded (take_at_once_attempts),
+-- and the rest are queued. Any other error of the attempt ends it too: the
+-- request is queued, and the stage meets the error with the sender's account
+-- alone, as before.
 CREATE FUNCTION pyswpt_private.try_to_prepare_at_once(
     p_request transfer_request,
     p_commit_period_seconds integer,
@@ -147,13 +145,8 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    c_max_attempts CONSTANT integer := 32;
-    v_attempts integer := coalesce(nullif(current_setting('pyswpt.prepare_at_once_attempts', true), ''), '0')::integer;
     v_account account;
 BEGIN
-    IF v_attempts >= c_max_attempts THEN
-        RETURN false;
-    END IF;
     IF EXISTS (
         SELECT 1
         FROM transfer_request
@@ -162,8 +155,9 @@ BEGIN
     ) THEN
         RETURN false;
     END IF;
-    -- Outside the block: a subtransaction's rollback would undo it.
-    PERFORM set_config('pyswpt.prepare_at_once_attempts', (v_attempts + 1)::text, true);
+    IF NOT take_at_once_attempts(1) THEN
+        RETURN false;
+    END IF;
     BEGIN
         v_account := (
             SELECT locked
@@ -397,6 +391,28 @@ BEGIN
     FROM taken;
 
     RETURN v_requests;
+END;
+$$;
+
+-- Count p_count subtransactions against the transaction's bound for work done at
+-- once (try_to_prepare_at_once, finalize_at_once); false, counting nothing, when
+-- they would pass it. Past 64 subtransactions with an XID in one transaction,
+-- PostgreSQL's snapshots slow down for every session. The count is the
+-- transaction-local setting pyswpt.at_once_attempts; the caller counts before
+-- its subtransaction begins, whose rollback would undo the setting.
+CREATE FUNCTION pyswpt_private.take_at_once_attempts(p_count integer)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    c_max_attempts CONSTANT integer := 32;
+    v_attempts integer := coalesce(nullif(current_setting('pyswpt.at_once_attempts', true), ''), '0')::integer;
+BEGIN
+    IF v_attempts + p_count > c_max_attempts THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('pyswpt.at_once_attempts', (v_attempts + p_count)::text, true);
+    RETURN true;
 END;
 $$;
 

@@ -4,7 +4,9 @@
 -- prepared transfer, and moves the committed amounts: the sender's principal at
 -- once, the recipient's through a PendingBalanceChange, or, when the recipient
 -- is in the realm the worker gives, credited in the same transaction if it is
--- free (try_to_credit_at_once) and queued at once if not.
+-- free (try_to_credit_at_once) and queued at once if not. The consumer serves
+-- the requests its window queued before the window commits, for each sender
+-- whose account is free (finalize_at_once).
 --
 -- Status codes of a FinalizedTransfer (spec 01 §0.2): OK, TIMEOUT,
 -- NEWER_INTEREST_RATE, INSUFFICIENT_AVAILABLE_AMOUNT.
@@ -96,16 +98,6 @@ AS $$
 DECLARE
     v_requests finalization_request[];
     v_transfers prepared_transfer[];
-    v_request finalization_request;
-    v_transfer prepared_transfer;
-    v_account account;
-    v_starting_principal bigint;
-    v_starting_balance numeric;
-    v_min_balance bigint;
-    v_principal_delta numeric := 0;
-    v_finalized_count integer := 0;
-    v_status text;
-    v_committed_amount bigint;
 BEGIN
     SELECT taken.requests, taken.transfers
     INTO v_requests, v_transfers
@@ -118,9 +110,48 @@ BEGIN
         RETURN cardinality(v_requests);
     END IF;
 
-    v_account := lock_existing_account(p_debtor_id, p_sender_creditor_id);
+    PERFORM serve_finalization_requests(
+        lock_existing_account(p_debtor_id, p_sender_creditor_id),
+        v_requests,
+        v_transfers,
+        p_now,
+        p_realm_mask,
+        p_realm
+    );
+    RETURN cardinality(v_requests);
+END;
+$$;
+
+-- Finalize the taken requests of one sender under the lock of its account (NULL
+-- when missing or deleted: the requests are only deleted), each with its matching
+-- prepared transfer (NULL: none), in the order given; the rest is as
+-- process_finalization_requests says.
+CREATE FUNCTION pyswpt_private.serve_finalization_requests(
+    p_account account,
+    p_requests finalization_request[],
+    p_transfers prepared_transfer[],
+    p_now timestamptz,
+    p_realm_mask bigint,
+    p_realm bigint
+)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+AS $$
+DECLARE
+    v_account account := p_account;
+    v_request finalization_request;
+    v_transfer prepared_transfer;
+    v_starting_principal bigint;
+    v_starting_balance numeric;
+    v_min_balance bigint;
+    v_principal_delta numeric := 0;
+    v_finalized_count integer := 0;
+    v_status text;
+    v_committed_amount bigint;
+BEGIN
     IF v_account.debtor_id IS NULL THEN
-        RETURN cardinality(v_requests);
+        RETURN;
     END IF;
     -- Read once: commits of this batch are tracked in v_principal_delta, released
     -- locks in the account's total_locked_amount.
@@ -128,9 +159,9 @@ BEGIN
     v_starting_balance := floor(calc_account_balance(v_account, p_now));
     v_min_balance := calc_min_balance(v_account);
 
-    FOR v_index IN 1 .. cardinality(v_requests) LOOP
-        v_request := v_requests[v_index];
-        v_transfer := v_transfers[v_index];
+    FOR v_index IN 1 .. cardinality(p_requests) LOOP
+        v_request := p_requests[v_index];
+        v_transfer := p_transfers[v_index];
         CONTINUE WHEN v_transfer.transfer_id IS NULL;
 
         v_status := calc_finalization_status(
@@ -159,7 +190,7 @@ BEGIN
             -- At most one subtransaction per transaction (try_to_credit_at_once),
             -- and a busy sender's batch leaves its recipients' changes to the
             -- stage, which applies those of one recipient together.
-            cardinality(v_requests) = 1
+            cardinality(p_requests) = 1
         );
         v_principal_delta := v_principal_delta - v_committed_amount;
         v_finalized_count := v_finalized_count + 1;
@@ -171,7 +202,80 @@ BEGIN
     IF v_finalized_count > 0 THEN
         PERFORM save_account(v_account);
     END IF;
-    RETURN cardinality(v_requests);
+END;
+$$;
+
+-- The end of a consumer's window (spec 02 §2.5 batch processing, done before the
+-- window commits): for each sender given, in order, the finalization requests
+-- queued for it that this transaction sees are served at once, as the stage
+-- would serve them (a missing or deleted sender's are only deleted), when the
+-- sender's account can be had at once: no other transaction holds it or
+-- changed it since this one began. Requests of a sender
+-- that cannot be had stay queued for the stage, and so do requests another
+-- transaction holds (SKIP LOCKED). p_realm_mask and p_realm are the consumer's
+-- SHARDING_REALM, as the workers give theirs. Returns the number of senders
+-- served.
+--
+-- Like try_to_prepare_at_once, this locks accounts where spec 02 §2.0 says one
+-- per transaction, and no deadlock can come of it for the same reasons: each
+-- lock is taken with NOWAIT, nothing after it waits for a row (the requests are
+-- taken with SKIP LOCKED; the rest is written only under the sender's lock, or
+-- the recipient's, had with NOWAIT too), and the consumer calls this last in
+-- its window, after the intakes that may wait. The lock comes before the take,
+-- where the stage takes first: a failed lock then leaves the requests queued.
+-- Each sender is a subtransaction, and a batch of one request may credit its
+-- recipient in a nested one, so each counts twice against the transaction's
+-- attempts (take_at_once_attempts). Any other error of a sender ends its attempt:
+-- its requests stay queued, and the stage meets the error with the sender's
+-- account alone.
+CREATE FUNCTION pyswpt_api.finalize_at_once(
+    p_debtor_ids bigint[],
+    p_sender_creditor_ids bigint[],
+    p_realm_mask bigint,
+    p_realm bigint,
+    p_now timestamptz DEFAULT now()
+)
+RETURNS integer
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pyswpt, pyswpt_private, pg_temp
+SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
+AS $$
+DECLARE
+    v_account account;
+    v_requests finalization_request[];
+    v_transfers prepared_transfer[];
+    v_served integer := 0;
+BEGIN
+    FOR v_index IN 1 .. coalesce(cardinality(p_debtor_ids), 0) LOOP
+        EXIT WHEN NOT take_at_once_attempts(2);
+        BEGIN
+            v_account := (
+                SELECT locked
+                FROM account AS locked
+                WHERE locked.debtor_id = p_debtor_ids[v_index]
+                    AND locked.creditor_id = p_sender_creditor_ids[v_index]
+                FOR NO KEY UPDATE NOWAIT
+            );
+            IF account_is_deleted(v_account.status_flags) THEN
+                v_account := NULL;
+            END IF;
+            SELECT taken.requests, taken.transfers
+            INTO v_requests, v_transfers
+            FROM take_finalization_requests(p_debtor_ids[v_index], p_sender_creditor_ids[v_index]) AS taken;
+            CONTINUE WHEN cardinality(v_requests) = 0;
+            PERFORM serve_finalization_requests(v_account, v_requests, v_transfers, p_now, p_realm_mask, p_realm);
+            v_served := v_served + 1;
+        EXCEPTION
+            WHEN lock_not_available OR serialization_failure THEN
+                NULL;
+            WHEN OTHERS THEN
+                RAISE WARNING 'finalizing transfers of account (%, %) at once failed (%: %); its requests stay queued',
+                    p_debtor_ids[v_index], p_sender_creditor_ids[v_index], SQLSTATE, SQLERRM;
+        END;
+    END LOOP;
+    RETURN v_served;
 END;
 $$;
 

@@ -1,9 +1,11 @@
-"""The SMP consumer applies a window's PrepareTransfers after its other messages.
+"""The SMP consumer's window locks accounts at once only after everything in it that may wait.
 
 A PrepareTransfer may lock its sender's account without waiting and keep it to the window's
-commit (try_to_prepare_at_once, tests/sql/test_prepare_at_once.py); a ConfigureAccount waits
-for its account's lock. Were the PrepareTransfer first, the window would wait while holding
-the sender, and a transaction waiting for that sender could close a cycle of waits.
+commit (try_to_prepare_at_once, tests/sql/test_prepare_at_once.py), and so may the window's
+last call for the senders of its FinalizeTransfers (finalize_at_once,
+tests/sql/test_finalize_at_once.py); a ConfigureAccount waits for its account's lock. Were
+those locks taken first, the window would wait while holding them, and a transaction waiting
+for one of those accounts could close a cycle of waits.
 """
 
 from __future__ import annotations
@@ -47,6 +49,18 @@ PREPARE_TRANSFER = {
     "recipient": str(RECIPIENT_ID),
     "final_interest_rate_ts": "9999-12-31T23:59:59+00:00",
     "max_commit_delay": 2147483647,
+    "ts": TS,
+}
+FINALIZE_TRANSFER = {
+    "type": "FinalizeTransfer",
+    "debtor_id": DEBTOR_ID,
+    "creditor_id": SENDER_ID,
+    "coordinator_type": "direct",
+    "coordinator_id": SENDER_ID,
+    "coordinator_request_id": 1,
+    "committed_amount": 40,
+    "transfer_note_format": "",
+    "transfer_note": "",
     "ts": TS,
 }
 CONFIGURE_ACCOUNT = {
@@ -99,13 +113,17 @@ def can_lock_at_once(conn: psycopg.Connection, creditor_id: int) -> bool:
     return True
 
 
-def test_a_window_waiting_for_an_account_holds_no_sender_of_its_prepare_transfers(database_url, rabbitmq_url, owner):
+def accounts(owner: psycopg.Connection) -> None:
     for creditor_id, principal in ((SENDER_ID, 1000), (RECIPIENT_ID, 0), (CONFIGURED_ID, 0)):
         insert_account(owner, DEBTOR_ID, creditor_id, principal=principal)
-    handler = SmpBatchHandler(config.load({"POSTGRES_URL": database_url, "PROTOCOL_BROKER_URL": rabbitmq_url}))
-    window = [delivery(1, PREPARE_TRANSFER), delivery(2, CONFIGURE_ACCOUNT)]
-    outcomes: list[consuming.BatchOutcome] = []
 
+
+def apply_while_the_configured_account_is_held(
+    database_url: str, rabbitmq_url: str, owner: psycopg.Connection, window: list[consuming.Delivery]
+) -> tuple[consuming.BatchOutcome, bool]:
+    """The window's outcome, and whether the sender could be locked while the window waited."""
+    handler = SmpBatchHandler(config.load({"POSTGRES_URL": database_url, "PROTOCOL_BROKER_URL": rabbitmq_url}))
+    outcomes: list[consuming.BatchOutcome] = []
     with contextlib.closing(db.connect(database_url)) as consumer_conn:
         with held(database_url, CONFIGURED_ID):
             applying = threading.Thread(target=lambda: outcomes.append(handler(consumer_conn, window)))
@@ -113,12 +131,44 @@ def test_a_window_waiting_for_an_account_holds_no_sender_of_its_prepare_transfer
             wait_for(lambda: lock_waits(owner) > 0, "the window to wait for the configured account")
             sender_was_free = can_lock_at_once(owner, SENDER_ID)
         applying.join(timeout=30)
-
-    assert sender_was_free
     assert not applying.is_alive()
     [outcome] = outcomes
+    return outcome, sender_was_free
+
+
+def test_a_window_waiting_for_an_account_holds_no_sender_of_its_prepare_transfers(database_url, rabbitmq_url, owner):
+    accounts(owner)
+    window = [delivery(1, PREPARE_TRANSFER), delivery(2, CONFIGURE_ACCOUNT)]
+
+    outcome, sender_was_free = apply_while_the_configured_account_is_held(database_url, rabbitmq_url, owner, window)
+
+    assert sender_was_free
     assert sorted(outcome.acked) == [1, 2]
     # Served in the window itself, after the ConfigureAccount.
     assert owner.execute("SELECT count(*) FROM transfer_request").fetchone()[0] == 0
     prepared = owner.execute("SELECT sender_creditor_id, locked_amount FROM prepared_transfer").fetchall()
     assert prepared == [(SENDER_ID, 100)]
+
+
+def test_a_window_waiting_for_an_account_holds_no_sender_of_its_finalize_transfers(database_url, rabbitmq_url, owner):
+    accounts(owner)
+    owner.execute(
+        "SELECT enqueue_transfer_request(%s, %s, 'direct', %s, 1, 100, 100, %s, 'infinity', 1000000, now(), true)",
+        (DEBTOR_ID, SENDER_ID, SENDER_ID, RECIPIENT_ID),
+    )
+    owner.execute("SELECT process_transfer_requests(%s, %s, 86400)", (DEBTOR_ID, SENDER_ID))
+    (transfer_id,) = owner.execute("SELECT transfer_id FROM prepared_transfer").fetchone()
+    window = [delivery(1, FINALIZE_TRANSFER | {"transfer_id": transfer_id}), delivery(2, CONFIGURE_ACCOUNT)]
+
+    outcome, sender_was_free = apply_while_the_configured_account_is_held(database_url, rabbitmq_url, owner, window)
+
+    assert sender_was_free
+    assert sorted(outcome.acked) == [1, 2]
+    # Served at the window's end: nothing queued for the stage, the recipient credited.
+    assert owner.execute("SELECT count(*) FROM finalization_request").fetchone()[0] == 0
+    assert owner.execute("SELECT status_code FROM finalized_transfer_signal").fetchall() == [("OK",)]
+    balances = owner.execute(
+        "SELECT creditor_id, principal FROM account WHERE creditor_id IN (%s, %s) ORDER BY creditor_id",
+        (SENDER_ID, RECIPIENT_ID),
+    ).fetchall()
+    assert balances == [(SENDER_ID, 960), (RECIPIENT_ID, 40)]
