@@ -9,10 +9,13 @@ transaction on a driver's connection (pyswpt.db, REPEATABLE READ), retried on
     2. transfer worker                  process_transfer_requests (sender), only if the
                                         intake queued a request
     3. flusher + coordinator            the PreparedTransfer row gives the transfer id
-    4. FinalizeTransfer intake          enqueue_finalization_request
-    5. finalization worker              process_finalization_requests (sender), which
-                                        credits the recipient at once (a batch of one) or
-                                        queues its balance change (one shard)
+    4. FinalizeTransfer intake          enqueue_finalization_request, then the window's
+                                        last call, finalize_at_once, which finalizes when
+                                        the sender is free, as step 5 would
+    5. finalization worker              process_finalization_requests (sender), only if
+                                        step 4 left the requests queued; it credits the
+                                        recipient at once (a batch of one) or queues its
+                                        balance change (one shard)
     6. balance-change worker            process_balance_changes (recipient), the queued
                                         changes (none after a credit at once) — unless
                                         --no-credit, and when that function is installed
@@ -222,7 +225,8 @@ def one_round(
         assert len(prepared) == batch, "a request was not prepared"
         return prepared
 
-    def finalize_intake(c: psycopg.Connection, prepared: list[tuple[Any, ...]]) -> None:
+    def finalize_intake(c: psycopg.Connection, prepared: list[tuple[Any, ...]]) -> bool:
+        """The intakes and the window's last call; whether requests were left for the worker."""
         for transfer_id, coordinator_type, coordinator_id, coordinator_request_id in prepared:
             c.execute(
                 "SELECT enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, '', '', %s, %s)",
@@ -238,6 +242,12 @@ def one_round(
                     now,
                 ),
             )
+        # The realm of a single shard (SHARDING_REALM's default), as the consumer gives it.
+        (served,) = c.execute(
+            "SELECT finalize_at_once(%s, %s, p_realm_mask => 0, p_realm => 0, p_now => %s)",
+            ([DEBTOR_ID], [sender_id], now),
+        ).fetchone()
+        return served == 0
 
     def finalize(c: psycopg.Connection) -> None:
         # The realm of a single shard (SHARDING_REALM's default), as the workers give it: this
@@ -255,8 +265,10 @@ def one_round(
         retries += with_retries(conn, prepare)[1]
     prepared, retried = with_retries(conn, take_prepared)
     retries += retried
-    retries += with_retries(conn, lambda c: finalize_intake(c, prepared))[1]
-    retries += with_retries(conn, finalize)[1]
+    left, retried = with_retries(conn, lambda c: finalize_intake(c, prepared))
+    retries += retried
+    if left:
+        retries += with_retries(conn, finalize)[1]
     if credit:
         retries += with_retries(conn, apply_credit)[1]
     return retries

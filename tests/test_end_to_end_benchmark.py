@@ -51,7 +51,8 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
         assert {"pyswpt all", "pyswpt consumer", "pyswpt workers", end_to_end.POSTGRES} <= set(m.cpu_seconds)
         assert m.cpu_seconds[end_to_end.POSTGRES] > 0 and m.total_rss_mib > 0
         assert sum(m.postgres_cpu_seconds.values()) == pytest.approx(m.cpu_seconds[end_to_end.POSTGRES])
-        connections = {"pyswpt transfer_requests", "pyswpt flusher", "pyswpt workers listen", "pyswpt consumer QUEUE"}
+        # The consumer prepares and finalizes at once where it can: the stages may have had nothing to do.
+        connections = {"pyswpt flusher", "pyswpt workers listen", "pyswpt consumer QUEUE"}
         assert connections <= set(m.postgres_cpu_seconds)
         assert m.rss_mib["pyswpt workers"] > 0 and m.pss_mib["pyswpt workers"] > 0
         assert m.commits > 0 and m.wal_syncs > 0 and m.functions
@@ -65,7 +66,7 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
     assert ceilings.node_budget_ms(5) is not None
     assert "| defaults | hot | 5 | 100 |" in text
     assert "## Memory MiB, RSS (PSS), by process" in text
-    assert "| pyswpt finalization_requests | " in text
+    assert "| pyswpt consumer QUEUE | " in text
     assert "| table | sequential scans/transfer |" in text
     json.dumps(end_to_end.as_json(results, ceilings), default=str)
 

@@ -158,7 +158,7 @@ def test_run_all_counts_the_messages_of_real_traffic(shard, node):
     # Each transfer's PreparedTransfer, FinalizedTransfer and two AccountTransfers, at least.
     assert moved("pyswpt_flusher_round_rows_sum") >= 4 * TRANSFERS
     assert moved("pyswpt_flusher_round_rows_count") >= 1
-    assert moved("pyswpt_worker_round_accounts_sum", stage="transfer_requests") >= 1
+    # The consumer prepares and finalizes at once where it can; a queued FinalizeTransfer wakes the stage.
     assert moved("pyswpt_worker_rounds_total", stage="finalization_requests") >= 1
     # Read from the database, cached a few seconds.
     wait_for(

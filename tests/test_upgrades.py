@@ -27,7 +27,7 @@ from broker import declare_smp_exchanges
 from conftest import new_database
 from drivers import free_port, healthy, pyswpt_command, started_pids, wait_for
 from factories import insert_account
-from peers import Like, Shard, funded_pair, open_account, open_shard, prepare_and_take, process_group
+from peers import Like, Shard, funded_pair, open_account, open_shard, process_group
 from test_web import web_server
 
 from pyswpt import queries, schema, topology
@@ -208,24 +208,24 @@ def test_functions_dropped_while_the_drivers_run_are_waited_for_and_nothing_is_p
     consumer, workers, flusher = shard.start("consumer", "workers", "flusher")
     sender, recipient = funded_pair(shard, FUNDS)
     newcomer = shard.creditor()
-    prepared = [prepare_and_take(shard, sender, recipient, request_id=n, min_locked=1, max_locked=1) for n in (1, 2)]
-    # The workers and the flusher first: the consumer still queues what they must do.
-    drop_functions(shard, "process_finalization_requests", "take_account_update_signals")
-    for transfer in prepared:
-        shard.finalize(transfer, 1)
+    # The workers and the flusher first: the consumer still queues what they must do (the
+    # transfers it prepares and finalizes at once; balance changes from other shards it queues).
+    drop_functions(shard, "process_balance_changes", "take_account_update_signals")
+    prepare_transfers(shard, sender, recipient, range(1, 6))
+    shard.balance_change(recipient, sender, change_id=1, principal_delta=1)
     shard.configure(newcomer)
     wait_for(lambda: "42883" in workers.log(), "the workers to meet the missing function")
     wait_for(lambda: "42883" in flusher.log(), "the flusher to meet the missing function")
     # Then the consumer, with a window of several messages.
     drop_functions(shard, "enqueue_transfer_request")
-    prepare_transfers(shard, sender, recipient, range(3, 8))
+    prepare_transfers(shard, sender, recipient, range(6, 11))
     wait_for(lambda: "42883" in consumer.log(), "the consumer to meet the missing function")
 
     schema.apply_migrations(shard.database_url)  # `configure` of this release again
 
     shard.inbox.expect(
-        *[Like("FinalizedTransfer", creditor_id=sender, coordinator_request_id=n, status_code="OK") for n in (1, 2)],
-        *[Like("PreparedTransfer", creditor_id=sender, coordinator_request_id=n) for n in range(3, 8)],
+        *[Like("PreparedTransfer", creditor_id=sender, coordinator_request_id=n) for n in range(1, 11)],
+        Like("AccountTransfer", creditor_id=recipient, acquired_amount=1),
         Like("AccountUpdate", creditor_id=newcomer),
         timeout_seconds=ROUND_TIMEOUT_SECONDS,
     )
