@@ -24,6 +24,7 @@ from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_h
     SENDER_ID,
     WHOLE_REALM,
     account,
+    changed_after_the_snapshot,
     enqueue_finalize,
     enqueue_prepare,
     held_by_another_transaction,
@@ -140,15 +141,7 @@ def test_a_recipient_changed_after_the_transaction_began_is_queued(conn, databas
     # fails with 40001; it must not fail the sender's finalization.
     transfer = prepared(conn)
     enqueue_finalize(conn, transfer, 40, now=LATER)
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        conn.execute("SELECT 1")  # the transaction's snapshot
-        with psycopg.connect(database_url, autocommit=True) as other:
-            other.execute(
-                "UPDATE pyswpt.account SET last_heartbeat_ts = last_heartbeat_ts + interval '1 second'"
-                " WHERE debtor_id = %s AND creditor_id = %s",
-                (DEBTOR_ID, RECIPIENT_ID),
-            )
+    with changed_after_the_snapshot(conn, database_url, RECIPIENT_ID):
         assert process_finalizations(conn, now=LATER, realm=WHOLE_REALM) == 1
     assert queued(conn) == [(RECIPIENT_ID, SENDER_ID, 40)]
     assert account(conn, SENDER_ID)["principal"] == 60

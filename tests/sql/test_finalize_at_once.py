@@ -24,6 +24,7 @@ from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_h
     SENDER_ID,
     WHOLE_REALM,
     account,
+    changed_after_the_snapshot,
     enqueue_finalize,
     enqueue_prepare,
     held_by_another_transaction,
@@ -128,15 +129,8 @@ def test_a_sender_changed_after_the_window_began_keeps_its_requests_queued(conn,
     # At REPEATABLE READ (the consumer's level) locking a row changed after the snapshot fails
     # with 40001; it must not fail the window.
     transfer = prepared(conn)
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        enqueue_finalize(conn, transfer, 40, now=LATER)  # the transaction's snapshot
-        with psycopg.connect(database_url, autocommit=True) as other:
-            other.execute(
-                "UPDATE pyswpt.account SET last_heartbeat_ts = last_heartbeat_ts + interval '1 second'"
-                " WHERE debtor_id = %s AND creditor_id = %s",
-                (DEBTOR_ID, SENDER_ID),
-            )
+    enqueue_finalize(conn, transfer, 40, now=LATER)
+    with changed_after_the_snapshot(conn, database_url, SENDER_ID):
         assert finalize_at_once(conn, SENDER_ID) == 0
     assert queued(conn) == [(SENDER_ID, transfer["transfer_id"])]
 

@@ -23,6 +23,7 @@ from transfer_steps import (  # noqa: F401 - transfer_invariants_hold is a fixtu
     RECIPIENT_ID,
     SENDER_ID,
     account,
+    changed_after_the_snapshot,
     enqueue_prepare,
     held_by_another_transaction,
     prepared_transfers,
@@ -128,15 +129,7 @@ def test_a_sender_held_by_another_transaction_is_queued_without_waiting(conn, da
 def test_a_sender_changed_after_the_transaction_began_is_queued(conn, database_url, sender):
     # At REPEATABLE READ (the consumer's level) locking a row changed after the snapshot fails
     # with 40001; it must not fail the consumer's window.
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        conn.execute("SELECT 1")  # the transaction's snapshot
-        with psycopg.connect(database_url, autocommit=True) as other:
-            other.execute(
-                "UPDATE pyswpt.account SET last_heartbeat_ts = last_heartbeat_ts + interval '1 second'"
-                " WHERE debtor_id = %s AND creditor_id = %s",
-                (DEBTOR_ID, SENDER_ID),
-            )
+    with changed_after_the_snapshot(conn, database_url, SENDER_ID):
         assert at_once(conn) is True
     assert queued(conn) == [(SENDER_ID, 1)]
     assert signals(conn, "prepared_transfer_signal") == []

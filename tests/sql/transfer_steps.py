@@ -275,6 +275,22 @@ def held_by_another_transaction(conn: psycopg.Connection, database_url: str, cre
             other.rollback()
 
 
+@contextlib.contextmanager
+def changed_after_the_snapshot(conn: psycopg.Connection, database_url: str, creditor_id: int) -> Iterator[None]:
+    """A REPEATABLE READ transaction of `conn` (the drivers' level) whose snapshot is older than a
+    change of the account by another session: locking the row in it fails with 40001."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("SELECT 1")  # the transaction's snapshot
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute(
+                "UPDATE pyswpt.account SET last_heartbeat_ts = last_heartbeat_ts + interval '1 second'"
+                " WHERE debtor_id = %s AND creditor_id = %s",
+                (DEBTOR_ID, creditor_id),
+            )
+        yield
+
+
 @pytest.fixture
 def transfer_invariants_hold(conn: psycopg.Connection) -> Iterator[None]:
     """After the test, every account's lock columns and transfer numbers are consistent."""
