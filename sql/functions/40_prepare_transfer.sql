@@ -397,7 +397,9 @@ $$;
 -- Count p_count subtransactions against the transaction's bound for work done at
 -- once (try_to_prepare_at_once, finalize_at_once); false, counting nothing, when
 -- they would pass it. Past 64 subtransactions with an XID in one transaction,
--- PostgreSQL's snapshots slow down for every session. The count is the
+-- PostgreSQL's snapshots slow down for every session; only committed ones count
+-- there (a failed attempt's is forgotten), and no other subtransaction of a
+-- consumer's window takes an XID, so 60 leaves room. The count is the
 -- transaction-local setting pyswpt.at_once_attempts; the caller counts before
 -- its subtransaction begins, whose rollback would undo the setting.
 CREATE FUNCTION pyswpt_private.take_at_once_attempts(p_count integer)
@@ -405,7 +407,7 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    c_max_attempts CONSTANT integer := 32;
+    c_max_attempts CONSTANT integer := 60;
     v_attempts integer := coalesce(nullif(current_setting('pyswpt.at_once_attempts', true), ''), '0')::integer;
 BEGIN
     IF v_attempts + p_count > c_max_attempts THEN

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("transfer_invariants_hold")
 
 OTHER_SENDER_ID = SENDER_ID + 1
 # try_to_prepare_at_once's c_max_attempts: below PostgreSQL's 64 cached subtransactions.
-MAX_ATTEMPTS_PER_TRANSACTION = 32
+MAX_ATTEMPTS_PER_TRANSACTION = 60
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_requests_of_one_sender_in_one_transaction_are_prepared_at_once_in_order
     assert account(conn, SENDER_ID)["total_locked_amount"] == 200
 
 
-def test_a_transaction_makes_at_most_32_attempts_and_queues_the_rest(conn, sender):
+def test_a_transaction_makes_at_most_60_attempts_and_queues_the_rest(conn, sender):
     # Past 64 subtransactions with an XID in one transaction every session's snapshots slow down.
     extra = 5
     with conn.transaction():
