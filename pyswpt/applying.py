@@ -65,6 +65,14 @@ class Item:
     creditor_id: int | None = None
 
 
+@dataclasses.dataclass
+class Closing:
+    """A window's last call, made only when its items are applied together; `row`, its first row, once made."""
+
+    call: SqlCall
+    row: tuple | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Applied:
     row: tuple | None  # the first row of the call's result
@@ -118,12 +126,12 @@ class WindowApplier:
         self.clock = clock
         self.last_success_at: float | None = None
 
-    def apply(self, conn: psycopg.Connection, items: list[Item], closing: SqlCall | None = None) -> list[Result]:
+    def apply(self, conn: psycopg.Connection, items: list[Item], closing: Closing | None = None) -> list[Result]:
         """Apply every item; the result of each, in order.
 
         `closing` runs last in the window's transaction when the items are applied
         together, not when they are applied one at a time: work the window may do
-        at once, which the workers do otherwise.
+        at once, which the workers do otherwise. Its row is set when it ran.
         """
         if not items:
             return []
@@ -140,9 +148,11 @@ class WindowApplier:
             )
         return self.apply_one_by_one(conn, items)
 
-    def apply_together(self, conn: psycopg.Connection, items: list[Item], closing: SqlCall | None) -> list[Result]:
+    def apply_together(self, conn: psycopg.Connection, items: list[Item], closing: Closing | None) -> list[Result]:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
-        rows = execute_calls(conn, calls if closing is None else [*calls, closing])
+        rows = execute_calls(conn, calls if closing is None else [*calls, closing.call])
+        if closing is not None:
+            closing.row = rows[-1]
         results: list[Result] = []
         for item, row in zip(items, rows[: len(items)], strict=True):
             if item.call is None:

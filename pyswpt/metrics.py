@@ -88,11 +88,37 @@ CONSUME_TO_COMMIT_SECONDS = Histogram(
     ["queue"],
     buckets=LATENCY_BUCKETS_SECONDS,
 )
+CONSUMER_AT_ONCE = Counter(
+    "pyswpt_consumer_at_once_total",
+    "What the SMP consumer's windows did at once, and what they left to the workers' stages, by queue,"
+    " step and outcome: prepare counts PrepareTransfers answered at once (done) or queued (left);"
+    " finalize counts the senders of a window's FinalizeTransfers whose queued requests it finalized"
+    " (done) or not (left: the sender was busy or changed, or another transaction held the requests).",
+    ["queue", "step", "outcome"],
+)
 TRANSACTION_RETRIES = Counter(
     "pyswpt_transaction_retries_total",
     "Transactions run again after a serialization failure (40001) or a deadlock (40P01).",
     ["sqlstate"],
 )
+
+
+class AtOnceCounts:
+    """CONSUMER_AT_ONCE of one queue, its series looked up once: a window counts on its thread's hot path."""
+
+    def __init__(self, queue: str):
+        self.series = {
+            (step, outcome): CONSUMER_AT_ONCE.labels(queue, step, outcome)
+            for step in ("prepare", "finalize")
+            for outcome in ("done", "left")
+        }
+
+    def count(self, step: str, done: int, left: int) -> None:
+        if done:
+            self.series[step, "done"].inc(done)
+        if left:
+            self.series[step, "left"].inc(left)
+
 
 # Publishing (flusher, chores, parked retries) ---------------------------------------------------
 

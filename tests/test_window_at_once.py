@@ -6,6 +6,8 @@ last call for the senders of its FinalizeTransfers (finalize_at_once,
 tests/sql/test_finalize_at_once.py); a ConfigureAccount waits for its account's lock. Were
 those locks taken first, the window would wait while holding them, and a transaction waiting
 for one of those accounts could close a cycle of waits.
+
+The consumer counts what its windows did at once and what they left to the stages.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import psycopg
 import pytest
 from drivers import wait_for
 from factories import insert_account
+from prometheus_client import REGISTRY
 
 from pyswpt import config, consuming, db, schema
 from pyswpt.drivers.consumer import SmpBatchHandler
@@ -172,3 +175,39 @@ def test_a_window_waiting_for_an_account_holds_no_sender_of_its_finalize_transfe
         (SENDER_ID, RECIPIENT_ID),
     ).fetchall()
     assert balances == [(SENDER_ID, 960), (RECIPIENT_ID, 40)]
+
+
+def at_once(step: str, outcome: str) -> float:
+    labels = {"queue": config.load({}).protocol_broker_queue, "step": step, "outcome": outcome}
+    return REGISTRY.get_sample_value("pyswpt_consumer_at_once_total", labels) or 0.0
+
+
+def test_the_consumer_counts_what_its_windows_did_at_once_and_what_they_left(database_url, rabbitmq_url, owner):
+    accounts(owner)
+    handler = SmpBatchHandler(config.load({"POSTGRES_URL": database_url, "PROTOCOL_BROKER_URL": rabbitmq_url}))
+    counts = [(step, outcome) for step in ("prepare", "finalize") for outcome in ("done", "left")]
+    before = {count: at_once(*count) for count in counts}
+
+    def counted() -> dict[tuple[str, str], float]:
+        return {count: at_once(*count) - before[count] for count in counts if at_once(*count) != before[count]}
+
+    with contextlib.closing(db.connect(database_url)) as consumer_conn:
+        assert handler(consumer_conn, [delivery(1, PREPARE_TRANSFER)]).acked == [1]
+        assert counted() == {("prepare", "done"): 1}
+        (transfer_id,) = owner.execute("SELECT transfer_id FROM prepared_transfer").fetchone()
+        with held(database_url, SENDER_ID):
+            window = [
+                delivery(2, PREPARE_TRANSFER | {"coordinator_request_id": 2}),
+                delivery(3, FINALIZE_TRANSFER | {"transfer_id": transfer_id}),
+            ]
+            assert sorted(handler(consumer_conn, window).acked) == [2, 3]
+        assert counted() == {("prepare", "done"): 1, ("prepare", "left"): 1, ("finalize", "left"): 1}
+        # The stage's work, queued: the window left it alone.
+        assert owner.execute("SELECT count(*) FROM transfer_request").fetchone()[0] == 1
+        assert owner.execute("SELECT count(*) FROM finalization_request").fetchone()[0] == 1
+
+        window = [delivery(4, FINALIZE_TRANSFER | {"transfer_id": transfer_id})]
+        assert handler(consumer_conn, window).acked == [4]
+    # The sender free again, its queued request finalized too.
+    assert counted() == {count: 1 for count in counts}
+    assert owner.execute("SELECT count(*) FROM finalization_request").fetchone()[0] == 0

@@ -24,8 +24,8 @@ import threading
 
 import psycopg
 
-from pyswpt import applying, consuming, messages, processes, queries
-from pyswpt.applying import Applied, Item, Refusal, WindowApplier
+from pyswpt import applying, consuming, messages, metrics, processes, queries
+from pyswpt.applying import Applied, Closing, Item, Refusal, WindowApplier
 from pyswpt.config import Config
 from pyswpt.fetch import FetchClient, FetchError
 from pyswpt.handoff import HandOn
@@ -96,13 +96,16 @@ class SmpBatchHandler:
             else None
         )
         self.applier = WindowApplier(config.protocol_broker_queue)
+        self.at_once = metrics.AtOnceCounts(config.protocol_broker_queue)
         self.hand_on = HandOn(config.protocol_broker_url, config.protocol_broker_queue) if draining else None
 
     def __call__(self, conn: psycopg.Connection, deliveries: list[consuming.Delivery]) -> consuming.BatchOutcome:
         outcome = consuming.BatchOutcome()
         decoded = [self.decode(delivery) for delivery in deliveries]
         to_apply = in_applying_order([d for d in decoded if not d.hand_on])
-        results = self.applier.apply(conn, [d.item for d in to_apply], self.finalize_at_once(to_apply))
+        closing = self.finalize_at_once(to_apply)
+        results = self.applier.apply(conn, [d.item for d in to_apply], closing)
+        self.count_at_once(to_apply, results, closing)
         new_accounts = []
         for d, result in zip(to_apply, results, strict=True):
             tag = d.item.delivery.delivery_tag
@@ -228,7 +231,7 @@ class SmpBatchHandler:
             )
         raise AssertionError(f"no SQL call for {type(message).__name__}")
 
-    def finalize_at_once(self, to_apply: list[Decoded]) -> SqlCall | None:
+    def finalize_at_once(self, to_apply: list[Decoded]) -> Closing | None:
         """The window's last call: the FinalizeTransfers it queued, served before it commits where
         their senders are free (pyswpt_api.finalize_at_once); None without FinalizeTransfers."""
         senders = dict.fromkeys(
@@ -238,15 +241,30 @@ class SmpBatchHandler:
         )
         if not senders:
             return None
-        return SqlCall(
-            queries.FINALIZE_AT_ONCE,
-            {
-                "debtor_ids": [debtor_id for debtor_id, _ in senders],
-                "sender_creditor_ids": [creditor_id for _, creditor_id in senders],
-                "realm_mask": self.config.realm.mask,
-                "realm": self.config.realm.realm,
-            },
+        return Closing(
+            SqlCall(
+                queries.FINALIZE_AT_ONCE,
+                {
+                    "debtor_ids": [debtor_id for debtor_id, _ in senders],
+                    "sender_creditor_ids": [creditor_id for _, creditor_id in senders],
+                    "realm_mask": self.config.realm.mask,
+                    "realm": self.config.realm.realm,
+                },
+            )
         )
+
+    def count_at_once(self, applied: list[Decoded], results: list[applying.Result], closing: Closing | None) -> None:
+        """Count what the window did at once and what it left to the workers' stages (metrics.CONSUMER_AT_ONCE)."""
+        # enqueue_transfer_request says whether it queued the request.
+        queued = [
+            result.row[0]
+            for d, result in zip(applied, results, strict=True)
+            if isinstance(d.message, PrepareTransfer) and isinstance(result, Applied)
+        ]
+        self.at_once.count("prepare", done=queued.count(False), left=queued.count(True))
+        if closing is not None and closing.row is not None:
+            served = closing.row[0]
+            self.at_once.count("finalize", done=served, left=len(closing.call.params["debtor_ids"]) - served)
 
     def recipient_reachable(self, message: PrepareTransfer, recipient: int | None) -> bool | None:
         """True/False when decided here; None lets SQL decide (the recipient is in this shard)."""
