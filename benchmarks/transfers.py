@@ -229,7 +229,7 @@ def one_round(
         """The intakes and the window's last call; whether requests were left for the worker."""
         for transfer_id, coordinator_type, coordinator_id, coordinator_request_id in prepared:
             c.execute(
-                "SELECT enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, '', '', %s, %s)",
+                "SELECT enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, '', '', %s, %s, true)",
                 (
                     DEBTOR_ID,
                     sender_id,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -67,10 +68,14 @@ class Item:
 
 @dataclasses.dataclass
 class Closing:
-    """A window's last call, made only when its items are applied together; `row`, its first row, once made."""
+    """The last call of a transaction that applies items; `row`, its first row, once made."""
 
     call: SqlCall
     row: tuple | None = None
+
+
+# The closing call of a transaction that applies these items, if they need one.
+ClosingFor = Callable[[list[Item]], Closing | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,17 +131,17 @@ class WindowApplier:
         self.clock = clock
         self.last_success_at: float | None = None
 
-    def apply(self, conn: psycopg.Connection, items: list[Item], closing: Closing | None = None) -> list[Result]:
+    def apply(self, conn: psycopg.Connection, items: list[Item], closing_for: ClosingFor | None = None) -> list[Result]:
         """Apply every item; the result of each, in order.
 
-        `closing` runs last in the window's transaction when the items are applied
-        together, not when they are applied one at a time: work the window may do
-        at once, which the workers do otherwise. Its row is set when it ran.
+        `closing_for` gives the last call of each transaction that applies items,
+        the window's or, one at a time, each item's: work it may do at once, which
+        the workers do otherwise. A closing's row is set when its transaction committed.
         """
         if not items:
             return []
         try:
-            return self.apply_together(conn, items, closing)
+            return self.apply_together(conn, items, closing_for and closing_for(items))
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise
@@ -146,15 +151,13 @@ class WindowApplier:
                 self.queue,
                 describe_error(error),
             )
-        return self.apply_one_by_one(conn, items)
+        return self.apply_one_by_one(conn, items, closing_for)
 
     def apply_together(self, conn: psycopg.Connection, items: list[Item], closing: Closing | None) -> list[Result]:
         calls = [item.call if item.call is not None else self.park_call(item, item.refusal) for item in items]
-        rows = execute_calls(conn, calls if closing is None else [*calls, closing.call])
-        if closing is not None:
-            closing.row = rows[-1]
+        rows = run_closed(conn, calls, closing)
         results: list[Result] = []
-        for item, row in zip(items, rows[: len(items)], strict=True):
+        for item, row in zip(items, rows, strict=True):
             if item.call is None:
                 self.log_parked(item, item.refusal, row[0])
                 results.append(parked_result(row[0]))
@@ -164,21 +167,24 @@ class WindowApplier:
             self.last_success_at = self.clock()
         return results
 
-    def apply_one_by_one(self, conn: psycopg.Connection, items: list[Item]) -> list[Result]:
-        results: list[Result | psycopg.Error] = [self.apply_alone(conn, item) for item in items]
+    def apply_one_by_one(
+        self, conn: psycopg.Connection, items: list[Item], closing_for: ClosingFor | None
+    ) -> list[Result]:
+        results: list[Result | psycopg.Error] = [self.apply_alone(conn, item, closing_for) for item in items]
         # Decided last, so that every neighbour of the window had its chance to pass.
         return [
             self.park_or_requeue(conn, item, result) if isinstance(result, psycopg.Error) else result
             for item, result in zip(items, results, strict=True)
         ]
 
-    def apply_alone(self, conn: psycopg.Connection, item: Item) -> Result | psycopg.Error:
+    def apply_alone(
+        self, conn: psycopg.Connection, item: Item, closing_for: ClosingFor | None
+    ) -> Result | psycopg.Error:
         """The item in a transaction of its own; a failure that is not refusal is returned."""
         if item.call is None:
             return self.park(conn, item, item.refusal)
-        call = item.call
         try:
-            row = execute_calls(conn, [call])[0]
+            row = run_closed(conn, [item.call], closing_for and closing_for([item]))[0]
         except psycopg.Error as error:
             if is_infrastructure_error(error):
                 raise
@@ -268,3 +274,12 @@ class WindowApplier:
                 "sqlstate": refusal.sqlstate,
             },
         )
+
+
+def run_closed(conn: psycopg.Connection, calls: list[SqlCall], closing: Closing | None) -> list[tuple | None]:
+    """`calls`, then `closing` if any, in one transaction; the first row of each of `calls`."""
+    if closing is None:
+        return execute_calls(conn, calls)
+    rows = execute_calls(conn, [*calls, closing.call])
+    closing.row = rows[-1]
+    return rows[:-1]

@@ -48,7 +48,8 @@ ENQUEUE_TRANSFER_REQUEST = """
     )
 """
 
-# Queue a FinalizeTransfer for the finalization_requests stage.
+# Queue a FinalizeTransfer for the finalization_requests stage, in a consumer's transaction that
+# ends with FINALIZE_AT_ONCE for its sender, which wakes the stage if it leaves the request queued.
 ENQUEUE_FINALIZATION_REQUEST = """
     SELECT pyswpt_api.enqueue_finalization_request(
         p_debtor_id => %(debtor_id)s,
@@ -60,7 +61,8 @@ ENQUEUE_FINALIZATION_REQUEST = """
         p_committed_amount => %(committed_amount)s,
         p_transfer_note_format => %(transfer_note_format)s,
         p_transfer_note => %(transfer_note)s,
-        p_ts => %(ts)s
+        p_ts => %(ts)s,
+        p_finalized_at_once => true
     )
 """
 

@@ -449,8 +449,13 @@ COMMENT ON FUNCTION pyswpt.notify_table_filled() IS
 
 CREATE TRIGGER notify_filled AFTER INSERT ON pyswpt.transfer_request
     FOR EACH STATEMENT EXECUTE FUNCTION pyswpt.notify_table_filled('pyswpt_requests');
+-- A consumer's window that ends with finalize_at_once, which sends the
+-- NOTIFY itself when it leaves a request queued, sets
+-- pyswpt.finalizing_at_once for its intakes (migration 0015).
 CREATE TRIGGER notify_filled AFTER INSERT ON pyswpt.finalization_request
-    FOR EACH STATEMENT EXECUTE FUNCTION pyswpt.notify_table_filled('pyswpt_requests');
+    FOR EACH STATEMENT
+    WHEN (pg_catalog.current_setting('pyswpt.finalizing_at_once', TRUE) IS DISTINCT FROM 'true')
+    EXECUTE FUNCTION pyswpt.notify_table_filled('pyswpt_requests');
 CREATE TRIGGER notify_filled AFTER INSERT ON pyswpt.pending_balance_change
     FOR EACH STATEMENT EXECUTE FUNCTION pyswpt.notify_table_filled('pyswpt_requests');
 

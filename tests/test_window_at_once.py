@@ -7,7 +7,9 @@ tests/sql/test_finalize_at_once.py); a ConfigureAccount waits for its account's 
 those locks taken first, the window would wait while holding them, and a transaction waiting
 for one of those accounts could close a cycle of waits.
 
-The consumer counts what its windows did at once and what they left to the stages.
+The consumer counts what its windows did at once and what they left to the stages, and a
+window applied one message at a time finalizes each FinalizeTransfer at once in its own
+transaction: its intake, as a window's, leaves waking the stage to that last call.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pika
 import psycopg
 import pytest
 from drivers import wait_for
-from factories import insert_account
+from factories import failing_account_writes, insert_account
 from prometheus_client import REGISTRY
 
 from pyswpt import config, consuming, db, schema
@@ -211,3 +213,20 @@ def test_the_consumer_counts_what_its_windows_did_at_once_and_what_they_left(dat
     # The sender free again, its queued request finalized too.
     assert counted() == {count: 1 for count in counts}
     assert owner.execute("SELECT count(*) FROM finalization_request").fetchone()[0] == 0
+
+
+def test_a_window_applied_one_message_at_a_time_finalizes_its_transfers_at_once(database_url, rabbitmq_url, owner):
+    accounts(owner)
+    handler = SmpBatchHandler(config.load({"POSTGRES_URL": database_url, "PROTOCOL_BROKER_URL": rabbitmq_url}))
+    finalized_before = at_once("finalize", "done")
+    with contextlib.closing(db.connect(database_url)) as consumer_conn:
+        assert handler(consumer_conn, [delivery(1, PREPARE_TRANSFER)]).acked == [1]
+        (transfer_id,) = owner.execute("SELECT transfer_id FROM prepared_transfer").fetchone()
+        # The database refuses the ConfigureAccount, and so the window: its messages go one at a time.
+        with failing_account_writes(owner, CONFIGURED_ID, "RAISE EXCEPTION 'refused for the test';"):
+            window = [delivery(2, CONFIGURE_ACCOUNT), delivery(3, FINALIZE_TRANSFER | {"transfer_id": transfer_id})]
+            outcome = handler(consumer_conn, window)
+    assert (outcome.acked, outcome.rejected) == ([3], [2])
+    assert owner.execute("SELECT count(*) FROM finalization_request").fetchone()[0] == 0
+    assert owner.execute("SELECT status_code FROM finalized_transfer_signal").fetchall() == [("OK",)]
+    assert at_once("finalize", "done") - finalized_before == 1

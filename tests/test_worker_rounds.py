@@ -45,12 +45,11 @@ def test_a_notified_round_waits_for_the_round_gap(shared_listener):  # noqa: F81
     assert GAP_SECONDS <= time.monotonic() - round_started < NOTIFIED_WITHIN_SECONDS
 
 
-def test_the_transfer_stage_alone_has_no_round_gap():
-    # Its requests are those the consumer could not prepare at once: each waits for a round.
+def test_only_the_balance_changes_stage_has_a_round_gap():
     gaps = {stage.name: stage.round_gap_seconds for stage in workers.stages(config.load({}))}
     assert gaps == {
         "transfer_requests": 0.0,
-        "finalization_requests": workers.FINALIZATION_REQUESTS_ROUND_GAP_SECONDS,
+        "finalization_requests": 0.0,
         "balance_changes": workers.BALANCE_CHANGES_ROUND_GAP_SECONDS,
     }
 

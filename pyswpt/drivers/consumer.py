@@ -103,9 +103,9 @@ class SmpBatchHandler:
         outcome = consuming.BatchOutcome()
         decoded = [self.decode(delivery) for delivery in deliveries]
         to_apply = in_applying_order([d for d in decoded if not d.hand_on])
-        closing = self.finalize_at_once(to_apply)
-        results = self.applier.apply(conn, [d.item for d in to_apply], closing)
-        self.count_at_once(to_apply, results, closing)
+        closings = FinalizingAtOnce(self.config, to_apply)
+        results = self.applier.apply(conn, [d.item for d in to_apply], closings)
+        self.count_at_once(to_apply, results, closings.made)
         new_accounts = []
         for d, result in zip(to_apply, results, strict=True):
             tag = d.item.delivery.delivery_tag
@@ -231,29 +231,7 @@ class SmpBatchHandler:
             )
         raise AssertionError(f"no SQL call for {type(message).__name__}")
 
-    def finalize_at_once(self, to_apply: list[Decoded]) -> Closing | None:
-        """The window's last call: the FinalizeTransfers it queued, served before it commits where
-        their senders are free (pyswpt_api.finalize_at_once); None without FinalizeTransfers."""
-        senders = dict.fromkeys(
-            (d.message.debtor_id, d.message.creditor_id)
-            for d in to_apply
-            if isinstance(d.message, FinalizeTransfer) and d.item.call is not None
-        )
-        if not senders:
-            return None
-        return Closing(
-            SqlCall(
-                queries.FINALIZE_AT_ONCE,
-                {
-                    "debtor_ids": [debtor_id for debtor_id, _ in senders],
-                    "sender_creditor_ids": [creditor_id for _, creditor_id in senders],
-                    "realm_mask": self.config.realm.mask,
-                    "realm": self.config.realm.realm,
-                },
-            )
-        )
-
-    def count_at_once(self, applied: list[Decoded], results: list[applying.Result], closing: Closing | None) -> None:
+    def count_at_once(self, applied: list[Decoded], results: list[applying.Result], closings: list[Closing]) -> None:
         """Count what the window did at once and what it left to the workers' stages (metrics.CONSUMER_AT_ONCE)."""
         # enqueue_transfer_request says whether it queued the request.
         queued = [
@@ -262,9 +240,10 @@ class SmpBatchHandler:
             if isinstance(d.message, PrepareTransfer) and isinstance(result, Applied)
         ]
         self.at_once.count("prepare", done=queued.count(False), left=queued.count(True))
-        if closing is not None and closing.row is not None:
-            served = closing.row[0]
-            self.at_once.count("finalize", done=served, left=len(closing.call.params["debtor_ids"]) - served)
+        for closing in closings:
+            if closing.row is not None:
+                served = closing.row[0]
+                self.at_once.count("finalize", done=served, left=len(closing.call.params["debtor_ids"]) - served)
 
     def recipient_reachable(self, message: PrepareTransfer, recipient: int | None) -> bool | None:
         """True/False when decided here; None lets SQL decide (the recipient is in this shard)."""
@@ -331,6 +310,42 @@ class SmpBatchHandler:
         except FetchError:
             logger.exception("Caught error while making a fetch request.")
             return None
+
+
+class FinalizingAtOnce:
+    """The closing call of each transaction that applies a window's messages (applying.ClosingFor).
+
+    A transaction that queues FinalizeTransfers ends by serving them where their
+    senders are free (pyswpt_api.finalize_at_once), and wakes the finalization
+    stage only for those it leaves (the intake's p_finalized_at_once): the
+    window's transaction, or each message's when the window is applied one at a
+    time. `made` keeps every closing given, for the counts of what was done at once.
+    """
+
+    def __init__(self, config: Config, window: list[Decoded]):
+        self.config = config
+        self.finalizing = {
+            id(d.item) for d in window if isinstance(d.message, FinalizeTransfer) and d.item.call is not None
+        }
+        self.made: list[Closing] = []
+
+    def __call__(self, items: list[Item]) -> Closing | None:
+        senders = dict.fromkeys((item.debtor_id, item.creditor_id) for item in items if id(item) in self.finalizing)
+        if not senders:
+            return None
+        closing = Closing(
+            SqlCall(
+                queries.FINALIZE_AT_ONCE,
+                {
+                    "debtor_ids": [debtor_id for debtor_id, _ in senders],
+                    "sender_creditor_ids": [creditor_id for _, creditor_id in senders],
+                    "realm_mask": self.config.realm.mask,
+                    "realm": self.config.realm.realm,
+                },
+            )
+        )
+        self.made.append(closing)
+        return closing
 
 
 def in_applying_order(decoded: list[Decoded]) -> list[Decoded]:

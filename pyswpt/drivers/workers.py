@@ -75,14 +75,6 @@ ACCOUNTS_PER_CALL = 8
 # it, the changes of a few dozen milliseconds are applied together, as they were
 # when each came through the broker and the consumer's windows.
 BALANCE_CHANGES_ROUND_GAP_SECONDS = 0.02
-# Rounds of the finalization stage likewise. The consumer finalizes nearly every
-# request its window queues before the window commits (finalize_at_once), but
-# the commit still NOTIFYs for the rows it inserted: without a gap the stage
-# woke and listed an empty queue once per window with a FinalizeTransfer (at 20
-# coordinators with the compose settings, measured: the workers' own CPU
-# 0.15-0.17 ms per transfer, their list queries' backend 0.04 ms; with the gap
-# 0.09-0.10 and 0.02). The few requests a window leaves wait up to this much longer.
-FINALIZATION_REQUESTS_ROUND_GAP_SECONDS = 0.02
 
 Key = tuple[int, int]
 
@@ -181,7 +173,6 @@ def stages(config: Config) -> list[Stage]:
             config.process_finalization_requests_max_count,
             process_finalization_requests,
             process_finalization_requests_in_turn,
-            FINALIZATION_REQUESTS_ROUND_GAP_SECONDS,
         ),
         Stage(
             "balance_changes",

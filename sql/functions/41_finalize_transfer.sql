@@ -19,6 +19,10 @@
 -- queued for the same transfer wins and the new one is dropped (a redelivery is
 -- harmless; the quirk of a wrong request hiding a right one is the reference's).
 -- Returns true when the request was queued. Takes no account lock.
+-- p_finalized_at_once says that the transaction ends with finalize_at_once for
+-- this request's sender (the consumer's window does): the stage is then woken
+-- by that call, only if it leaves a request queued, and not by this insert
+-- (pyswpt.finalizing_at_once, the trigger of migration 0015).
 CREATE FUNCTION pyswpt_api.enqueue_finalization_request(
     p_debtor_id bigint,
     p_sender_creditor_id bigint,
@@ -30,7 +34,8 @@ CREATE FUNCTION pyswpt_api.enqueue_finalization_request(
     p_transfer_note_format text,
     p_transfer_note text,
     p_ts timestamptz,
-    p_now timestamptz DEFAULT now()
+    p_now timestamptz DEFAULT now(),
+    p_finalized_at_once boolean DEFAULT FALSE
 )
 RETURNS boolean
 LANGUAGE plpgsql
@@ -40,6 +45,9 @@ SET search_path = pyswpt, pyswpt_private, pg_temp
 SET enable_seqscan = off -- by index whatever the statistics: README "Schema and functions"
 AS $$
 BEGIN
+    IF p_finalized_at_once THEN
+        PERFORM set_config('pyswpt.finalizing_at_once', 'true', true);
+    END IF;
     INSERT INTO finalization_request (
         debtor_id,
         sender_creditor_id,
@@ -227,7 +235,10 @@ $$;
 -- recipient in a nested one, so each counts twice against the transaction's
 -- attempts (take_at_once_attempts). Any other error of a sender ends its attempt:
 -- its requests stay queued, and the stage meets the error with the sender's
--- account alone.
+-- account alone. When requests of a sender stay queued so, this call wakes the
+-- stage (the intakes of a window that ends with it do not: p_finalized_at_once).
+-- Requests that another transaction holds, or that this one does not see, are
+-- that transaction's to serve or leave.
 CREATE FUNCTION pyswpt_api.finalize_at_once(
     p_debtor_ids bigint[],
     p_sender_creditor_ids bigint[],
@@ -247,9 +258,13 @@ DECLARE
     v_requests finalization_request[];
     v_transfers prepared_transfer[];
     v_served integer := 0;
+    v_left boolean := false;
 BEGIN
     FOR v_index IN 1 .. coalesce(cardinality(p_debtor_ids), 0) LOOP
-        EXIT WHEN NOT take_at_once_attempts(2);
+        IF NOT take_at_once_attempts(2) THEN
+            v_left := true;
+            EXIT;
+        END IF;
         BEGIN
             v_account := (
                 SELECT locked
@@ -269,12 +284,16 @@ BEGIN
             v_served := v_served + 1;
         EXCEPTION
             WHEN lock_not_available OR serialization_failure THEN
-                NULL;
+                v_left := true;
             WHEN OTHERS THEN
                 RAISE WARNING 'finalizing transfers of account (%, %) at once failed (%: %); its requests stay queued',
                     p_debtor_ids[v_index], p_sender_creditor_ids[v_index], SQLSTATE, SQLERRM;
+                v_left := true;
         END;
     END LOOP;
+    IF v_left THEN
+        PERFORM pg_notify('pyswpt_requests', 'finalization_request');
+    END IF;
     RETURN v_served;
 END;
 $$;

@@ -11,6 +11,7 @@ cycle of waits.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -28,6 +29,7 @@ from transfer_steps import (  # noqa: F401 - recipient and transfer_invariants_h
     enqueue_finalize,
     enqueue_prepare,
     held_by_another_transaction,
+    notifications_so_far,
     prepare,
     process_finalizations,
     recipient,
@@ -64,8 +66,20 @@ def window(conn: psycopg.Connection, transfers: list[dict[str, Any]], amount: in
     """One transaction: the FinalizeTransfer intakes, then the window's last call."""
     with conn.transaction():
         for transfer in transfers:
-            enqueue_finalize(conn, transfer, amount, note_format="text", note="rent", now=LATER)
+            enqueue_finalize(conn, transfer, amount, note_format="text", note="rent", now=LATER, finalized_at_once=True)
         return finalize_at_once(conn, *dict.fromkeys(t["sender_creditor_id"] for t in transfers))
+
+
+@pytest.fixture
+def requests_listener(database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN pyswpt_requests")
+        yield listener
+
+
+def wake_ups(listener: psycopg.Connection, database_url: str) -> list[str]:
+    """The stages' wake-ups committed since the last look."""
+    return notifications_so_far(listener, database_url, "pyswpt_requests")
 
 
 def queued(conn: psycopg.Connection) -> list[tuple[int, int]]:
@@ -189,8 +203,46 @@ def test_a_sender_counts_twice_against_the_attempts_that_prepares_share(conn, re
     assert finalized(conn) == [(SENDER_ID, "OK")]
 
 
-def test_a_window_serves_at_most_30_senders(conn, recipient):
+def test_a_window_serves_at_most_30_senders_and_wakes_the_stage_for_the_others(
+    conn, database_url, recipient, requests_listener
+):
     senders = [SENDER_ID + i for i in range(MAX_ATTEMPTS_PER_TRANSACTION // 2 + 2)]
     transfers = [prepared(conn, sender=sender) for sender in senders]
+    wake_ups(requests_listener, database_url)
     assert window(conn, transfers) == MAX_ATTEMPTS_PER_TRANSACTION // 2
     assert queued(conn) == [(t["sender_creditor_id"], t["transfer_id"]) for t in transfers[-2:]]
+    assert wake_ups(requests_listener, database_url) == ["finalization_request"]
+
+
+def test_a_window_that_finalizes_every_request_it_queued_does_not_wake_the_stage(
+    conn, database_url, recipient, requests_listener
+):
+    transfers = [prepared(conn), prepared(conn, sender=OTHER_SENDER_ID)]
+    wake_ups(requests_listener, database_url)
+    assert window(conn, transfers) == 2
+    assert queued(conn) == []
+    assert wake_ups(requests_listener, database_url) == []
+
+
+def test_a_window_that_leaves_a_request_queued_wakes_the_stage(conn, database_url, recipient, requests_listener):
+    transfers = [prepared(conn), prepared(conn, sender=OTHER_SENDER_ID)]
+    wake_ups(requests_listener, database_url)
+    with held_by_another_transaction(conn, database_url, SENDER_ID):
+        assert window(conn, transfers) == 1
+    assert queued(conn) == [(SENDER_ID, transfers[0]["transfer_id"])]
+    assert wake_ups(requests_listener, database_url) == ["finalization_request"]
+
+
+def test_an_error_on_the_senders_side_wakes_the_stage(conn, database_url, recipient, requests_listener):
+    transfer = prepared(conn)
+    wake_ups(requests_listener, database_url)
+    with failing_account_writes(conn, SENDER_ID, "RAISE EXCEPTION 'the sender cannot be written';"):
+        assert window(conn, [transfer]) == 0
+    assert wake_ups(requests_listener, database_url) == ["finalization_request"]
+
+
+def test_an_intake_without_the_windows_last_call_wakes_the_stage(conn, database_url, recipient, requests_listener):
+    transfer = prepared(conn)
+    wake_ups(requests_listener, database_url)
+    assert enqueue_finalize(conn, transfer, 40, now=LATER)
+    assert wake_ups(requests_listener, database_url) == ["finalization_request"]

@@ -19,6 +19,7 @@ from transfer_steps import (
     enqueue_finalize,
     enqueue_prepare,
     held_by_another_transaction,
+    notifications_so_far,
     prepared_transfers,
     register_balance_changes,
     rows,
@@ -66,19 +67,6 @@ def outbox_listener(database_url) -> Iterator[psycopg.Connection]:
         yield listener
 
 
-def notifications_so_far(listener: psycopg.Connection, database_url: str) -> list[str]:
-    """The payloads the listener got from the commits before now: a marker NOTIFY, committed
-    now, comes after every one of them."""
-    with psycopg.connect(database_url, autocommit=True) as other:
-        other.execute("NOTIFY pyswpt_outbox, 'marker'")
-    payloads = []
-    for notify in listener.notifies(timeout=10.0):
-        if notify.payload == "marker":
-            return payloads
-        payloads.append(notify.payload)
-    raise AssertionError(f"no marker NOTIFY within 10 s; got {payloads}")
-
-
 def queued_senders(conn: psycopg.Connection) -> list[int]:
     return [row["sender_creditor_id"] for row in rows(conn, "SELECT * FROM transfer_request ORDER BY 1, 2")]
 
@@ -115,14 +103,14 @@ def test_a_call_wakes_the_listeners_once_at_its_last_commit(conn, database_url, 
     with caller(database_url) as worker:
         prepare_in_turn(worker, senders)
         # The first two accounts' transactions held their NOTIFYs; the third's sent them with its own.
-        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"]
+        assert notifications_so_far(outbox_listener, database_url, "pyswpt_outbox") == ["prepared_transfer_signal"]
         # Holding was those transactions' own: the session's next one notifies at once.
         enqueue_prepare(conn, sender=senders[0], min_locked=100, max_locked=100, request_id=2)
         worker.execute(
             queries.PROCESS_TRANSFER_REQUESTS,
             {"debtor_id": DEBTOR_ID, "sender_creditor_id": senders[0], "commit_period_seconds": COMMIT_PERIOD_SECONDS},
         )
-        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"]
+        assert notifications_so_far(outbox_listener, database_url, "pyswpt_outbox") == ["prepared_transfer_signal"]
     assert [transfer["sender_creditor_id"] for transfer in prepared_transfers(conn)] == [senders[0], *senders]
 
 
@@ -133,7 +121,7 @@ def test_after_a_failed_call_the_worker_sends_what_its_committed_transactions_he
         with pytest.raises(psycopg.errors.LockNotAvailable):
             call_in_turn(worker, prepare_call(senders))
         # The first two accounts' NOTIFYs, held for the third, which rolled back.
-        assert notifications_so_far(outbox_listener, database_url) == ["prepared_transfer_signal"]
+        assert notifications_so_far(outbox_listener, database_url, "pyswpt_outbox") == ["prepared_transfer_signal"]
         assert worker.execute(queries.SEND_HELD_NOTIFICATIONS).fetchone()[0] == 0
     assert [transfer["sender_creditor_id"] for transfer in prepared_transfers(conn)] == senders[:2]
 

@@ -159,14 +159,16 @@ def enqueue_finalize(
     note: str = "",
     ts: dt.datetime = DEFAULT_NOW,
     now: dt.datetime = DEFAULT_NOW,
+    finalized_at_once: bool = False,
     **mismatch: Any,
 ) -> bool:
-    """FinalizeTransfer intake for a prepared transfer; `mismatch` overrides its coordinator fields."""
+    """FinalizeTransfer intake for a prepared transfer; `mismatch` overrides its coordinator fields.
+    `finalized_at_once`: the transaction ends with finalize_at_once, as a consumer's does."""
     fields = {key: transfer[key] for key in ("coordinator_type", "coordinator_id", "coordinator_request_id")}
     fields.update(mismatch)
     return value(
         conn,
-        "SELECT enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "SELECT enqueue_finalization_request(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             transfer["debtor_id"],
             transfer["sender_creditor_id"],
@@ -179,6 +181,7 @@ def enqueue_finalize(
             note,
             ts,
             now,
+            finalized_at_once,
         ),
     )
 
@@ -337,3 +340,16 @@ def assert_transfer_numbers_have_no_gaps(conn: psycopg.Connection) -> None:
     )
     for group in numbers:
         assert group["numbers"] == list(range(1, len(group["numbers"]) + 1))
+
+
+def notifications_so_far(listener: psycopg.Connection, database_url: str, channel: str) -> list[str]:
+    """The payloads `listener`, LISTENing on `channel`, got from the commits before now: a
+    marker NOTIFY, committed now, comes after every one of them."""
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute(f"NOTIFY {channel}, 'marker'")
+    payloads = []
+    for notify in listener.notifies(timeout=10.0):
+        if notify.payload == "marker":
+            return payloads
+        payloads.append(notify.payload)
+    raise AssertionError(f"no marker NOTIFY within 10 s; got {payloads}")
