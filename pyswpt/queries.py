@@ -66,8 +66,8 @@ ENQUEUE_FINALIZATION_REQUEST = """
     )
 """
 
-# The end of a consumer's window: the FinalizeTransfers it queued, served at once where the
-# senders are free.
+# The end of a consumer's transaction that queued FinalizeTransfers (its window's, or one
+# message's): served at once where the senders are free, the stage woken for the others.
 FINALIZE_AT_ONCE = """
     SELECT pyswpt_api.finalize_at_once(
         p_debtor_ids => %(debtor_ids)s,

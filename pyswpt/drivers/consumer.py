@@ -3,7 +3,7 @@
 A batch of deliveries is decoded and validated, each valid message becomes one
 SQL function call, and the calls run in one transaction; acks follow the commit.
 The window prepares and finalizes transfers at once where their senders are
-free, which the workers do otherwise (in_applying_order, finalize_at_once).
+free, which the workers do otherwise (in_applying_order, FinalizingAtOnce).
 Malformed messages, messages for accounts of another shard and messages the
 database refuses are parked in PostgreSQL, logged in one line and rejected to
 the dead-letter queue (pyswpt.applying) — the reference loops forever on some
