@@ -346,7 +346,7 @@ def notifications_so_far(listener: psycopg.Connection, database_url: str, channe
     """The payloads `listener`, LISTENing on `channel`, got from the commits before now: a
     marker NOTIFY, committed now, comes after every one of them."""
     with psycopg.connect(database_url, autocommit=True) as other:
-        other.execute(f"NOTIFY {channel}, 'marker'")
+        other.execute("SELECT pg_notify(%s, 'marker')", (channel,))
     payloads = []
     for notify in listener.notifies(timeout=10.0):
         if notify.payload == "marker":
