@@ -103,7 +103,7 @@ class SmpBatchHandler:
         outcome = consuming.BatchOutcome()
         decoded = [self.decode(delivery) for delivery in deliveries]
         to_apply = in_applying_order([d for d in decoded if not d.hand_on])
-        closings = FinalizingAtOnce(self.config, to_apply)
+        closings = FinalizingAtOnce(self.config)
         results = self.applier.apply(conn, [d.item for d in to_apply], closings)
         self.count_at_once(to_apply, results, closings.made)
         new_accounts = []
@@ -322,15 +322,16 @@ class FinalizingAtOnce:
     time. `made` keeps every closing given, for the counts of what was done at once.
     """
 
-    def __init__(self, config: Config, window: list[Decoded]):
+    def __init__(self, config: Config):
         self.config = config
-        self.finalizing = {
-            id(d.item) for d in window if isinstance(d.message, FinalizeTransfer) and d.item.call is not None
-        }
         self.made: list[Closing] = []
 
     def __call__(self, items: list[Item]) -> Closing | None:
-        senders = dict.fromkeys((item.debtor_id, item.creditor_id) for item in items if id(item) in self.finalizing)
+        senders = dict.fromkeys(
+            (item.debtor_id, item.creditor_id)
+            for item in items
+            if item.call is not None and item.call.query == queries.ENQUEUE_FINALIZATION_REQUEST
+        )
         if not senders:
             return None
         closing = Closing(
