@@ -255,7 +255,9 @@ COMMENT ON COLUMN pyswpt.pending_balance_change.enqueued_at IS
 
 -- Outbox: one table per outgoing message type ------------------------------------------
 -- A row is written in the transaction that causes the message and deleted by the
--- flusher after the broker confirmed it.
+-- flusher after the broker confirmed it. flushed_at_commit says whether its writer's
+-- commit reached the disk before it became visible (migration 0016): the flusher's
+-- durability barrier is needed only for the rows of asynchronous commits.
 
 CREATE TABLE pyswpt.rejected_transfer_signal (
     debtor_id bigint NOT NULL,
@@ -267,6 +269,8 @@ CREATE TABLE pyswpt.rejected_transfer_signal (
     status_code varchar(30) NOT NULL,
     total_locked_amount bigint NOT NULL,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, sender_creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -286,6 +290,8 @@ CREATE TABLE pyswpt.prepared_transfer_signal (
     deadline timestamptz NOT NULL,
     final_interest_rate_ts timestamptz NOT NULL,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, sender_creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -303,6 +309,8 @@ CREATE TABLE pyswpt.finalized_transfer_signal (
     total_locked_amount bigint NOT NULL,
     status_code varchar(30) NOT NULL,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, sender_creditor_id, transfer_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -321,6 +329,8 @@ CREATE TABLE pyswpt.account_transfer_signal (
     principal bigint NOT NULL,
     previous_transfer_number bigint NOT NULL,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, creditor_id, creation_date, transfer_number)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -347,6 +357,8 @@ CREATE TABLE pyswpt.account_update_signal (
     debtor_info_content_type text,
     debtor_info_sha256 bytea,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -356,6 +368,8 @@ CREATE TABLE pyswpt.account_purge_signal (
     creditor_id bigint NOT NULL,
     creation_date date NOT NULL,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, creditor_id, creation_date)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -371,6 +385,8 @@ CREATE TABLE pyswpt.rejected_config_signal (
     negligible_amount real NOT NULL,
     rejection_code varchar(30) NOT NULL,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -386,6 +402,8 @@ CREATE TABLE pyswpt.pending_balance_change_signal (
     committed_at timestamptz NOT NULL,
     principal_delta bigint NOT NULL,
     inserted_at timestamptz NOT NULL,
+    flushed_at_commit boolean NOT NULL
+        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
     PRIMARY KEY (debtor_id, other_creditor_id, change_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);

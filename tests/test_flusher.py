@@ -139,6 +139,41 @@ def test_the_commits_of_a_burst_are_made_durable_before_it_is_published(conn, da
     assert outbox_count(conn, "account_update_signal") == 1
 
 
+def test_rows_of_synchronous_commits_are_published_without_a_barrier(conn, database_url, rabbitmq_url, publisher):
+    # The row comes from a synchronous commit, as a consumer's rows do: on disk before anyone saw it.
+    create_account(conn, DEBTOR, CREDITOR)
+    cfg = settings(database_url, rabbitmq_url)
+
+    with (
+        flusher.connections(database_url) as (flush_conn, barrier_conn),
+        catching_queue(rabbitmq_url, [("to_creditors", sharding.hex_routing_key(CREDITOR))]) as catcher,
+    ):
+        barrier_conn.close()  # a barrier would fail
+        tables = [outbox.TABLES_BY_NAME["account_updates"]]
+        assert flusher.flush_tables(flush_conn, barrier_conn, publisher, tables, cfg) == 1
+        [message] = catcher.collect(1)
+
+    assert message.properties.type == "AccountUpdate"
+    assert outbox_count(conn, "account_update_signal") == 0
+
+
+def test_one_row_of_an_asynchronous_commit_makes_the_burst_wait_for_the_barrier(
+    conn, database_url, rabbitmq_url, publisher
+):
+    create_account(conn, DEBTOR, CREDITOR)
+    conn.execute("SET synchronous_commit = off")
+    create_account(conn, DEBTOR, CREDITOR + 1)
+    cfg = settings(database_url, rabbitmq_url)
+
+    with flusher.connections(database_url) as (flush_conn, barrier_conn):
+        barrier_conn.close()
+        with pytest.raises(psycopg.OperationalError):
+            flusher.flush_tables(flush_conn, barrier_conn, publisher, [outbox.TABLES_BY_NAME["account_updates"]], cfg)
+
+    # Nothing went out: both rows wait in the outbox for a barrier that works.
+    assert outbox_count(conn, "account_update_signal") == 2
+
+
 def test_unroutable_message_is_parked_for_a_retry(conn, database_url, rabbitmq_url, publisher):
     # No queue is bound for this creditor, so the mandatory message comes back.
     create_account(conn, DEBTOR, 0x7F00_0000_0000_0001)

@@ -3,7 +3,7 @@
 Per round: take up to a burst of rows of each table to flush (deleted in one
 open transaction, as many tables as MAX_ROWS_PER_TRANSACTION allows, their
 takes sent together with BEGIN), make the commits that wrote them durable
-(the workers commit asynchronously, see pyswpt.db), publish them all as one
+where they were asynchronous (the workers', see pyswpt.db), publish them all as one
 batch with publisher confirms, commit; again for the tables whose burst was
 full or that were not reached. One transaction and one wait for confirms serve
 the tables of a round: a transfer fills three to five tables, and a wait per
@@ -271,9 +271,10 @@ def publish_bursts(
     The transaction's commit deletes the rows taken. Its first statement reads
     the WAL position past every commit its snapshot sees, the commits of the
     rows it takes among them. Every row is taken before anything is published,
-    so that a serialization failure comes first. Then the barrier: it returns
-    once the WAL is flushed through that position. The messages go out in the
-    order of `tables`, each table's in the order taken.
+    so that a serialization failure comes first. Then, when a row came from an
+    asynchronous commit, the barrier: it returns once the WAL is flushed
+    through that position. The messages go out in the order of `tables`, each
+    table's in the order taken.
     """
     with transaction_begun_in_block(conn):
         snapshot_position, bursts = take_group(conn, next_take_group(tables, 0, config), config, begin=True)
@@ -281,10 +282,17 @@ def publish_bursts(
             bursts += take_group(conn, group, config)[1]
         for burst in bursts:
             sort_rows(burst, config)
-        if any(burst.rows for burst in bursts):
+        if not all(flushed_at_commit(row) for burst in bursts for row in burst.rows):
             barrier_conn.execute(queries.MAKE_COMMITS_DURABLE, {"through": snapshot_position})
         publish_and_park(conn, publisher, bursts)
         return bursts
+
+
+def flushed_at_commit(row: TakenRow) -> bool:
+    """Whether the row's commit was on disk before the flusher could see it (a consumer's
+    synchronous commit, migration 0016): then it needs no barrier. A row that could not be
+    loaded is not known to be."""
+    return row.values is not None and row.values["flushed_at_commit"]
 
 
 def publish_and_park(conn: psycopg.Connection, publisher: amqp.BatchPublisher, bursts: list[Burst]) -> None:

@@ -215,8 +215,9 @@ END;
 -- The flusher's durability barrier. The workers commit without waiting for
 -- their WAL to reach the disk (pyswpt/drivers/workers.py): their changes
 -- leave the database only through the outbox, and the flusher calls this in a
--- transaction of its own after taking rows and before publishing them, with
--- the position its snapshot covers (current_wal_position). When the
+-- transaction of its own after taking rows and before publishing them, when
+-- one of the rows came from such a commit (its flushed_at_commit is false),
+-- with the position its snapshot covers (current_wal_position). When the
 -- WAL is already flushed that far (the consumers' synchronous commits flush
 -- all the WAL before theirs), there is nothing to wait for. Otherwise the
 -- barrier writes one small record, a transactional logical message that

@@ -112,3 +112,17 @@ def test_no_position_at_read_committed_where_each_statement_sees_newer_commits(c
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         assert conn.execute("SELECT pyswpt_api.current_wal_position()").fetchone()[0] is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "flushed"),
+    [("on", True), ("remote_apply", True), ("off", False), ("local", False), ("remote_write", False)],
+)
+def test_an_outbox_row_records_whether_its_commit_is_flushed_before_it_is_visible(conn, setting, flushed):
+    # Only on and remote_apply wait for the local disk and for a synchronous standby, which the barrier waits for.
+    with conn.transaction():
+        conn.execute("SELECT set_config('synchronous_commit', %s, TRUE)", (setting,))
+        conn.execute("SELECT lock_or_create_account(-2, 9, %s)", (NOW,))
+
+    row = conn.execute("SELECT flushed_at_commit FROM account_update_signal WHERE creditor_id = 9").fetchone()
+    assert row[0] is flushed
