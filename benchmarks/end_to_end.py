@@ -31,8 +31,9 @@ After a warm-up, a measuring window gives:
 
 The same run measures the machine's ceilings: the cores, the load average,
 the broker + load generator against a stand-in that answers from memory
-(benchmarks/stand_in.py), and pgbench TPC-B at 1 and 8 clients. Every figure
-is also given as a ratio to those ceilings and to the goals of issue 10.
+(benchmarks/stand_in.py), before the scenarios and again after them, and
+pgbench TPC-B at 1 and 8 clients. Every figure is also given as a ratio to
+those ceilings and to the goals of issue 10.
 
 Before each scenario the node's database is vacuumed, as autovacuum would have
 done where it runs; with --autovacuum-naptime S, also during it, as a server's
@@ -62,6 +63,7 @@ import os
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -712,18 +714,29 @@ class Ceilings:
     # tables keep their dead rows, and every scenario on a node runs slower than the last.
     server_settings: dict[str, str] = dataclasses.field(default_factory=dict)
     autovacuum_naptime: float = 0.0  # seconds between the vacuum passes during the scenarios; 0: none
+    # The stand-in again after the scenarios: this machine's pace drifts by up to a third over
+    # a run of many minutes, and a ceiling from its start alone judged every scenario by it.
+    stand_in_at_end: list[Measured] = dataclasses.field(default_factory=list)
 
-    def stand_in_at(self, concurrency: int) -> Measured | None:
-        return next((m for m in self.stand_in if m.scenario.concurrency == concurrency), None)
+    def stand_ins_at(self, concurrency: int) -> list[Measured]:
+        """The stand-in's runs at this C that completed transfers, at the start and at the end."""
+        runs = self.stand_in + self.stand_in_at_end
+        return [m for m in runs if m.scenario.concurrency == concurrency and m.transfers]
+
+    def stand_in_rate(self, concurrency: int) -> float | None:
+        """The stand-in's transfers per second at this C, the mean of its runs."""
+        runs = self.stand_ins_at(concurrency)
+        return statistics.fmean(m.transfers_per_second for m in runs) if runs else None
 
     def node_budget_ms(self, concurrency: int) -> float | None:
         """CPU per transfer left to a node that kept pace with the stand-in: the cores less
-        what the broker and the load generator needed at the stand-in's rate."""
-        ceiling = self.stand_in_at(concurrency)
-        if ceiling is None or ceiling.transfers == 0:
-            return None
-        spent = ceiling.cpu_seconds.get(BROKER, 0.0) + ceiling.cpu_seconds.get(LOAD_GENERATOR, 0.0)
-        return 1000 * (self.cores * ceiling.seconds - spent) / ceiling.transfers
+        what the broker and the load generator needed at the stand-in's rate; the mean of its runs."""
+        runs = self.stand_ins_at(concurrency)
+        return statistics.fmean(self.budget_of(m) for m in runs) if runs else None
+
+    def budget_of(self, stand_in: Measured) -> float:
+        spent = stand_in.cpu_seconds.get(BROKER, 0.0) + stand_in.cpu_seconds.get(LOAD_GENERATOR, 0.0)
+        return 1000 * (self.cores * stand_in.seconds - spent) / stand_in.transfers
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -753,7 +766,6 @@ def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
     ]
     for m in results:
         s = m.scenario
-        ceiling = ceilings.stand_in_at(s.concurrency)
         lat = m.latencies_ms
 
         def cell(kind: str, points: tuple[int, ...], lat=lat) -> str:
@@ -761,7 +773,7 @@ def scenario_table(results: list[Measured], ceilings: Ceilings) -> list[str]:
 
         lines.append(
             f"| {s.profile} | {s.placement} | {s.concurrency} | {s.idle_accounts} | {m.transfers_per_second:.1f}"
-            f" | {ratio(m.transfers_per_second, ceiling.transfers_per_second if ceiling else None)}"
+            f" | {ratio(m.transfers_per_second, ceilings.stand_in_rate(s.concurrency))}"
             f" | {cell('prepare', (50, 95, 99))} | {cell('prepare to ledger', (50, 95))}"
             f" | {cell('prepare from ledger', (50, 95))} | {cell('finalize', (50, 95))}"
             f" | {cell('account transfer', (50, 95))} | {m.server_and_postgres_ms:.2f}"
@@ -831,15 +843,21 @@ def ceilings_table(ceilings: Ceilings) -> list[str]:
         f"| cores | {ceilings.cores} |",
         f"| load average 1/5/15 min at the start | {load} |",
     ]
-    for m in ceilings.stand_in:
-        c = m.scenario.concurrency
-        lines.append(
-            f"| stand-in C={c}: transfers/s; CPU ms/transfer broker / load generator / stand-in"
-            f" | {m.transfers_per_second:.0f}; {m.ms_per_transfer(BROKER):.2f}"
-            f" / {m.ms_per_transfer(LOAD_GENERATOR):.2f} / {m.ms_per_transfer(STAND_IN):.2f} |"
-        )
+    for when, runs in (("start", ceilings.stand_in), ("end", ceilings.stand_in_at_end)):
+        for m in runs:
+            budget = ceilings.budget_of(m) if m.transfers else float("nan")
+            lines.append(
+                f"| stand-in C={m.scenario.concurrency} at the {when}: transfers/s; CPU ms/transfer broker"
+                f" / load generator / stand-in; node budget | {m.transfers_per_second:.0f};"
+                f" {m.ms_per_transfer(BROKER):.2f} / {m.ms_per_transfer(LOAD_GENERATOR):.2f}"
+                f" / {m.ms_per_transfer(STAND_IN):.2f}; {budget:.2f} ms |"
+            )
+    for c in dict.fromkeys(m.scenario.concurrency for m in ceilings.stand_in):
         budget = ceilings.node_budget_ms(c)
-        lines.append(f"| node CPU budget per transfer at the stand-in's rate, C={c} | {budget:.2f} ms |")
+        if budget is not None:
+            lines.append(
+                f"| node CPU budget per transfer at the stand-in's rate, C={c}, mean of its runs | {budget:.2f} ms |"
+            )
     for clients, tps in ceilings.pgbench_tps.items():
         lines.append(f"| pgbench TPC-B, {clients} clients | {tps:.0f} transactions/s |")
     settings = ", ".join(f"{name} = {value!r}" for name, value in ceilings.server_settings.items())
@@ -1032,6 +1050,7 @@ def as_json(results: list[Measured], ceilings: Ceilings) -> dict:
         "server_settings": ceilings.server_settings,
         "autovacuum_naptime": ceilings.autovacuum_naptime,
         "stand_in": [one(m) for m in ceilings.stand_in],
+        "stand_in_at_end": [one(m) for m in ceilings.stand_in_at_end],
         "node_budget_ms": {
             m.scenario.concurrency: ceilings.node_budget_ms(m.scenario.concurrency) for m in ceilings.stand_in
         },
@@ -1062,6 +1081,8 @@ def run(options: Options, postgres_url: str, rabbitmq_url: str, log_dir: Path) -
     results = [
         m for profile in options.profiles for m in run_profile(profile, options, postgres_url, rabbitmq_url, log_dir)
     ]
+    if options.stand_in:
+        ceilings.stand_in_at_end = run_stand_in(options, rabbitmq_url)
     return results, ceilings
 
 
@@ -1107,7 +1128,7 @@ def main() -> int:
     print(report(results, ceilings))
     if args.json:
         args.json.write_text(json.dumps(as_json(results, ceilings), indent=2, default=str))
-    return 0 if all(m.ok for m in results + ceilings.stand_in) else 1
+    return 0 if all(m.ok for m in results + ceilings.stand_in + ceilings.stand_in_at_end) else 1
 
 
 if __name__ == "__main__":
