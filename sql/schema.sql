@@ -269,8 +269,10 @@ CREATE TABLE pyswpt.rejected_transfer_signal (
     status_code varchar(30) NOT NULL,
     total_locked_amount bigint NOT NULL,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, sender_creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -290,8 +292,10 @@ CREATE TABLE pyswpt.prepared_transfer_signal (
     deadline timestamptz NOT NULL,
     final_interest_rate_ts timestamptz NOT NULL,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, sender_creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -309,8 +313,10 @@ CREATE TABLE pyswpt.finalized_transfer_signal (
     total_locked_amount bigint NOT NULL,
     status_code varchar(30) NOT NULL,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, sender_creditor_id, transfer_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -329,8 +335,10 @@ CREATE TABLE pyswpt.account_transfer_signal (
     principal bigint NOT NULL,
     previous_transfer_number bigint NOT NULL,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, creditor_id, creation_date, transfer_number)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -357,8 +365,10 @@ CREATE TABLE pyswpt.account_update_signal (
     debtor_info_content_type text,
     debtor_info_sha256 bytea,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -368,8 +378,10 @@ CREATE TABLE pyswpt.account_purge_signal (
     creditor_id bigint NOT NULL,
     creation_date date NOT NULL,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, creditor_id, creation_date)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -385,8 +397,10 @@ CREATE TABLE pyswpt.rejected_config_signal (
     negligible_amount real NOT NULL,
     rejection_code varchar(30) NOT NULL,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, creditor_id, signal_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
@@ -402,8 +416,10 @@ CREATE TABLE pyswpt.pending_balance_change_signal (
     committed_at timestamptz NOT NULL,
     principal_delta bigint NOT NULL,
     inserted_at timestamptz NOT NULL,
-    flushed_at_commit boolean NOT NULL
-        DEFAULT (pg_catalog.current_setting('synchronous_commit') IN ('on', 'remote_apply')),
+    flushed_at_commit boolean NOT NULL DEFAULT (
+        pg_catalog.current_setting('synchronous_commit') <> 'off'
+        AND pg_catalog.current_setting('synchronous_standby_names') = ''
+    ),
     PRIMARY KEY (debtor_id, other_creditor_id, change_id)
 )
 WITH (fillfactor = 100, autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_insert_threshold = -1);
