@@ -134,6 +134,7 @@ def test_first_config_emits_one_account_update_echoing_the_account(conn):
         "debtor_info_content_type": None,
         "debtor_info_sha256": None,
         "inserted_at": NOW,
+        "flushed_at_commit": True,  # a synchronous commit wrote it
     }
 
 
@@ -250,6 +251,7 @@ def test_invalid_config_is_rejected_echoing_the_message(conn):
         "negligible_amount": -10.0,
         "rejection_code": "INVALID_CONFIGURATION",
         "inserted_at": NOW,
+        "flushed_at_commit": True,  # a synchronous commit wrote it
     }
 
 

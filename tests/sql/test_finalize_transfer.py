@@ -254,6 +254,7 @@ def test_commit_debits_the_sender_now_and_credits_the_recipient_by_message(conn,
         "total_locked_amount": 0,
         "status_code": "OK",
         "inserted_at": later,
+        "flushed_at_commit": True,  # a synchronous commit wrote it
     }
     sender = account(conn, SENDER_ID)
     assert (sender["principal"], sender["interest"], sender["total_locked_amount"]) == (60, 0.0, 0)
