@@ -49,7 +49,9 @@ DRAIN_TIMEOUT_SECONDS = 600.0
 ACCOUNTS = 100
 MAX_INT64 = 2**63 - 1
 
-# What the consumer's transaction leaves behind for each message of a kind.
+# What the consumer's transaction leaves behind for each message of a kind. A FinalizeTransfer's
+# request stays queued only while its sender is busy (held_senders): a window finalizes the
+# requests of a free sender at once, and those of a missing one leave nothing behind.
 COMMITTED_ROWS = {
     "PendingBalanceChange": "SELECT count(*) FROM pyswpt.registered_balance_change",
     "FinalizeTransfer": "SELECT count(*) FROM pyswpt.finalization_request",
@@ -157,13 +159,31 @@ def measure(postgres_server_url: str, rabbitmq_url: str, kind: str, prefetch: in
             "PROTOCOL_BROKER_PREFETCH_COUNT": str(prefetch),
             "APP_LOG_LEVEL": "warning",
         }
-        with psycopg.connect(database_url, autocommit=True) as conn:
+        with (
+            psycopg.connect(database_url, autocommit=True) as conn,
+            held_senders(database_url, debtor_id) if kind == "FinalizeTransfer" else contextlib.nullcontext(),
+        ):
             consumer = subprocess.Popen([*pyswpt_command(), "run", "consumer"], env=environ)
             try:
                 return rate_until_done(conn, COMMITTED_ROWS[kind], count, consumer)
             finally:
                 consumer.terminate()
                 consumer.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def held_senders(database_url: str, debtor_id: int) -> Iterator[None]:
+    """The FinalizeTransfers' senders, made and then locked by another session until the run ends,
+    as busy senders are: each window's requests stay queued for the finalization stage, which
+    does not run here, so the rows count what the intake committed."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"SET search_path = {schema.OWNER_SEARCH_PATH}")  # the private helpers' own
+        conn.execute(
+            "SELECT lock_or_create_account(%s, g, now()) FROM generate_series(1, %s) AS g", (debtor_id, ACCOUNTS)
+        )
+        with conn.transaction():
+            conn.execute("SELECT 1 FROM account WHERE debtor_id = %s FOR UPDATE", (debtor_id,))
+            yield
 
 
 def rate_until_done(conn: psycopg.Connection, query: str, count: int, consumer: subprocess.Popen) -> float:
