@@ -3,11 +3,11 @@
 Per round: take up to a burst of rows of each table to flush (deleted in one
 open transaction, as many tables as MAX_ROWS_PER_TRANSACTION allows, their
 takes sent together with BEGIN), make the commits that wrote them durable
-where they were asynchronous (the workers', see pyswpt.db), publish them all as one
-batch with publisher confirms, commit; again for the tables whose burst was
-full or that were not reached. One transaction and one wait for confirms serve
-the tables of a round: a transfer fills three to five tables, and a wait per
-table cost a commit and a broker round trip each.
+where those were asynchronous (the workers', see pyswpt.db), publish them all
+as one batch with publisher confirms, commit; again for the tables whose burst
+was full or that were not reached. One transaction and one wait for confirms
+serve the tables of a round: a transfer fills three to five tables, and a wait
+per table cost a commit and a broker round trip each.
 A round starts when a NOTIFY says rows arrived, but not sooner than
 ROUND_GAP_SECONDS after the last one started, and flushes the tables named
 by the NOTIFYs until then; at least every FLUSH_PERIOD seconds a round
