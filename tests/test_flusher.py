@@ -52,8 +52,11 @@ def outbox_count(conn: psycopg.Connection, table: str) -> int:
     return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
-def flush(database_url, publisher, table_name: str, cfg: config.Config) -> int:
+def flush(database_url, publisher, table_name: str, cfg: config.Config, *, barrier_closed: bool = False) -> int:
+    """Flush one table; with `barrier_closed` the barrier's session is closed first, so a barrier fails."""
     with flusher.connections(database_url) as (flush_conn, barrier_conn):
+        if barrier_closed:
+            barrier_conn.close()
         return flusher.flush_tables(flush_conn, barrier_conn, publisher, [outbox.TABLES_BY_NAME[table_name]], cfg)
 
 
@@ -144,13 +147,8 @@ def test_rows_of_synchronous_commits_are_published_without_a_barrier(conn, datab
     create_account(conn, DEBTOR, CREDITOR)
     cfg = settings(database_url, rabbitmq_url)
 
-    with (
-        flusher.connections(database_url) as (flush_conn, barrier_conn),
-        catching_queue(rabbitmq_url, [("to_creditors", sharding.hex_routing_key(CREDITOR))]) as catcher,
-    ):
-        barrier_conn.close()  # a barrier would fail
-        tables = [outbox.TABLES_BY_NAME["account_updates"]]
-        assert flusher.flush_tables(flush_conn, barrier_conn, publisher, tables, cfg) == 1
+    with catching_queue(rabbitmq_url, [("to_creditors", sharding.hex_routing_key(CREDITOR))]) as catcher:
+        assert flush(database_url, publisher, "account_updates", cfg, barrier_closed=True) == 1
         [message] = catcher.collect(1)
 
     assert message.properties.type == "AccountUpdate"
@@ -165,10 +163,8 @@ def test_one_row_of_an_asynchronous_commit_makes_the_burst_wait_for_the_barrier(
     create_account(conn, DEBTOR, CREDITOR + 1)
     cfg = settings(database_url, rabbitmq_url)
 
-    with flusher.connections(database_url) as (flush_conn, barrier_conn):
-        barrier_conn.close()
-        with pytest.raises(psycopg.OperationalError):
-            flusher.flush_tables(flush_conn, barrier_conn, publisher, [outbox.TABLES_BY_NAME["account_updates"]], cfg)
+    with pytest.raises(psycopg.OperationalError):
+        flush(database_url, publisher, "account_updates", cfg, barrier_closed=True)
 
     # Nothing went out: both rows wait in the outbox for a barrier that works.
     assert outbox_count(conn, "account_update_signal") == 2
