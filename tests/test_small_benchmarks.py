@@ -7,9 +7,11 @@ FinalizeTransfers once the consumer's windows finalized at once.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -22,6 +24,17 @@ import transfers  # noqa: E402
 def test_consumer_benchmark_sees_every_message_committed(postgres_server_url, rabbitmq_url, monkeypatch, kind):
     monkeypatch.setattr(consumer, "DRAIN_TIMEOUT_SECONDS", 60.0)
     assert consumer.measure(postgres_server_url, rabbitmq_url, kind, 10, 50) > 0
+
+
+def test_consumer_benchmark_rates_a_run_committed_between_two_polls(postgres_server_url):
+    # CI once saw 0.0 here: 50 messages committed before the first poll that saw any.
+    idle_consumer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with psycopg.connect(postgres_server_url) as conn:
+            assert consumer.rate_until_done(conn, "SELECT 50", 50, idle_consumer) > 0
+    finally:
+        idle_consumer.kill()
+        idle_consumer.wait()
 
 
 def test_transfers_benchmark_runs_its_pairs_and_leaves_nothing_locked_or_queued(fresh_database_url):
