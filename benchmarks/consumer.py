@@ -4,9 +4,9 @@ Not a test. For each message kind and prefetch count: a fresh database, a fresh
 queue holding N pre-published messages, then the consumer is started and the
 rows its transactions commit are counted until all N are in. The rate is
 measured from the last poll that saw no committed row to the first that saw
-them all, so process start-up is not counted. With PROTOCOL_BROKER_PREFETCH_COUNT=1 every message is its own
-transaction (the reference's way); with 100 a batch of up to 100 messages is
-one transaction.
+them all, so process start-up is not counted. With
+PROTOCOL_BROKER_PREFETCH_COUNT=1 every message is its own transaction (the
+reference's way); with 100 a batch of up to 100 messages is one transaction.
 
     PYSWPT_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/postgres \\
     PYSWPT_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2F \\
