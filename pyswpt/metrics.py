@@ -137,7 +137,7 @@ COMMIT_TO_PUBLISH_SECONDS = Histogram(
 FLUSHER_ROUND_ROWS = Histogram(
     "pyswpt_flusher_round_rows",
     "Outbox rows that left the outbox (published, parked or dropped) in one round of a flusher;"
-    " its count is the rounds (at least 10 ms apart: pyswpt.drivers.flusher.ROUND_GAP_SECONDS).",
+    " its count is the rounds (at least 5 ms apart: pyswpt.drivers.flusher.ROUND_GAP_SECONDS).",
     buckets=ROUND_BUCKETS_ROWS,
 )
 OUTBOX_ROWS_PARKED = Counter(
