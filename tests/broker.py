@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pika
+import vhosts
 
 from pyswpt import topology
 
@@ -79,11 +80,43 @@ class Catcher:
         assert method is None, "an unexpected message arrived"
 
 
+@contextlib.contextmanager
+def plain_queue(url: str, prefix: str) -> Iterator[str]:
+    """A classic queue of its own, named after `prefix`, deleted afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with topology.open_channel(url) as channel:
+        channel.queue_declare(name)
+    yield name
+    with topology.open_channel(url) as channel:
+        channel.queue_delete(name)
+
+
 def queue_counts(url: str, queue: str) -> tuple[int, int]:
     """The queue's ready messages and consumers."""
     with topology.open_channel(url) as channel:
         method = channel.queue_declare(queue, passive=True).method
     return method.message_count, method.consumer_count
+
+
+def unacked_messages(url: str, queue: str) -> int:
+    """The queue's messages delivered and not acked yet: only the broker's own tool tells."""
+    listing = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "-p",
+            vhosts.vhost_of(url),
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    [count] = [line.split("\t")[1] for line in listing.splitlines() if line.split("\t")[0] == queue]
+    return int(count)
 
 
 def ready_messages(url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
@@ -98,8 +131,9 @@ def ready_messages(url: str, queue: str) -> list[tuple[pika.BasicProperties, byt
 
 
 AMQP_PORT = 5672  # pika's default when the URL names none
-# Closing a connection from the broker's side needs the broker's own tool.
-CAN_CLOSE_BROKER_CONNECTIONS = shutil.which("rabbitmqctl") is not None and shutil.which("ss") is not None
+# Closing a connection from the broker's side, or counting unacked messages, needs the broker's own tool.
+HAS_RABBITMQCTL = shutil.which("rabbitmqctl") is not None
+CAN_CLOSE_BROKER_CONNECTIONS = HAS_RABBITMQCTL and shutil.which("ss") is not None
 
 
 def broker_connection_of(pid: int, broker_url: str) -> str:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pyswpt import topology
+from pyswpt import consuming, topology
 
 POLL_INTERVAL_SECONDS = 0.05
 # Where the kernel picks the local ports of outgoing connections (free_port stays below it).
@@ -79,6 +80,34 @@ def wait_for(condition: Callable[[], object], what: str, deadline_seconds: float
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {deadline_seconds} s waiting for {what}")
         time.sleep(POLL_INTERVAL_SECONDS)
+
+
+def start_consumer_thread(
+    rabbitmq_url: str,
+    database_url: str,
+    queue: str,
+    handler: consuming.BatchHandler,
+    stopping: threading.Event,
+    *,
+    threads: int,
+    prefetch_count: int,
+) -> tuple[threading.Thread, list[BaseException]]:
+    """pyswpt.consuming's loop on `queue`, in a thread of the test, until `stopping` is set: every
+    batch goes to `handler` (the `threads` share it); what the loop raised is in the list."""
+    settings = consuming.QueueSettings(
+        broker_url=rabbitmq_url, queue=queue, prefetch_count=prefetch_count, prefetch_size=0, api_wait_seconds=300.0
+    )
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            consuming.consume_in_threads(settings, database_url, threads, lambda: handler, stopping)
+        except BaseException as error:  # noqa: BLE001 - the test looks at it
+            failures.append(error)
+
+    thread = threading.Thread(target=consume, name="test consumer")
+    thread.start()
+    return thread, failures
 
 
 def driver_environment(postgres_url: str, rabbitmq_url: str, **settings: str) -> dict[str, str]:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pika
 import pytest
-from broker import queue_counts, ready_messages
-from drivers import wait_for
+from broker import plain_queue, queue_counts, ready_messages
+from drivers import start_consumer_thread, wait_for
 from prometheus_client import REGISTRY
 
 from pyswpt import consuming, topology
@@ -77,37 +76,14 @@ class Overlaps:
 
 @pytest.fixture
 def queue(rabbitmq_url: str) -> Iterator[str]:
-    name = f"test_consumer_threads_{uuid.uuid4().hex[:10]}"
-    with topology.open_channel(rabbitmq_url) as channel:
-        channel.queue_declare(name)
-    yield name
-    with topology.open_channel(rabbitmq_url) as channel:
-        channel.queue_delete(name)
+    with plain_queue(rabbitmq_url, "test_consumer_threads") as name:
+        yield name
 
 
 def publish(rabbitmq_url: str, queue: str, bodies: list[bytes]) -> None:
     with topology.open_channel(rabbitmq_url) as channel:
         for body in bodies:
             channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
-
-
-def start_consumer(
-    rabbitmq_url: str, database_url: str, queue: str, handler: consuming.BatchHandler, stopping: threading.Event
-) -> tuple[threading.Thread, list[BaseException]]:
-    settings = consuming.QueueSettings(
-        broker_url=rabbitmq_url, queue=queue, prefetch_count=PREFETCH_COUNT, prefetch_size=0, api_wait_seconds=300.0
-    )
-    failures: list[BaseException] = []
-
-    def consume() -> None:
-        try:
-            consuming.consume_in_threads(settings, database_url, THREADS, lambda: handler, stopping)
-        except BaseException as error:  # noqa: BLE001 - the test looks at it
-            failures.append(error)
-
-    thread = threading.Thread(target=consume, name="test consumer")
-    thread.start()
-    return thread, failures
 
 
 def slow_windows(queue: str) -> float:
@@ -117,7 +93,9 @@ def slow_windows(queue: str) -> float:
 def test_the_threads_share_one_subscription_and_apply_beside_a_batch_that_waits(rabbitmq_url, database_url, queue):
     handler = SlowFirst(fail=False)
     stopping = threading.Event()
-    thread, failures = start_consumer(rabbitmq_url, database_url, queue, handler, stopping)
+    thread, failures = start_consumer_thread(
+        rabbitmq_url, database_url, queue, handler, stopping, threads=THREADS, prefetch_count=PREFETCH_COUNT
+    )
     # Two windows and a few: the few are held back for a busy thread, HOLD_BACK_SECONDS at most.
     fast = [b"fast %d" % n for n in range(2 * PREFETCH_COUNT + 3)]
     try:
@@ -149,7 +127,9 @@ def test_quick_windows_are_applied_one_at_a_time(rabbitmq_url, database_url, que
     publish(rabbitmq_url, queue, bodies)
     handler = Overlaps()
     stopping = threading.Event()
-    thread, failures = start_consumer(rabbitmq_url, database_url, queue, handler, stopping)
+    thread, failures = start_consumer_thread(
+        rabbitmq_url, database_url, queue, handler, stopping, threads=THREADS, prefetch_count=PREFETCH_COUNT
+    )
     try:
         wait_for(lambda: handler.acked_count() == len(bodies), "every message to be applied")
     finally:
@@ -165,7 +145,9 @@ def test_quick_windows_are_applied_one_at_a_time(rabbitmq_url, database_url, que
 def test_an_ack_never_covers_an_older_batch_still_being_applied(rabbitmq_url, database_url, queue):
     handler = SlowFirst(fail=True)
     stopping = threading.Event()
-    thread, failures = start_consumer(rabbitmq_url, database_url, queue, handler, stopping)
+    thread, failures = start_consumer_thread(
+        rabbitmq_url, database_url, queue, handler, stopping, threads=THREADS, prefetch_count=PREFETCH_COUNT
+    )
     try:
         publish(rabbitmq_url, queue, [SLOW])
         wait_for(handler.slow_started.is_set, "the slow batch to be applied")
