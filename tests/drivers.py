@@ -1,4 +1,5 @@
-"""Starting pyswpt commands as real subprocesses, and waiting without sleeping blindly."""
+"""Starting pyswpt commands as real subprocesses (or a consumer's loop in a thread of the test), and
+waiting without sleeping blindly."""
 
 from __future__ import annotations
 
