@@ -666,7 +666,7 @@ class Settler:
         self.max_held = channel_prefetch_count // 2 if channel_prefetch_count else MAX_BATCH_SIZE
         self.held_tag: int | None = None
         self.held_count = 0
-        self.held_since = 0.0
+        self.held_due_at = 0.0  # time.monotonic() when the held ack is to go
 
     def settle(self, outcome: BatchOutcome, *, up_to_highest: bool) -> None:
         """Reject and hand back first, then ack; with `up_to_highest`, every tag up to the highest
@@ -682,7 +682,7 @@ class Settler:
                 self.channel.basic_ack(tag, multiple=False)
             return
         if self.held_tag is None:
-            self.held_since = time.monotonic()
+            self.held_due_at = time.monotonic() + ACK_HOLD_SECONDS
         # Deliveries arrive in tag order and batches are taken from the front: a later window's
         # highest tag is above every held one.
         self.held_tag = max(outcome.acked)
@@ -694,11 +694,11 @@ class Settler:
         """How long until the held ack is due; POLL_SECONDS when none is held."""
         if self.held_tag is None:
             return POLL_SECONDS
-        return max(0.0, self.held_since + ACK_HOLD_SECONDS - time.monotonic())
+        return max(0.0, self.held_due_at - time.monotonic())
 
     def send_due(self) -> None:
         """Send the held ack once it has waited ACK_HOLD_SECONDS."""
-        if self.held_tag is not None and time.monotonic() >= self.held_since + ACK_HOLD_SECONDS:
+        if self.held_tag is not None and time.monotonic() >= self.held_due_at:
             self.send_held()
 
     def send_held(self) -> None:
