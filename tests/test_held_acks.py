@@ -17,6 +17,7 @@ from pyswpt import consuming, topology
 from pyswpt.consuming import BatchOutcome
 
 PREFETCH_COUNT = 10
+LONG_HOLD_SECONDS = 60.0
 
 
 @pytest.fixture
@@ -68,7 +69,10 @@ def test_the_acks_of_windows_settled_together_go_in_one_frame_once_due(rabbitmq_
     assert queue_counts(rabbitmq_url, queue) == (0, 0)
 
 
-def test_a_held_ack_is_not_sent_before_it_is_due(rabbitmq_url, queue):
+def test_a_held_ack_is_not_sent_before_it_is_due(rabbitmq_url, queue, monkeypatch):
+    # A hold far longer than the test: a test thread paused for a few milliseconds on a busy
+    # machine must not see the ack fall due between the settle and the send_due.
+    monkeypatch.setattr(consuming, "ACK_HOLD_SECONDS", LONG_HOLD_SECONDS)
     publish(rabbitmq_url, queue, 2)
     with topology.open_channel(rabbitmq_url) as channel:
         settler = consuming.Settler(channel, PREFETCH_COUNT)
