@@ -31,8 +31,10 @@ After a warm-up, a measuring window gives:
 
 The same run measures the machine's ceilings: the cores, the load average,
 the broker + load generator against a stand-in that answers from memory
-(benchmarks/stand_in.py), before the scenarios and again after them, and
-pgbench TPC-B at 1 and 8 clients. Every figure is also given as a ratio to
+(benchmarks/stand_in.py), before the scenarios and again after them, the
+messages per second through one quorum queue with nothing but a publisher and
+a consumer (benchmarks/queue_rate.py), and pgbench TPC-B at 1 and 8 clients.
+Every figure is also given as a ratio to
 those ceilings and to the goals of issue 10.
 
 Before each scenario the node's database is vacuumed, as autovacuum would have
@@ -82,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import autovacuum  # noqa: E402  (benchmarks/, the script's own folder)
 import chaos  # noqa: E402  (the node, the coordinators' books and the checks)
 import cpu  # noqa: E402
+import queue_rate  # noqa: E402
 import vhosts  # noqa: E402  (tests/vhosts.py)
 from conftest import new_database  # noqa: E402
 from drivers import free_port  # noqa: E402
@@ -117,6 +120,8 @@ LATENCIES = ("prepare", "prepare to ledger", "prepare from ledger", "finalize", 
 PERCENTILES = (50, 95, 99)
 PGBENCH_CLIENTS = (1, 8)
 PGBENCH_SECONDS = 10
+QUEUE_RATE_WARMUP_SECONDS = 1.0
+QUEUE_RATE_SECONDS = 5.0
 TOP_FUNCTIONS = 15
 STATEMENT_WIDTH = 120  # characters of a statement's text in the table
 # Process groups (the node's drivers are "pyswpt <program>").
@@ -691,6 +696,46 @@ def run_stand_in(options: Options, rabbitmq_url: str) -> list[Measured]:
         return measured
 
 
+@dataclasses.dataclass(frozen=True)
+class QueueRate:
+    """Messages through one quorum queue in a window, publisher and consumer running together."""
+
+    seconds: float
+    messages: int
+    broker_cpu_seconds: float
+
+    @property
+    def messages_per_second(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def broker_us_per_message(self) -> float:
+        return 1e6 * self.broker_cpu_seconds / self.messages if self.messages else float("nan")
+
+
+def run_queue_rate(rabbitmq_url: str) -> QueueRate:
+    """The broker's raw rate on a quorum queue (benchmarks/queue_rate.py), in a vhost of its own."""
+    admin = vhosts.vhost_admin_for(rabbitmq_url, os.environ.get(vhosts.MANAGEMENT_URL_VARIABLE))
+    with vhosts.own_vhost(admin, rabbitmq_url, "pyswpt_e2e_queue_rate") as broker_url:
+        queue = f"queue_rate_{uuid.uuid4().hex[:8]}"
+        topology.subscribe(broker_url, queue, BINDING_KEY)
+        consumer = queue_rate.Consumer(broker_url, queue)
+        script = Path(__file__).with_name("queue_rate.py")
+        publishing_seconds = str(QUEUE_RATE_WARMUP_SECONDS + QUEUE_RATE_SECONDS)
+        command = [sys.executable, str(script), broker_url, queue, publishing_seconds]
+        publisher = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        sampler = cpu.Sampler(Classifier())
+        try:
+            consumer.receive(QUEUE_RATE_WARMUP_SECONDS)
+            sampler.start()
+            messages = consumer.receive(QUEUE_RATE_SECONDS)
+            window = sampler.stop()
+        finally:
+            publisher.wait(timeout=60)
+            consumer.close()
+        return QueueRate(window.seconds, messages, window.cpu_seconds.get(BROKER, 0.0))
+
+
 def run_pgbench(postgres_url: str) -> dict[int, float]:
     """TPC-B transactions per second at each client count, in a scratch database."""
     tps = {}
@@ -714,6 +759,7 @@ class Ceilings:
     # tables keep their dead rows, and every scenario on a node runs slower than the last.
     server_settings: dict[str, str] = dataclasses.field(default_factory=dict)
     autovacuum_naptime: float = 0.0  # seconds between the vacuum passes during the scenarios; 0: none
+    queue_rate: QueueRate | None = None
     # The stand-in again after the scenarios: this machine's pace drifts by up to a third over
     # a run of many minutes, and a ceiling from its start alone judged every scenario by it.
     stand_in_at_end: list[Measured] = dataclasses.field(default_factory=list)
@@ -858,6 +904,13 @@ def ceilings_table(ceilings: Ceilings) -> list[str]:
             lines.append(
                 f"| node CPU budget per transfer at the stand-in's rate, C={c}, mean of its runs | {budget:.2f} ms |"
             )
+    if (rate := ceilings.queue_rate) is not None:
+        lines.append(
+            f"| one quorum queue, publisher confirms per {queue_rate.BATCH_SIZE} and consumer together:"
+            f" messages/s; broker CPU µs/message; transfers/s at {queue_rate.MESSAGES_PER_TRANSFER} messages each"
+            f" | {rate.messages_per_second:.0f}; {rate.broker_us_per_message:.0f};"
+            f" {rate.messages_per_second / queue_rate.MESSAGES_PER_TRANSFER:.0f} |"
+        )
     for clients, tps in ceilings.pgbench_tps.items():
         lines.append(f"| pgbench TPC-B, {clients} clients | {tps:.0f} transactions/s |")
     settings = ", ".join(f"{name} = {value!r}" for name, value in ceilings.server_settings.items())
@@ -1047,6 +1100,7 @@ def as_json(results: list[Measured], ceilings: Ceilings) -> dict:
         "cores": ceilings.cores,
         "load_average_at_start": ceilings.load_average_at_start,
         "pgbench_tps": ceilings.pgbench_tps,
+        "queue_rate": ceilings.queue_rate and dataclasses.asdict(ceilings.queue_rate),
         "server_settings": ceilings.server_settings,
         "autovacuum_naptime": ceilings.autovacuum_naptime,
         "stand_in": [one(m) for m in ceilings.stand_in],
@@ -1074,6 +1128,7 @@ def run(options: Options, postgres_url: str, rabbitmq_url: str, log_dir: Path) -
         cores=len(os.sched_getaffinity(0)),
         load_average_at_start=os.getloadavg(),
         stand_in=run_stand_in(options, rabbitmq_url) if options.stand_in else [],
+        queue_rate=run_queue_rate(rabbitmq_url) if options.stand_in else None,
         pgbench_tps=run_pgbench(postgres_url) if options.pgbench else {},
         server_settings=server_settings(postgres_url),
         autovacuum_naptime=options.autovacuum_naptime,
@@ -1099,7 +1154,11 @@ def main() -> int:
     parser.add_argument(
         "--sql-profile", action="store_true", help="track_functions = all; SQL functions and table scans per transfer"
     )
-    parser.add_argument("--no-stand-in", action="store_true", help="leave out the stand-in ceiling")
+    parser.add_argument(
+        "--no-stand-in",
+        action="store_true",
+        help="leave out the broker's ceilings: the stand-in, a quorum queue's raw rate",
+    )
     parser.add_argument("--no-pgbench", action="store_true", help="leave out the pgbench ceiling")
     parser.add_argument(
         "--autovacuum-naptime",

@@ -68,6 +68,9 @@ def test_end_to_end_benchmark_measures_every_scenario_and_checks_the_ledger(
     budgets = [ceilings.budget_of(stand_in), ceilings.budget_of(stand_in_at_end)]
     assert ceilings.node_budget_ms(5) == pytest.approx(sum(budgets) / 2)
     assert "| stand-in C=5 at the end: " in text
+    # The broker's raw rate on a quorum queue, with its CPU per message.
+    assert ceilings.queue_rate.messages > 0 and ceilings.queue_rate.broker_cpu_seconds > 0
+    assert "| one quorum queue, publisher confirms per 100 and consumer together: messages/s;" in text
     assert "| defaults | hot | 5 | 100 |" in text
     assert "## Memory MiB, RSS (PSS), by process" in text
     assert "| pyswpt consumer QUEUE | " in text
