@@ -34,8 +34,8 @@ the broker + load generator against a stand-in that answers from memory
 (benchmarks/stand_in.py), before the scenarios and again after them, the
 messages per second through one quorum queue with nothing but a publisher and
 a consumer (benchmarks/queue_rate.py), and pgbench TPC-B at 1 and 8 clients.
-Every figure is also given as a ratio to
-those ceilings and to the goals of issue 10.
+Every figure is also given as a ratio to those ceilings and to the goals of
+issue 10.
 
 Before each scenario the node's database is vacuumed, as autovacuum would have
 done where it runs; with --autovacuum-naptime S, also during it, as a server's
@@ -733,6 +733,8 @@ def run_queue_rate(rabbitmq_url: str) -> QueueRate:
         finally:
             publisher.wait(timeout=60)
             consumer.close()
+        if publisher.returncode != 0:
+            raise RuntimeError(f"the quorum queue's publisher exited with status {publisher.returncode}")
         return QueueRate(window.seconds, messages, window.cpu_seconds.get(BROKER, 0.0))
 
 
